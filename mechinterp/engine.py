@@ -1,0 +1,386 @@
+"""One forward pass that reads and writes any set of sites.
+
+Requests are grouped by the module boundary that holds them, one hook per boundary, registered
+for this forward only and removed afterwards even when the forward fails. At each boundary the
+edits run first, in the order given, then the reads, so a read sees what the model used.
+
+Why plain PyTorch hooks rather than an nnsight trace for this path: a read/write plan is fixed
+before the forward starts, so it needs none of nnsight's deferred execution, and a trace costs a
+fixed few hundred microseconds plus tens per saved value, which is more than the forward itself
+for small models at batch 1 (see ``benchmarks/bench_sites.py``). The model stays an nnsight
+``Envoy`` for everything a trace is good for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mechinterp.attention import exposing_patterns
+from mechinterp.errors import SiteError
+from mechinterp.interventions import Intervention
+from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap
+from mechinterp.positions import RowSpans
+from mechinterp.sites import COMPONENT_AXES, Site
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A site checked against the model, with the concrete module path of its place."""
+
+    site: Site
+    layer: int | None
+    place: Tap | PatternTap
+    path: str
+
+
+def resolve(site: Site, table: SiteTable, base: str) -> Resolved:
+    """Check a site's indices against the model and find the module path of its place."""
+    dims = table.dims
+    layer = site.layer
+    if layer is not None:
+        if not -dims.n_layers <= layer < dims.n_layers:
+            msg = f"layer for {site} must lie in [{-dims.n_layers}, {dims.n_layers}); got {layer}"
+            raise SiteError(msg)
+        layer %= dims.n_layers
+    n_heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
+    _check_range(site, "head", site.head, n_heads)
+    _check_range(site, "neuron", site.neuron, dims.d_mlp)
+    place = table.place(site.component)
+    if isinstance(place, Sum):
+        place = place.read
+    return Resolved(site, layer, place, place.path.format(base=base, layer=layer))
+
+
+def _check_range(site: Site, name: str, value: int | tuple[int, ...] | None, size: int) -> None:
+    if value is None:
+        return
+    for item in (value,) if isinstance(value, int) else value:
+        if not 0 <= item < size:
+            msg = f"{name} for {site} must lie in [0, {size}); got {item}"
+            raise SiteError(msg)
+
+
+class Selection:
+    """The part of a component's tensor that a site (and optional batch rows) names."""
+
+    def __init__(self, site: Site, spans: RowSpans, rows: tuple[int, ...] | None, dims: Dims):
+        self.site = site
+        self.axes = COMPONENT_AXES[site.component]
+        self.spans = spans
+        self.rows = rows
+        self.dims = dims
+        columns = spans.columns(site.pos, None if rows is None else torch.tensor(rows))
+        self.columns = columns
+        self.basic = (
+            rows is None
+            and isinstance(columns, (int, slice))
+            and not isinstance(site.head, tuple)
+            and not isinstance(site.neuron, tuple)
+        )
+
+    def _basic_index(self) -> tuple:
+        chosen = {"pos": self.columns, "head": self.site.head, "neuron": self.site.neuron}
+        return tuple(
+            slice(None) if chosen.get(axis) is None else chosen[axis] for axis in self.axes
+        )
+
+    def _advanced_index(self, x: torch.Tensor) -> tuple[tuple, list[int]]:
+        """Broadcast index tensors over the leading (batch, pos/head/neuron) axes."""
+        device = x.device
+        batch = x.shape[0]
+        rows = torch.arange(batch) if self.rows is None else torch.tensor(self.rows)
+        if any(not -batch <= r < batch for r in rows.tolist()):
+            msg = f"rows for {self.site} must lie in [{-batch}, {batch}); got {list(rows.tolist())}"
+            raise SiteError(msg)
+        indexed = [a for a in self.axes if a in ("batch", "pos", "head", "neuron")]
+        slots = len(indexed)
+        index: list[torch.Tensor] = []
+        squeeze: list[int] = []
+        for slot, axis in enumerate(indexed):
+            shape = [1] * slots
+            if axis == "batch":
+                values = rows
+                shape[slot] = -1
+            elif axis == "pos":
+                columns = self.columns
+                if isinstance(columns, slice):
+                    values = torch.arange(x.shape[self.axes.index("pos")]).expand(len(rows), -1)
+                elif isinstance(columns, int):
+                    values = torch.full((len(rows), 1), columns)
+                elif columns.dim() == 1:
+                    values = columns[:, None]
+                else:
+                    values = columns
+                if isinstance(self.site.pos, int):
+                    squeeze.append(slot)
+                # positions differ per row, so this slot shares the batch slot's extent
+                shape[0] = len(rows)
+                shape[slot] = values.shape[1]
+            else:
+                chosen = getattr(self.site, axis)
+                size = x.shape[self.axes.index(axis)]
+                if chosen is None:
+                    values = torch.arange(size)
+                else:
+                    values = torch.tensor([chosen] if isinstance(chosen, int) else list(chosen))
+                    if isinstance(chosen, int):
+                        squeeze.append(slot)
+                shape[slot] = -1
+            index.append(values.reshape(shape).to(device))
+        return tuple(index), squeeze
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        """The selection as a new tensor with the site's axes."""
+        if self.basic:
+            return x[self._basic_index()]
+        index, squeeze = self._advanced_index(x)
+        return _squeeze(x[index], squeeze)
+
+    def put(self, x: torch.Tensor, new_value: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Overwrite the selection of ``x`` in place with ``new_value(selection)``."""
+        if self.basic:
+            view = x[self._basic_index()]
+            view.copy_(new_value(view))
+            return
+        index, squeeze = self._advanced_index(x)
+        current = _squeeze(x[index], squeeze)
+        new = new_value(current).expand(current.shape)
+        for dim in squeeze:
+            new = new.unsqueeze(dim)
+        x[index] = new
+
+
+def _squeeze(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    for dim in sorted(dims, reverse=True):
+        x = x.squeeze(dim)
+    return x
+
+
+@dataclass
+class _Boundary:
+    """Everything one forward does at one module boundary."""
+
+    path: str
+    io: str  # "output" | "input" | "pattern"
+    item: int = 0
+    kwarg: str | None = None
+    edits: list[Callable[[torch.Tensor, dict], None]] = field(default_factory=list)
+    reads: list[Callable[[torch.Tensor, dict], None]] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    calls: int = 0
+
+    def apply(self, raw: torch.Tensor, state: dict) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            msg = (
+                f"module {self.path!r} ran more than once in one forward, so sites "
+                f"{[str(s) for s in self.sites]} are ambiguous"
+            )
+            raise SiteError(msg)
+        if self.edits:
+            raw = raw.clone()  # never write into a tensor the caller or autograd may hold
+            for edit in self.edits:
+                edit(raw, state)
+        for read in self.reads:
+            read(raw, state)
+        return raw
+
+
+class Plan:
+    """Reads and edits of one forward, grouped by module boundary."""
+
+    def __init__(
+        self,
+        table: SiteTable,
+        base: str,
+        spans: RowSpans,
+        reads: Sequence[Site],
+        edits: Sequence[Intervention],
+    ):
+        self.table = table
+        self.base = base
+        self.spans = spans
+        self.boundaries: dict[tuple[str, str], _Boundary] = {}
+        self._captured: set[tuple] = set()
+        for edit in edits:
+            self._add_edit(edit)
+        for site in reads:
+            self._add_read(site)
+
+    def _boundary(self, place: Tap | PatternTap, path: str) -> _Boundary:
+        io = "pattern" if isinstance(place, PatternTap) else place.io
+        key = (path, io)
+        if key not in self.boundaries:
+            item = getattr(place, "item", 0)
+            kwarg = getattr(place, "kwarg", None)
+            self.boundaries[key] = _Boundary(path, io, item, kwarg)
+        return self.boundaries[key]
+
+    def _view(self, place: Tap | PatternTap) -> Callable[[torch.Tensor], torch.Tensor]:
+        view = getattr(place, "view", None)
+        dims = self.table.dims
+        return (lambda raw: view(raw, dims)) if view is not None else (lambda raw: raw)
+
+    def _add_read(self, site: Site) -> None:
+        resolved = resolve(site, self.table, self.base)
+        selection = Selection(site, self.spans, None, self.table.dims)
+        view = self._view(resolved.place)
+
+        def read(raw: torch.Tensor, state: dict) -> None:
+            state["reads"][site] = selection.get(view(raw)).detach().clone()
+
+        boundary = self._boundary(resolved.place, resolved.path)
+        boundary.reads.append(read)
+        boundary.sites.append(site)
+
+    def _add_edit(self, edit: Intervention) -> None:
+        site = edit.site
+        resolved = resolve(site, self.table, self.base)
+        selection = Selection(site, self.spans, edit.rows, self.table.dims)
+        place = self.table.place(site.component)
+        if isinstance(place, Sum):
+            self._add_sum_edit(edit, place, resolved.layer, selection)
+            return
+        view = self._view(resolved.place)
+        boundary = self._boundary(resolved.place, resolved.path)
+        boundary.edits.append(lambda raw, state: selection.put(view(raw), edit.apply))
+        boundary.sites.append(site)
+
+    def _add_sum_edit(self, edit: Intervention, place: Sum, layer: int, selection: Selection) -> None:
+        """Write ``base + shifted`` by moving ``shifted`` by ``new - current``.
+
+        When the edit leaves the value unchanged the shift is exactly zero, so the forward is
+        bit-identical to an unedited one.
+        """
+        base_place = self.table.place(place.base)
+        shifted_place = self.table.place(place.shifted)
+        assert isinstance(base_place, Tap) and isinstance(shifted_place, Tap)
+        base_key = ("sum_base", place.base, layer)
+
+        def capture(raw: torch.Tensor, state: dict) -> None:
+            state["scratch"][base_key] = raw
+
+        if base_key not in self._captured:
+            self._captured.add(base_key)
+            path = base_place.path.format(base=self.base, layer=layer)
+            self._boundary(base_place, path).reads.append(capture)
+
+        def shift(raw: torch.Tensor, state: dict) -> None:
+            current = state["scratch"][base_key] + raw
+            selected = selection.get(current)
+            delta = edit.apply(selected) - selected
+            selection.put(raw, lambda shifted: shifted + delta)
+
+        boundary = self._boundary(shifted_place, shifted_place.path.format(base=self.base, layer=layer))
+        boundary.edits.append(shift)
+        boundary.sites.append(edit.site)
+
+    def ordered(self, execution_order: dict[str, int]) -> list[_Boundary]:
+        """Boundaries in the order the forward reaches them."""
+        stage = {"input": 0, "pattern": 1, "output": 2}
+        return sorted(
+            self.boundaries.values(),
+            key=lambda b: (execution_order.get(b.path, len(execution_order)), stage[b.io]),
+        )
+
+
+def run_plan(
+    module: nn.Module,
+    plan: Plan,
+    inputs: dict[str, torch.Tensor],
+    execution_order: dict[str, int],
+) -> tuple[object, dict[Site, torch.Tensor]]:
+    """Run one forward of ``module`` on ``inputs`` with the plan's hooks in place."""
+    state: dict = {"reads": {}, "scratch": {}}
+    handles = []
+    patterns: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    boundaries = plan.ordered(execution_order)
+    try:
+        for boundary in boundaries:
+            target = _submodule(module, boundary.path)
+            if boundary.io == "output":
+                handles.append(target.register_forward_hook(_output_hook(boundary, state)))
+            elif boundary.io == "input":
+                handles.append(target.register_forward_pre_hook(
+                    _input_hook(boundary, state), with_kwargs=True))
+            else:
+                patterns[id(target)] = lambda probs, b=boundary: b.apply(probs, state)
+        if patterns:
+            with exposing_patterns(module, patterns):
+                output = module(**inputs)
+        else:
+            output = module(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missed = [b for b in boundaries if b.calls == 0]
+    if missed:
+        sites = [str(site) for b in missed for site in b.sites]
+        msg = f"sites {sites} were never reached in the forward (module {missed[0].path!r} did not run)"
+        raise SiteError(msg)
+    return output, state["reads"]
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        msg = f"the model has no module {path!r}; its site table does not match this model"
+        raise SiteError(msg) from None
+
+
+def _output_hook(boundary: _Boundary, state: dict):
+    def hook(_module: nn.Module, _args: tuple, output: object) -> object:
+        if isinstance(output, tuple):
+            item = boundary.item
+            new = boundary.apply(output[item], state)
+            return output[:item] + (new,) + output[item + 1:]
+        return boundary.apply(output, state)
+
+    return hook
+
+
+def _input_hook(boundary: _Boundary, state: dict):
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        item = boundary.item
+        if len(args) > item:
+            new = boundary.apply(args[item], state)
+            return args[:item] + (new,) + args[item + 1:], kwargs
+        if boundary.kwarg is not None and boundary.kwarg in kwargs:
+            kwargs = dict(kwargs)
+            kwargs[boundary.kwarg] = boundary.apply(kwargs[boundary.kwarg], state)
+            return args, kwargs
+        msg = f"module {boundary.path!r} was called without input {item} ({boundary.kwarg!r})"
+        raise SiteError(msg)
+
+    return hook
+
+
+def record_execution_order(module: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Module paths in the order a forward first calls them (not registration order)."""
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+
+    def note(name: str):
+        def hook(_module: nn.Module, _args: tuple) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+
+        return hook
+
+    try:
+        for name, sub in module.named_modules():
+            handles.append(sub.register_forward_pre_hook(note(name)))
+        with torch.no_grad():
+            module(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(order)
+

@@ -1,0 +1,134 @@
+"""Interventions: what happens to the tensor at a site during a forward.
+
+Each intervention maps the current value at its site (the selection, with the site's axes) to a
+new one. ``rows`` restricts it to some batch rows, so one forward can carry a different edit per
+row.
+
+Examples:
+    >>> import torch
+    >>> from mechinterp import Site, Set, Zero, Scale
+    >>> Zero(Site("head", layer=0, head=1)).apply(torch.ones(2, 3))
+    tensor([[0., 0., 0.],
+            [0., 0., 0.]])
+    >>> Scale(Site("mlp_out", layer=0), 0.5).apply(torch.ones(2))
+    tensor([0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mechinterp.errors import DeviceError, DTypeError, InputError, ShapeError
+from mechinterp.sites import Site
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Base class: an edit of the tensor at ``site``, optionally only in batch ``rows``."""
+
+    site: Site
+
+    @property
+    def rows(self) -> tuple[int, ...] | None:
+        return self._rows  # type: ignore[attr-defined]
+
+    def apply(self, current: torch.Tensor) -> torch.Tensor:
+        """The new value for the selection ``current``."""
+        raise NotImplementedError
+
+    def _check_value(self, name: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        if not value.is_floating_point():
+            msg = f"{name} for {self.site} must be a floating-point tensor; got dtype {value.dtype}"
+            raise DTypeError(msg)
+        if value.dtype != current.dtype:
+            msg = (
+                f"{name} for {self.site} must have the activation's dtype {current.dtype}; got "
+                f"{value.dtype} (cast it with .to({current.dtype}))"
+            )
+            raise DTypeError(msg)
+        if value.device != current.device:
+            msg = (
+                f"{name} for {self.site} must be on the activation's device {current.device}; "
+                f"got {value.device}"
+            )
+            raise DeviceError(msg)
+        try:
+            return value.expand(current.shape)
+        except RuntimeError:
+            msg = (
+                f"{name} for {self.site} must broadcast to the selection's shape "
+                f"{tuple(current.shape)} (axes {('batch',) + self.site.axes[1:]}); "
+                f"got shape {tuple(value.shape)}"
+            )
+            raise ShapeError(msg) from None
+
+
+def _rows(rows: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    if rows is None:
+        return None
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        return (rows,)
+    items = tuple(rows)
+    if not items or not all(isinstance(r, int) and not isinstance(r, bool) for r in items):
+        msg = f"rows must be an int, a non-empty sequence of ints or None; got {rows!r}"
+        raise InputError(msg)
+    return items
+
+
+class Set(Intervention):
+    """Replace the selection with ``value`` (broadcast to its shape): a patch."""
+
+    def __init__(self, site: Site, value: torch.Tensor, *, rows: int | Sequence[int] | None = None):
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "_rows", _rows(rows))
+        if not isinstance(value, torch.Tensor):
+            msg = f"value for {site} must be a torch.Tensor; got {type(value).__name__}"
+            raise InputError(msg)
+
+    def apply(self, current: torch.Tensor) -> torch.Tensor:
+        return self._check_value("value", self.value, current)
+
+
+class Add(Intervention):
+    """Add ``delta`` (a tensor broadcast to the selection, or a number): steering."""
+
+    def __init__(self, site: Site, delta: torch.Tensor | float, *,
+                 rows: int | Sequence[int] | None = None):
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "delta", delta)
+        object.__setattr__(self, "_rows", _rows(rows))
+
+    def apply(self, current: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.delta, torch.Tensor):
+            return current + self._check_value("delta", self.delta, current)
+        return current + self.delta
+
+
+class Zero(Intervention):
+    """Zero the selection: zero ablation."""
+
+    def __init__(self, site: Site, *, rows: int | Sequence[int] | None = None):
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "_rows", _rows(rows))
+
+    def apply(self, current: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(current)
+
+
+class Scale(Intervention):
+    """Multiply the selection by ``factor`` (a number or a broadcastable tensor)."""
+
+    def __init__(self, site: Site, factor: torch.Tensor | float, *,
+                 rows: int | Sequence[int] | None = None):
+        object.__setattr__(self, "site", site)
+        object.__setattr__(self, "factor", factor)
+        object.__setattr__(self, "_rows", _rows(rows))
+
+    def apply(self, current: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.factor, torch.Tensor):
+            return current * self._check_value("factor", self.factor, current)
+        return current * self.factor

@@ -1,0 +1,277 @@
+"""The loaded model: an nnsight Envoy with a tokenizer, a site table and one-forward reads/writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from nnsight import NNsight
+from torch import nn
+
+from mechinterp.engine import Plan, record_execution_order, run_plan
+from mechinterp.errors import InputError, ShapeError, SiteError
+from mechinterp.interventions import Intervention
+from mechinterp.models import SiteTable, site_table
+from mechinterp.positions import RowSpans
+from mechinterp.sites import Site, SiteSelector, SiteUnion
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A tokenized batch: ids and the mask of real (non-padding) tokens, both ``[batch, pos]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Tokens:
+        return Tokens(self.input_ids.to(device), self.attention_mask.to(device))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+class ActivationCache(Mapping[Site, torch.Tensor]):
+    """Tensors read at sites in one forward, keyed by the sites as requested."""
+
+    def __init__(self, values: dict[Site, torch.Tensor], order: Sequence[Site]):
+        self._values = {site: values[site] for site in order}
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        try:
+            return self._values[site]
+        except KeyError:
+            msg = f"site {site} was not cached; cached sites: {[str(s) for s in self._values][:8]}"
+            raise SiteError(msg) from None
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} sites)"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one forward: the model's logits (if it has a head) and the cache."""
+
+    logits: torch.Tensor | None
+    cache: ActivationCache
+    tokens: Tokens
+
+
+Sites = Site | Sequence[Site] | SiteSelector | SiteUnion
+Inputs = str | Sequence[str] | torch.Tensor | Tokens
+
+
+class InterpModel(NNsight):
+    """A transformers model wrapped by nnsight, with mechinterp's site table and tokenization.
+
+    Create it with :func:`mechinterp.load`. Inside ``model.trace(...)`` everything nnsight offers
+    works as usual; :meth:`cache` and :meth:`run` read and write sites in one forward without a
+    trace.
+    """
+
+    def __init__(self, module: nn.Module, tokenizer: object | None = None, *, name: str | None = None):
+        super().__init__(module)
+        self.table: SiteTable = site_table(module)
+        self.tokenizer = tokenizer
+        self.name = name or type(module).__name__
+        prefix = getattr(module, "base_model_prefix", "")
+        self.base = f"{prefix}." if prefix and hasattr(module, prefix) else ""
+        self._execution_order: tuple[str, ...] | None = None
+        module.eval()
+
+    # -- description -----------------------------------------------------------------------
+
+    @property
+    def dims(self):
+        """Sizes of the model (layers, heads, d_model...), as :class:`mechinterp.models.Dims`."""
+        return self.table.dims
+
+    @property
+    def family(self) -> str:
+        return self.table.family
+
+    def __repr__(self) -> str:
+        d = self.dims
+        return (
+            f"InterpModel({self.name}, family={self.family}, layers={d.n_layers}, "
+            f"heads={d.n_heads}, d_model={d.d_model})"
+        )
+
+    def sites(self, selection: Sites, *, n_positions: int | None = None) -> list[Site]:
+        """Expand a selector (or pass through sites) with this model's sizes."""
+        if isinstance(selection, Site):
+            return [selection]
+        if isinstance(selection, (SiteSelector, SiteUnion)):
+            d = self.dims
+            return selection.sites(n_layers=d.n_layers, n_heads=d.n_heads, n_neurons=d.d_mlp,
+                                   n_positions=n_positions)
+        sites = list(selection)
+        for site in sites:
+            if not isinstance(site, Site):
+                msg = f"sites must be Site objects or a selector; got {type(site).__name__}"
+                raise InputError(msg)
+        return sites
+
+    @property
+    def execution_order(self) -> tuple[str, ...]:
+        """Module paths in the order the forward first runs them, recorded once per model."""
+        if self._execution_order is None:
+            probe = self._as_tokens(torch.zeros(1, 2, dtype=torch.long))
+            self._execution_order = record_execution_order(self._module, self._forward_inputs(probe))
+        return self._execution_order
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def tokenize(self, prompts: str | Sequence[str], *, prepend_bos: bool | None = None) -> Tokens:
+        """Tokenize prompts into a padded batch.
+
+        Decoders are padded on the left, encoders on the right; site positions are counted from
+        each row's real tokens either way. ``prepend_bos`` defaults to True for decoders whose
+        tokenizer has a BOS token and does not add it itself.
+        """
+        if self.tokenizer is None:
+            msg = "this model was loaded without a tokenizer; pass token ids or load(..., tokenizer=...)"
+            raise InputError(msg)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            msg = f"prompts must be a string or a non-empty list of strings; got {prompts!r}"
+            raise InputError(msg)
+        tok = self.tokenizer
+        tok.padding_side = "left" if self.table.causal else "right"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        if prepend_bos is None:
+            prepend_bos = self.table.causal and tok.bos_token is not None
+        encoded = tok(list(prompts), return_tensors="pt", padding=True)
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        if prepend_bos and not bool((_first_real(ids, mask) == tok.bos_token_id).all()):
+            ids = torch.cat([torch.full_like(ids[:, :1], tok.pad_token_id), ids], dim=1)
+            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
+            first = (mask.cumsum(1) == 0).sum(1) - 1  # the column just before the first real token
+            ids[torch.arange(len(ids)), first] = tok.bos_token_id
+            mask[torch.arange(len(ids)), first] = 1
+        return Tokens(ids, mask)
+
+    def _as_tokens(self, inputs: Inputs) -> Tokens:
+        if isinstance(inputs, Tokens):
+            tokens = inputs
+        elif isinstance(inputs, (str, list, tuple)) and (
+                isinstance(inputs, str) or all(isinstance(p, str) for p in inputs)):
+            tokens = self.tokenize(inputs)  # type: ignore[arg-type]
+        elif isinstance(inputs, torch.Tensor):
+            ids = inputs[None] if inputs.dim() == 1 else inputs
+            if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+                msg = (
+                    f"inputs as a tensor must be integer token ids of shape [batch, pos] or [pos]; "
+                    f"got dtype {inputs.dtype} and shape {tuple(inputs.shape)}"
+                )
+                raise ShapeError(msg)
+            tokens = Tokens(ids.long(), torch.ones_like(ids, dtype=torch.long))
+        else:
+            msg = (
+                f"inputs must be a string, a list of strings, a token-id tensor or Tokens; got "
+                f"{type(inputs).__name__}"
+            )
+            raise InputError(msg)
+        ids = tokens.input_ids
+        if ids.numel() == 0:
+            msg = f"inputs must hold at least one token; got shape {tuple(ids.shape)}"
+            raise ShapeError(msg)
+        vocab = self.dims.d_vocab
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            msg = f"token ids must lie in [0, {vocab}); got values in [{low}, {high}]"
+            raise InputError(msg)
+        if tokens.attention_mask.shape != ids.shape:
+            msg = (
+                f"attention_mask must have the shape of input_ids {tuple(ids.shape)}; got "
+                f"{tuple(tokens.attention_mask.shape)}"
+            )
+            raise ShapeError(msg)
+        return tokens.to(self.device)
+
+    def _forward_inputs(self, tokens: Tokens) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        if self.table.position_ids:
+            # Count positions from each row's first real token so left padding changes nothing.
+            inputs["position_ids"] = (tokens.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if self.table.causal:
+            inputs["use_cache"] = False
+        return inputs
+
+    # -- forwards --------------------------------------------------------------------------
+
+    def run(
+        self,
+        inputs: Inputs,
+        *,
+        edits: Sequence[Intervention] = (),
+        cache: Sites = (),
+        grad: bool = False,
+    ) -> RunResult:
+        """One forward with ``edits`` applied and ``cache`` sites read.
+
+        Args:
+            inputs: prompts, token ids ``[batch, pos]`` or :class:`Tokens`.
+            edits: interventions, applied in order at each site (``Set``, ``Add``, ``Zero``,
+                ``Scale``).
+            cache: sites to read; each read sees the value after the edits at its site.
+            grad: keep the autograd graph (off by default to save memory).
+
+        Returns:
+            RunResult with ``logits`` ``[batch, pos, vocab]`` (None for models without a head)
+            and ``cache`` mapping each requested site to its tensor.
+
+        Examples:
+            >>> import mechinterp
+            >>> from mechinterp import Site, Zero
+            >>> model = mechinterp.load("induction-2l")
+            >>> out = model.run("<bos> ba ko ba", edits=[Zero(Site("head", layer=1, head=0))],
+            ...                 cache=[Site("resid_post", layer=1)])
+            >>> tuple(out.cache[Site("resid_post", layer=1)].shape)
+            (1, 4, 128)
+        """
+        for edit in edits:
+            if not isinstance(edit, Intervention):
+                msg = f"edits must be Intervention objects (Set, Add, Zero, Scale); got {type(edit).__name__}"
+                raise InputError(msg)
+        tokens = self._as_tokens(inputs)
+        reads = self.sites(cache, n_positions=tokens.shape[1])
+        plan = Plan(self.table, self.base, RowSpans.from_mask(tokens.attention_mask), reads, edits)
+        order = {path: i for i, path in enumerate(self.execution_order)}
+        with torch.set_grad_enabled(grad):
+            output, values = run_plan(self._module, plan, self._forward_inputs(tokens), order)
+        logits = getattr(output, "logits", None)
+        return RunResult(logits, ActivationCache(values, reads), tokens)
+
+    def cache(self, inputs: Inputs, sites: Sites, *, grad: bool = False) -> ActivationCache:
+        """Read ``sites`` in one unedited forward.
+
+        Examples:
+            >>> import mechinterp
+            >>> model = mechinterp.load("induction-2l")
+            >>> cache = model.cache("<bos> ba ko", mechinterp.select("resid_pre"))
+            >>> len(cache), tuple(cache[mechinterp.Site("resid_pre", layer=0)].shape)
+            (2, (1, 3, 128))
+        """
+        return self.run(inputs, cache=sites, grad=grad).cache
+
+    def logits(self, inputs: Inputs, *, edits: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` of one forward with optional edits."""
+        result = self.run(inputs, edits=edits)
+        if result.logits is None:
+            self.table.place("logits")  # raises, naming why there is no head
+        return result.logits
+
+
+def _first_real(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    first = mask.to(torch.int8).argmax(dim=1)
+    return ids[torch.arange(len(ids)), first]

@@ -1,0 +1,69 @@
+"""Site table of GPT-NeoX (Pythia).
+
+The fused ``query_key_value`` projection is laid out per head as ``[q_h | k_h | v_h]``. With
+``use_parallel_residual`` (the default) attention and MLP both read ``resid_pre``, so there is
+no ``resid_mid``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap, config_int, split_heads
+
+MODEL_TYPES = ("gpt_neox",)
+
+
+def _fused_qkv(part: int):
+    def view(raw: torch.Tensor, dims: Dims) -> torch.Tensor:
+        per_head = raw.unflatten(-1, (dims.n_heads, 3 * dims.d_head))
+        return per_head[..., part * dims.d_head:(part + 1) * dims.d_head]
+
+    return view
+
+
+def site_table(model: nn.Module) -> SiteTable:
+    config = model.config
+    d_model = config_int(config, "hidden_size")
+    n_heads = config_int(config, "num_attention_heads")
+    dims = Dims(
+        n_layers=config_int(config, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        d_mlp=config_int(config, "intermediate_size"),
+        d_vocab=config_int(config, "vocab_size"),
+    )
+    block = "{base}layers.{layer}"
+    places = {
+        "embed": Tap("{base}embed_in"),
+        "resid_pre": Tap(block, io="input", item=0, kwarg="hidden_states"),
+        "attn_out": Tap(f"{block}.attention"),
+        "mlp_out": Tap(f"{block}.mlp"),
+        "resid_post": Tap(block),
+        "head": Tap(f"{block}.attention.dense", io="input", view=split_heads()),
+        "q": Tap(f"{block}.attention.query_key_value", view=_fused_qkv(0)),
+        "k": Tap(f"{block}.attention.query_key_value", view=_fused_qkv(1)),
+        "v": Tap(f"{block}.attention.query_key_value", view=_fused_qkv(2)),
+        "pattern": PatternTap(f"{block}.attention"),
+        "neuron": Tap(f"{block}.mlp.dense_4h_to_h", io="input"),
+    }
+    unsupported = {}
+    if getattr(config, "use_parallel_residual", True):
+        unsupported["resid_mid"] = (
+            "with use_parallel_residual=True attention and MLP both read resid_pre, so no "
+            "residual state lies between them"
+        )
+    else:
+        places["resid_mid"] = Sum(read=Tap(f"{block}.post_attention_layernorm", io="input"),
+                                  base="resid_pre", shifted="attn_out")
+    # transformers 5 calls the unembedding lm_head; earlier releases called it embed_out.
+    head = next((name for name in ("lm_head", "embed_out") if hasattr(model, name)), None)
+    if head is not None:
+        places["logits"] = Tap(head)
+    else:
+        unsupported["logits"] = f"{type(model).__name__} has no language-model head"
+    return SiteTable("gpt_neox", dims, places, blocks="{base}layers", causal=True,
+                     position_ids=True, unsupported=unsupported)

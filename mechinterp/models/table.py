@@ -1,0 +1,153 @@
+"""The site-table format: where each component of the site vocabulary lives in one architecture.
+
+A family module (``gpt2.py``, ``llama.py``...) builds a :class:`SiteTable` from a model config.
+Each component maps to one of three kinds of place:
+
+- :class:`Tap`: a tensor at a module boundary (a module's output, or one of its inputs), with an
+  optional ``view`` that turns the raw tensor into the component's axes (``COMPONENT_AXES``), e.g.
+  splitting ``[batch, pos, n_heads * d_head]`` into heads, or taking the query third of a fused
+  qkv projection. Views must be views, so that writes through them reach the raw tensor.
+- :class:`Sum`: a value the forward computes inline and never passes through a module boundary
+  (``resid_mid`` of pre-LayerNorm blocks is ``resid_pre + attn_out``). It is read where it is
+  next consumed and written by shifting one of its terms, so an unchanged value stays bit-exact.
+- :class:`PatternTap`: the attention probabilities of an attention module, served by mechinterp's
+  own eager attention function (``mechinterp.attention``) because no module boundary holds them.
+
+Multimodal towers and U-Net blocks use the same three kinds; their families add components and
+position resolvers of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mechinterp.errors import SiteError
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes every site index is checked against."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+
+
+View = Callable[[torch.Tensor, Dims], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A tensor at a module boundary.
+
+    Args:
+        path: module path; ``{base}`` expands to the base model's prefix (``"transformer."``) and
+            ``{layer}`` to the layer index.
+        io: ``"output"`` or ``"input"`` of that module.
+        item: for an output, the tuple element (ignored when the output is a plain tensor); for
+            an input, the positional argument index.
+        kwarg: for an input, its keyword name when the caller passes it by keyword.
+        view: raw tensor -> tensor with the component's axes (a view of the raw tensor).
+    """
+
+    path: str
+    io: str = "output"
+    item: int = 0
+    kwarg: str | None = None
+    view: View | None = None
+
+
+@dataclass(frozen=True)
+class Sum:
+    """A component equal to ``base + shifted``, computed inline by the block.
+
+    Args:
+        read: where the sum is next consumed (e.g. the input of the second LayerNorm).
+        base: the component added unchanged (``resid_pre``).
+        shifted: the component moved by ``new - current`` to write the sum (``attn_out``).
+    """
+
+    read: Tap
+    base: str
+    shifted: str
+
+
+@dataclass(frozen=True)
+class PatternTap:
+    """Attention probabilities ``[batch, head, query, key]`` of the attention module at ``path``."""
+
+    path: str
+
+
+Place = Tap | Sum | PatternTap
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """Everything mechinterp knows about one architecture.
+
+    Args:
+        family: display name (``"gpt2"``).
+        dims: sizes read from the config.
+        places: component -> place; a component missing here is not supported by the family.
+        unsupported: component -> reason, for components that exist in the vocabulary but not
+            in this configuration (e.g. ``resid_mid`` of parallel-residual blocks).
+        blocks: path of the ``ModuleList`` of blocks (with ``{base}``).
+        causal: whether position ``t`` only sees positions ``<= t`` (decoders).
+        position_ids: whether the forward takes ``position_ids`` (so left padding is honoured).
+    """
+
+    family: str
+    dims: Dims
+    places: dict[str, Place]
+    blocks: str
+    causal: bool
+    position_ids: bool
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def place(self, component: str) -> Place:
+        """The place of ``component``, or a SiteError saying why there is none."""
+        if component in self.places:
+            return self.places[component]
+        if component in self.unsupported:
+            msg = f"component {component!r} is not available in this {self.family} model: " \
+                  f"{self.unsupported[component]}"
+            raise SiteError(msg)
+        msg = (
+            f"component {component!r} is not available for family {self.family!r}; "
+            f"available: {sorted(self.places)}"
+        )
+        raise SiteError(msg)
+
+
+def split_heads(n_heads_of: Callable[[Dims], int] = lambda d: d.n_heads) -> View:
+    """View ``[..., n * d_head]`` as ``[..., n, d_head]``."""
+
+    def view(raw: torch.Tensor, dims: Dims) -> torch.Tensor:
+        return raw.unflatten(-1, (n_heads_of(dims), dims.d_head))
+
+    return view
+
+
+def kv_heads(dims: Dims) -> int:
+    """Number of key/value heads (grouped-query attention shares them between query heads)."""
+    return dims.n_kv_heads
+
+
+def config_int(config: object, *names: str, default: int | None = None) -> int:
+    """The first of ``names`` set on ``config`` (architectures name the same size differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    if default is not None:
+        return default
+    msg = f"the model config has none of {names}; cannot size the site table"
+    raise SiteError(msg)

@@ -1,0 +1,270 @@
+"""Sites: one addressable place in a model, named the same way for every architecture.
+
+A :class:`Site` is a component (``resid_pre``, ``head``, ``neuron``...), a layer and an optional
+index over positions, heads or neurons. A family's site table (``mechinterp.models``) resolves it
+to a tensor in the forward pass. :func:`select` builds grids of sites with a small chainable
+selector.
+
+Examples:
+    >>> from mechinterp import Site, select
+    >>> Site("head", layer=1, head=3, pos=-1)
+    Site('head', layer=1, pos=-1, head=3)
+    >>> [str(s) for s in select("attn_out").layers(0, 1).positions(-2, -1).sites(n_layers=2)]
+    ['attn_out.0[pos=-2]', 'attn_out.0[pos=-1]', 'attn_out.1[pos=-2]', 'attn_out.1[pos=-1]']
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from mechinterp.errors import InputError, SiteError
+
+#: The axes of each component's tensor, in order (one vocabulary for every family).
+COMPONENT_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("batch", "pos", "d_model"),
+    "resid_pre": ("batch", "pos", "d_model"),
+    "resid_mid": ("batch", "pos", "d_model"),
+    "resid_post": ("batch", "pos", "d_model"),
+    "attn_out": ("batch", "pos", "d_model"),
+    "mlp_out": ("batch", "pos", "d_model"),
+    "head": ("batch", "pos", "head", "d_head"),
+    "q": ("batch", "pos", "head", "d_head"),
+    "k": ("batch", "pos", "head", "d_head"),
+    "v": ("batch", "pos", "head", "d_head"),
+    "pattern": ("batch", "head", "pos", "key_pos"),
+    "neuron": ("batch", "pos", "neuron"),
+    "logits": ("batch", "pos", "vocab"),
+}
+
+#: Components that exist once per model rather than once per layer.
+GLOBAL_COMPONENTS = frozenset({"embed", "logits"})
+
+Index = int | tuple[int, ...] | None
+
+
+def _as_index(name: str, value: object) -> Index:
+    """Normalise an index argument: None (whole axis), an int, or a tuple of ints."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        msg = f"{name} must be an int, a sequence of ints or None; got the bool {value!r}"
+        raise InputError(msg)
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "__index__"):
+        return int(value)  # numpy / torch integer scalars
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        items = tuple(value)
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            msg = f"{name} must be an int, a non-empty sequence of ints or None; got {value!r}"
+            raise InputError(msg)
+        return items
+    msg = f"{name} must be an int, a sequence of ints or None; got {type(value).__name__} {value!r}"
+    raise InputError(msg)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in a model: a component, a layer and an optional index.
+
+    Args:
+        component: one of :data:`COMPONENT_AXES`.
+        layer: the block index; ``None`` for ``embed`` and ``logits``. Negative values count from
+            the last layer and are resolved against the model.
+        pos: token position(s). Non-negative positions count from each row's first real token and
+            negative ones from its last, so left padding does not shift them. For ``pattern`` this
+            indexes the query position.
+        head: attention head(s), for ``head``, ``q``, ``k``, ``v`` and ``pattern`` (for ``k`` and
+            ``v`` of grouped-query models this is the key/value head).
+        neuron: MLP neuron(s), for ``neuron`` only.
+
+    An int index drops its axis from the tensor read at the site; a tuple keeps it.
+    """
+
+    component: str
+    layer: int | None = None
+    pos: Index = None
+    head: Index = None
+    neuron: Index = None
+
+    def __post_init__(self) -> None:
+        if self.component not in COMPONENT_AXES:
+            msg = (
+                f"component must be one of {sorted(COMPONENT_AXES)}; got {self.component!r}"
+            )
+            raise SiteError(msg)
+        axes = COMPONENT_AXES[self.component]
+        if self.component in GLOBAL_COMPONENTS:
+            if self.layer is not None:
+                msg = f"component {self.component!r} has no layer; got layer={self.layer!r}"
+                raise SiteError(msg)
+        elif self.layer is None:
+            msg = f"component {self.component!r} needs a layer; got layer=None"
+            raise SiteError(msg)
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            msg = f"layer must be an int; got {type(self.layer).__name__} {self.layer!r}"
+            raise SiteError(msg)
+        for name, axis in (("pos", "pos"), ("head", "head"), ("neuron", "neuron")):
+            value = _as_index(name, getattr(self, name))
+            object.__setattr__(self, name, value)
+            if value is not None and axis not in axes:
+                msg = (
+                    f"component {self.component!r} has axes {axes}, so it takes no {name} index;"
+                    f" got {name}={value!r}"
+                )
+                raise SiteError(msg)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The axes of the tensor read at this site (int-indexed axes removed)."""
+        dropped = {
+            axis for axis, value in (("pos", self.pos), ("head", self.head), ("neuron", self.neuron))
+            if isinstance(value, int)
+        }
+        return tuple(a for a in COMPONENT_AXES[self.component] if a not in dropped)
+
+    def at(self, **changes: object) -> Site:
+        """A copy with some fields changed, e.g. ``site.at(pos=3)``."""
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        name = self.component if self.layer is None else f"{self.component}.{self.layer}"
+        parts = [
+            f"{key}={value}" for key, value in
+            (("pos", self.pos), ("head", self.head), ("neuron", self.neuron)) if value is not None
+        ]
+        return f"{name}[{', '.join(parts)}]" if parts else name
+
+    def __repr__(self) -> str:
+        fields = [repr(self.component)]
+        fields += [
+            f"{key}={value!r}" for key, value in
+            (("layer", self.layer), ("pos", self.pos), ("head", self.head), ("neuron", self.neuron))
+            if value is not None
+        ]
+        return f"Site({', '.join(fields)})"
+
+
+_EACH = object()  # sentinel: "every index of this axis, one site each"
+
+
+@dataclass(frozen=True)
+class SiteSelector:
+    """A chainable description of a grid of sites; see :func:`select`.
+
+    Each axis is either left whole (the default), fixed to given values (one site per value), or
+    expanded to every valid value of the model (``.layers()`` / ``.heads()`` / ``.neurons()``
+    with no arguments). Positions need a prompt to enumerate, so ``.positions()`` with no
+    arguments expands over ``range(n_positions)`` given to :meth:`sites`.
+    """
+
+    components: tuple[str, ...]
+    layer_values: object = _EACH
+    pos_values: object = None
+    head_values: object = None
+    neuron_values: object = None
+
+    def layers(self, *layers: int | Iterable[int]) -> SiteSelector:
+        """One site per given layer; no arguments means every layer."""
+        return replace(self, layer_values=_flatten("layers", layers))
+
+    def positions(self, *positions: int | Iterable[int]) -> SiteSelector:
+        """One site per given position; no arguments means every position."""
+        return replace(self, pos_values=_flatten("positions", positions))
+
+    def heads(self, *heads: int | Iterable[int]) -> SiteSelector:
+        """One site per given head; no arguments means every head."""
+        return replace(self, head_values=_flatten("heads", heads))
+
+    def neurons(self, *neurons: int | Iterable[int]) -> SiteSelector:
+        """One site per given neuron; no arguments means every neuron."""
+        return replace(self, neuron_values=_flatten("neurons", neurons))
+
+    def __or__(self, other: SiteSelector) -> SiteUnion:
+        return SiteUnion((self, other))
+
+    def sites(
+        self,
+        *,
+        n_layers: int | None = None,
+        n_heads: int | None = None,
+        n_neurons: int | None = None,
+        n_positions: int | None = None,
+    ) -> list[Site]:
+        """Expand to concrete sites: layer-major, then position, head, neuron."""
+        out: list[Site] = []
+        for component in self.components:
+            axes = COMPONENT_AXES[component]
+            layers = [None] if component in GLOBAL_COMPONENTS else _expand(
+                "layers", self.layer_values, n_layers, "n_layers")
+            positions = _expand("positions", self.pos_values, n_positions, "n_positions")
+            heads = _expand("heads", self.head_values, n_heads, "n_heads") if "head" in axes else [None]
+            neurons = (
+                _expand("neurons", self.neuron_values, n_neurons, "n_neurons")
+                if "neuron" in axes else [None]
+            )
+            for layer, pos, head, neuron in itertools.product(layers, positions, heads, neurons):
+                out.append(Site(component, layer=layer, pos=pos, head=head, neuron=neuron))
+        return out
+
+
+@dataclass(frozen=True)
+class SiteUnion:
+    """Several selectors whose sites are concatenated in order."""
+
+    parts: tuple[SiteSelector | SiteUnion, ...]
+
+    def __or__(self, other: SiteSelector | SiteUnion) -> SiteUnion:
+        return SiteUnion((*self.parts, other))
+
+    def sites(self, **sizes: int | None) -> list[Site]:
+        return [site for part in self.parts for site in part.sites(**sizes)]
+
+
+def select(*components: str) -> SiteSelector:
+    """Start a site grid over one or more components.
+
+    Examples:
+        >>> sel = select("head").layers(1).heads(0, 2).positions(-1)
+        >>> [str(s) for s in sel.sites()]
+        ['head.1[pos=-1, head=0]', 'head.1[pos=-1, head=2]']
+        >>> len(select("resid_pre", "resid_post").sites(n_layers=3))
+        6
+    """
+    if not components:
+        msg = f"select() needs at least one component of {sorted(COMPONENT_AXES)}; got none"
+        raise SiteError(msg)
+    for component in components:
+        if component not in COMPONENT_AXES:
+            msg = f"component must be one of {sorted(COMPONENT_AXES)}; got {component!r}"
+            raise SiteError(msg)
+    return SiteSelector(tuple(components))
+
+
+def _flatten(name: str, values: Sequence[int | Iterable[int]]) -> object:
+    if not values:
+        return _EACH
+    flat: list[int] = []
+    for value in values:
+        if isinstance(value, Iterable):
+            flat.extend(value)
+        else:
+            flat.append(value)
+    for value in flat:
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = f"{name} must be ints; got {type(value).__name__} {value!r}"
+            raise InputError(msg)
+    return tuple(flat)
+
+
+def _expand(name: str, values: object, size: int | None, size_name: str) -> list:
+    if values is None:
+        return [None]
+    if values is _EACH:
+        if size is None:
+            msg = f"selecting every one of the {name} needs {size_name}; got {size_name}=None"
+            raise InputError(msg)
+        return list(range(size))
+    return list(values)  # type: ignore[arg-type]
