@@ -23,7 +23,6 @@ from mechinterp.interventions import Add, Intervention, Scale, Set, Zero
 from mechinterp.sites import COMPONENT_AXES, Site, SiteSelector, select
 
 if TYPE_CHECKING:
-    from mechinterp.heads import head_scores
     from mechinterp.loading import load
     from mechinterp.model import ActivationCache, InterpModel, RunResult, Tokens
 
@@ -35,7 +34,6 @@ _LAZY = {
     "ActivationCache": "mechinterp.model",
     "RunResult": "mechinterp.model",
     "Tokens": "mechinterp.model",
-    "head_scores": "mechinterp.heads",
 }
 
 
@@ -70,7 +68,6 @@ __all__ = [
     "UnsupportedModelError",
     "Zero",
     "build_info",
-    "head_scores",
     "load",
     "select",
 ]

@@ -1,0 +1,122 @@
+"""Overhead of reading every residual site in one forward, against a plain forward.
+
+GPT-2-small architecture (12 layers, d_model 768, vocab 50257) with random weights, prompts of
+32 tokens, batch 1 and 64. Reads resid_pre, resid_mid and resid_post of every layer (36 sites).
+
+Compared side by side in one process:
+- plain: the transformers model, never wrapped by nnsight (the floor);
+- mechinterp cache: ``model.cache(tokens, select("resid_pre", "resid_mid", "resid_post"))``;
+- nnsight trace: the same 36 tensors saved inside ``model.trace(...)``.
+
+Each timing is the median of ``--repeats`` calls after warm-up, with the device synchronised
+around each call. Correctness is checked before timing: all three give the same logits and the
+cached tensors equal the nnsight-saved ones.
+
+Run: ``python benchmarks/bench_sites.py --device cuda --json sites.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+import transformers
+
+import mechinterp
+from mechinterp import select
+
+
+def _timer(device: torch.device, fn, repeats: int, warmup: int = 10) -> float:
+    """Median seconds per call of ``fn``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _nnsight_reads(model, tokens: mechinterp.Tokens, n_layers: int) -> list[torch.Tensor]:
+    saved = []
+    blocks = model.transformer.h
+    with model.trace(tokens.input_ids, attention_mask=tokens.attention_mask):
+        for layer in range(n_layers):  # nnsight needs requests in execution order
+            saved.append(blocks[layer].input.save())
+            saved.append(blocks[layer].ln_2.input.save())
+            saved.append(blocks[layer].output.save())
+    return saved
+
+
+def measure(device: str, batches: list[int], seq: int, repeats: int) -> list[dict]:
+    device_ = torch.device(device)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config()  # GPT-2 small: 12 layers, d_model 768
+    plain = transformers.GPT2LMHeadModel(config).eval().to(device_)
+    wrapped = copy.deepcopy(plain)  # nnsight instruments the module it wraps, so keep plain apart
+    model = mechinterp.load(wrapped)
+    sites = model.sites(select("resid_pre", "resid_mid", "resid_post"))
+    rows = []
+    for batch in batches:
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device_)
+        tokens = mechinterp.Tokens(ids, torch.ones_like(ids))
+        with torch.no_grad():
+            reference = plain(ids).logits
+            ours = model.run(tokens, cache=sites)
+            theirs = _nnsight_reads(model, tokens, config.n_layer)
+        torch.testing.assert_close(ours.logits, reference)
+        for site, saved in zip(sites_in_nnsight_order(config.n_layer), theirs):
+            torch.testing.assert_close(ours.cache[site], saved)
+
+        def run_plain():
+            with torch.no_grad():
+                plain(ids)
+
+        t_plain = _timer(device_, run_plain, repeats)
+        t_ours = _timer(device_, lambda: model.cache(tokens, sites), repeats)
+        t_nnsight = _timer(device_, lambda: _nnsight_reads(model, tokens, config.n_layer), repeats)
+        rows.append({
+            "device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
+            "dtype": "float32", "batch": batch, "seq": seq, "sites": len(sites),
+            "plain_ms": t_plain * 1e3, "mechinterp_cache_ms": t_ours * 1e3,
+            "nnsight_trace_ms": t_nnsight * 1e3,
+            "mechinterp_overhead": t_ours / t_plain, "nnsight_overhead": t_nnsight / t_plain,
+        })
+    return rows
+
+
+def sites_in_nnsight_order(n_layers: int) -> list[mechinterp.Site]:
+    return [mechinterp.Site(component, layer=layer) for layer in range(n_layers)
+            for component in ("resid_pre", "resid_mid", "resid_post")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = measure(args.device, args.batches, args.seq, args.repeats)
+    for row in rows:
+        print(f"{row['device']} fp32 batch {row['batch']:>3} x {row['seq']} tokens, "
+              f"{row['sites']} residual sites: plain {row['plain_ms']:.3f} ms, "
+              f"mechinterp cache {row['mechinterp_cache_ms']:.3f} ms "
+              f"({row['mechinterp_overhead']:.3f}x), nnsight trace {row['nnsight_trace_ms']:.3f} ms "
+              f"({row['nnsight_overhead']:.3f}x)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"build": mechinterp.build_info(), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
