@@ -1,0 +1,22 @@
+#!/bin/sh
+# On a machine with a CUDA GPU: build with CUDA kernels, run the cuda-marked tests, run
+# compute-sanitizer over the kernels, the benchmarks, then the whole suite. Assumes torch and
+# the other dependencies are installed in `python3`. Prints everything; benchmark rows also go
+# to the JSON file named by $1 (default bench_sites.json).
+set -u
+json=${1:-bench_sites.json}
+step() { echo; echo "== $*"; }
+step build
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+python3 -c 'import json, mechinterp; print(json.dumps(mechinterp.build_info()))'
+step cuda tests
+python3 -m pytest -q -m cuda -p no:cacheprovider -rs 2>&1 | tail -8
+step compute-sanitizer
+for tool in memcheck racecheck initcheck synccheck; do
+  log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)
+  echo "$tool: exit $? | $(echo "$log" | grep -E 'ERROR SUMMARY|cases match' | tr '\n' ' ')"
+done
+step benchmark
+python3 benchmarks/bench_sites.py --device cuda --json "$json" 2>&1 | grep -v '^\[transformers\]'
+step whole suite
+HYPOTHESIS_PROFILE=ci python3 -m pytest -q -p no:cacheprovider -x 2>&1 | tail -8
