@@ -18,5 +18,9 @@ for tool in memcheck racecheck initcheck synccheck; do
 done
 step benchmark
 python3 benchmarks/bench_sites.py --device cuda --json "$json" 2>&1 | grep -v '^\[transformers\]'
+if [ -f mechinterp/zoo/induction-2l/model.safetensors ]; then
+  step demo on cuda
+  python3 -m mechinterp.cli demo --device cuda --out /tmp/gpu-demo-report 2>&1 | tail -2
+fi
 step whole suite
-HYPOTHESIS_PROFILE=ci python3 -m pytest -q -p no:cacheprovider -x 2>&1 | tail -8
+HYPOTHESIS_PROFILE=ci python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -8

@@ -187,3 +187,21 @@ def test_execution_order_is_recorded_not_registration_order() -> None:
     assert registered.index("model.rotary_emb") > registered.index("model.layers.0")
     assert order.index("model.rotary_emb") < order.index("model.layers.0")
     assert order.index("model.layers.0") < order.index("model.layers.1") < order.index("lm_head")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_sites_on_cuda_match_cpu(name: str) -> None:
+    family = next(f for f in FAMILIES if f.name == name)
+    cpu = InterpModel(build(family))
+    gpu = InterpModel(build(family).to("cuda"))
+    ids = token_ids()
+    sites = cpu.sites(select("resid_pre", "resid_mid", "head", "pattern").layers(1))
+    edits = [Zero(Site("head", layer=0, head=1)), Scale(Site("neuron", layer=1, neuron=3), 2.0)]
+    ours = gpu.run(ids.cuda(), edits=edits, cache=sites)
+    reference = cpu.run(ids, edits=edits, cache=sites)
+    torch.testing.assert_close(ours.logits.cpu(), reference.logits, rtol=1e-4, atol=1e-4)
+    for site in sites:
+        assert ours.cache[site].device.type == "cuda"
+        torch.testing.assert_close(ours.cache[site].cpu(), reference.cache[site], rtol=1e-4, atol=1e-4)
