@@ -5,6 +5,7 @@ GPT-2-small architecture (12 layers, d_model 768, vocab 50257) with random weigh
 
 Compared side by side in one process:
 - plain: the transformers model, never wrapped by nnsight (the floor);
+- wrapped plain: the model mechinterp wraps, called directly (nnsight's per-module cost alone);
 - mechinterp cache: ``model.cache(tokens, select("resid_pre", "resid_mid", "resid_post"))``;
 - nnsight trace: the same 36 tensors saved inside ``model.trace(...)``.
 
@@ -80,13 +81,19 @@ def measure(device: str, batches: list[int], seq: int, repeats: int) -> list[dic
             with torch.no_grad():
                 plain(ids)
 
+        def run_instrumented():
+            with torch.no_grad():
+                wrapped(ids)
+
         t_plain = _timer(device_, run_plain, repeats)
+        t_instrumented = _timer(device_, run_instrumented, repeats)
         t_ours = _timer(device_, lambda: model.cache(tokens, sites), repeats)
         t_nnsight = _timer(device_, lambda: _nnsight_reads(model, tokens, config.n_layer), repeats)
         rows.append({
             "device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
             "dtype": "float32", "batch": batch, "seq": seq, "sites": len(sites),
-            "plain_ms": t_plain * 1e3, "mechinterp_cache_ms": t_ours * 1e3,
+            "plain_ms": t_plain * 1e3, "nnsight_wrapped_plain_ms": t_instrumented * 1e3,
+            "mechinterp_cache_ms": t_ours * 1e3,
             "nnsight_trace_ms": t_nnsight * 1e3,
             "mechinterp_overhead": t_ours / t_plain, "nnsight_overhead": t_nnsight / t_plain,
         })
@@ -110,6 +117,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['device']} fp32 batch {row['batch']:>3} x {row['seq']} tokens, "
               f"{row['sites']} residual sites: plain {row['plain_ms']:.3f} ms, "
+              f"same model wrapped by nnsight {row['nnsight_wrapped_plain_ms']:.3f} ms, "
               f"mechinterp cache {row['mechinterp_cache_ms']:.3f} ms "
               f"({row['mechinterp_overhead']:.3f}x), nnsight trace {row['nnsight_trace_ms']:.3f} ms "
               f"({row['nnsight_overhead']:.3f}x)")

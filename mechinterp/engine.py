@@ -22,7 +22,7 @@ from torch import nn
 from mechinterp.attention import exposing_patterns
 from mechinterp.errors import SiteError
 from mechinterp.interventions import Intervention
-from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap
+from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
 from mechinterp.positions import RowSpans
 from mechinterp.sites import COMPONENT_AXES, Site
 
@@ -67,14 +67,15 @@ def _check_range(site: Site, name: str, value: int | tuple[int, ...] | None, siz
 class Selection:
     """The part of a component's tensor that a site (and optional batch rows) names."""
 
-    def __init__(self, site: Site, spans: RowSpans, rows: tuple[int, ...] | None, dims: Dims):
+    def __init__(self, site: Site, spans: Callable[[], RowSpans], rows: tuple[int, ...] | None):
         self.site = site
         self.axes = COMPONENT_AXES[site.component]
-        self.spans = spans
         self.rows = rows
-        self.dims = dims
-        columns = spans.columns(site.pos, None if rows is None else torch.tensor(rows))
+        # Row spans cost a device sync; only positions need them.
+        columns = slice(None) if site.pos is None else spans().columns(
+            site.pos, None if rows is None else torch.tensor(rows))
         self.columns = columns
+        self.whole = rows is None and site.pos is None and site.head is None and site.neuron is None
         self.basic = (
             rows is None
             and isinstance(columns, (int, slice))
@@ -134,7 +135,9 @@ class Selection:
         return tuple(index), squeeze
 
     def get(self, x: torch.Tensor) -> torch.Tensor:
-        """The selection as a new tensor with the site's axes."""
+        """The selection (a view where possible) with the site's axes."""
+        if self.whole:
+            return x
         if self.basic:
             return x[self._basic_index()]
         index, squeeze = self._advanced_index(x)
@@ -197,19 +200,43 @@ class Plan:
         self,
         table: SiteTable,
         base: str,
-        spans: RowSpans,
+        attention_mask: torch.Tensor,
         reads: Sequence[Site],
         edits: Sequence[Intervention],
+        resolved: dict[Site, Resolved] | None = None,
     ):
         self.table = table
         self.base = base
-        self.spans = spans
+        self._mask = attention_mask
+        self._spans: RowSpans | None = None
+        self._resolved = {} if resolved is None else resolved
         self.boundaries: dict[tuple[str, str], _Boundary] = {}
         self._captured: set[tuple] = set()
         for edit in edits:
             self._add_edit(edit)
         for site in reads:
             self._add_read(site)
+
+    def spans(self) -> RowSpans:
+        if self._spans is None:
+            self._spans = RowSpans.from_mask(self._mask)
+        return self._spans
+
+    def _resolve(self, site: Site) -> Resolved:
+        if site not in self._resolved:
+            self._resolved[site] = resolve(site, self.table, self.base)
+        return self._resolved[site]
+
+    def _read_place(self, site: Site, resolved: Resolved) -> tuple[Tap | PatternTap, str]:
+        """Where to read ``site``: ``resid_pre`` of layer ``l > 0`` is the output of block
+        ``l - 1``, so it is read there (one hook fewer) unless it is itself edited."""
+        if site.component != "resid_pre" or not resolved.layer or not self.table.sequential:
+            return resolved.place, resolved.path
+        own = self.boundaries.get((resolved.path, resolved.place.io))
+        if own is not None and own.edits:
+            return resolved.place, resolved.path
+        previous = self._resolve(Site("resid_post", layer=resolved.layer - 1))
+        return previous.place, previous.path
 
     def _boundary(self, place: Tap | PatternTap, path: str) -> _Boundary:
         io = "pattern" if isinstance(place, PatternTap) else place.io
@@ -226,21 +253,22 @@ class Plan:
         return (lambda raw: view(raw, dims)) if view is not None else (lambda raw: raw)
 
     def _add_read(self, site: Site) -> None:
-        resolved = resolve(site, self.table, self.base)
-        selection = Selection(site, self.spans, None, self.table.dims)
-        view = self._view(resolved.place)
+        resolved = self._resolve(site)
+        selection = Selection(site, self.spans, None)
+        place, path = self._read_place(site, resolved)
+        view = self._view(place)
 
         def read(raw: torch.Tensor, state: dict) -> None:
             state["reads"][site] = selection.get(view(raw)).detach().clone()
 
-        boundary = self._boundary(resolved.place, resolved.path)
+        boundary = self._boundary(place, path)
         boundary.reads.append(read)
         boundary.sites.append(site)
 
     def _add_edit(self, edit: Intervention) -> None:
         site = edit.site
-        resolved = resolve(site, self.table, self.base)
-        selection = Selection(site, self.spans, edit.rows, self.table.dims)
+        resolved = self._resolve(site)
+        selection = Selection(site, self.spans, edit.rows)
         place = self.table.place(site.component)
         if isinstance(place, Sum):
             self._add_sum_edit(edit, place, resolved.layer, selection)

@@ -13,7 +13,6 @@ from mechinterp.engine import Plan, record_execution_order, run_plan
 from mechinterp.errors import InputError, ShapeError, SiteError
 from mechinterp.interventions import Intervention
 from mechinterp.models import SiteTable, site_table
-from mechinterp.positions import RowSpans
 from mechinterp.sites import Site, SiteSelector, SiteUnion
 
 
@@ -84,6 +83,8 @@ class InterpModel(NNsight):
         prefix = getattr(module, "base_model_prefix", "")
         self.base = f"{prefix}." if prefix and hasattr(module, prefix) else ""
         self._execution_order: tuple[str, ...] | None = None
+        self._order_index: dict[str, int] | None = None
+        self._resolved: dict = {}  # Site -> engine.Resolved, memoised across forwards
         module.eval()
 
     # -- description -----------------------------------------------------------------------
@@ -186,7 +187,7 @@ class InterpModel(NNsight):
             msg = f"inputs must hold at least one token; got shape {tuple(ids.shape)}"
             raise ShapeError(msg)
         vocab = self.dims.d_vocab
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= vocab:
             msg = f"token ids must lie in [0, {vocab}); got values in [{low}, {high}]"
             raise InputError(msg)
@@ -245,10 +246,12 @@ class InterpModel(NNsight):
                 raise InputError(msg)
         tokens = self._as_tokens(inputs)
         reads = self.sites(cache, n_positions=tokens.shape[1])
-        plan = Plan(self.table, self.base, RowSpans.from_mask(tokens.attention_mask), reads, edits)
-        order = {path: i for i, path in enumerate(self.execution_order)}
+        plan = Plan(self.table, self.base, tokens.attention_mask, reads, edits, self._resolved)
+        if self._order_index is None:
+            self._order_index = {path: i for i, path in enumerate(self.execution_order)}
         with torch.set_grad_enabled(grad):
-            output, values = run_plan(self._module, plan, self._forward_inputs(tokens), order)
+            output, values = run_plan(self._module, plan, self._forward_inputs(tokens),
+                                      self._order_index)
         logits = getattr(output, "logits", None)
         return RunResult(logits, ActivationCache(values, reads), tokens)
 

@@ -205,3 +205,14 @@ def test_sites_on_cuda_match_cpu(name: str) -> None:
     for site in sites:
         assert ours.cache[site].device.type == "cuda"
         torch.testing.assert_close(ours.cache[site].cpu(), reference.cache[site], rtol=1e-4, atol=1e-4)
+
+
+def test_resid_pre_read_sees_edits_of_either_name(model: InterpModel) -> None:
+    ids = token_ids()
+    pre, post = Site("resid_pre", layer=1, pos=0), Site("resid_post", layer=0, pos=0)
+    for edited in (pre, post):
+        out = model.run(ids, edits=[Set(edited, torch.ones(model.dims.d_model))], cache=[pre, post])
+        torch.testing.assert_close(out.cache[pre], torch.ones(2, model.dims.d_model))
+    # An edit of resid_pre itself happens after resid_post was read.
+    out = model.run(ids, edits=[Set(pre, torch.ones(model.dims.d_model))], cache=[post])
+    assert not torch.equal(out.cache[post], torch.ones(2, model.dims.d_model))

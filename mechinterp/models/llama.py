@@ -10,7 +10,14 @@ from __future__ import annotations
 from torch import nn
 
 from mechinterp.models.table import (
-    Dims, PatternTap, SiteTable, Sum, Tap, config_int, kv_heads, split_heads,
+    Dims,
+    PatternTap,
+    SiteTable,
+    Sum,
+    Tap,
+    config_int,
+    kv_heads,
+    split_heads,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -102,6 +102,8 @@ class SiteTable:
         blocks: path of the ``ModuleList`` of blocks (with ``{base}``).
         causal: whether position ``t`` only sees positions ``<= t`` (decoders).
         position_ids: whether the forward takes ``position_ids`` (so left padding is honoured).
+        sequential: each block's input is the previous block's output, so ``resid_pre`` of
+            layer ``l > 0`` equals ``resid_post`` of layer ``l - 1``.
     """
 
     family: str
@@ -111,6 +113,7 @@ class SiteTable:
     causal: bool
     position_ids: bool
     unsupported: dict[str, str] = field(default_factory=dict)
+    sequential: bool = True
 
     def place(self, component: str) -> Place:
         """The place of ``component``, or a SiteError saying why there is none."""
