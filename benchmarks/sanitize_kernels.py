@@ -24,6 +24,7 @@ def diagonal_score_cases() -> int:
             layouts = (pattern, pattern.transpose(2, 3).contiguous().transpose(2, 3))
             for tensor in layouts:
                 stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())  # the input is made on the default stream
                 with torch.cuda.stream(stream):
                     ours = _ops.diagonal_score(tensor, offset=offset, first_query=first)
                 stream.synchronize()

@@ -212,6 +212,7 @@ class Plan:
         self._resolved = {} if resolved is None else resolved
         self.boundaries: dict[tuple[str, str], _Boundary] = {}
         self._captured: set[tuple] = set()
+        self._ordered: list[_Boundary] | None = None
         for edit in edits:
             self._add_edit(edit)
         for site in reads:
@@ -259,7 +260,14 @@ class Plan:
         view = self._view(place)
 
         def read(raw: torch.Tensor, state: dict) -> None:
-            state["reads"][site] = selection.get(view(raw)).detach().clone()
+            value = selection.get(view(raw)).detach()
+            if selection.whole and not state["copy"]:
+                # A whole tensor is kept as the model made it, not copied; run_plan checks its
+                # version counter afterwards in case the model changed it in place.
+                state["shared"].append((value, value._version))
+            else:
+                value = value.clone()  # a slice is copied so it does not pin the whole tensor
+            state["reads"][site] = value
 
         boundary = self._boundary(place, path)
         boundary.reads.append(read)
@@ -308,12 +316,14 @@ class Plan:
         boundary.sites.append(edit.site)
 
     def ordered(self, execution_order: dict[str, int]) -> list[_Boundary]:
-        """Boundaries in the order the forward reaches them."""
-        stage = {"input": 0, "pattern": 1, "output": 2}
-        return sorted(
-            self.boundaries.values(),
-            key=lambda b: (execution_order.get(b.path, len(execution_order)), stage[b.io]),
-        )
+        """Boundaries in the order the forward reaches them (sorted once per plan)."""
+        if self._ordered is None:
+            stage = {"input": 0, "pattern": 1, "output": 2}
+            self._ordered = sorted(
+                self.boundaries.values(),
+                key=lambda b: (execution_order.get(b.path, len(execution_order)), stage[b.io]),
+            )
+        return self._ordered
 
 
 def run_plan(
@@ -321,15 +331,30 @@ def run_plan(
     plan: Plan,
     inputs: dict[str, torch.Tensor],
     execution_order: dict[str, int],
+    modules: dict[str, nn.Module] | None = None,
 ) -> tuple[object, dict[Site, torch.Tensor]]:
-    """Run one forward of ``module`` on ``inputs`` with the plan's hooks in place."""
-    state: dict = {"reads": {}, "scratch": {}}
+    """Run one forward of ``module`` on ``inputs`` with the plan's hooks in place.
+
+    ``modules`` memoises path -> submodule across calls.
+    """
+    output, reads, changed = _forward(module, plan, inputs, execution_order, modules, copy=False)
+    if changed:  # the model edited a kept tensor in place after it was read: read copies instead
+        output, reads, _ = _forward(module, plan, inputs, execution_order, modules, copy=True)
+    return output, reads
+
+
+def _forward(module, plan, inputs, execution_order, modules, *, copy: bool):
+    state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy}
     handles = []
     patterns: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
     boundaries = plan.ordered(execution_order)
+    modules = {} if modules is None else modules
     try:
         for boundary in boundaries:
-            target = _submodule(module, boundary.path)
+            boundary.calls = 0
+            target = modules.get(boundary.path)
+            if target is None:
+                target = modules[boundary.path] = _submodule(module, boundary.path)
             if boundary.io == "output":
                 handles.append(target.register_forward_hook(_output_hook(boundary, state)))
             elif boundary.io == "input":
@@ -350,7 +375,8 @@ def run_plan(
         sites = [str(site) for b in missed for site in b.sites]
         msg = f"sites {sites} were never reached in the forward (module {missed[0].path!r} did not run)"
         raise SiteError(msg)
-    return output, state["reads"]
+    changed = any(value._version != version for value, version in state["shared"])
+    return output, state["reads"], changed
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

@@ -85,6 +85,8 @@ class InterpModel(NNsight):
         self._execution_order: tuple[str, ...] | None = None
         self._order_index: dict[str, int] | None = None
         self._resolved: dict = {}  # Site -> engine.Resolved, memoised across forwards
+        self._modules: dict[str, nn.Module] = {}  # path -> submodule, memoised across forwards
+        self._read_plans: dict[tuple[Site, ...], Plan] = {}  # reads without positions or edits
         module.eval()
 
     # -- description -----------------------------------------------------------------------
@@ -197,7 +199,8 @@ class InterpModel(NNsight):
                 f"{tuple(tokens.attention_mask.shape)}"
             )
             raise ShapeError(msg)
-        return tokens.to(self.device)
+        device = self.device
+        return tokens if ids.device == device else tokens.to(device)
 
     def _forward_inputs(self, tokens: Tokens) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
@@ -246,14 +249,26 @@ class InterpModel(NNsight):
                 raise InputError(msg)
         tokens = self._as_tokens(inputs)
         reads = self.sites(cache, n_positions=tokens.shape[1])
-        plan = Plan(self.table, self.base, tokens.attention_mask, reads, edits, self._resolved)
+        plan = self._plan(tokens, reads, edits)
         if self._order_index is None:
             self._order_index = {path: i for i, path in enumerate(self.execution_order)}
         with torch.set_grad_enabled(grad):
             output, values = run_plan(self._module, plan, self._forward_inputs(tokens),
-                                      self._order_index)
+                                      self._order_index, self._modules)
         logits = getattr(output, "logits", None)
         return RunResult(logits, ActivationCache(values, reads), tokens)
+
+    def _plan(self, tokens: Tokens, reads: list[Site], edits: Sequence[Intervention]) -> Plan:
+        # A plan that neither edits nor indexes positions does not depend on the batch, so the
+        # same request (a cache of whole sites, say) is planned once.
+        reusable = not edits and all(site.pos is None for site in reads)
+        key = tuple(reads)
+        if reusable and key in self._read_plans:
+            return self._read_plans[key]
+        plan = Plan(self.table, self.base, tokens.attention_mask, reads, edits, self._resolved)
+        if reusable and len(self._read_plans) < 64:
+            self._read_plans[key] = plan
+        return plan
 
     def cache(self, inputs: Inputs, sites: Sites, *, grad: bool = False) -> ActivationCache:
         """Read ``sites`` in one unedited forward.

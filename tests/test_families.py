@@ -216,3 +216,21 @@ def test_resid_pre_read_sees_edits_of_either_name(model: InterpModel) -> None:
     # An edit of resid_pre itself happens after resid_post was read.
     out = model.run(ids, edits=[Set(pre, torch.ones(model.dims.d_model))], cache=[post])
     assert not torch.equal(out.cache[post], torch.ones(2, model.dims.d_model))
+
+
+def test_a_read_survives_the_model_editing_that_tensor_in_place() -> None:
+    model = InterpModel(build(FAMILIES[0]))
+    site = Site("resid_post", layer=1)
+    ids = token_ids()
+    before = model.cache(ids, [site])[site].clone()
+    final_norm = model._module.transformer.ln_f
+
+    def bump_in_place(_module, args):
+        args[0].add_(1.0)  # the block output, after mechinterp has read it
+
+    handle = final_norm.register_forward_pre_hook(bump_in_place)
+    try:
+        after = model.cache(ids, [site])[site]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
