@@ -148,19 +148,23 @@ class InterpModel(NNsight):
             msg = f"prompts must be a string or a non-empty list of strings; got {prompts!r}"
             raise InputError(msg)
         tok = self.tokenizer
-        tok.padding_side = "left" if self.table.causal else "right"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
         if prepend_bos is None:
-            prepend_bos = self.table.causal and tok.bos_token is not None
-        encoded = tok(list(prompts), return_tensors="pt", padding=True)
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        if prepend_bos and not bool((_first_real(ids, mask) == tok.bos_token_id).all()):
-            ids = torch.cat([torch.full_like(ids[:, :1], tok.pad_token_id), ids], dim=1)
-            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
-            first = (mask.cumsum(1) == 0).sum(1) - 1  # the column just before the first real token
-            ids[torch.arange(len(ids)), first] = tok.bos_token_id
-            mask[torch.arange(len(ids)), first] = 1
+            prepend_bos = self.table.causal and tok.bos_token_id is not None
+        rows = tok(list(prompts))["input_ids"]
+        if prepend_bos:
+            rows = [row if row[:1] == [tok.bos_token_id] else [tok.bos_token_id, *row] for row in rows]
+        if not all(rows):
+            msg = f"prompts must each hold at least one token; got {list(prompts)!r}"
+            raise InputError(msg)
+        pad = next(i for i in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0) if i is not None)
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            # Decoders pad on the left so that every row's last token is the last column.
+            columns = slice(width - len(row), width) if self.table.causal else slice(0, len(row))
+            ids[i, columns] = torch.tensor(row)
+            mask[i, columns] = 1
         return Tokens(ids, mask)
 
     def _as_tokens(self, inputs: Inputs) -> Tokens:
@@ -238,10 +242,10 @@ class InterpModel(NNsight):
             >>> import mechinterp
             >>> from mechinterp import Site, Zero
             >>> model = mechinterp.load("induction-2l")
-            >>> out = model.run("<bos> ba ko ba", edits=[Zero(Site("head", layer=1, head=0))],
+            >>> out = model.run("fuba bu fuba", edits=[Zero(Site("head", layer=1, head=0))],
             ...                 cache=[Site("resid_post", layer=1)])
-            >>> tuple(out.cache[Site("resid_post", layer=1)].shape)
-            (1, 4, 128)
+            >>> tuple(out.cache[Site("resid_post", layer=1)].shape)  # <bos> is prepended
+            (1, 4, 64)
         """
         for edit in edits:
             if not isinstance(edit, Intervention):
@@ -276,9 +280,9 @@ class InterpModel(NNsight):
         Examples:
             >>> import mechinterp
             >>> model = mechinterp.load("induction-2l")
-            >>> cache = model.cache("<bos> ba ko", mechinterp.select("resid_pre"))
+            >>> cache = model.cache("<bos> fuba bu", mechinterp.select("resid_pre"))
             >>> len(cache), tuple(cache[mechinterp.Site("resid_pre", layer=0)].shape)
-            (2, (1, 3, 128))
+            (2, (1, 3, 64))
         """
         return self.run(inputs, cache=sites, grad=grad).cache
 
@@ -290,6 +294,3 @@ class InterpModel(NNsight):
         return result.logits
 
 
-def _first_real(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    first = mask.to(torch.int8).argmax(dim=1)
-    return ids[torch.arange(len(ids)), first]
