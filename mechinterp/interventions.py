@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -25,15 +24,22 @@ from mechinterp.errors import DeviceError, DTypeError, InputError, ShapeError
 from mechinterp.sites import Site
 
 
-@dataclass(frozen=True)
 class Intervention:
     """Base class: an edit of the tensor at ``site``, optionally only in batch ``rows``."""
 
-    site: Site
+    def __init__(self, site: Site, rows: int | Sequence[int] | None = None):
+        if not isinstance(site, Site):
+            msg = f"site must be a Site; got {type(site).__name__} {site!r}"
+            raise InputError(msg)
+        self.site = site
+        self.rows = _rows(rows)
 
-    @property
-    def rows(self) -> tuple[int, ...] | None:
-        return self._rows  # type: ignore[attr-defined]
+    def __repr__(self) -> str:
+        rows = "" if self.rows is None else f", rows={list(self.rows)}"
+        return f"{type(self).__name__}({self.site!r}{self._detail()}{rows})"
+
+    def _detail(self) -> str:
+        return ""
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         """The new value for the selection ``current``."""
@@ -82,12 +88,14 @@ class Set(Intervention):
     """Replace the selection with ``value`` (broadcast to its shape): a patch."""
 
     def __init__(self, site: Site, value: torch.Tensor, *, rows: int | Sequence[int] | None = None):
-        object.__setattr__(self, "site", site)
-        object.__setattr__(self, "value", value)
-        object.__setattr__(self, "_rows", _rows(rows))
+        super().__init__(site, rows)
         if not isinstance(value, torch.Tensor):
             msg = f"value for {site} must be a torch.Tensor; got {type(value).__name__}"
             raise InputError(msg)
+        self.value = value
+
+    def _detail(self) -> str:
+        return f", value of shape {tuple(self.value.shape)}"
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         return self._check_value("value", self.value, current)
@@ -98,9 +106,12 @@ class Add(Intervention):
 
     def __init__(self, site: Site, delta: torch.Tensor | float, *,
                  rows: int | Sequence[int] | None = None):
-        object.__setattr__(self, "site", site)
-        object.__setattr__(self, "delta", delta)
-        object.__setattr__(self, "_rows", _rows(rows))
+        super().__init__(site, rows)
+        self.delta = delta
+
+    def _detail(self) -> str:
+        return f", {self.delta!r}" if not isinstance(self.delta, torch.Tensor) else \
+            f", delta of shape {tuple(self.delta.shape)}"
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if isinstance(self.delta, torch.Tensor):
@@ -112,8 +123,7 @@ class Zero(Intervention):
     """Zero the selection: zero ablation."""
 
     def __init__(self, site: Site, *, rows: int | Sequence[int] | None = None):
-        object.__setattr__(self, "site", site)
-        object.__setattr__(self, "_rows", _rows(rows))
+        super().__init__(site, rows)
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(current)
@@ -124,9 +134,12 @@ class Scale(Intervention):
 
     def __init__(self, site: Site, factor: torch.Tensor | float, *,
                  rows: int | Sequence[int] | None = None):
-        object.__setattr__(self, "site", site)
-        object.__setattr__(self, "factor", factor)
-        object.__setattr__(self, "_rows", _rows(rows))
+        super().__init__(site, rows)
+        self.factor = factor
+
+    def _detail(self) -> str:
+        return f", {self.factor!r}" if not isinstance(self.factor, torch.Tensor) else \
+            f", factor of shape {tuple(self.factor.shape)}"
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if isinstance(self.factor, torch.Tensor):
