@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from mechinterp.models.table import Dims, PatternTap, SiteTable, Tap, config_int, split_heads
+from mechinterp.models.table import (
+    PatternTap,
+    SiteTable,
+    Tap,
+    add_logits,
+    dims_from_config,
+    split_heads,
+)
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -19,17 +26,7 @@ _HEADS = {"bert": "cls", "roberta": "lm_head"}
 
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
-    d_model = config_int(config, "hidden_size")
-    n_heads = config_int(config, "num_attention_heads")
-    dims = Dims(
-        n_layers=config_int(config, "num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=config_int(config, "intermediate_size"),
-        d_vocab=config_int(config, "vocab_size"),
-    )
+    dims = dims_from_config(config)
     block = "{base}encoder.layer.{layer}"
     places = {
         "embed": Tap("{base}embeddings.word_embeddings"),
@@ -45,11 +42,7 @@ def site_table(model: nn.Module) -> SiteTable:
         "pattern": PatternTap(f"{block}.attention.self"),
         "neuron": Tap(f"{block}.output.dense", io="input"),
     }
-    unsupported = {}
-    head = _HEADS.get(config.model_type, "cls")
-    if hasattr(model, head):
-        places["logits"] = Tap(head)
-    else:
-        unsupported["logits"] = f"{type(model).__name__} has no masked-language-model head"
+    unsupported: dict[str, str] = {}
+    add_logits(model, (_HEADS.get(config.model_type, "cls"),), places, unsupported)
     return SiteTable(config.model_type, dims, places, blocks="{base}encoder.layer", causal=False,
                      position_ids=False, unsupported=unsupported)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap, config_int, split_heads
+from mechinterp.models.table import (
+    Dims,
+    PatternTap,
+    SiteTable,
+    Sum,
+    Tap,
+    add_logits,
+    dims_from_config,
+    split_heads,
+)
 
 MODEL_TYPES = ("gpt2",)
 
@@ -24,17 +33,7 @@ def _fused_qkv(part: int):
 
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
-    d_model = config_int(config, "hidden_size", "n_embd")
-    n_heads = config_int(config, "num_attention_heads", "n_head")
-    dims = Dims(
-        n_layers=config_int(config, "num_hidden_layers", "n_layer"),
-        n_heads=n_heads,
-        n_kv_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=config_int(config, "n_inner", default=4 * d_model),
-        d_vocab=config_int(config, "vocab_size"),
-    )
+    dims = dims_from_config(config)
     block = "{base}h.{layer}"
     places = {
         "embed": Tap("{base}wte"),
@@ -50,10 +49,7 @@ def site_table(model: nn.Module) -> SiteTable:
         "pattern": PatternTap(f"{block}.attn"),
         "neuron": Tap(f"{block}.mlp.c_proj", io="input"),
     }
-    unsupported = {}
-    if hasattr(model, "lm_head"):
-        places["logits"] = Tap("lm_head")
-    else:
-        unsupported["logits"] = f"{type(model).__name__} has no language-model head"
+    unsupported: dict[str, str] = {}
+    add_logits(model, ("lm_head",), places, unsupported)
     return SiteTable("gpt2", dims, places, blocks="{base}h", causal=True, position_ids=True,
                      unsupported=unsupported)

@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap, config_int, split_heads
+from mechinterp.models.table import (
+    Dims,
+    PatternTap,
+    SiteTable,
+    Sum,
+    Tap,
+    add_logits,
+    dims_from_config,
+    split_heads,
+)
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -25,17 +34,7 @@ def _fused_qkv(part: int):
 
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
-    d_model = config_int(config, "hidden_size")
-    n_heads = config_int(config, "num_attention_heads")
-    dims = Dims(
-        n_layers=config_int(config, "num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv_heads=n_heads,
-        d_model=d_model,
-        d_head=d_model // n_heads,
-        d_mlp=config_int(config, "intermediate_size"),
-        d_vocab=config_int(config, "vocab_size"),
-    )
+    dims = dims_from_config(config)
     block = "{base}layers.{layer}"
     places = {
         "embed": Tap("{base}embed_in"),
@@ -50,7 +49,7 @@ def site_table(model: nn.Module) -> SiteTable:
         "pattern": PatternTap(f"{block}.attention"),
         "neuron": Tap(f"{block}.mlp.dense_4h_to_h", io="input"),
     }
-    unsupported = {}
+    unsupported: dict[str, str] = {}
     if getattr(config, "use_parallel_residual", True):
         unsupported["resid_mid"] = (
             "with use_parallel_residual=True attention and MLP both read resid_pre, so no "
@@ -60,10 +59,6 @@ def site_table(model: nn.Module) -> SiteTable:
         places["resid_mid"] = Sum(read=Tap(f"{block}.post_attention_layernorm", io="input"),
                                   base="resid_pre", shifted="attn_out")
     # transformers 5 calls the unembedding lm_head; earlier releases called it embed_out.
-    head = next((name for name in ("lm_head", "embed_out") if hasattr(model, name)), None)
-    if head is not None:
-        places["logits"] = Tap(head)
-    else:
-        unsupported["logits"] = f"{type(model).__name__} has no language-model head"
+    add_logits(model, ("lm_head", "embed_out"), places, unsupported)
     return SiteTable("gpt_neox", dims, places, blocks="{base}layers", causal=True,
                      position_ids=True, unsupported=unsupported)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from mechinterp.models.table import (
-    Dims,
     PatternTap,
     SiteTable,
     Sum,
     Tap,
-    config_int,
+    add_logits,
+    dims_from_config,
     kv_heads,
     split_heads,
 )
@@ -25,17 +25,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
-    d_model = config_int(config, "hidden_size")
-    n_heads = config_int(config, "num_attention_heads")
-    dims = Dims(
-        n_layers=config_int(config, "num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv_heads=config_int(config, "num_key_value_heads", default=n_heads),
-        d_model=d_model,
-        d_head=config_int(config, "head_dim", default=d_model // n_heads),
-        d_mlp=config_int(config, "intermediate_size"),
-        d_vocab=config_int(config, "vocab_size"),
-    )
+    dims = dims_from_config(config)
     block = "{base}layers.{layer}"
     places = {
         "embed": Tap("{base}embed_tokens"),
@@ -52,10 +42,7 @@ def site_table(model: nn.Module) -> SiteTable:
         "pattern": PatternTap(f"{block}.self_attn"),
         "neuron": Tap(f"{block}.mlp.down_proj", io="input"),
     }
-    unsupported = {}
-    if hasattr(model, "lm_head"):
-        places["logits"] = Tap("lm_head")
-    else:
-        unsupported["logits"] = f"{type(model).__name__} has no language-model head"
+    unsupported: dict[str, str] = {}
+    add_logits(model, ("lm_head",), places, unsupported)
     return SiteTable(config.model_type, dims, places, blocks="{base}layers", causal=True,
                      position_ids=True, unsupported=unsupported)

@@ -144,6 +144,31 @@ def kv_heads(dims: Dims) -> int:
     return dims.n_kv_heads
 
 
+def dims_from_config(config: object) -> Dims:
+    """Sizes from a transformers config, whichever of the usual names it uses."""
+    d_model = config_int(config, "hidden_size", "n_embd")
+    n_heads = config_int(config, "num_attention_heads", "n_head")
+    return Dims(
+        n_layers=config_int(config, "num_hidden_layers", "n_layer"),
+        n_heads=n_heads,
+        n_kv_heads=config_int(config, "num_key_value_heads", default=n_heads),
+        d_model=d_model,
+        d_head=config_int(config, "head_dim", default=d_model // n_heads),
+        d_mlp=config_int(config, "intermediate_size", "n_inner", default=4 * d_model),
+        d_vocab=config_int(config, "vocab_size"),
+    )
+
+
+def add_logits(model: object, names: tuple[str, ...], places: dict[str, Place],
+               unsupported: dict[str, str]) -> None:
+    """Map ``logits`` to the first of ``names`` the model has, or say it has no head."""
+    head = next((name for name in names if hasattr(model, name)), None)
+    if head is not None:
+        places["logits"] = Tap(head)
+    else:
+        unsupported["logits"] = f"{type(model).__name__} has no language-model head"
+
+
 def config_int(config: object, *names: str, default: int | None = None) -> int:
     """The first of ``names`` set on ``config`` (architectures name the same size differently)."""
     for name in names:
