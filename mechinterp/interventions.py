@@ -72,6 +72,13 @@ class Intervention:
             raise ShapeError(msg) from None
 
 
+def _describe(name: str, value: torch.Tensor | float) -> str:
+    """Repr fragment: a number as itself, a tensor by its shape."""
+    if isinstance(value, torch.Tensor):
+        return f", {name} of shape {tuple(value.shape)}"
+    return f", {value!r}"
+
+
 def _rows(rows: int | Sequence[int] | None) -> tuple[int, ...] | None:
     if rows is None:
         return None
@@ -95,7 +102,7 @@ class Set(Intervention):
         self.value = value
 
     def _detail(self) -> str:
-        return f", value of shape {tuple(self.value.shape)}"
+        return _describe("value", self.value)
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         return self._check_value("value", self.value, current)
@@ -110,8 +117,7 @@ class Add(Intervention):
         self.delta = delta
 
     def _detail(self) -> str:
-        return f", {self.delta!r}" if not isinstance(self.delta, torch.Tensor) else \
-            f", delta of shape {tuple(self.delta.shape)}"
+        return _describe("delta", self.delta)
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if isinstance(self.delta, torch.Tensor):
@@ -138,8 +144,7 @@ class Scale(Intervention):
         self.factor = factor
 
     def _detail(self) -> str:
-        return f", {self.factor!r}" if not isinstance(self.factor, torch.Tensor) else \
-            f", factor of shape {tuple(self.factor.shape)}"
+        return _describe("factor", self.factor)
 
     def apply(self, current: torch.Tensor) -> torch.Tensor:
         if isinstance(self.factor, torch.Tensor):

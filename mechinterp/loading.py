@@ -9,11 +9,8 @@ from torch import nn
 
 from mechinterp.errors import InputError, UnsupportedModelError
 from mechinterp.model import InterpModel
-from mechinterp.models import FAMILIES
+from mechinterp.models import FAMILIES, bert
 from mechinterp.zoo import ZOO, zoo_path
-
-# Encoders are loaded with their masked-LM head so that `logits` is a site.
-_ENCODERS = ("bert", "roberta")
 
 
 def load(
@@ -85,7 +82,8 @@ def _from_directory(path: Path) -> tuple[nn.Module, object | None]:
             f"supported: {sorted(FAMILIES)}"
         )
         raise UnsupportedModelError(msg)
-    auto = (transformers.AutoModelForMaskedLM if config.model_type in _ENCODERS
+    # Encoders load with their masked-LM head so that `logits` is a site.
+    auto = (transformers.AutoModelForMaskedLM if config.model_type in bert.MODEL_TYPES
             else transformers.AutoModelForCausalLM)
     module = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tokenizer = None

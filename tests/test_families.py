@@ -74,7 +74,7 @@ def test_writing_a_sites_own_value_is_bit_identical(model: InterpModel, componen
         assert torch.equal(clean.logits, model._module(ids).logits)
 
 
-def _ablated_reference(model: InterpModel, family: Family, path: str, layer: int,
+def _ablated_reference(model: InterpModel, path: str, layer: int,
                        columns: slice, ids: torch.Tensor) -> torch.Tensor:
     """A forward with a plain torch pre-hook zeroing some input columns of one module."""
     target = model._module.get_submodule(path.format(layer=layer))
@@ -97,7 +97,7 @@ def test_zero_head_matches_hand_written_hook(model: InterpModel, family: Family)
     d_head = model.dims.d_head
     head, layer = 2, 1
     ours = model.logits(ids, edits=[Zero(Site("head", layer=layer, head=head))])
-    reference = _ablated_reference(model, family, family.head_input, layer,
+    reference = _ablated_reference(model, family.head_input, layer,
                                    slice(head * d_head, (head + 1) * d_head), ids)
     torch.testing.assert_close(ours, reference, rtol=1.3e-6, atol=1e-5)
     assert not torch.allclose(ours, model._module(ids).logits)
@@ -107,7 +107,7 @@ def test_zero_neuron_matches_hand_written_hook(model: InterpModel, family: Famil
     ids = token_ids()
     neuron, layer = 5, 0
     ours = model.logits(ids, edits=[Zero(Site("neuron", layer=layer, neuron=neuron))])
-    reference = _ablated_reference(model, family, family.neuron_input, layer,
+    reference = _ablated_reference(model, family.neuron_input, layer,
                                    slice(neuron, neuron + 1), ids)
     torch.testing.assert_close(ours, reference, rtol=1.3e-6, atol=1e-5)
     assert not torch.allclose(ours, model._module(ids).logits)
