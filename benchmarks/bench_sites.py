@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import io
+import pstats
 import json
 import statistics
 import time
@@ -100,6 +103,27 @@ def measure(device: str, batches: list[int], seq: int, repeats: int) -> list[dic
     return rows
 
 
+def profile_cache(device: str, seq: int, calls: int = 200, top: int = 25) -> str:
+    """Where a batch-1 ``cache`` call spends its Python time, mechinterp frames only."""
+    device_ = torch.device(device)
+    torch.manual_seed(0)
+    model = mechinterp.load(transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(device_))
+    sites = model.sites(select("resid_pre", "resid_mid", "resid_post"))
+    ids = torch.randint(0, model.dims.d_vocab, (1, seq), device=device_)
+    tokens = mechinterp.Tokens(ids, torch.ones_like(ids))
+    for _ in range(10):
+        model.cache(tokens, sites)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        model.cache(tokens, sites)
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats("mechinterp", top)
+    return text.getvalue()
+
+
 def sites_in_nnsight_order(n_layers: int) -> list[mechinterp.Site]:
     return [mechinterp.Site(component, layer=layer) for layer in range(n_layers)
             for component in ("resid_pre", "resid_mid", "resid_post")]
@@ -112,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where a batch-1 cache call spends its Python time")
     args = parser.parse_args()
     rows = measure(args.device, args.batches, args.seq, args.repeats)
     for row in rows:
@@ -124,6 +150,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"build": mechinterp.build_info(), "rows": rows}, handle, indent=2)
+    if args.profile:
+        print(profile_cache(args.device, args.seq))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ for tool in memcheck racecheck initcheck synccheck; do
   echo "$tool: exit $? | $(echo "$log" | grep -E 'ERROR SUMMARY|cases match' | tr '\n' ' ')"
 done
 step benchmark
-python3 benchmarks/bench_sites.py --device cuda --json "$json" 2>&1 | grep -v '^\[transformers\]'
+python3 benchmarks/bench_sites.py --device cuda --profile --json "$json" 2>&1 | grep -v '^\[transformers\]'
 if [ -f mechinterp/zoo/induction-2l/model.safetensors ]; then
   step demo on cuda
   python3 -m mechinterp.cli demo --device cuda --out /tmp/gpu-demo-report 2>&1 | tail -2
