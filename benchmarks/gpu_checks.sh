@@ -14,7 +14,7 @@ python3 -m pytest -q -m cuda -p no:cacheprovider -rs 2>&1 | tail -8
 step compute-sanitizer
 for tool in memcheck racecheck initcheck synccheck; do
   log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)
-  echo "$tool: exit $? | $(echo "$log" | grep -E 'ERROR SUMMARY|cases match' | tr '\n' ' ')"
+  echo "$tool: exit $? | $(echo "$log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases match" | tr '\n' ' ')"
 done
 step benchmark
 python3 benchmarks/bench_sites.py --device cuda --profile --json "$json" 2>&1 | grep -v '^\[transformers\]'
