@@ -2,11 +2,13 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "common/build_info.h"
 #include "common/check.h"
 #include "common/pyview.h"
 #include "heads/heads.h"
+#include "patching/patching.h"
 
 namespace py = pybind11;
 
@@ -38,6 +40,51 @@ PYBIND11_MODULE(_C, m) {
       "pattern[b, h, q, q - offset]. pattern: view of [batch, head, query, query]; out: view of "
       "[head], float64 for float64 input else float32, written in place; stream: cudaStream_t as "
       "int (ignored on CPU).");
+
+  m.def(
+      "patch_boxes",
+      [](py::handle dest, py::handle src, py::object cur, py::handle boxes_host, py::handle boxes,
+         py::handle alpha_host, py::handle alpha, std::uintptr_t stream) {
+        const auto dest_view = mechinterp::view_from_py(dest, "dest");
+        const auto src_view = mechinterp::view_from_py(src, "src");
+        std::optional<mechinterp::TensorView> cur_view;
+        if (!cur.is_none()) cur_view = mechinterp::view_from_py(cur, "cur");
+        const auto boxes_host_view = mechinterp::view_from_py(boxes_host, "boxes_host");
+        const auto boxes_view = mechinterp::view_from_py(boxes, "boxes");
+        const auto alpha_host_view = mechinterp::view_from_py(alpha_host, "alpha_host");
+        const auto alpha_view = mechinterp::view_from_py(alpha, "alpha");
+        py::gil_scoped_release release;
+        mechinterp::patching::patch_boxes(dest_view, src_view, cur_view, boxes_host_view,
+                                          boxes_view, alpha_host_view, alpha_view, stream);
+      },
+      py::arg("dest"), py::arg("src"), py::arg("cur"), py::arg("boxes_host"), py::arg("boxes"),
+      py::arg("alpha_host"), py::arg("alpha"), py::arg("stream"),
+      "Write boxes (row, source, a_begin, a_end, f_begin, f_end) of src [sources, a, f] into dest "
+      "[rows, a, f] in place: dest + alpha (src - dest), or dest + alpha (src - cur) when cur is "
+      "given. boxes int64 [m, 6] and alpha float64 [m] come as a host copy (validated) and a copy "
+      "on dest's device (read by the kernel).");
+
+  m.def(
+      "patch_metric",
+      [](py::handle logits, int kind, py::handle index_host, py::handle index, py::object ref,
+         py::handle out, std::uintptr_t stream) {
+        const auto logits_view = mechinterp::view_from_py(logits, "logits");
+        const auto index_host_view = mechinterp::view_from_py(index_host, "index_host");
+        const auto index_view = mechinterp::view_from_py(index, "index");
+        std::optional<mechinterp::TensorView> ref_view;
+        if (!ref.is_none()) ref_view = mechinterp::view_from_py(ref, "ref");
+        const auto out_view = mechinterp::view_from_py(out, "out");
+        py::gil_scoped_release release;
+        mechinterp::patching::patch_metric(logits_view,
+                                           static_cast<mechinterp::patching::MetricKind>(kind),
+                                           index_host_view, index_view, ref_view, out_view, stream);
+      },
+      py::arg("logits"), py::arg("kind"), py::arg("index_host"), py::arg("index"), py::arg("ref"),
+      py::arg("out"), py::arg("stream"),
+      "One metric value per run from logits [rows, vocab]: kind 0 logit difference z[t] - z[o], "
+      "1 log-probability of t, 2 probability of t, 3 KL(softmax(ref[r]) || softmax(z)). index "
+      "int64 [rows, 2] holds (t, o) or (r, unused), as a host copy and a device copy; out [rows] "
+      "float32 (float64 for float64 logits).");
 
   m.def(
       "build_info",

@@ -24,3 +24,20 @@ def diagonal_score(
 
 def build_info() -> _BuildInfo:
     """What this build contains."""
+
+def patch_boxes(
+    dest: _View, src: _View, cur: _View | None, boxes_host: _View, boxes: _View,
+    alpha_host: _View, alpha: _View, stream: int,
+) -> None:
+    """Write boxes (row, source, a_begin, a_end, f_begin, f_end) of ``src`` [sources, a, f] into
+    ``dest`` [rows, a, f] in place: ``dest + alpha (src - dest)``, or ``dest + alpha (src - cur)``
+    when ``cur`` is given. ``boxes`` int64 [m, 6] and ``alpha`` float64 [m] come as a host copy
+    (validated) and a copy on ``dest``'s device (read by the kernel)."""
+
+def patch_metric(
+    logits: _View, kind: int, index_host: _View, index: _View, ref: _View | None, out: _View,
+    stream: int,
+) -> None:
+    """One value per run from ``logits`` [rows, vocab]: kind 0 ``z[t] - z[o]``, 1 log p(t),
+    2 p(t), 3 KL(softmax(ref[r]) || softmax(z)). ``index`` int64 [rows, 2] holds (t, o) or
+    (r, unused), as a host and a device copy; ``out`` [rows] float32 (float64 for float64)."""

@@ -15,7 +15,7 @@ import torch
 from mechinterp import _C
 from mechinterp.errors import BuildError, DeviceError, DTypeError, InputError, ShapeError
 
-__all__ = ["diagonal_score"]
+__all__ = ["METRIC_KINDS", "diagonal_score", "patch_boxes", "patch_metric"]
 
 # Names as _C spells them; the keys are every dtype _C can describe.
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -161,4 +161,154 @@ def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) 
     if heads == 0:
         return out
     _C.diagonal_score(_view(pattern), _view(out), offset, first_query, _stream(pattern))
+    return out
+
+
+def _host_and_device(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous cpu copy (which _C validates) and the same values on ``device``."""
+    host = t.detach().to("cpu").contiguous()
+    return host, host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
+def _check_floating(t: object, op: str, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        msg = f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"
+        raise InputError(msg)
+    if t.dtype not in _FLOATING:
+        msg = f"{op}: {name} must be float64, float32, float16 or bfloat16, got {t.dtype}"
+        raise DTypeError(msg)
+    _check_device(t, op, name)
+    return t
+
+
+def patch_boxes(
+    dest: torch.Tensor,
+    src: torch.Tensor,
+    boxes: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    cur: torch.Tensor | None = None,
+) -> None:
+    """Write many rectangular patches into ``dest`` in one pass, in place.
+
+    Box ``i`` = ``(row, source, a_begin, a_end, f_begin, f_end)`` sets
+    ``dest[row, a_begin:a_end, f_begin:f_end]`` to ``d + alpha[i] * (s - d)`` with ``s`` the same
+    rectangle of ``src[source]`` and ``d`` its current value (exactly ``s`` when
+    ``alpha == 1``). With ``cur`` given, ``d`` is read from ``cur`` instead while the result still
+    lands on ``dest + alpha * (s - cur)``: that patches a sum through one of its summands.
+
+    Args:
+        dest: ``[rows, a, f]`` floating tensor, any strides, written in place.
+        src: ``[sources, a, f]`` with ``dest``'s dtype and device.
+        boxes: ``[m, 6]`` integer tensor (any device). Boxes of one row must not overlap.
+        alpha: one weight for every box, or ``[m]`` weights.
+        cur: optional ``[rows, a, f]`` tensor like ``dest``.
+
+    Raises:
+        ShapeError, DTypeError, DeviceError, BuildError, InputError: bad arguments; a box out of
+            range or overlapping another box of its row raises ``ValueError`` from ``_C``.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import patch_boxes
+        >>> dest, src = torch.zeros(2, 3, 4), torch.ones(1, 3, 4)
+        >>> patch_boxes(dest, src, torch.tensor([[1, 0, 2, 3, 0, 2]]))  # row 1, position 2, f 0:2
+        >>> dest[1]
+        tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [1., 1., 0., 0.]])
+    """
+    op = "patch_boxes"
+    dest = _check_floating(dest, op, "dest")
+    src = _check_floating(src, op, "src")
+    if dest.dim() != 3 or src.dim() != 3:
+        msg = (
+            f"{op}: dest and src must be 3-D [rows, a, f] and [sources, a, f], got shapes "
+            f"{tuple(dest.shape)} and {tuple(src.shape)}"
+        )
+        raise ShapeError(msg)
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 6:
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        msg = f"{op}: boxes must be an integer tensor [m, 6], got {shape}"
+        raise ShapeError(msg)
+    if boxes.is_floating_point() or boxes.dtype == torch.bool:
+        msg = f"{op}: boxes must hold integers, got {boxes.dtype}"
+        raise DTypeError(msg)
+    n = boxes.shape[0]
+    weights = torch.as_tensor(alpha, dtype=torch.float64)
+    weights = weights.expand(n) if weights.dim() == 0 else weights
+    if weights.shape != (n,):
+        msg = f"{op}: alpha must be a number or a tensor [{n}] (one per box), got {tuple(weights.shape)}"
+        raise ShapeError(msg)
+    if cur is not None:
+        cur = _check_floating(cur, op, "cur")
+    boxes_host, boxes_dev = _host_and_device(boxes.to(torch.int64), dest.device)
+    alpha_host, alpha_dev = _host_and_device(weights.to(torch.float64), dest.device)
+    _C.patch_boxes(
+        _view(dest), _view(src), None if cur is None else _view(cur), _view(boxes_host),
+        _view(boxes_dev), _view(alpha_host), _view(alpha_dev), _stream(dest),
+    )
+
+
+#: The reductions :func:`patch_metric` computes, by name.
+METRIC_KINDS = {"logit_diff": 0, "logprob": 1, "prob": 2, "kl": 3}
+
+
+def patch_metric(
+    logits: torch.Tensor,
+    kind: str,
+    index: torch.Tensor,
+    *,
+    ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One metric value per run from its logits, without materialising a log-softmax.
+
+    Args:
+        logits: ``[rows, vocab]`` floating tensor, any strides.
+        kind: ``"logit_diff"`` (``z[t] - z[o]``), ``"logprob"`` (``log p(t)``), ``"prob"``
+            (``p(t)``) or ``"kl"`` (``KL(softmax(ref[r]) || softmax(z))``, with ``0 log 0 = 0``).
+        index: ``[rows, 2]`` integers: ``(t, o)`` for logit_diff, ``(t, ignored)`` for logprob
+            and prob, ``(r, ignored)`` for kl.
+        ref: ``[refs, vocab]`` reference logits for ``"kl"``, with ``logits``' dtype.
+
+    Returns:
+        ``[rows]`` float32 (float64 for float64 logits) on ``logits``' device.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import patch_metric
+        >>> z = torch.tensor([[0.0, 2.0, 1.0]])
+        >>> patch_metric(z, "logit_diff", torch.tensor([[1, 2]]))
+        tensor([1.])
+        >>> torch.allclose(patch_metric(z, "prob", torch.tensor([[1, 0]])), z.softmax(-1)[:, 1])
+        True
+    """
+    op = "patch_metric"
+    logits = _check_floating(logits, op, "logits")
+    if kind not in METRIC_KINDS:
+        msg = f"{op}: kind must be one of {sorted(METRIC_KINDS)}, got {kind!r}"
+        raise InputError(msg)
+    if logits.dim() != 2:
+        msg = f"{op}: logits must be 2-D [rows, vocab], got shape {tuple(logits.shape)}"
+        raise ShapeError(msg)
+    rows = logits.shape[0]
+    if not isinstance(index, torch.Tensor) or tuple(index.shape) != (rows, 2):
+        shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+        msg = f"{op}: index must be an integer tensor [{rows}, 2] (one pair per run), got {shape}"
+        raise ShapeError(msg)
+    if index.is_floating_point() or index.dtype == torch.bool:
+        msg = f"{op}: index must hold integers, got {index.dtype}"
+        raise DTypeError(msg)
+    if kind == "kl":
+        if ref is None:
+            msg = f"{op}: kind 'kl' needs ref, the reference logits [refs, vocab]"
+            raise InputError(msg)
+        ref = _check_floating(ref, op, "ref")
+    index_host, index_dev = _host_and_device(index.to(torch.int64), logits.device)
+    out = torch.empty(rows, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                      device=logits.device)
+    _C.patch_metric(
+        _view(logits), METRIC_KINDS[kind], _view(index_host), _view(index_dev),
+        None if ref is None or kind != "kl" else _view(ref), _view(out), _stream(logits),
+    )
     return out

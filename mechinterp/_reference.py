@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["diagonal_score"]
+__all__ = ["diagonal_score", "patch_boxes", "patch_metric"]
 
 
 def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) -> torch.Tensor:
@@ -28,3 +28,41 @@ def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) 
     scores = pattern.to(torch.float64)[:, :, q, q - offset]  # [batch, head, n_query]
     out = scores.mean(dim=(0, 2))
     return out.to(torch.float64 if pattern.dtype == torch.float64 else torch.float32)
+
+
+def patch_boxes(dest: torch.Tensor, src: torch.Tensor, boxes: torch.Tensor, *,
+                alpha: float | torch.Tensor = 1.0, cur: torch.Tensor | None = None) -> None:
+    """Twin of :func:`mechinterp._ops.patch_boxes`, one box at a time, in place."""
+    weights = torch.as_tensor(alpha, dtype=torch.float64).expand(boxes.shape[0])
+    for (row, source, a0, a1, f0, f1), weight in zip(boxes.tolist(), weights.tolist()):
+        here = dest[row, a0:a1, f0:f1]
+        new = src[source, a0:a1, f0:f1]
+        if cur is None and weight == 1.0:
+            here.copy_(new)
+            continue
+        wide = torch.float64 if dest.dtype == torch.float64 else torch.float32
+        base = here if cur is None else cur[row, a0:a1, f0:f1]
+        here.copy_(here.to(wide) + weight * (new.to(wide) - base.to(wide)))
+
+
+def patch_metric(logits: torch.Tensor, kind: str, index: torch.Tensor, *,
+                 ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of :func:`mechinterp._ops.patch_metric`, through ``log_softmax`` in float64."""
+    z = logits.to(torch.float64)
+    rows = torch.arange(z.shape[0], device=z.device)
+    first, second = index[:, 0].to(z.device), index[:, 1].to(z.device)
+    if kind == "logit_diff":
+        out = z[rows, first] - z[rows, second]
+    elif kind in ("logprob", "prob"):
+        out = z.log_softmax(-1)[rows, first]
+        out = out.exp() if kind == "prob" else out
+    elif kind == "kl":
+        assert ref is not None
+        ref_logprob = ref.to(torch.float64).log_softmax(-1)[first]
+        ref_prob = ref_logprob.exp()
+        terms = ref_prob * (ref_logprob - z.log_softmax(-1))
+        out = torch.where(ref_prob > 0, terms, 0.0).sum(-1)  # 0 log 0 = 0
+    else:
+        msg = f"patch_metric: unknown kind {kind!r}"
+        raise ValueError(msg)
+    return out.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
