@@ -22,8 +22,8 @@ import argparse
 import copy
 import cProfile
 import io
-import pstats
 import json
+import pstats
 import statistics
 import time
 
@@ -80,18 +80,18 @@ def measure(device: str, batches: list[int], seq: int, repeats: int) -> list[dic
         for site, saved in zip(sites_in_nnsight_order(config.n_layer), theirs):
             torch.testing.assert_close(ours.cache[site], saved)
 
-        def run_plain():
+        def run_plain(ids=ids):
             with torch.no_grad():
                 plain(ids)
 
-        def run_instrumented():
+        def run_instrumented(ids=ids):
             with torch.no_grad():
                 wrapped(ids)
 
         t_plain = _timer(device_, run_plain, repeats)
         t_instrumented = _timer(device_, run_instrumented, repeats)
-        t_ours = _timer(device_, lambda: model.cache(tokens, sites), repeats)
-        t_nnsight = _timer(device_, lambda: _nnsight_reads(model, tokens, config.n_layer), repeats)
+        t_ours = _timer(device_, lambda tokens=tokens: model.cache(tokens, sites), repeats)
+        t_nnsight = _timer(device_, lambda tokens=tokens: _nnsight_reads(model, tokens, config.n_layer), repeats)
         rows.append({
             "device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
             "dtype": "float32", "batch": batch, "seq": seq, "sites": len(sites),

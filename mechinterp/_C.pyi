@@ -1,10 +1,10 @@
 """Type stubs for the compiled module mechinterp._C. Call it through mechinterp._ops."""
 
-from typing import TypedDict
+from typing import TypeAlias, TypedDict
 
 # (data_ptr, dtype name such as "float32", shape, strides in elements, "cpu" | "cuda",
 #  device index); built by mechinterp._ops._view.
-_View = tuple[int, str, tuple[int, ...], tuple[int, ...], str, int | None]
+_View: TypeAlias = tuple[int, str, tuple[int, ...], tuple[int, ...], str, int | None]
 
 class _BuildInfo(TypedDict):
     version: str

@@ -13,7 +13,7 @@ __all__ = ["diagonal_score", "patch_boxes", "patch_metric"]
 
 def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) -> torch.Tensor:
     """Twin of :func:`mechinterp._ops.diagonal_score`: ``[batch, head, query, query] -> [head]``."""
-    batch, heads, query, key = pattern.shape
+    batch, _, query, key = pattern.shape
     if key != query:
         msg = f"diagonal_score: pattern must have key == query, got shape {tuple(pattern.shape)}"
         raise ValueError(msg)

@@ -13,7 +13,7 @@ for small models at batch 1 (see ``benchmarks/bench_sites.py``). The model stays
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from mechinterp.attention import exposing_patterns
 from mechinterp.errors import SiteError
-from mechinterp.interventions import Intervention
+from mechinterp.interventions import Intervention, TensorEdit
 from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
 from mechinterp.positions import RowSpans
 from mechinterp.sites import COMPONENT_AXES, Site
@@ -276,8 +276,11 @@ class Plan:
     def _add_edit(self, edit: Intervention) -> None:
         site = edit.site
         resolved = self._resolve(site)
-        selection = Selection(site, self.spans, edit.rows)
         place = self.table.place(site.component)
+        if isinstance(edit, TensorEdit):
+            self._add_tensor_edit(edit, place, resolved)
+            return
+        selection = Selection(site, self.spans, edit.rows)
         if isinstance(place, Sum):
             self._add_sum_edit(edit, place, resolved.layer, selection)
             return
@@ -286,15 +289,25 @@ class Plan:
         boundary.edits.append(lambda raw, state: selection.put(view(raw), edit.apply))
         boundary.sites.append(site)
 
-    def _add_sum_edit(self, edit: Intervention, place: Sum, layer: int, selection: Selection) -> None:
-        """Write ``base + shifted`` by moving ``shifted`` by ``new - current``.
+    def _add_tensor_edit(self, edit: TensorEdit, place: Tap | PatternTap | Sum,
+                         resolved: Resolved) -> None:
+        if isinstance(place, Sum):
+            base_key = self._capture_sum_base(place, resolved.layer)
+            shifted_place = self.table.place(place.shifted)
+            path = shifted_place.path.format(base=self.base, layer=resolved.layer)
+            boundary = self._boundary(shifted_place, path)
+            boundary.edits.append(
+                lambda raw, state: edit.write(raw, state["scratch"][base_key] + raw))
+        else:
+            view = self._view(resolved.place)
+            boundary = self._boundary(resolved.place, resolved.path)
+            boundary.edits.append(lambda raw, state: edit.write(view(raw), None))
+        boundary.sites.append(edit.site)
 
-        When the edit leaves the value unchanged the shift is exactly zero, so the forward is
-        bit-identical to an unedited one.
-        """
+    def _capture_sum_base(self, place: Sum, layer: int) -> tuple:
+        """Keep the base summand of ``place`` at ``layer`` in the forward's scratch space."""
         base_place = self.table.place(place.base)
-        shifted_place = self.table.place(place.shifted)
-        assert isinstance(base_place, Tap) and isinstance(shifted_place, Tap)
+        assert isinstance(base_place, Tap)
         base_key = ("sum_base", place.base, layer)
 
         def capture(raw: torch.Tensor, state: dict) -> None:
@@ -304,6 +317,17 @@ class Plan:
             self._captured.add(base_key)
             path = base_place.path.format(base=self.base, layer=layer)
             self._boundary(base_place, path).reads.append(capture)
+        return base_key
+
+    def _add_sum_edit(self, edit: Intervention, place: Sum, layer: int, selection: Selection) -> None:
+        """Write ``base + shifted`` by moving ``shifted`` by ``new - current``.
+
+        When the edit leaves the value unchanged the shift is exactly zero, so the forward is
+        bit-identical to an unedited one.
+        """
+        shifted_place = self.table.place(place.shifted)
+        assert isinstance(shifted_place, Tap)
+        base_key = self._capture_sum_base(place, layer)
 
         def shift(raw: torch.Tensor, state: dict) -> None:
             current = state["scratch"][base_key] + raw
@@ -332,29 +356,61 @@ def run_plan(
     inputs: dict[str, torch.Tensor],
     execution_order: dict[str, int],
     modules: dict[str, nn.Module] | None = None,
+    stubs: Mapping[str, object] | None = None,
 ) -> tuple[object, dict[Site, torch.Tensor]]:
     """Run one forward of ``module`` on ``inputs`` with the plan's hooks in place.
 
-    ``modules`` memoises path -> submodule across calls.
+    ``modules`` memoises path -> submodule across calls. ``stubs`` maps module paths to outputs
+    those modules return without computing anything: blocks whose output is known already (the
+    unpatched prefix of a patching sweep) are not recomputed.
     """
-    output, reads, changed = _forward(module, plan, inputs, execution_order, modules, copy=False)
+    output, reads, changed = _forward(module, plan, inputs, execution_order, modules, stubs,
+                                      copy=False)
     if changed:  # the model edited a kept tensor in place after it was read: read copies instead
-        output, reads, _ = _forward(module, plan, inputs, execution_order, modules, copy=True)
+        output, reads, _ = _forward(module, plan, inputs, execution_order, modules, stubs,
+                                    copy=True)
     return output, reads
 
 
-def _forward(module, plan, inputs, execution_order, modules, *, copy: bool):
+class _Stubbed:
+    """Makes modules return fixed outputs for the duration of a ``with`` block.
+
+    The module's ``forward`` is shadowed by an instance attribute (torch calls ``self.forward``),
+    and whatever instance attribute was there before (nnsight installs one) is put back.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, targets: list[tuple[nn.Module, object]]):
+        self.targets = targets
+        self.saved: list[tuple[nn.Module, object]] = []
+
+    def __enter__(self) -> None:
+        for target, output in self.targets:
+            self.saved.append((target, target.__dict__.get("forward", self._MISSING)))
+            target.forward = lambda *args, _output=output, **kwargs: _output
+
+    def __exit__(self, *exc: object) -> None:
+        for target, previous in reversed(self.saved):
+            if previous is self._MISSING:
+                del target.forward
+            else:
+                target.forward = previous
+
+
+def _forward(module, plan, inputs, execution_order, modules, stubs, *, copy: bool):
     state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy}
     handles = []
     patterns: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
     boundaries = plan.ordered(execution_order)
     modules = {} if modules is None else modules
+    stubbed = _Stubbed([(_cached_submodule(module, path, modules), output)
+                        for path, output in (stubs or {}).items()])
     try:
+        stubbed.__enter__()
         for boundary in boundaries:
             boundary.calls = 0
-            target = modules.get(boundary.path)
-            if target is None:
-                target = modules[boundary.path] = _submodule(module, boundary.path)
+            target = _cached_submodule(module, boundary.path, modules)
             if boundary.io == "output":
                 handles.append(target.register_forward_hook(_output_hook(boundary, state)))
             elif boundary.io == "input":
@@ -370,6 +426,7 @@ def _forward(module, plan, inputs, execution_order, modules, *, copy: bool):
     finally:
         for handle in handles:
             handle.remove()
+        stubbed.__exit__()
     missed = [b for b in boundaries if b.calls == 0]
     if missed:
         sites = [str(site) for b in missed for site in b.sites]
@@ -377,6 +434,13 @@ def _forward(module, plan, inputs, execution_order, modules, *, copy: bool):
         raise SiteError(msg)
     changed = any(value._version != version for value, version in state["shared"])
     return output, state["reads"], changed
+
+
+def _cached_submodule(module: nn.Module, path: str, modules: dict[str, nn.Module]) -> nn.Module:
+    target = modules.get(path)
+    if target is None:
+        target = modules[path] = _submodule(module, path)
+    return target
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:

@@ -79,6 +79,27 @@ def _describe(name: str, value: torch.Tensor | float) -> str:
     return f", {value!r}"
 
 
+class TensorEdit(Intervention):
+    """An edit of the whole tensor of a component at one layer, in place.
+
+    Subclasses implement :meth:`write`, which gets the component's tensor with the site's axes
+    (``[batch, pos, d_model]``, ``[batch, pos, head, d_head]``, ...) and, when the component is a
+    sum the model never materialises (``resid_mid`` of pre-LayerNorm blocks), the tensor it may
+    write through (one summand) as ``tensor`` and the current sum as ``current``. Used to apply
+    many batched patches at one site in a single kernel call.
+    """
+
+    def __init__(self, site: Site):
+        super().__init__(site)
+        if any(getattr(site, axis) is not None for axis in ("pos", "head", "neuron")):
+            msg = f"site of a TensorEdit must name a whole component at one layer; got {site}"
+            raise InputError(msg)
+
+    def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
+        """Edit ``tensor`` in place; ``current`` is the sum when ``tensor`` is one summand."""
+        raise NotImplementedError
+
+
 def _rows(rows: int | Sequence[int] | None) -> tuple[int, ...] | None:
     if rows is None:
         return None

@@ -253,14 +253,26 @@ class InterpModel(NNsight):
                 raise InputError(msg)
         tokens = self._as_tokens(inputs)
         reads = self.sites(cache, n_positions=tokens.shape[1])
-        plan = self._plan(tokens, reads, edits)
-        if self._order_index is None:
-            self._order_index = {path: i for i, path in enumerate(self.execution_order)}
         with torch.set_grad_enabled(grad):
-            output, values = run_plan(self._module, plan, self._forward_inputs(tokens),
-                                      self._order_index, self._modules)
+            output, values = self._forward(tokens, self._plan(tokens, reads, edits))
         logits = getattr(output, "logits", None)
         return RunResult(logits, ActivationCache(values, reads), tokens)
+
+    def _forward(
+        self,
+        tokens: Tokens,
+        plan: Plan,
+        *,
+        stubs: Mapping[str, object] | None = None,
+        extra_inputs: Mapping[str, object] | None = None,
+    ) -> tuple[object, dict[Site, torch.Tensor]]:
+        """One forward of checked ``tokens`` under ``plan``; see :func:`engine.run_plan`."""
+        if self._order_index is None:
+            self._order_index = {path: i for i, path in enumerate(self.execution_order)}
+        inputs = self._forward_inputs(tokens)
+        if extra_inputs:
+            inputs.update(extra_inputs)
+        return run_plan(self._module, plan, inputs, self._order_index, self._modules, stubs)
 
     def _plan(self, tokens: Tokens, reads: list[Site], edits: Sequence[Intervention]) -> Plan:
         # A plan that neither edits nor indexes positions does not depend on the batch, so the

@@ -58,9 +58,9 @@ class Report:
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'>",
             f"<title>{html.escape(self.title)}</title>",
-            "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .6rem;"
-            "text-align:left}img{max-width:100%;margin:.5rem 0}</style></head><body>",
+            ("<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .6rem;"
+             "text-align:left}img{max-width:100%;margin:.5rem 0}</style></head><body>"),
             f"<h1>{html.escape(self.title)}</h1>",
             "<p>Data: <a href='report.json'>report.json</a></p>",
         ]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-import mechinterp._C as _C
+from mechinterp import _C
 
 
 def test_build_info_fields():

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import mechinterp._C as _C
 import mechinterp._ops as ops
 import mechinterp._reference as ref
+from mechinterp import _C
 from mechinterp.errors import DTypeError, InputError, ShapeError
 
 # (rtol, atol) per dtype: PyTorch's own defaults for assert_close.

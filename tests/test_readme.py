@@ -10,7 +10,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def test_readme_python_example_runs(tmp_path: Path) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert blocks, "README.md has no python example"
     for number, block in enumerate(blocks):
         # nnsight reads a trace's body from its source file, so the example runs from a file.

@@ -1,0 +1,101 @@
+"""From sites to rectangles: where each patched run writes, as boxes for ``_ops.patch_boxes``.
+
+Every component's tensor is seen as ``[rows, a, f]``: ``a`` is the position axis and ``f`` the
+flattened features (``head x d_head`` for per-head components), except for attention patterns
+``[batch, head, query, key]``, seen as ``[rows, head, query * key]``. A site then covers a set of
+rectangles in its row: one per (position, head) it names.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mechinterp import _ops
+from mechinterp.interventions import TensorEdit
+from mechinterp.positions import RowSpans
+from mechinterp.sites import Site
+
+Rect = tuple[int, int, int, int]  # a_begin, a_end, f_begin, f_end
+
+
+def _as_list(index: int | tuple[int, ...] | None) -> list[int] | None:
+    if index is None:
+        return None
+    return [index] if isinstance(index, int) else list(index)
+
+
+def _columns(site: Site, spans: RowSpans, n_pairs: int) -> list[list[int]] | None:
+    """Sequence columns the site names in each pair's row; None for every position."""
+    if site.pos is None:
+        return None
+    columns = spans.columns(site.pos)
+    if isinstance(columns, int):
+        return [[columns]] * n_pairs
+    table = columns.reshape(n_pairs, -1)
+    return [row.tolist() for row in table]
+
+
+def site_rects(site: Site, spans: RowSpans, n_pairs: int, shape: tuple[int, int],
+               n_heads: int) -> list[list[Rect]]:
+    """Rectangles of ``site`` in each pair's row of a ``[rows, a, f]`` component tensor.
+
+    ``n_heads`` is the number of heads the component's features hold (key/value heads for ``k``
+    and ``v``); it splits ``f`` into per-head slices.
+    """
+    extent_a, extent_f = shape
+    columns = _columns(site, spans, n_pairs)
+    heads = _as_list(site.head)
+    out: list[list[Rect]] = []
+    for pair in range(n_pairs):
+        rects: list[Rect] = []
+        cols = None if columns is None else columns[pair]
+        if site.component == "pattern":
+            keys = extent_f // spans.seq_len
+            head_ranges = [(0, extent_a)] if heads is None else [(h, h + 1) for h in heads]
+            query_ranges = [(0, extent_f)] if cols is None else [(c * keys, (c + 1) * keys) for c in cols]
+            rects = [(a0, a1, f0, f1) for a0, a1 in head_ranges for f0, f1 in query_ranges]
+        else:
+            pos_ranges = [(0, extent_a)] if cols is None else [(c, c + 1) for c in cols]
+            if site.component in ("head", "q", "k", "v") and heads is not None:
+                width = extent_f // n_heads
+                feature_ranges = [(h * width, (h + 1) * width) for h in heads]
+            elif site.component == "neuron" and site.neuron is not None:
+                feature_ranges = [(n, n + 1) for n in _as_list(site.neuron) or []]
+            else:
+                feature_ranges = [(0, extent_f)]
+            rects = [(a0, a1, f0, f1) for a0, a1 in pos_ranges for f0, f1 in feature_ranges]
+        out.append(rects)
+    return out
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` as ``[rows, a, f]`` sharing its memory, or None when no such view exists."""
+    if tensor.dim() == 3:
+        return tensor
+    try:
+        return tensor.view(tensor.shape[0], tensor.shape[1], -1)
+    except RuntimeError:
+        return None
+
+
+class BoxPatch(TensorEdit):
+    """Write rectangles of ``src`` into the whole tensor of ``site`` (one component, one layer).
+
+    ``boxes`` is ``[m, 6]`` int64 ``(row, source, a_begin, a_end, f_begin, f_end)`` over the
+    ``[rows, a, f]`` view of the component; ``alpha`` interpolates (1 replaces).
+    """
+
+    def __init__(self, site: Site, src: torch.Tensor, boxes: torch.Tensor, alpha: float = 1.0):
+        super().__init__(site)
+        self.src, self.boxes, self.alpha = src, boxes, alpha
+
+    def _detail(self) -> str:
+        return f", {self.boxes.shape[0]} boxes from source {tuple(self.src.shape)}"
+
+    def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
+        flat = flat_view(tensor)
+        target = flat if flat is not None else tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        cur = None if current is None else current.reshape(target.shape)
+        _ops.patch_boxes(target, self.src, self.boxes, alpha=self.alpha, cur=cur)
+        if flat is None:  # the component had no flat view: copy the patched values back
+            tensor.copy_(target.view(tensor.shape))

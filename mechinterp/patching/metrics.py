@@ -1,0 +1,190 @@
+"""Metrics: how a patched run is scored, one number per run from the logits at one position.
+
+Built-in metrics reduce the logits in one fused pass (:func:`mechinterp._ops.patch_metric`, no
+log-softmax materialised); any callable ``metric(logits, pairs) -> [rows]`` works too, where
+``logits`` is ``[rows, vocab]`` at the scored position and ``pairs[i]`` is the prompt pair that
+run ``i`` belongs to.
+
+Answers are token ids or single-token strings: one for every pair, or one per pair.
+
+Examples:
+    >>> import torch
+    >>> from mechinterp.patching import LogitDiff
+    >>> metric = LogitDiff(answer=[2, 0], wrong=1).bind(None, n_pairs=2)
+    >>> metric(torch.tensor([[0.0, 1.0, 3.0], [5.0, 1.0, 0.0]]), torch.tensor([0, 1]), None)
+    tensor([2., 4.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mechinterp import _ops
+from mechinterp.errors import InputError, ShapeError
+
+Answer = int | str | Sequence[int | str] | torch.Tensor
+
+
+class Metric:
+    """Base class. :meth:`bind` resolves answers for a model; calling scores runs."""
+
+    name = "metric"
+
+    def bind(self, model: object, n_pairs: int) -> Metric:
+        """Resolve string answers with ``model``'s tokenizer and check them against its vocabulary."""
+        return self
+
+    def __call__(self, logits: torch.Tensor, pairs: torch.Tensor,
+                 clean: torch.Tensor | None) -> torch.Tensor:
+        """``[rows]`` scores of runs with final logits ``[rows, vocab]`` from prompt ``pairs``.
+
+        ``clean`` holds the clean runs' logits ``[pair, vocab]`` at the same position.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _token_ids(model: object, answer: Answer, n_pairs: int, name: str) -> torch.Tensor:
+    """``[n_pairs]`` int64 ids from an id, a single-token string, or one of those per pair."""
+    if isinstance(answer, torch.Tensor):
+        items = answer.reshape(-1).tolist() if answer.dim() else [int(answer)]
+    elif isinstance(answer, (int, str)):
+        items = [answer]
+    else:
+        items = list(answer)
+    if len(items) == 1:
+        items = items * n_pairs
+    if len(items) != n_pairs:
+        msg = f"{name} must be one token or one per prompt pair ({n_pairs}); got {len(items)}"
+        raise ShapeError(msg)
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            tokenizer = getattr(model, "tokenizer", None)
+            if tokenizer is None:
+                msg = f"{name} {item!r} is a string but the model has no tokenizer; pass token ids"
+                raise InputError(msg)
+            found = tokenizer(item, add_special_tokens=False)["input_ids"]
+            if len(found) != 1:
+                msg = f"{name} {item!r} must be a single token; the tokenizer gives {found}"
+                raise InputError(msg)
+            item = found[0]
+        if isinstance(item, bool) or not isinstance(item, int):
+            msg = f"{name} must hold token ids (int) or strings; got {type(item).__name__} {item!r}"
+            raise InputError(msg)
+        ids.append(item)
+    out = torch.tensor(ids, dtype=torch.int64)
+    vocab = getattr(getattr(model, "dims", None), "d_vocab", None)
+    if vocab is not None and not bool(((out >= 0) & (out < vocab)).all()):
+        msg = f"{name} token ids must lie in [0, {vocab}); got {ids}"
+        raise InputError(msg)
+    return out
+
+
+def _describe(answer: Answer) -> str:
+    if isinstance(answer, torch.Tensor):
+        return repr(answer.tolist())
+    return repr(answer if isinstance(answer, (int, str)) else list(answer))
+
+
+class LogitDiff(Metric):
+    """``z[answer] - z[wrong]``: the logit difference between the right and a wrong answer."""
+
+    name = "logit_diff"
+
+    def __init__(self, answer: Answer, wrong: Answer):
+        self.answer, self.wrong = answer, wrong
+        self._ids: torch.Tensor | None = None
+
+    def bind(self, model: object, n_pairs: int) -> LogitDiff:
+        bound = LogitDiff(self.answer, self.wrong)
+        bound._ids = torch.stack([_token_ids(model, self.answer, n_pairs, "answer"),
+                                  _token_ids(model, self.wrong, n_pairs, "wrong")], dim=1)
+        return bound
+
+    def __call__(self, logits, pairs, clean):
+        assert self._ids is not None, "bind the metric first"
+        return _ops.patch_metric(logits, "logit_diff", self._ids[pairs.cpu()])
+
+    def __repr__(self) -> str:
+        return f"LogitDiff(answer={_describe(self.answer)}, wrong={_describe(self.wrong)})"
+
+
+class LogProb(Metric):
+    """``log p(answer)`` at the scored position."""
+
+    name = "logprob"
+
+    def __init__(self, answer: Answer):
+        self.answer = answer
+        self._ids: torch.Tensor | None = None
+
+    def bind(self, model: object, n_pairs: int) -> LogProb:
+        bound = type(self)(self.answer)
+        ids = _token_ids(model, self.answer, n_pairs, "answer")
+        bound._ids = torch.stack([ids, torch.zeros_like(ids)], dim=1)
+        return bound
+
+    def __call__(self, logits, pairs, clean):
+        assert self._ids is not None, "bind the metric first"
+        return _ops.patch_metric(logits, self.name, self._ids[pairs.cpu()])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(answer={_describe(self.answer)})"
+
+
+class Prob(LogProb):
+    """``p(answer)`` at the scored position."""
+
+    name = "prob"
+
+
+class KL(Metric):
+    """``KL(p_clean || p_patched)`` at the scored position: 0 for the clean run."""
+
+    name = "kl"
+
+    def __call__(self, logits, pairs, clean):
+        if clean is None:
+            msg = "KL needs the clean run's logits"
+            raise InputError(msg)
+        index = torch.stack([pairs.cpu(), torch.zeros_like(pairs.cpu())], dim=1)
+        return _ops.patch_metric(logits, "kl", index, ref=clean.to(logits.dtype))
+
+
+class CallableMetric(Metric):
+    """A user function ``metric(logits [rows, vocab], pairs [rows]) -> [rows]``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, logits, pairs, clean):
+        out = self.fn(logits, pairs)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (logits.shape[0],):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            msg = (
+                f"metric {self.name!r} must return a tensor [rows] = [{logits.shape[0]}] (one value "
+                f"per run, given logits [rows, vocab] and pairs [rows]); got {got}"
+            )
+            raise ShapeError(msg)
+        return out.detach().float() if out.dtype != torch.float64 else out.detach()
+
+    def __repr__(self) -> str:
+        return f"CallableMetric({self.name})"
+
+
+def as_metric(metric: Metric | Callable) -> Metric:
+    if isinstance(metric, Metric):
+        return metric
+    if callable(metric):
+        return CallableMetric(metric)
+    msg = (
+        f"metric must be a Metric (LogitDiff, LogProb, Prob, KL) or a callable "
+        f"(logits, pairs) -> [rows]; got {type(metric).__name__}"
+    )
+    raise InputError(msg)

@@ -1,0 +1,360 @@
+"""Exact activation-patching sweeps, many patched runs per forward.
+
+For every site (a cell of the sweep) and every prompt pair, the corrupted prompt runs with the
+site's activation replaced by its value from the clean prompt (or a mean, or another pair's), and
+a metric scores the run. Cells are packed into batches: row ``c * n_pairs + p`` of a forward is
+cell ``c`` on pair ``p``, and one kernel call per (component, layer) writes every row's patch.
+
+Work a patch cannot change is not redone: cells are sorted by layer, and the blocks below a
+batch's first patched layer return the corrupted run's outputs instead of being recomputed. A
+causal LM only computes logits at the scored position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mechinterp.engine import Plan, resolve
+from mechinterp.errors import InputError, MechinterpError, ShapeError
+from mechinterp.model import Inputs, InterpModel, Sites, Tokens
+from mechinterp.patching.boxes import BoxPatch, flat_view, site_rects
+from mechinterp.patching.metrics import Metric, as_metric
+from mechinterp.patching.result import PatchingResult
+from mechinterp.positions import RowSpans
+from mechinterp.sites import Site
+
+SOURCES = ("clean", "mean", "resample")
+_UNPATCHABLE = ("logits",)
+_SAVE_EVERY_S = 10.0
+
+
+def activation_patch(
+    model: InterpModel,
+    clean: Inputs,
+    corrupt: Inputs,
+    sites: Sites,
+    metric: Metric | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    source: str = "clean",
+    alpha: float = 1.0,
+    position: int = -1,
+    batch_size: int | None = None,
+    reuse: bool = True,
+    progress: bool = True,
+    results: str | Path | None = None,
+    seed: int = 0,
+) -> PatchingResult:
+    """Patch each site from the clean run into the corrupted run and score every patched run.
+
+    Args:
+        model: a model from :func:`mechinterp.load`.
+        clean: the prompts that provide patched values (one per pair).
+        corrupt: the prompts that are run and patched, with the same shape and padding as
+            ``clean``.
+        sites: the cells of the sweep: a selector such as
+            ``select("resid_pre").layers().positions()`` or a list of sites. A site without a
+            position patches every position; with heads or neurons, only those slices.
+        metric: :class:`LogitDiff`, :class:`LogProb`, :class:`Prob`, :class:`KL`, or a callable
+            ``(logits [rows, vocab], pairs [rows]) -> [rows]``.
+        source: ``"clean"`` (the pair's clean value), ``"mean"`` (the mean over clean prompts)
+            or ``"resample"`` (another pair's clean value, seeded by ``seed``).
+        alpha: interpolation weight: the patched value is ``corrupt + alpha (source - corrupt)``.
+        position: the position whose logits the metric scores (counted like ``Site.pos``).
+        batch_size: rows (cells x pairs) per forward; by default sized to the device's free
+            memory on GPUs and 64 on the CPU. Out of memory halves it and retries, keeping the
+            cells already finished.
+        reuse: skip the blocks below a batch's first patched layer (their outputs are the
+            corrupted run's). Results are the same either way.
+        progress: show a progress bar.
+        results: a file to keep results in. An interrupted sweep run again with the same file
+            and arguments resumes where it stopped; finished sweeps are returned from it.
+        seed: the seed of ``source="resample"``.
+
+    Returns:
+        :class:`PatchingResult` with ``values [pair, site]``.
+
+    Examples:
+        >>> import mechinterp
+        >>> from mechinterp import select
+        >>> from mechinterp.patching import LogitDiff, activation_patch
+        >>> model = mechinterp.load("induction-2l")
+        >>> result = activation_patch(
+        ...     model, "fuba bu mabi fuba bu", "fuba bu mabi fuba fafi",
+        ...     select("resid_pre").layers().positions(), LogitDiff("mabi", "fuba"), progress=False)
+        >>> result.grid()[0].shape, result.grid()[1]
+        (torch.Size([2, 6]), ('layer', 'pos'))
+    """
+    if not isinstance(model, InterpModel):
+        msg = f"model must be an InterpModel from mechinterp.load; got {type(model).__name__}"
+        raise InputError(msg)
+    if source not in SOURCES:
+        msg = f"source must be one of {list(SOURCES)}; got {source!r}"
+        raise InputError(msg)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        msg = f"alpha must be a number; got {type(alpha).__name__} {alpha!r}"
+        raise InputError(msg)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        msg = f"batch_size must be a positive int or None; got {batch_size!r}"
+        raise InputError(msg)
+    sweep = _Sweep(model, clean, corrupt, sites, as_metric(metric), source, float(alpha),
+                   position, seed)
+    return sweep.run(batch_size=batch_size, reuse=reuse, progress=progress,
+                     results=None if results is None else Path(results))
+
+
+class _Sweep:
+    """One sweep's inputs, sources and cells, checked before any patched forward runs."""
+
+    def __init__(self, model: InterpModel, clean: Inputs, corrupt: Inputs, sites: Sites,
+                 metric: Metric, source: str, alpha: float, position: int, seed: int):
+        self.model = model
+        self.clean = model._as_tokens(clean)
+        self.corrupt = model._as_tokens(corrupt)
+        if self.clean.shape != self.corrupt.shape or not torch.equal(
+                self.clean.attention_mask, self.corrupt.attention_mask):
+            msg = (
+                f"clean and corrupt must tokenize to the same shape and padding, so that every "
+                f"position matches; got shapes {self.clean.shape} and {self.corrupt.shape}"
+                + ("" if self.clean.shape != self.corrupt.shape else " with different padding")
+            )
+            raise ShapeError(msg)
+        self.n_pairs, self.seq_len = self.clean.shape
+        self.cells = model.sites(sites, n_positions=self.seq_len)
+        if not self.cells:
+            msg = "sites must name at least one site to patch; got none"
+            raise InputError(msg)
+        for site in self.cells:
+            if site.component in _UNPATCHABLE:
+                msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
+                raise InputError(msg)
+            resolve(site, model.table, model.base)  # layer, head and neuron ranges
+        self.metric = metric.bind(model, self.n_pairs)
+        self.source, self.alpha, self.seed = source, alpha, seed
+        self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
+        self.score_columns = self._score_columns(position)
+        self.layer_of = [-1 if s.layer is None else s.layer % model.dims.n_layers for s in self.cells]
+        self.groups = sorted({(s.component, layer) for s, layer in zip(self.cells, self.layer_of)},
+                             key=lambda g: (g[1], g[0]))
+
+    def _score_columns(self, position: int) -> torch.Tensor | int:
+        if isinstance(position, bool) or not isinstance(position, int):
+            msg = f"position must be an int; got {type(position).__name__} {position!r}"
+            raise InputError(msg)
+        try:
+            columns = self.spans.columns(position)
+        except MechinterpError as err:
+            msg = str(err).replace("pos ", "position ", 1)
+            raise type(err)(msg) from None
+        return columns
+
+    # -- the two unpatched runs ---------------------------------------------------------
+
+    def _extra_inputs(self) -> dict:
+        """Compute logits only where they are scored, when the model allows it."""
+        last = self.score_columns == self.seq_len - 1 if isinstance(self.score_columns, int) \
+            else bool((self.score_columns == self.seq_len - 1).all())
+        forward = self.model._module.forward
+        if last and "logits_to_keep" in inspect.signature(forward).parameters:
+            return {"logits_to_keep": 1}
+        return {}
+
+    def _scored(self, logits: torch.Tensor, rows: int) -> torch.Tensor:
+        """``[rows, vocab]`` logits at the scored position of each row."""
+        if logits.shape[1] == 1:
+            return logits[:, 0]
+        columns = self.score_columns
+        if isinstance(columns, int):
+            return logits[:, columns]
+        index = columns.to(logits.device).repeat(rows // self.n_pairs)
+        return logits[torch.arange(rows, device=logits.device), index]
+
+    def _unpatched(self) -> None:
+        """Clean run: sources and clean metric. Corrupted run: block outputs and its metric."""
+        model = self.model
+        wanted = [Site(component, layer=None if layer < 0 else layer) for component, layer in self.groups]
+        with torch.no_grad():
+            clean = model.run(self.clean, cache=wanted)
+            if clean.logits is None:
+                model.table.place("logits")  # raises, naming why there is no head
+            self.clean_logits = self._scored(clean.logits, self.n_pairs)
+            pairs = torch.arange(self.n_pairs, device=self.clean_logits.device)
+            self.clean_metric = self.metric(self.clean_logits, pairs, self.clean_logits)
+            self.sources = {group: self._source(clean.cache[site]) for group, site in zip(self.groups, wanted)}
+            self.block_outputs: dict[int, object] = {}
+            blocks = model.table.blocks.format(base=model.base)
+            handles = [
+                model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(
+                    lambda _m, _a, out, layer=layer: self.block_outputs.__setitem__(layer, out))
+                for layer in range(model.dims.n_layers)
+            ]
+            try:
+                corrupt = model.run(self.corrupt)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self.corrupt_metric = self.metric(self._scored(corrupt.logits, self.n_pairs), pairs,
+                                              self.clean_logits)
+
+    def _source(self, value: torch.Tensor) -> torch.Tensor:
+        flat = flat_view(value)
+        flat = value.reshape(value.shape[0], value.shape[1], -1) if flat is None else flat
+        if self.source == "mean":
+            return flat.mean(0, keepdim=True)
+        return flat
+
+    def _source_rows(self) -> list[int]:
+        if self.source == "mean":
+            return [0] * self.n_pairs
+        if self.source == "resample" and self.n_pairs > 1:
+            # A seeded shift of a random order: no pair takes its own value.
+            g = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(self.n_pairs, generator=g).tolist()
+            shift = int(torch.randint(1, self.n_pairs, (1,), generator=g))
+            rows = [0] * self.n_pairs
+            for i, pair in enumerate(order):
+                rows[pair] = order[(i + shift) % self.n_pairs]
+            return rows
+        return list(range(self.n_pairs))
+
+    # -- boxes -----------------------------------------------------------------------------
+
+    def _rects(self) -> list[list[list[tuple[int, int, int, int]]]]:
+        """Per cell, per pair: the rectangles the patch writes."""
+        dims = self.model.dims
+        out = []
+        for site, layer in zip(self.cells, self.layer_of):
+            src = self.sources[(site.component, layer)]
+            heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
+            out.append(site_rects(site, self.spans, self.n_pairs, (src.shape[1], src.shape[2]), heads))
+        return out
+
+    def _edits(self, chunk: Sequence[int]) -> list[BoxPatch]:
+        source_rows = self._source_rows()
+        boxes: dict[tuple[str, int], list[list[int]]] = {}
+        for c, cell in enumerate(chunk):
+            group = (self.cells[cell].component, self.layer_of[cell])
+            rows = boxes.setdefault(group, [])
+            for pair, rects in enumerate(self.rects[cell]):
+                row = c * self.n_pairs + pair
+                rows.extend([row, source_rows[pair], *rect] for rect in rects)
+        return [
+            BoxPatch(Site(component, layer=None if layer < 0 else layer), self.sources[(component, layer)],
+                     torch.tensor(items, dtype=torch.int64).reshape(-1, 6), self.alpha)
+            for (component, layer), items in sorted(boxes.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        ]
+
+    # -- the sweep ------------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.clean.input_ids, self.corrupt.input_ids, self.clean.attention_mask):
+            h.update(t.cpu().numpy().tobytes())
+        h.update(repr((self.model.family, self.model.dims, [str(s) for s in self.cells],
+                       repr(self.metric), self.source, self.alpha, self.seed,
+                       self.score_columns if isinstance(self.score_columns, int)
+                       else self.score_columns.tolist())).encode())
+        return h.hexdigest()
+
+    def _rows_per_forward(self, batch_size: int | None) -> int:
+        if batch_size is not None:
+            return batch_size
+        device = self.clean.input_ids.device
+        if device.type != "cuda":
+            return 64
+        d = self.model.dims
+        itemsize = next(self.model._module.parameters()).element_size()
+        # Live activations of one row in one block, with room for the attention scores.
+        per_row = self.seq_len * (8 * d.d_model + 2 * d.d_mlp + 3 * d.n_heads * self.seq_len) * itemsize
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(1, min(1024, 0.25 * free // per_row)))
+
+    def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
+            results: Path | None) -> PatchingResult:
+        fingerprint = self._fingerprint()
+        self._unpatched()
+        self.rects = self._rects()  # checks every position before the sweep starts
+        n_cells = len(self.cells)
+        values = torch.full((self.n_pairs, n_cells), float("nan"), dtype=self.clean_metric.dtype)
+        done = torch.zeros(n_cells, dtype=torch.bool)
+        if results is not None and results.exists():
+            stored, stored_print = PatchingResult._load_with_fingerprint(results)
+            if stored_print != fingerprint:
+                msg = (
+                    f"results file {results} holds a different sweep (other prompts, sites, metric "
+                    f"or settings); pass another path or delete it to start over"
+                )
+                raise InputError(msg)
+            values, done = stored.values.clone(), stored.done.clone()
+        result = PatchingResult(self.cells, values, self.clean_metric.cpu(), self.corrupt_metric.cpu(),
+                                repr(self.metric), self.source, self.alpha, done)
+        pending = sorted((i for i in range(n_cells) if not done[i]), key=lambda i: self.layer_of[i])
+        rows = self._rows_per_forward(batch_size)
+        cells_per_forward = max(1, rows // self.n_pairs)
+        extra = self._extra_inputs()
+        last_save = time.monotonic()
+        bar = tqdm(total=n_cells, initial=n_cells - len(pending), desc="patching", unit="cell",
+                   disable=not progress, leave=False)
+        try:
+            start = 0
+            while start < len(pending):
+                chunk = pending[start:start + cells_per_forward]
+                try:
+                    scores = self._patched(chunk, reuse, extra)
+                except torch.OutOfMemoryError:
+                    if cells_per_forward == 1:
+                        raise
+                    cells_per_forward //= 2
+                    torch.cuda.empty_cache()
+                    continue
+                values[:, chunk] = scores.reshape(len(chunk), self.n_pairs).t().cpu().to(values.dtype)
+                done[chunk] = True
+                start += len(chunk)
+                bar.update(len(chunk))
+                if results is not None and time.monotonic() - last_save > _SAVE_EVERY_S:
+                    result.save(results, fingerprint=fingerprint)
+                    last_save = time.monotonic()
+        finally:
+            bar.close()
+            if results is not None:
+                result.save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
+        return result
+
+    def _patched(self, chunk: Sequence[int], reuse: bool, extra: dict) -> torch.Tensor:
+        """Scores ``[len(chunk) * n_pairs]`` of the chunk's patched runs."""
+        model = self.model
+        times = len(chunk)
+        tokens = Tokens(self.corrupt.input_ids.repeat(times, 1), self.corrupt.attention_mask.repeat(times, 1))
+        plan = Plan(model.table, model.base, tokens.attention_mask, [], self._edits(chunk), model._resolved)
+        stubs = self._stubs(min(self.layer_of[i] for i in chunk), times) if reuse else None
+        with torch.no_grad():
+            output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra)
+        rows = times * self.n_pairs
+        logits = self._scored(output.logits, rows)
+        pairs = torch.arange(rows, device=logits.device) % self.n_pairs
+        return self.metric(logits, pairs, self.clean_logits)
+
+    def _stubs(self, first_layer: int, times: int) -> dict[str, object] | None:
+        """Blocks below ``first_layer`` return the corrupted run's output of block
+        ``first_layer - 1``, repeated for every cell: only that output feeds the patched blocks."""
+        if first_layer <= 0:
+            return None
+        output = _repeat_rows(self.block_outputs[first_layer - 1], times)
+        blocks = self.model.table.blocks.format(base=self.model.base)
+        return {f"{blocks}.{layer}": output for layer in range(first_layer)}
+
+
+def _repeat_rows(output: object, times: int) -> object:
+    """Repeat the batch of a block output (a tensor, or a tuple holding tensors) ``times`` times."""
+    if isinstance(output, torch.Tensor):
+        return output.repeat(times, *([1] * (output.dim() - 1)))
+    if isinstance(output, tuple):
+        return tuple(_repeat_rows(item, times) for item in output)
+    return output
