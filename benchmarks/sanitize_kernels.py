@@ -34,5 +34,53 @@ def diagonal_score_cases() -> int:
     return checked
 
 
+def patch_boxes_cases() -> int:
+    checked = 0
+    g = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        for rows, a, f in ((1, 1, 1), (5, 7, 33), (9, 64, 200)):
+            dest = torch.randn(rows, a, f, generator=g).to(dtype)
+            src = torch.randn(3, f, a, generator=g).to(dtype).transpose(1, 2)  # non-contiguous
+            cur = torch.randn(rows, a, f, generator=g).to(dtype)
+            boxes = [[r, r % 3, r % a, a, (r * 7) % f, f] for r in range(rows)]
+            # A second box in rows whose first one leaves positions free: disjoint along a.
+            boxes += [[r, (r + 1) % 3, 0, r % a, 0, f] for r in range(rows) if r % a]
+            boxes = torch.tensor(boxes)
+            for alpha, with_cur in ((1.0, False), (0.5, False), (1.0, True)):
+                got = dest.cuda()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    _ops.patch_boxes(got, src.cuda(), boxes, alpha=alpha,
+                                     cur=cur.cuda() if with_cur else None)
+                stream.synchronize()
+                expected = dest.clone()
+                _reference.patch_boxes(expected, src, boxes, alpha=alpha, cur=cur if with_cur else None)
+                tol = TOLERANCE[dtype]
+                torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+                checked += 1
+    return checked
+
+
+def patch_metric_cases() -> int:
+    checked = 0
+    g = torch.Generator().manual_seed(2)
+    for dtype in DTYPES:
+        for rows, vocab in ((1, 1), (3, 31), (5, 1000)):
+            logits = (3 * torch.randn(rows, vocab, generator=g)).to(dtype)
+            ref = (3 * torch.randn(2, vocab, generator=g)).to(dtype)
+            for kind in _ops.METRIC_KINDS:
+                high = 2 if kind == "kl" else vocab
+                index = torch.randint(0, high, (rows, 2), generator=g)
+                got = _ops.patch_metric(logits.cuda(), kind, index, ref=ref.cuda())
+                expected = _reference.patch_metric(logits, kind, index, ref=ref)
+                tol = 1e-10 if dtype == torch.float64 else 2e-5
+                torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+                checked += 1
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
+    print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
+    print(f"patch_metric: {patch_metric_cases()} cases match the reference")
