@@ -26,6 +26,7 @@ Run: ``python benchmarks/bench_patching.py --json patching.json``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -65,7 +66,7 @@ def _floor(hf, ids: torch.Tensor, cells: int, device, *, last_only: bool) -> tup
         kwargs = {"logits_to_keep": 1} if last_only else {}
         try:
             with torch.no_grad():
-                per_batch = _median_time(device, lambda rows=rows: hf(rows, **kwargs), 3)
+                per_batch = _median_time(device, functools.partial(hf, rows, **kwargs), 3)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             break
@@ -132,8 +133,9 @@ def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,
             for label, reuse in (("mechinterp_s", True), ("mechinterp_no_reuse_s", False)):
                 if device_.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device_)
-                row[label] = _median_time(device_, lambda reuse=reuse: activation_patch(
-                    model, clean, corrupt, selector, metric, reuse=reuse, progress=False), repeats)
+                sweep = functools.partial(activation_patch, model, clean, corrupt, selector, metric,
+                                          reuse=reuse, progress=False)
+                row[label] = _median_time(device_, sweep, repeats)
                 if device_.type == "cuda":
                     row[label.replace("_s", "_peak_gib")] = torch.cuda.max_memory_allocated(device_) / 2**30
             row["floor_s"], row["floor_batch"] = _floor(hf, corrupt, cells, device_, last_only=True)
