@@ -1,23 +1,26 @@
 #!/bin/sh
-# On a machine with a CUDA GPU: build with CUDA kernels, run the cuda-marked tests, run
-# compute-sanitizer over the kernels, the benchmarks, then the whole suite. Assumes torch and
+# On a machine with a CUDA GPU: build with CUDA kernels, run the cuda-marked tests, the
+# benchmarks, compute-sanitizer over the kernels, then the whole suite. Assumes torch and
 # the other dependencies are installed in `python3`. Prints everything; benchmark rows also go
-# to the JSON file named by $1 (default bench_sites.json).
+# as JSON into the folder named by $1 (default: the current folder).
 set -u
-json=${1:-bench_sites.json}
+out=${1:-.}
 step() { echo; echo "== $*"; }
 step build
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python3 -c 'import json, mechinterp; print(json.dumps(mechinterp.build_info()))'
 step cuda tests
 python3 -m pytest -q -m cuda -p no:cacheprovider -rs 2>&1 | tail -8
+step benchmarks
+python3 benchmarks/bench_patching.py --json "$out/bench_patching.json" 2>&1 \
+  | grep -v -E '^\[transformers\]|it/s\]|Warning|warn\(|tl = Hooked'
+python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
+  | grep -v '^\[transformers\]'
 step compute-sanitizer
 for tool in memcheck racecheck initcheck synccheck; do
   log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)
   echo "$tool: exit $? | $(echo "$log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|cases match" | tr '\n' ' ')"
 done
-step benchmark
-python3 benchmarks/bench_sites.py --device cuda --profile --json "$json" 2>&1 | grep -v '^\[transformers\]'
 if [ -f mechinterp/zoo/induction-2l/model.safetensors ]; then
   step demo on cuda
   python3 -m mechinterp.cli demo --device cuda --out /tmp/gpu-demo-report 2>&1 | tail -2
