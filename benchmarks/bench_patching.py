@@ -128,7 +128,10 @@ def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,
             with_reuse = activation_patch(model, clean, corrupt, selector, metric, progress=False)
             without = activation_patch(model, clean, corrupt, selector, metric, reuse=False,
                                        progress=False)
-            torch.testing.assert_close(with_reuse.values, without.values, rtol=1e-3, atol=1e-3)
+            # Reuse changes which batch a row is computed in, hence rounding: bf16 keeps ~3 digits.
+            scale = float(without.values.abs().max())
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(with_reuse.values, without.values, rtol=tol, atol=tol * scale)
             row = {"sweep": name, "dtype": dtype_name, "cells": cells, "seq": 32}
             for label, reuse in (("mechinterp_s", True), ("mechinterp_no_reuse_s", False)):
                 if device_.type == "cuda":

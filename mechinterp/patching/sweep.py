@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from mechinterp.engine import Plan, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
+from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
 from mechinterp.patching.boxes import BoxPatch, flat_view, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.result import PatchingResult
+from mechinterp.patching.schedule import plan_chunks, split_forwards
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site
 
@@ -155,7 +157,7 @@ class _Sweep:
             raise type(err)(msg) from None
         return columns
 
-    # -- the two unpatched runs ---------------------------------------------------------
+    # -- logits ---------------------------------------------------------------------------
 
     def _extra_inputs(self) -> dict:
         """Compute logits only where they are scored, when the model allows it."""
@@ -176,39 +178,35 @@ class _Sweep:
         index = columns.to(logits.device).repeat(rows // self.n_pairs)
         return logits[torch.arange(rows, device=logits.device), index]
 
-    def _unpatched(self) -> None:
-        """Clean run: sources and clean metric. Corrupted run: block outputs and its metric."""
-        model = self.model
-        wanted = [Site(component, layer=None if layer < 0 else layer) for component, layer in self.groups]
-        with torch.no_grad():
-            clean = model.run(self.clean, cache=wanted)
-            if clean.logits is None:
-                model.table.place("logits")  # raises, naming why there is no head
-            self.clean_logits = self._scored(clean.logits, self.n_pairs)
-            pairs = torch.arange(self.n_pairs, device=self.clean_logits.device)
-            self.clean_metric = self.metric(self.clean_logits, pairs, self.clean_logits)
-            self.sources = {group: self._source(clean.cache[site]) for group, site in zip(self.groups, wanted)}
-            self.block_outputs: dict[int, object] = {}
-            blocks = model.table.blocks.format(base=model.base)
-            handles = [
-                model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(
-                    lambda _m, _a, out, layer=layer: self.block_outputs.__setitem__(layer, out))
-                for layer in range(model.dims.n_layers)
-            ]
-            try:
-                corrupt = model.run(self.corrupt)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self.corrupt_metric = self.metric(self._scored(corrupt.logits, self.n_pairs), pairs,
-                                              self.clean_logits)
+    # -- geometry and sources --------------------------------------------------------------
 
-    def _source(self, value: torch.Tensor) -> torch.Tensor:
-        flat = flat_view(value)
-        flat = value.reshape(value.shape[0], value.shape[1], -1) if flat is None else flat
+    def _extent(self, component: str) -> tuple[int, int]:
+        """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
+        d, t = self.model.dims, self.seq_len
+        if component == "pattern":
+            return d.n_heads, t * t
+        if component in ("head", "q"):
+            return t, d.n_heads * d.d_head
+        if component in ("k", "v"):
+            return t, d.n_kv_heads * d.d_head
+        if component == "neuron":
+            return t, d.d_mlp
+        return t, d.d_model
+
+    def _rects(self) -> list[list[list[tuple[int, int, int, int]]]]:
+        """Per cell, per pair: the rectangles the patch writes (checks every position)."""
+        dims = self.model.dims
+        return [
+            site_rects(site, self.spans, self.n_pairs, self._extent(site.component),
+                       dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads)
+            for site in self.cells
+        ]
+
+    def _source(self, clean_rows: torch.Tensor) -> torch.Tensor:
+        """The values patched in, ``[sources, a, f]``, from the clean rows ``[pair, a, f]``."""
         if self.source == "mean":
-            return flat.mean(0, keepdim=True)
-        return flat
+            return clean_rows.mean(0, keepdim=True)
+        return clean_rows.clone()
 
     def _source_rows(self) -> list[int]:
         if self.source == "mean":
@@ -224,32 +222,21 @@ class _Sweep:
             return rows
         return list(range(self.n_pairs))
 
-    # -- boxes -----------------------------------------------------------------------------
-
-    def _rects(self) -> list[list[list[tuple[int, int, int, int]]]]:
-        """Per cell, per pair: the rectangles the patch writes."""
-        dims = self.model.dims
-        out = []
-        for site, layer in zip(self.cells, self.layer_of):
-            src = self.sources[(site.component, layer)]
-            heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
-            out.append(site_rects(site, self.spans, self.n_pairs, (src.shape[1], src.shape[2]), heads))
-        return out
-
-    def _edits(self, chunk: Sequence[int]) -> list[BoxPatch]:
+    def _boxes(self, chunk: Sequence[int], first_row: int) -> dict[tuple[str, int], torch.Tensor]:
+        """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``."""
         source_rows = self._source_rows()
         boxes: dict[tuple[str, int], list[list[int]]] = {}
         for c, cell in enumerate(chunk):
-            group = (self.cells[cell].component, self.layer_of[cell])
-            rows = boxes.setdefault(group, [])
+            items = boxes.setdefault((self.cells[cell].component, self.layer_of[cell]), [])
             for pair, rects in enumerate(self.rects[cell]):
-                row = c * self.n_pairs + pair
-                rows.extend([row, source_rows[pair], *rect] for rect in rects)
-        return [
-            BoxPatch(Site(component, layer=None if layer < 0 else layer), self.sources[(component, layer)],
-                     torch.tensor(items, dtype=torch.int64).reshape(-1, 6), self.alpha)
-            for (component, layer), items in sorted(boxes.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-        ]
+                row = first_row + c * self.n_pairs + pair
+                items.extend([row, source_rows[pair], *rect] for rect in rects)
+        return {g: torch.tensor(items, dtype=torch.int64).reshape(-1, 6) for g, items in boxes.items()}
+
+    @staticmethod
+    def _site(group: tuple[str, int]) -> Site:
+        component, layer = group
+        return Site(component, layer=None if layer < 0 else layer)
 
     # -- the sweep ------------------------------------------------------------------------
 
@@ -276,13 +263,38 @@ class _Sweep:
         free, _ = torch.cuda.mem_get_info(device)
         return int(max(1, min(1024, 0.25 * free // per_row)))
 
+    def _overhead_rows(self) -> float:
+        """The fixed cost of one forward, in rows of compute. A GPU runs small batches at the
+        cost of their kernel launches, up to roughly 2,048 tokens; a CPU pays per row."""
+        if self.clean.input_ids.device.type == "cuda":
+            return max(1.0, 2048 / self.seq_len)
+        return 1.0
+
+    def _forwards(self, pending: list[int], budget: int, first: bool) -> list[list[int]]:
+        """The remaining cells, cut into forwards (the first one also carries the 2 x n_pairs
+        unpatched rows when ``first``)."""
+        extra = 2 * self.n_pairs if first else 0
+        ranges = plan_chunks([self.layer_of[i] for i in pending], rows_per_cell=self.n_pairs,
+                             budget=budget, n_layers=self.model.dims.n_layers,
+                             overhead=self._overhead_rows(), first_extra_rows=extra)
+        per_forward = max(1, budget // self.n_pairs)
+        forwards: list[list[int]] = []
+        for begin, end in ranges:
+            if first and begin == 0:
+                head = min(end, max(1, (budget - extra) // self.n_pairs))
+                forwards.append(pending[0:head])
+                begin = head
+            forwards.extend(pending[b:e] for b, e in split_forwards(begin, end, per_forward))
+        if first and not forwards:
+            forwards.append([])  # the unpatched runs alone
+        return forwards
+
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint()
-        self._unpatched()
-        self.rects = self._rects()  # checks every position before the sweep starts
+        self.rects = self._rects()  # checks every position before any forward runs
         n_cells = len(self.cells)
-        values = torch.full((self.n_pairs, n_cells), float("nan"), dtype=self.clean_metric.dtype)
+        values = torch.full((self.n_pairs, n_cells), float("nan"))
         done = torch.zeros(n_cells, dtype=torch.bool)
         if results is not None and results.exists():
             stored, stored_print = PatchingResult._load_with_fingerprint(results)
@@ -293,46 +305,102 @@ class _Sweep:
                 )
                 raise InputError(msg)
             values, done = stored.values.clone(), stored.done.clone()
-        result = PatchingResult(self.cells, values, self.clean_metric.cpu(), self.corrupt_metric.cpu(),
-                                repr(self.metric), self.source, self.alpha, done)
         pending = sorted((i for i in range(n_cells) if not done[i]), key=lambda i: self.layer_of[i])
-        rows = self._rows_per_forward(batch_size)
-        cells_per_forward = max(1, rows // self.n_pairs)
+        budget = self._rows_per_forward(batch_size)
         extra = self._extra_inputs()
+        result: PatchingResult | None = None
         last_save = time.monotonic()
         bar = tqdm(total=n_cells, initial=n_cells - len(pending), desc="patching", unit="cell",
                    disable=not progress, leave=False)
         try:
-            start = 0
-            while start < len(pending):
-                chunk = pending[start:start + cells_per_forward]
+            queue = self._forwards(pending, budget, first=True)
+            while queue:
+                chunk = queue[0]
                 try:
-                    scores = self._patched(chunk, reuse, extra)
+                    if result is None:
+                        scores = self._first_forward(chunk, extra)
+                    else:
+                        scores = self._patched(chunk, reuse, extra)
                 except torch.OutOfMemoryError:
-                    if cells_per_forward == 1:
+                    if budget <= self.n_pairs * (3 if result is None else 1):
                         raise
-                    cells_per_forward //= 2
-                    torch.cuda.empty_cache()
+                    budget //= 2
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    queue = self._forwards(pending, budget, first=result is None)
                     continue
-                values[:, chunk] = scores.reshape(len(chunk), self.n_pairs).t().cpu().to(values.dtype)
-                done[chunk] = True
-                start += len(chunk)
-                bar.update(len(chunk))
+                queue.pop(0)
+                if result is None:
+                    values = values.to(self.clean_metric.dtype)
+                    result = PatchingResult(self.cells, values, self.clean_metric.cpu(),
+                                            self.corrupt_metric.cpu(), repr(self.metric),
+                                            self.source, self.alpha, done)
+                if chunk:
+                    values[:, chunk] = scores.reshape(len(chunk), self.n_pairs).t().cpu().to(values.dtype)
+                    done[chunk] = True
+                    pending = pending[len(chunk):]
+                    bar.update(len(chunk))
                 if results is not None and time.monotonic() - last_save > _SAVE_EVERY_S:
                     result.save(results, fingerprint=fingerprint)
                     last_save = time.monotonic()
         finally:
             bar.close()
-            if results is not None:
+            if results is not None and result is not None:
                 result.save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
+        assert result is not None
         return result
+
+    def _first_forward(self, chunk: Sequence[int], extra: dict) -> torch.Tensor:
+        """One forward of the clean rows, the corrupted rows and the chunk's patched rows.
+
+        The clean rows' activations become the sources for this and every later forward, and
+        the corrupted rows' block outputs the reused prefix of later forwards.
+        """
+        model, pairs_n = self.model, self.n_pairs
+        times = len(chunk)
+        clean, corrupt = self.clean, self.corrupt
+        tokens = Tokens(torch.cat([clean.input_ids, corrupt.input_ids.repeat(1 + times, 1)]),
+                        torch.cat([clean.attention_mask, corrupt.attention_mask.repeat(1 + times, 1)]))
+        boxes = self._boxes(chunk, first_row=2 * pairs_n)
+        self.sources: dict[tuple[str, int], torch.Tensor] = {}
+        edits = [_FirstPass(self, group, boxes.get(group)) for group in self.groups]
+        plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
+        self.block_outputs: dict[int, object] = {}
+        blocks = model.table.blocks.format(base=model.base)
+
+        def keep(layer: int):
+            def hook(_module, _args, output) -> None:
+                self.block_outputs[layer] = _slice_rows(output, pairs_n, 2 * pairs_n)
+
+            return hook
+
+        handles = [model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(keep(layer))
+                   for layer in range(model.dims.n_layers)]
+        try:
+            with torch.no_grad():
+                output, _ = model._forward(tokens, plan, extra_inputs=extra)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if output.logits is None:
+            model.table.place("logits")  # raises, naming why there is no head
+        rows = tokens.shape[0]
+        logits = self._scored(output.logits, rows)
+        pairs = torch.arange(rows, device=logits.device) % pairs_n
+        self.clean_logits = logits[:pairs_n]
+        self.clean_metric = self.metric(logits[:pairs_n], pairs[:pairs_n], self.clean_logits)
+        self.corrupt_metric = self.metric(logits[pairs_n:2 * pairs_n], pairs[:pairs_n],
+                                          self.clean_logits)
+        return self.metric(logits[2 * pairs_n:], pairs[2 * pairs_n:], self.clean_logits)
 
     def _patched(self, chunk: Sequence[int], reuse: bool, extra: dict) -> torch.Tensor:
         """Scores ``[len(chunk) * n_pairs]`` of the chunk's patched runs."""
         model = self.model
         times = len(chunk)
         tokens = Tokens(self.corrupt.input_ids.repeat(times, 1), self.corrupt.attention_mask.repeat(times, 1))
-        plan = Plan(model.table, model.base, tokens.attention_mask, [], self._edits(chunk), model._resolved)
+        edits = [BoxPatch(self._site(group), self.sources[group], boxes, self.alpha)
+                 for group, boxes in self._boxes(chunk, first_row=0).items()]
+        plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
         stubs = self._stubs(min(self.layer_of[i] for i in chunk), times) if reuse else None
         with torch.no_grad():
             output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra)
@@ -349,6 +417,33 @@ class _Sweep:
         output = _repeat_rows(self.block_outputs[first_layer - 1], times)
         blocks = self.model.table.blocks.format(base=self.model.base)
         return {f"{blocks}.{layer}": output for layer in range(first_layer)}
+
+
+class _FirstPass(TensorEdit):
+    """In the first forward: keep the clean rows' values of one component as the sweep's source,
+    then patch them into that forward's patched rows."""
+
+    def __init__(self, sweep: _Sweep, group: tuple[str, int], boxes: torch.Tensor | None):
+        super().__init__(_Sweep._site(group))
+        self.sweep, self.group, self.boxes = sweep, group, boxes
+
+    def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
+        whole = tensor if current is None else current
+        flat = flat_view(whole)
+        flat = whole.reshape(whole.shape[0], whole.shape[1], -1) if flat is None else flat
+        source = self.sweep._source(flat[:self.sweep.n_pairs])
+        self.sweep.sources[self.group] = source
+        if self.boxes is not None:
+            BoxPatch(self.site, source, self.boxes, self.sweep.alpha).write(tensor, current)
+
+
+def _slice_rows(output: object, begin: int, end: int) -> object:
+    """Rows ``[begin, end)`` of a block output (a tensor, or a tuple holding tensors), copied."""
+    if isinstance(output, torch.Tensor):
+        return output[begin:end].clone()
+    if isinstance(output, tuple):
+        return tuple(_slice_rows(item, begin, end) for item in output)
+    return output
 
 
 def _repeat_rows(output: object, times: int) -> object:
