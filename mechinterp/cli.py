@@ -1,4 +1,4 @@
-"""The ``mechinterp`` command line: ``info``, ``demo``; later capabilities add subcommands.
+"""The ``mechinterp`` command line: ``info``, ``demo``, ``patch``; capabilities add subcommands.
 
 Each subcommand is a function ``(args) -> int`` registered in :data:`COMMANDS` with a parser
 builder, so adding one touches nothing else.
@@ -51,11 +51,107 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEFAULT_AXES = {"head": "layer,head", "q": "layer,head", "k": "layer,head", "v": "layer,head",
+                 "pattern": "layer,head", "neuron": "layer,neuron", "embed": "pos"}
+
+
+def _patch_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="induction-2l",
+                        help="shipped model name or a local model directory (default: induction-2l)")
+    parser.add_argument("--clean", action="append",
+                        help="clean prompt (repeat for several pairs); default: induction pairs "
+                             "built for the shipped induction model")
+    parser.add_argument("--corrupt", action="append", help="corrupted prompt, one per --clean")
+    parser.add_argument("--answer", action="append", help="right answer token (string or id)")
+    parser.add_argument("--wrong", action="append", help="wrong answer token (string or id)")
+    parser.add_argument("--sites", default="resid_pre",
+                        help="COMPONENT[:AXES], AXES from layer,pos,head,neuron (default: "
+                             "resid_pre:layer,pos; head:layer,head)")
+    parser.add_argument("--source", default="clean", choices=["clean", "mean", "resample"])
+    parser.add_argument("--pairs", type=int, default=32, help="induction pairs when no prompts given")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--out", default="patching",
+                        help="folder for result.safetensors, records.json and heatmap.png; an "
+                             "interrupted sweep with the same arguments resumes from it")
+
+
+def _selector(spec: str):
+    from mechinterp.errors import InputError
+    from mechinterp.sites import select
+
+    component, _, axes_text = spec.partition(":")
+    axes = (axes_text or _DEFAULT_AXES.get(component, "layer,pos")).split(",")
+    unknown = sorted(set(axes) - {"layer", "pos", "head", "neuron"})
+    if unknown:
+        msg = f"--sites axes must be among layer, pos, head, neuron; got {unknown} in {spec!r}"
+        raise InputError(msg)
+    selector = select(component)
+    if "layer" in axes:
+        selector = selector.layers()
+    if "pos" in axes:
+        selector = selector.positions()
+    if "head" in axes:
+        selector = selector.heads()
+    if "neuron" in axes:
+        selector = selector.neurons()
+    return selector
+
+
+def _token(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _patch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mechinterp.errors import InputError
+    from mechinterp.heads import induction_pairs
+    from mechinterp.loading import load
+    from mechinterp.patching import LogitDiff, activation_patch
+
+    model = load(args.model, device=args.device)
+    if args.clean is None:
+        if args.corrupt or args.answer or args.wrong:
+            msg = "--corrupt, --answer and --wrong need --clean prompts"
+            raise InputError(msg)
+        data = induction_pairs(model, pairs=args.pairs, span=12, k=6, seed=0)
+        clean, corrupt, metric = data.clean, data.corrupt, LogitDiff(data.answer, data.wrong)
+    else:
+        for name in ("corrupt", "answer", "wrong"):
+            given = getattr(args, name) or []
+            if len(given) not in ((1, len(args.clean)) if name != "corrupt" else (len(args.clean),)):
+                msg = f"--{name} must be given once per --clean prompt ({len(args.clean)}); got {len(given)}"
+                raise InputError(msg)
+        clean, corrupt = args.clean, args.corrupt
+        metric = LogitDiff([_token(t) for t in args.answer], [_token(t) for t in args.wrong])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = activation_patch(model, clean, corrupt, _selector(args.sites), metric,
+                              source=args.source, batch_size=args.batch_size,
+                              results=out / "result.safetensors")
+    records = result.to_records()
+    (out / "records.json").write_text(json.dumps(records, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    result.plot().savefig(out / "heatmap.png", dpi=120, bbox_inches="tight")
+    print(f"{len(records)} cells x {result.n_pairs} pairs; logit difference clean "
+          f"{float(result.clean.mean()):.3f}, corrupted {float(result.corrupt.mean()):.3f}")
+    print("largest normalised effects:")
+    for record in sorted(records, key=lambda r: -abs(r["normalized"]))[:5]:
+        print(f"  {record['site']:<32} {record['normalized']:+.3f}")
+    print(f"written to {out}/ (result.safetensors, records.json, heatmap.png)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "info": ("show the build (CUDA kernels, threads, versions) and supported families",
              _info_parser, _info),
     "demo": ("analyse the shipped demo model and write an HTML report", _demo_parser, _demo),
+    "patch": ("activation patching: patch every site of a grid from clean into corrupted runs",
+              _patch_parser, _patch),
 }
 
 

@@ -81,3 +81,55 @@ def induction_accuracy(logits: torch.Tensor, data: RepeatedTokens) -> float:
     predicted = logits[:, data.second:-1].argmax(-1)
     target = ids[:, data.second + 1:]
     return float((predicted == target).float().mean())
+
+
+@dataclass(frozen=True)
+class InductionPairs:
+    """Clean/corrupted prompt pairs whose answer is found by induction.
+
+    Each clean prompt is ``[bos] + span + span[:k + 1]``: its last token ``span[k]`` occurred
+    before, followed by ``span[k + 1]``, the answer an induction circuit copies. The corrupted
+    prompt replaces that earlier ``span[k + 1]`` (at column ``changed``) by another token, the
+    wrong answer, which the circuit then copies instead.
+    """
+
+    clean: Tokens
+    corrupt: Tokens
+    answer: torch.Tensor  # [pair] int64
+    wrong: torch.Tensor  # [pair] int64
+    changed: int  # column of the replaced token
+
+
+def induction_pairs(model: InterpModel, *, pairs: int, span: int, k: int, seed: int = 0
+                    ) -> InductionPairs:
+    """Prompt pairs for patching an induction circuit (see :class:`InductionPairs`).
+
+    Examples:
+        >>> import mechinterp
+        >>> from mechinterp.heads import induction_pairs
+        >>> model = mechinterp.load("induction-2l")
+        >>> data = induction_pairs(model, pairs=3, span=8, k=4, seed=0)
+        >>> data.clean.shape, data.changed, bool((data.answer != data.wrong).all())
+        ((3, 14), 6, True)
+    """
+    if not 0 <= k < span - 1:
+        msg = f"k must lie in [0, span - 1) = [0, {span - 1}); got {k}"
+        raise InputError(msg)
+    data = repeated_tokens(model, batch=pairs, span=span, seed=seed)
+    first = data.second - span  # column of span[0]
+    clean_ids = data.tokens.input_ids[:, :data.second + k + 1]
+    changed = first + k + 1
+    answer = clean_ids[:, changed].clone()
+    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+    generator = torch.Generator().manual_seed(seed + 1)
+    wrong = answer.clone()
+    for row in range(pairs):
+        # A token absent from the row, so the corrupted prompt has one clear induction target.
+        present = set(clean_ids[row].tolist()) | special
+        candidates = [t for t in range(model.dims.d_vocab) if t not in present]
+        wrong[row] = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+    corrupt_ids = clean_ids.clone()
+    corrupt_ids[:, changed] = wrong
+    mask = torch.ones_like(clean_ids)
+    return InductionPairs(Tokens(clean_ids, mask), Tokens(corrupt_ids, mask.clone()), answer, wrong,
+                          changed)

@@ -37,7 +37,8 @@ def test_errors_exit_with_a_message(tmp_path, capsys: pytest.CaptureFixture[str]
 def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     index = run_demo(tmp_path / "report", batch=32)
     folder = index.parent
-    for name in ("index.html", "report.json", "head_scores.png", "head_ablation.png"):
+    for name in ("index.html", "report.json", "head_scores.png", "head_ablation.png",
+                 "activation_patching.png"):
         assert (folder / name).stat().st_size > 0, name
     report = json.loads((folder / "report.json").read_text())
     assert report["Model"]["accuracy"] >= 0.95
@@ -51,3 +52,31 @@ def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     assert set(ranked[:2]) == {prev_head, induction_head}
     assert ablation["ablated"][induction_head] < 0.5 * ablation["clean"]
     assert "<img src='head_scores.png'" in index.read_text()
+
+    # Patching: only the induction head's output restores the answer; in the residual stream it
+    # lives at the earlier occurrence's position, in both layers.
+    patching = report["Activation patching"]
+    heads = {r["site"]: r["normalized"] for r in patching["head"]}
+    assert heads.pop(f"head.1[head={induction_head[-1]}]") > 0.9
+    assert max(abs(v) for v in heads.values()) < 0.1
+    strong = [r for r in patching["resid_pre"] if r["normalized"] > 0.9]
+    assert len(strong) == 2 and strong[0]["pos"] == strong[1]["pos"]
+    assert {r["layer"] for r in strong} == {0, 1}
+
+
+def test_patch_command_writes_results_and_resumes(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "patching"
+    assert main(["patch", "--sites", "head", "--pairs", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "8 cells x 8 pairs" in printed
+    top = printed.split("largest normalised effects:")[1].split()[0]
+    assert top == "head.1[head=3]"  # the shipped model's induction head
+    for name in ("result.safetensors", "records.json", "heatmap.png"):
+        assert (out / name).stat().st_size > 0, name
+    records = json.loads((out / "records.json").read_text())
+    assert main(["patch", "--sites", "head", "--pairs", "8", "--out", str(out)]) == 0
+    assert json.loads((out / "records.json").read_text()) == records
+    assert main(["patch", "--sites", "neuron:layer,x", "--out", str(out)]) == 2
+    assert "--sites axes must be among layer, pos, head, neuron" in capsys.readouterr().err
+    assert main(["patch", "--clean", "fuba bu", "--out", str(out)]) == 2
+    assert "--corrupt must be given once per --clean prompt (1); got 0" in capsys.readouterr().err

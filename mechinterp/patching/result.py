@@ -155,6 +155,9 @@ class PatchingResult:
             ax.set_ylabel(axes[0])
             ax.set_yticks(range(matrix.shape[0]), [str(v) for v in labels[axes[0]]])
             ax.set_xlabel(" x ".join(axes[1:]))
+            if len(axes) == 2:
+                ax.set_xticks(range(matrix.shape[1]), [str(v) for v in labels[axes[1]]],
+                              fontsize=7)
         ax.set_title(title)
         return ax.figure
 
