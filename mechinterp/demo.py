@@ -25,7 +25,7 @@ from mechinterp.heads import (
 from mechinterp.interventions import Zero
 from mechinterp.loading import load
 from mechinterp.model import InterpModel
-from mechinterp.patching import LogitDiff, activation_patch
+from mechinterp.patching import LogitDiff, activation_patch, agreement, attribution_patch
 from mechinterp.report import Report, Section
 from mechinterp.sites import Site, select
 
@@ -136,6 +136,11 @@ def _patching_section(report: Report, model: InterpModel, *, seed: int, pairs: i
     heads = activation_patch(model, data.clean, data.corrupt, select("head").layers().heads(),
                              metric, progress=False)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    estimates = [attribution_patch(model, data.clean, data.corrupt, result.sites, metric,
+                                   progress=False) for result in (resid, heads)]
+    atp_seconds = time.perf_counter() - start
+    atp = [agreement(exact, estimate) for exact, estimate in zip((resid, heads), estimates)]
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [3, 1]})
     resid.plot(ax=axes[0])
     axes[0].set_title("resid_pre, normalised logit difference")
@@ -157,6 +162,9 @@ def _patching_section(report: Report, model: InterpModel, *, seed: int, pairs: i
         "largest effect of any other resid_pre cell": f"{float(_without_column(resid_grid, data.changed).abs().max()):.3f}",
         "head whose output restores the most": f"L{top_layer}H{top_head}: {float(head_grid.max()):.3f}",
         "cells / time": f"{len(resid.sites) + len(heads.sites)} cells x {pairs} pairs in {seconds:.2f} s",
+        "attribution patching (AtP) vs exact, resid_pre": _agreement_text(atp[0]),
+        "attribution patching (AtP) vs exact, heads": _agreement_text(atp[1]),
+        "AtP time (one forward and one backward per pass)": f"{atp_seconds:.2f} s",
     }
     report.add(Section("Activation patching",
                        "Each cell runs the corrupted prompt with one site's activation taken from "
@@ -164,7 +172,13 @@ def _patching_section(report: Report, model: InterpModel, *, seed: int, pairs: i
                        "means no effect. The answer's identity lives at its earlier position until "
                        "the induction head moves it to the last position.", facts, [name]),
                data={"resid_pre": resid.to_records(), "head": heads.to_records(),
+                     "atp_agreement": {"resid_pre": atp[0], "head": atp[1]},
                      "clean": resid.clean.tolist(), "corrupt": resid.corrupt.tolist()})
+
+
+def _agreement_text(scores: dict[str, float]) -> str:
+    return (f"Pearson {scores['pearson']:.3f}, Spearman {scores['spearman']:.3f}, "
+            f"top-10% overlap {scores['top10_overlap']:.2f}")
 
 
 def _without_column(grid: torch.Tensor, column: int) -> torch.Tensor:

@@ -62,6 +62,7 @@ def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     strong = [r for r in patching["resid_pre"] if r["normalized"] > 0.9]
     assert len(strong) == 2 and strong[0]["pos"] == strong[1]["pos"]
     assert {r["layer"] for r in strong} == {0, 1}
+    assert patching["atp_agreement"]["head"]["pearson"] > 0.9
 
 
 def test_patch_command_writes_results_and_resumes(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

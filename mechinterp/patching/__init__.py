@@ -11,6 +11,7 @@ Examples:
     (0.0, 1.0)
 """
 
+from mechinterp.patching.attribution import agreement, attribution_patch
 from mechinterp.patching.metrics import KL, CallableMetric, LogitDiff, LogProb, Metric, Prob
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.sweep import activation_patch
@@ -24,4 +25,6 @@ __all__ = [
     "PatchingResult",
     "Prob",
     "activation_patch",
+    "agreement",
+    "attribution_patch",
 ]

@@ -44,6 +44,11 @@ class Metric:
         """
         raise NotImplementedError
 
+    def differentiable(self, logits: torch.Tensor, pairs: torch.Tensor,
+                       clean: torch.Tensor | None) -> torch.Tensor:
+        """The same scores through autograd-tracked torch operations (for gradients)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -85,6 +90,11 @@ def _token_ids(model: object, answer: Answer, n_pairs: int, name: str) -> torch.
     return out
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; narrower floats compute in float32, as the fused kernel does."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _describe(answer: Answer) -> str:
     if isinstance(answer, torch.Tensor):
         return repr(answer.tolist())
@@ -110,6 +120,12 @@ class LogitDiff(Metric):
         assert self._ids is not None, "bind the metric first"
         return _ops.patch_metric(logits, "logit_diff", self._ids[pairs.cpu()])
 
+    def differentiable(self, logits, pairs, clean):
+        assert self._ids is not None, "bind the metric first"
+        ids = self._ids.to(logits.device)[pairs]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return _wide(logits[rows, ids[:, 0]]) - _wide(logits[rows, ids[:, 1]])
+
     def __repr__(self) -> str:
         return f"LogitDiff(answer={_describe(self.answer)}, wrong={_describe(self.wrong)})"
 
@@ -133,6 +149,13 @@ class LogProb(Metric):
         assert self._ids is not None, "bind the metric first"
         return _ops.patch_metric(logits, self.name, self._ids[pairs.cpu()])
 
+    def differentiable(self, logits, pairs, clean):
+        assert self._ids is not None, "bind the metric first"
+        ids = self._ids.to(logits.device)[pairs, 0]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        logprob = _wide(logits).log_softmax(-1)[rows, ids]
+        return logprob.exp() if self.name == "prob" else logprob
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(answer={_describe(self.answer)})"
 
@@ -155,6 +178,14 @@ class KL(Metric):
         index = torch.stack([pairs.cpu(), torch.zeros_like(pairs.cpu())], dim=1)
         return _ops.patch_metric(logits, "kl", index, ref=clean.to(logits.dtype))
 
+    def differentiable(self, logits, pairs, clean):
+        if clean is None:
+            msg = "KL needs the clean run's logits"
+            raise InputError(msg)
+        ref = _wide(clean).log_softmax(-1)[pairs]
+        terms = ref.exp() * (ref - _wide(logits).log_softmax(-1))
+        return torch.where(ref.exp() > 0, terms, 0.0).sum(-1)
+
 
 class CallableMetric(Metric):
     """A user function ``metric(logits [rows, vocab], pairs [rows]) -> [rows]``."""
@@ -173,6 +204,9 @@ class CallableMetric(Metric):
             )
             raise ShapeError(msg)
         return out.detach().float() if out.dtype != torch.float64 else out.detach()
+
+    def differentiable(self, logits, pairs, clean):
+        return self.fn(logits, pairs)
 
     def __repr__(self) -> str:
         return f"CallableMetric({self.name})"
