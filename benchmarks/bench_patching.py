@@ -9,7 +9,7 @@ prompt pair of 32 tokens, metric = logit difference at the last position. Sweeps
 
 Compared side by side in one process, on one device:
 - mechinterp ``activation_patch`` (wall time of the whole call, clean and corrupted runs included),
-  with and without prefix reuse;
+  with and without prefix reuse, and ``attribution_patch`` (AtP) with its agreement with exact;
 - the floor: as many plain forwards of the prompt as there are cells, in the batch size that is
   fastest, once as transformers runs them by default (logits at every position) and once with
   logits only at the last position (the stricter floor);
@@ -36,7 +36,7 @@ import transformers
 
 import mechinterp
 from mechinterp import select
-from mechinterp.patching import LogitDiff, activation_patch
+from mechinterp.patching import LogitDiff, activation_patch, agreement, attribution_patch
 
 ANSWER, WRONG = 1000, 2000
 
@@ -141,6 +141,10 @@ def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,
                 row[label] = _median_time(device_, sweep, repeats)
                 if device_.type == "cuda":
                     row[label.replace("_s", "_peak_gib")] = torch.cuda.max_memory_allocated(device_) / 2**30
+            estimate = attribution_patch(model, clean, corrupt, selector, metric, progress=False)
+            row.update({f"atp_{k}": v for k, v in agreement(with_reuse, estimate).items()})
+            row["atp_s"] = _median_time(device_, functools.partial(
+                attribution_patch, model, clean, corrupt, selector, metric, progress=False), repeats)
             row["floor_s"], row["floor_batch"] = _floor(hf, corrupt, cells, device_, last_only=True)
             row["floor_all_logits_s"], row["floor_all_logits_batch"] = _floor(
                 hf, corrupt, cells, device_, last_only=False)
@@ -210,6 +214,8 @@ def _describe(row: dict) -> str:
         f"{row['floor_batch']} -> {row['vs_floor']:.2f}x floor; floor with all logits "
         f"{row['floor_all_logits_s']:.3f} s -> {row['vs_floor_all_logits']:.2f}x"
     )
+    text += (f"; AtP {row['atp_s']:.3f} s (Pearson {row['atp_pearson']:.3f}, Spearman "
+             f"{row['atp_spearman']:.3f} vs exact)")
     if "mechinterp_peak_gib" in row:
         text += f"; peak {row['mechinterp_peak_gib']:.2f} GiB"
     if "transformer_lens_s" in row:
