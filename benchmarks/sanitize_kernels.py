@@ -80,7 +80,21 @@ def patch_metric_cases() -> int:
     return checked
 
 
+def fill_noise_cases() -> int:
+    checked = 0
+    for dtype in DTYPES:
+        for n in (1, 7, 100_001):
+            for kind in _ops.NOISE_KINDS:
+                got = _ops.fill_noise(torch.empty(n, dtype=dtype, device="cuda"), seed=n, kind=kind)
+                expected = _ops.fill_noise(torch.empty(n, dtype=dtype), seed=n, kind=kind)
+                tol = TOLERANCE[dtype]
+                torch.testing.assert_close(got.cpu(), expected, rtol=tol, atol=tol)
+                checked += 1
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
     print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
     print(f"patch_metric: {patch_metric_cases()} cases match the reference")
+    print(f"fill_noise: {fill_noise_cases()} cases match the CPU kernel")

@@ -9,6 +9,7 @@
 #include "common/pyview.h"
 #include "heads/heads.h"
 #include "patching/patching.h"
+#include "tracing/tracing.h"
 
 namespace py = pybind11;
 
@@ -85,6 +86,20 @@ PYBIND11_MODULE(_C, m) {
       "1 log-probability of t, 2 probability of t, 3 KL(softmax(ref[r]) || softmax(z)). index "
       "int64 [rows, 2] holds (t, o) or (r, unused), as a host copy and a device copy; out [rows] "
       "float32 (float64 for float64 logits).");
+
+  m.def(
+      "fill_noise",
+      [](py::handle out, std::uint64_t seed, std::uint64_t offset, int kind,
+         std::uintptr_t stream) {
+        const auto out_view = mechinterp::view_from_py(out, "out");
+        py::gil_scoped_release release;
+        mechinterp::tracing::fill_noise(out_view, seed, offset,
+                                        static_cast<mechinterp::tracing::NoiseKind>(kind), stream);
+      },
+      py::arg("out"), py::arg("seed"), py::arg("offset"), py::arg("kind"), py::arg("stream"),
+      "Fill the contiguous tensor out with seeded noise: element i is a function of (seed, "
+      "offset + i) only (Philox4x32-10). kind 0: standard normal (Box-Muller), 1: uniform on "
+      "[-1, 1).");
 
   m.def(
       "build_info",

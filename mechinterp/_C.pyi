@@ -41,3 +41,7 @@ def patch_metric(
     """One value per run from ``logits`` [rows, vocab]: kind 0 ``z[t] - z[o]``, 1 log p(t),
     2 p(t), 3 KL(softmax(ref[r]) || softmax(z)). ``index`` int64 [rows, 2] holds (t, o) or
     (r, unused), as a host and a device copy; ``out`` [rows] float32 (float64 for float64)."""
+
+def fill_noise(out: _View, seed: int, offset: int, kind: int, stream: int) -> None:
+    """Fill the contiguous ``out`` with seeded noise: element ``i`` depends on
+    ``(seed, offset + i)`` only (Philox4x32-10). kind 0: standard normal, 1: uniform [-1, 1)."""

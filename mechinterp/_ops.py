@@ -15,7 +15,7 @@ import torch
 from mechinterp import _C
 from mechinterp.errors import BuildError, DeviceError, DTypeError, InputError, ShapeError
 
-__all__ = ["METRIC_KINDS", "diagonal_score", "patch_boxes", "patch_metric"]
+__all__ = ["METRIC_KINDS", "NOISE_KINDS", "diagonal_score", "fill_noise", "patch_boxes", "patch_metric"]
 
 # Names as _C spells them; the keys are every dtype _C can describe.
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -311,4 +311,51 @@ def patch_metric(
         _view(logits), METRIC_KINDS[kind], _view(index_host), _view(index_dev),
         None if ref is None or kind != "kl" else _view(ref), _view(out), _stream(logits),
     )
+    return out
+
+
+#: The distributions :func:`fill_noise` draws from, by name.
+NOISE_KINDS = {"gaussian": 0, "uniform": 1}
+
+
+def fill_noise(out: torch.Tensor, *, seed: int, kind: str = "gaussian", offset: int = 0) -> torch.Tensor:
+    """Fill ``out`` in place with seeded noise and return it.
+
+    Element ``i`` (in row-major order) is a function of ``(seed, offset + i)`` alone, computed
+    by a counter-based generator (Philox4x32-10), so the same seed gives the same bits on a
+    device whatever the thread count; CPU and CUDA agree to float64 rounding of the transforms.
+
+    Args:
+        out: contiguous floating tensor on cpu or cuda.
+        seed: any integer in ``[0, 2**64)``.
+        kind: ``"gaussian"`` (standard normal, Box-Muller) or ``"uniform"`` (on ``[-1, 1)``).
+        offset: index of the first element in the stream (to draw disjoint blocks).
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import fill_noise
+        >>> a = fill_noise(torch.empty(3, 4), seed=7)
+        >>> b = fill_noise(torch.empty(12), seed=7)
+        >>> torch.equal(a.reshape(-1), b)
+        True
+        >>> torch.equal(fill_noise(torch.empty(4), seed=7, offset=8), b[8:])
+        True
+    """
+    op = "fill_noise"
+    out = _check_floating(out, op, "out")
+    if not out.is_contiguous():
+        msg = f"{op}: out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}"
+        raise ShapeError(msg)
+    if kind not in NOISE_KINDS:
+        msg = f"{op}: kind must be one of {sorted(NOISE_KINDS)}, got {kind!r}"
+        raise InputError(msg)
+    seed = _as_index(seed, op, "seed")
+    offset = _as_index(offset, op, "offset")
+    if not 0 <= seed < 2**64:
+        msg = f"{op}: seed must lie in [0, 2**64), got {seed}"
+        raise InputError(msg)
+    if not 0 <= offset < 2**63:
+        msg = f"{op}: offset must lie in [0, 2**63), got {offset}"
+        raise InputError(msg)
+    _C.fill_noise(_view(out), seed, offset, NOISE_KINDS[kind], _stream(out))
     return out

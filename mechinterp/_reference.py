@@ -6,9 +6,11 @@ then casts to the dtype the kernel returns. Tests hold the kernels to these.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["diagonal_score", "patch_boxes", "patch_metric"]
+__all__ = ["diagonal_score", "fill_noise", "patch_boxes", "patch_metric", "philox4x32"]
 
 
 def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) -> torch.Tensor:
@@ -66,3 +68,40 @@ def patch_metric(logits: torch.Tensor, kind: str, index: torch.Tensor, *,
         msg = f"patch_metric: unknown kind {kind!r}"
         raise ValueError(msg)
     return out.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10
+               ) -> tuple[int, int, int, int]:
+    """Philox4x32 (Salmon et al., SC 2011) on one 128-bit counter, in plain Python integers."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, \
+            ((p0 >> 32) ^ c3 ^ k1) & _MASK32, p0 & _MASK32
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def fill_noise(out: torch.Tensor, *, seed: int, kind: str = "gaussian", offset: int = 0) -> torch.Tensor:
+    """Twin of :func:`mechinterp._ops.fill_noise`, one element at a time (slow: small sizes)."""
+    key = (seed & _MASK32, seed >> 32)
+    values = []
+    for index in range(offset, offset + out.numel()):
+        r = philox4x32(((index >> 1) & _MASK32, (index >> 1) >> 32, 0, 0), key)
+        u1 = (((r[0] << 21) ^ (r[1] >> 11)) & ((1 << 53) - 1)) / 2.0**53
+        u2 = (((r[2] << 21) ^ (r[3] >> 11)) & ((1 << 53) - 1)) / 2.0**53
+        second = index & 1
+        if kind == "uniform":
+            values.append(2.0 * (u2 if second else u1) - 1.0)
+            continue
+        radius = math.sqrt(-2.0 * math.log(1.0 - u1))
+        angle = 6.283185307179586 * u2
+        values.append(radius * (math.sin(angle) if second else math.cos(angle)))
+    wide = torch.tensor(values, dtype=torch.float64).reshape(out.shape)
+    narrow = wide if out.dtype in (torch.float64, torch.float32) else wide.float()
+    out.copy_(narrow)
+    return out
