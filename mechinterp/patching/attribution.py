@@ -66,9 +66,9 @@ def attribution_patch(
         clean_m, corrupt_m, products = _gradients(sweep, part, rows)
         clean_metric.append(clean_m)
         corrupt_metric.append(corrupt_m)
-        for c, (site, layer) in enumerate(zip(sweep.cells, sweep.layer_of)):
-            sums = _box_sums(products[(site.component, layer)], rects[c][rows])
-            estimates[rows, c] = sums
+        for c, site in enumerate(sweep.cells):
+            pair_rects = [[rect for _, _, rect in writes] for writes in rects[c][rows]]
+            estimates[rows, c] = _box_sums(products[sweep._group(site)], pair_rects)
         bar.update(rows.stop - rows.start)
     bar.close()
     corrupt_all = torch.cat(corrupt_metric)

@@ -116,7 +116,15 @@ class _Sweep:
     """One sweep's inputs, sources and cells, checked before any patched forward runs."""
 
     def __init__(self, model: InterpModel, clean: Inputs, corrupt: Inputs, sites: Sites,
-                 metric: Metric, source: str, alpha: float, position: int, seed: int):
+                 metric: Metric, source: str, alpha: float, position: int, seed: int, *,
+                 parts: list[list[tuple[Site, str]]] | None = None,
+                 corruption: Callable[[int], TensorEdit] | None = None):
+        """``parts`` makes cells compound: cell ``c`` patches every ``(site, origin)`` of
+        ``parts[c]``, taking values from the clean run (origin ``"clean"``) or freezing them at
+        the corrupted run's (``"corrupt"``); by default each cell patches its own site from the
+        clean run. ``corruption(first_row)`` is an edit applied to every row from ``first_row``
+        on (the corrupted and patched rows), for corruptions that are not other tokens (noise
+        on embeddings)."""
         self.model = model
         self.clean = model._as_tokens(clean)
         self.corrupt = model._as_tokens(corrupt)
@@ -133,18 +141,29 @@ class _Sweep:
         if not self.cells:
             msg = "sites must name at least one site to patch; got none"
             raise InputError(msg)
-        for site in self.cells:
-            if site.component in _UNPATCHABLE:
-                msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
-                raise InputError(msg)
-            resolve(site, model.table, model.base)  # layer, head and neuron ranges
+        self.parts = parts if parts is not None else [[(site, "clean")] for site in self.cells]
+        for cell in self.parts:
+            for site, _ in cell:
+                if site.component in _UNPATCHABLE:
+                    msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
+                    raise InputError(msg)
+                resolve(site, model.table, model.base)  # layer, head and neuron ranges
         self.metric = metric.bind(model, self.n_pairs)
         self.source, self.alpha, self.seed = source, alpha, seed
+        self.corruption = corruption
         self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
         self.score_columns = self._score_columns(position)
-        self.layer_of = [-1 if s.layer is None else s.layer % model.dims.n_layers for s in self.cells]
-        self.groups = sorted({(s.component, layer) for s, layer in zip(self.cells, self.layer_of)},
+        self.layer_of = [min(self._layer(site) for site, _ in cell) for cell in self.parts]
+        self.groups = sorted({self._group(site) for cell in self.parts for site, _ in cell},
                              key=lambda g: (g[1], g[0]))
+        self.frozen_groups = {self._group(site) for cell in self.parts for site, origin in cell
+                              if origin == "corrupt"}
+
+    def _layer(self, site: Site) -> int:
+        return -1 if site.layer is None else site.layer % self.model.dims.n_layers
+
+    def _group(self, site: Site) -> tuple[str, int]:
+        return site.component, self._layer(site)
 
     def _score_columns(self, position: int) -> torch.Tensor | int:
         if isinstance(position, bool) or not isinstance(position, int):
@@ -193,14 +212,19 @@ class _Sweep:
             return t, d.d_mlp
         return t, d.d_model
 
-    def _rects(self) -> list[list[list[tuple[int, int, int, int]]]]:
-        """Per cell, per pair: the rectangles the patch writes (checks every position)."""
+    def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
+        """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""
         dims = self.model.dims
-        return [
-            site_rects(site, self.spans, self.n_pairs, self._extent(site.component),
-                       dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads)
-            for site in self.cells
-        ]
+        out = []
+        for cell in self.parts:
+            per_pair: list[list] = [[] for _ in range(self.n_pairs)]
+            for site, origin in cell:
+                rects = site_rects(site, self.spans, self.n_pairs, self._extent(site.component),
+                                   dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads)
+                for pair, pair_rects in enumerate(rects):
+                    per_pair[pair].extend((self._group(site), origin, r) for r in pair_rects)
+            out.append(per_pair)
+        return out
 
     def _source(self, clean_rows: torch.Tensor) -> torch.Tensor:
         """The values patched in, ``[sources, a, f]``, from the clean rows ``[pair, a, f]``."""
@@ -225,12 +249,15 @@ class _Sweep:
     def _boxes(self, chunk: Sequence[int], first_row: int) -> dict[tuple[str, int], torch.Tensor]:
         """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``."""
         source_rows = self._source_rows()
+        # Frozen (corrupted) values sit after the clean sources in a group's source tensor.
+        frozen_base = 1 if self.source == "mean" else self.n_pairs
         boxes: dict[tuple[str, int], list[list[int]]] = {}
         for c, cell in enumerate(chunk):
-            items = boxes.setdefault((self.cells[cell].component, self.layer_of[cell]), [])
-            for pair, rects in enumerate(self.rects[cell]):
+            for pair, writes in enumerate(self.rects[cell]):
                 row = first_row + c * self.n_pairs + pair
-                items.extend([row, source_rows[pair], *rect] for rect in rects)
+                for group, origin, rect in writes:
+                    source = source_rows[pair] if origin == "clean" else frozen_base + pair
+                    boxes.setdefault(group, []).append([row, source, *rect])
         return {g: torch.tensor(items, dtype=torch.int64).reshape(-1, 6) for g, items in boxes.items()}
 
     @staticmethod
@@ -245,7 +272,8 @@ class _Sweep:
         for t in (self.clean.input_ids, self.corrupt.input_ids, self.clean.attention_mask):
             h.update(t.cpu().numpy().tobytes())
         h.update(repr((self.model.family, self.model.dims, [str(s) for s in self.cells],
-                       repr(self.metric), self.source, self.alpha, self.seed,
+                       [[(str(site), origin) for site, origin in cell] for cell in self.parts],
+                       repr(self.corruption), repr(self.metric), self.source, self.alpha, self.seed,
                        self.score_columns if isinstance(self.score_columns, int)
                        else self.score_columns.tolist())).encode())
         return h.hexdigest()
@@ -367,6 +395,8 @@ class _Sweep:
         boxes = self._boxes(chunk, first_row=2 * pairs_n)
         self.sources: dict[tuple[str, int], torch.Tensor] = {}
         edits = [_FirstPass(self, group, boxes.get(group)) for group in self.groups]
+        if self.corruption is not None:
+            edits.insert(0, self.corruption(pairs_n))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
         self.block_outputs: dict[int, object] = {}
         blocks = model.table.blocks.format(base=model.base)
@@ -403,6 +433,8 @@ class _Sweep:
         tokens = Tokens(self.corrupt.input_ids.repeat(times, 1), self.corrupt.attention_mask.repeat(times, 1))
         edits = [BoxPatch(self._site(group), self.sources[group], boxes, self.alpha)
                  for group, boxes in self._boxes(chunk, first_row=0).items()]
+        if self.corruption is not None:
+            edits.insert(0, self.corruption(0))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
         stubs = self._stubs(min(self.layer_of[i] for i in chunk), times) if reuse else None
         with torch.no_grad():
@@ -434,7 +466,10 @@ class _FirstPass(TensorEdit):
         whole = tensor if current is None else current
         flat = flat_view(whole)
         flat = whole.reshape(whole.shape[0], whole.shape[1], -1) if flat is None else flat
-        source = self.sweep._source(flat[:self.sweep.n_pairs])
+        n = self.sweep.n_pairs
+        source = self.sweep._source(flat[:n])
+        if self.group in self.sweep.frozen_groups:  # the corrupted rows' values, to freeze
+            source = torch.cat([source, flat[n:2 * n].clone()])
         self.sweep.sources[self.group] = source
         if self.boxes is not None:
             BoxPatch(self.site, source, self.boxes, self.sweep.alpha).write(tensor, current)
