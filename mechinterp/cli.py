@@ -1,4 +1,4 @@
-"""The ``mechinterp`` command line: ``info``, ``demo``, ``patch``; capabilities add subcommands.
+"""The ``mechinterp`` command line: ``info``, ``demo``, ``patch``, ``trace``.
 
 Each subcommand is a function ``(args) -> int`` registered in :data:`COMMANDS` with a parser
 builder, so adding one touches nothing else.
@@ -145,6 +145,54 @@ def _patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="induction-2l",
+                        help="shipped model name or a local model directory (default: induction-2l)")
+    parser.add_argument("--prompt", default="fuba bu mabi fafi vetu fuba bu mabi",
+                        help="the prompt (default: an induction prompt for the shipped model)")
+    parser.add_argument("--subject", default="fafi",
+                        help="the noised tokens: a substring of the prompt (default: fafi)")
+    parser.add_argument("--kinds", nargs="+", default=["hidden", "mlp", "attn"],
+                        help="states to restore: hidden mlp attn hidden-no-mlp hidden-no-attn")
+    parser.add_argument("--samples", type=int, default=10, help="noise draws (default: 10)")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="noise standard deviation (default: 3 x the embeddings' std)")
+    parser.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--out", default="trace", help="folder for trace.safetensors, "
+                        "records.json and trace.png")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mechinterp.loading import load
+    from mechinterp.tracing import causal_trace
+
+    model = load(args.model, device=args.device)
+    result = causal_trace(model, args.prompt, args.subject, kinds=args.kinds,
+                          samples=args.samples, noise=args.noise, window=args.window,
+                          seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "trace.safetensors")
+    (out / "records.json").write_text(json.dumps(result.to_records(), indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    result.plot().savefig(out / "trace.png", dpi=120, bbox_inches="tight")
+    print(f"answer {result.answer_text.strip()!r}: clean p = {result.base:.4f}, subject noised "
+          f"p = {result.low:.4f} ({result.samples} draws, noise {result.noise:.4f})")
+    for k, kind in enumerate(result.kinds):
+        table = result.scores[k]
+        pos, layer = divmod(int(table.argmax()), table.shape[1])
+        print(f"  restore {kind:<15} best at token {pos} ({result.tokens[pos].strip()!r}), "
+              f"layer {layer}: p = {float(table.max()):.4f}")
+    print(f"written to {out}/ (trace.safetensors, records.json, trace.png)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "info": ("show the build (CUDA kernels, threads, versions) and supported families",
@@ -152,6 +200,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "demo": ("analyse the shipped demo model and write an HTML report", _demo_parser, _demo),
     "patch": ("activation patching: patch every site of a grid from clean into corrupted runs",
               _patch_parser, _patch),
+    "trace": ("causal tracing (ROME): noise the subject, restore each (token, layer) state",
+              _trace_parser, _trace),
 }
 
 

@@ -28,6 +28,7 @@ from mechinterp.model import InterpModel
 from mechinterp.patching import LogitDiff, activation_patch, agreement, attribution_patch
 from mechinterp.report import Report, Section
 from mechinterp.sites import Site, select
+from mechinterp.tracing import causal_trace
 
 
 def run_demo(out: str | Path, *, model_name: str = "induction-2l", batch: int = 64,
@@ -44,6 +45,7 @@ def run_demo(out: str | Path, *, model_name: str = "induction-2l", batch: int = 
     _heads_section(report, prev, induction)
     _ablation_section(report, model, data, prev, induction)
     _patching_section(report, model, seed=seed)
+    _tracing_section(report, model)
     return report.write()
 
 
@@ -174,6 +176,32 @@ def _patching_section(report: Report, model: InterpModel, *, seed: int, pairs: i
                data={"resid_pre": resid.to_records(), "head": heads.to_records(),
                      "atp_agreement": {"resid_pre": atp[0], "head": atp[1]},
                      "clean": resid.clean.tolist(), "corrupt": resid.corrupt.tolist()})
+
+
+def _tracing_section(report: Report, model: InterpModel, *, prompt: str = "fuba bu mabi fafi vetu fuba bu mabi",
+                     subject: str = "fafi") -> None:
+    start = time.perf_counter()
+    trace = causal_trace(model, prompt, subject, samples=10, progress=False)
+    seconds = time.perf_counter() - start
+    name = report.save_figure(trace.plot(), "causal_trace.png")
+    hidden = trace.table("hidden")
+    last = len(trace.tokens) - 1
+    facts = {
+        "prompt": f"{prompt!r}; noised subject {subject!r} at position {trace.subject[0]}",
+        "answer": f"{trace.answer_text.strip()!r}: clean p = {trace.base:.3f}, noised p = {trace.low:.3f}",
+        "restore the subject's layer-0 output": f"p = {float(hidden[trace.subject[0], 0]):.3f}",
+        "restore the subject's layer-1 output (after the induction head read it)":
+            f"p = {float(hidden[trace.subject[0], 1]):.3f}",
+        "restore the last position's layer-1 output": f"p = {float(hidden[last, 1]):.3f}",
+        "runs / time": f"{len(trace.kinds) * hidden.numel()} restorations x {trace.samples} noise "
+                       f"draws in {seconds:.2f} s",
+    }
+    report.add(Section("Causal tracing",
+                       "ROME's causal tracing: Gaussian noise (3 standard deviations of the "
+                       "embeddings) on the subject token, then one state at a time restored to "
+                       "its clean value; the colour is the probability of the clean answer.",
+                       facts, [name]),
+               data={"records": trace.to_records(), "base": trace.base, "low": trace.low})
 
 
 def _agreement_text(scores: dict[str, float]) -> str:

@@ -38,7 +38,7 @@ def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     index = run_demo(tmp_path / "report", batch=32)
     folder = index.parent
     for name in ("index.html", "report.json", "head_scores.png", "head_ablation.png",
-                 "activation_patching.png"):
+                 "activation_patching.png", "causal_trace.png"):
         assert (folder / name).stat().st_size > 0, name
     report = json.loads((folder / "report.json").read_text())
     assert report["Model"]["accuracy"] >= 0.95
@@ -63,6 +63,10 @@ def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     assert len(strong) == 2 and strong[0]["pos"] == strong[1]["pos"]
     assert {r["layer"] for r in strong} == {0, 1}
     assert patching["atp_agreement"]["head"]["pearson"] > 0.9
+    tracing = report["Causal tracing"]
+    restored = [r for r in tracing["records"] if r["kind"] == "hidden"
+                and r["score"] > 0.5 * tracing["base"]]
+    assert {(r["subject"], r["layer"]) for r in restored} == {(True, 0), (False, 1)}
 
 
 def test_patch_command_writes_results_and_resumes(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,3 +85,14 @@ def test_patch_command_writes_results_and_resumes(tmp_path, capsys: pytest.Captu
     assert "--sites axes must be among layer, pos, head, neuron" in capsys.readouterr().err
     assert main(["patch", "--clean", "fuba bu", "--out", str(out)]) == 2
     assert "--corrupt must be given once per --clean prompt (1); got 0" in capsys.readouterr().err
+
+
+def test_trace_command(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "trace"
+    assert main(["trace", "--samples", "4", "--kinds", "hidden", "attn", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "answer 'fafi'" in printed and "restore hidden" in printed
+    for name in ("trace.safetensors", "records.json", "trace.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["trace", "--subject", "zzz", "--out", str(out)]) == 2
+    assert "does not occur in the prompt" in capsys.readouterr().err

@@ -81,6 +81,8 @@ class TraceResult:
                               aspect="auto")
             ax.set_yticks(range(len(labels)), labels, fontsize=8)
             ax.set_xlabel("layer")
+            step = max(1, scores.shape[1] // 12)
+            ax.set_xticks(range(0, scores.shape[1], step))
             ax.set_title(f"restore {kind}", fontsize=10)
             figure.colorbar(image, ax=ax, fraction=0.05,
                             label=f"p({self.answer_text.strip()})" if ax is axes[0][-1] else None)
