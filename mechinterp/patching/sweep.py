@@ -69,9 +69,9 @@ def activation_patch(
             or ``"resample"`` (another pair's clean value, seeded by ``seed``).
         alpha: interpolation weight: the patched value is ``corrupt + alpha (source - corrupt)``.
         position: the position whose logits the metric scores (counted like ``Site.pos``).
-        batch_size: rows (cells x pairs) per forward; by default sized to the device's free
-            memory on GPUs and 64 on the CPU. Out of memory halves it and retries, keeping the
-            cells already finished.
+        batch_size: rows (cells x pairs) per forward; by default sized to a quarter of the free
+            memory on GPUs and to about 1 GiB of activations (at most 512 rows) on the CPU. Out
+            of memory halves it and retries, keeping the cells already finished.
         reuse: skip the blocks below a batch's first patched layer (their outputs are the
             corrupted run's). Results are the same either way.
         progress: show a progress bar.
@@ -282,14 +282,15 @@ class _Sweep:
         if batch_size is not None:
             return batch_size
         device = self.clean.input_ids.device
-        if device.type != "cuda":
-            return 64
         d = self.model.dims
         itemsize = next(self.model._module.parameters()).element_size()
         # Live activations of one row in one block, with room for the attention scores.
         per_row = self.seq_len * (8 * d.d_model + 2 * d.d_mlp + 3 * d.n_heads * self.seq_len) * itemsize
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(max(1, min(1024, 0.25 * free // per_row)))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(max(1, min(1024, 0.25 * free // per_row)))
+        # On the CPU, large batches still amortise per-forward costs; keep them to ~1 GiB.
+        return int(max(1, min(512, 2**30 // per_row)))
 
     def _overhead_rows(self) -> float:
         """The fixed cost of one forward, in rows of compute. A GPU runs small batches at the
