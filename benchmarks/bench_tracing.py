@@ -71,11 +71,12 @@ def _causal_tracer_seconds(hf, tokenizer, prompt: str, subject: str, device, sam
         from causal_tracer import CausalTracer
     except ImportError:
         return None
-    tracer = CausalTracer(hf, tokenizer)
+    tracer = CausalTracer(hf, tokenizer, noise=noise, device=device)
     start = time.perf_counter()
-    for kind in (None, "mlp", "attention"):
-        tracer.calculate_hidden_flow(prompt, subject=subject, samples=samples, noise=noise,
-                                     kind=kind)
+    # causal-tracer's own default window is 1; ROME's table restores MLP and attention in 10.
+    for kind, window in (("hidden", 1), ("mlp", 10), ("attention", 10)):
+        tracer.calculate_hidden_flow(prompt, subject=subject, kind=kind, samples=samples,
+                                     window=window)
     _sync(device)
     return time.perf_counter() - start
 

@@ -14,6 +14,8 @@ python3 -m pytest -q -m cuda -p no:cacheprovider -rs 2>&1 | tail -8
 step benchmarks
 python3 benchmarks/bench_patching.py --json "$out/bench_patching.json" 2>&1 \
   | grep -v -E '^\[transformers\]|it/s\]|Warning|warn\(|tl = Hooked'
+python3 benchmarks/bench_tracing.py --json "$out/bench_tracing.json" 2>&1 \
+  | grep -v -E '^\[transformers\]|it/s\]|Warning|warn\('
 python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
   | grep -v '^\[transformers\]'
 step compute-sanitizer
