@@ -66,9 +66,7 @@ def attribution_patch(
         clean_m, corrupt_m, products = _gradients(sweep, part, rows)
         clean_metric.append(clean_m)
         corrupt_metric.append(corrupt_m)
-        for c, site in enumerate(sweep.cells):
-            pair_rects = [[rect for _, _, rect in writes] for writes in rects[c][rows]]
-            estimates[rows, c] = _box_sums(products[sweep._group(site)], pair_rects)
+        estimates[rows] = _cell_sums(sweep, products, [cell[rows] for cell in rects])
         bar.update(rows.stop - rows.start)
     bar.close()
     corrupt_all = torch.cat(corrupt_metric)
@@ -140,17 +138,30 @@ def _gradients(sweep: _Sweep, part: tuple[Tokens, Tokens], rows: slice):
     return clean_m, scores.detach().cpu(), products
 
 
-def _box_sums(product: torch.Tensor, rects_per_pair: list) -> torch.Tensor:
-    """Sum of ``product[p]`` over each pair's rectangles, by 2-D prefix sums: ``[pairs]``."""
-    pairs, extent_a, extent_f = product.shape
-    prefix = torch.zeros(pairs, extent_a + 1, extent_f + 1, dtype=torch.float64, device=product.device)
-    prefix[:, 1:, 1:] = product.cumsum(1).cumsum(2)
-    out = torch.zeros(pairs, dtype=torch.float64)
-    for p, rects in enumerate(rects_per_pair):
-        total = 0.0
-        for a0, a1, f0, f1 in rects:
-            total += float(prefix[p, a1, f1] - prefix[p, a0, f1] - prefix[p, a1, f0] + prefix[p, a0, f0])
-        out[p] = total
+def _cell_sums(sweep: _Sweep, products: dict, rects: list) -> torch.Tensor:
+    """``[pair, cell]``: each cell's product summed over its rectangles, by 2-D prefix sums.
+
+    Every rectangle of a (component, layer) is gathered in one indexing operation, so a GPU is
+    synchronised once per component and layer, not once per cell.
+    """
+    n_pairs = len(rects[0]) if rects else 0
+    out = torch.zeros(n_pairs, len(rects), dtype=torch.float64)
+    boxes: dict[tuple[str, int], list[tuple[int, int, int, int, int, int]]] = {}
+    for c, per_pair in enumerate(rects):
+        for p, writes in enumerate(per_pair):
+            for group, _, (a0, a1, f0, f1) in writes:
+                boxes.setdefault(group, []).append((p, c, a0, a1, f0, f1))
+    for group, items in boxes.items():
+        product = products[group]
+        pairs, extent_a, extent_f = product.shape
+        prefix = torch.zeros(pairs, extent_a + 1, extent_f + 1, dtype=torch.float64,
+                             device=product.device)
+        prefix[:, 1:, 1:] = product.cumsum(1).cumsum(2)
+        p, c, a0, a1, f0, f1 = torch.tensor(items, device=product.device).unbind(1)
+        sums = prefix[p, a1, f1] - prefix[p, a0, f1] - prefix[p, a1, f0] + prefix[p, a0, f0]
+        flat = torch.zeros(n_pairs * len(rects), dtype=torch.float64, device=product.device)
+        flat.index_add_(0, p * len(rects) + c, sums)
+        out += flat.reshape(n_pairs, len(rects)).cpu()
     return out
 
 
