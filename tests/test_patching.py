@@ -276,3 +276,27 @@ def test_bad_input_is_named() -> None:
     induction = mechinterp.load("induction-2l")
     with pytest.raises(InputError, match="must be a single token"):
         activation_patch(induction, "fuba bu", "mabi bu", cells, LogProb("fuba bu"))
+
+
+def test_cells_before_the_first_difference_are_not_computed() -> None:
+    model = InterpModel(build(FAMILIES[0]))
+    clean, corrupt = pair_prompts()
+    corrupt[:, :3] = clean[:, :3]  # a shared prefix: positions 0-2 are equal in both runs
+    corrupt[1, 3] = clean[1, 3]  # pair 1 agrees one position longer
+    cells = model.sites(select("resid_pre", "pattern").layers().positions(), n_positions=LENGTH)
+    rows = []
+
+    def counting(logits, pairs):
+        rows.append(logits.shape[0])
+        return logits[:, ANSWER] - logits[:, WRONG]
+
+    result = activation_patch(model, clean, corrupt, cells, counting, progress=False)
+    expected = loop_reference(model, clean, corrupt, cells, logit_diff)
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-4)
+    inert = [i for i, s in enumerate(cells) if s.pos < 3]
+    assert torch.equal(result.values[:, inert], result.corrupt[:, None].expand(PAIRS, len(inert)))
+    assert sum(rows) == 2 * PAIRS + (len(cells) - len(inert)) * PAIRS  # inert cells never ran
+    # Mean ablation writes values that differ from the corrupted run's: nothing is skipped.
+    rows.clear()
+    activation_patch(model, clean, corrupt, cells, counting, source="mean", progress=False)
+    assert sum(rows) == 2 * PAIRS + len(cells) * PAIRS

@@ -6,7 +6,9 @@ a metric scores the run. Cells are packed into batches: row ``c * n_pairs + p`` 
 cell ``c`` on pair ``p``, and one kernel call per (component, layer) writes every row's patch.
 
 Work a patch cannot change is not redone: cells are sorted by layer, and the blocks below a
-batch's first patched layer return the corrupted run's outputs instead of being recomputed. A
+batch's first patched layer return the corrupted run's outputs instead of being recomputed. In a
+causal model, a cell that only patches positions before the first difference between the clean
+and corrupted prompts cannot change anything, so its value is the corrupted run's, uncomputed. A
 causal LM only computes logits at the scored position.
 """
 
@@ -118,13 +120,14 @@ class _Sweep:
     def __init__(self, model: InterpModel, clean: Inputs, corrupt: Inputs, sites: Sites,
                  metric: Metric, source: str, alpha: float, position: int, seed: int, *,
                  parts: list[list[tuple[Site, str]]] | None = None,
-                 corruption: Callable[[int], TensorEdit] | None = None):
+                 corruption: Callable[[int], TensorEdit] | None = None,
+                 corrupted_from: int | None = None):
         """``parts`` makes cells compound: cell ``c`` patches every ``(site, origin)`` of
         ``parts[c]``, taking values from the clean run (origin ``"clean"``) or freezing them at
         the corrupted run's (``"corrupt"``); by default each cell patches its own site from the
         clean run. ``corruption(first_row)`` is an edit applied to every row from ``first_row``
         on (the corrupted and patched rows), for corruptions that are not other tokens (noise
-        on embeddings)."""
+        on embeddings); ``corrupted_from`` is then the first position it touches."""
         self.model = model
         self.clean = model._as_tokens(clean)
         self.corrupt = model._as_tokens(corrupt)
@@ -158,6 +161,43 @@ class _Sweep:
                              key=lambda g: (g[1], g[0]))
         self.frozen_groups = {self._group(site) for cell in self.parts for site, origin in cell
                               if origin == "corrupt"}
+        self.corrupted_from = corrupted_from
+
+    def _first_difference(self) -> list[int]:
+        """Per pair, the first column where the corrupted run can differ from the clean one."""
+        differs = (self.clean.input_ids != self.corrupt.input_ids).cpu()
+        columns = torch.where(differs.any(1), differs.int().argmax(1), self.seq_len).tolist()
+        if self.corruption is not None:
+            start = 0 if self.corrupted_from is None else self.corrupted_from
+            columns = [min(c, start) for c in columns]
+        return columns
+
+    def _inert(self) -> list[int]:
+        """Cells whose every write lands where clean and corrupted activations are equal.
+
+        In a causal model, positions before the first difference compute the same values in the
+        clean and the corrupted run, so patching them (from the clean run, at any alpha) or
+        freezing anything at the corrupted values changes nothing: such a run's metric is the
+        corrupted run's, without computing it.
+        """
+        if not self.model.table.causal or self.source != "clean":
+            return []
+        first = self._first_difference()
+        inert = []
+        for c, per_pair in enumerate(self.rects):
+            if all(origin != "clean" or self._last_position(group, rect) < first[p]
+                   for p, writes in enumerate(per_pair) for group, origin, rect in writes):
+                inert.append(c)
+        return inert
+
+    def _last_position(self, group: tuple[str, int], rect: tuple[int, int, int, int]) -> int:
+        """The last sequence position a rectangle covers (queries for attention patterns)."""
+        a0, a1, f0, f1 = rect
+        if a1 <= a0 or f1 <= f0:
+            return -1
+        if group[0] == "pattern":
+            return (f1 - 1) // self.seq_len
+        return a1 - 1
 
     def _layer(self, site: Site) -> int:
         return -1 if site.layer is None else site.layer % self.model.dims.n_layers
@@ -337,7 +377,10 @@ class _Sweep:
                 )
                 raise InputError(msg)
             values, done = stored.values.clone(), stored.done.clone()
-        pending = sorted((i for i in range(n_cells) if not done[i]), key=lambda i: self.layer_of[i])
+        inert = [i for i in self._inert() if not done[i]]
+        skipped = set(inert)
+        pending = sorted((i for i in range(n_cells) if not done[i] and i not in skipped),
+                         key=lambda i: self.layer_of[i])
         budget = self._rows_per_forward(batch_size)
         extra = self._extra_inputs()
         result: PatchingResult | None = None
@@ -367,6 +410,10 @@ class _Sweep:
                     result = PatchingResult(self.cells, values, self.clean_metric.cpu(),
                                             self.corrupt_metric.cpu(), repr(self.metric),
                                             self.source, self.alpha, done)
+                    if inert:
+                        values[:, inert] = result.corrupt.to(values.dtype)[:, None]
+                        done[inert] = True
+                        bar.update(len(inert))
                 if chunk:
                     values[:, chunk] = scores.reshape(len(chunk), self.n_pairs).t().cpu().to(values.dtype)
                     done[chunk] = True

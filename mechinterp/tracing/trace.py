@@ -63,6 +63,7 @@ def causal_trace(
     window: int = 10,
     answer: int | str | None = None,
     seed: int = 0,
+    draws: torch.Tensor | None = None,
     batch_size: int | None = None,
     reuse: bool = True,
     progress: bool = True,
@@ -82,6 +83,8 @@ def causal_trace(
         window: layers restored together for ``mlp`` and ``attn``.
         answer: the token whose probability is measured; by default the clean prediction.
         seed: the noise's seed (the same seed gives the same noise on a device).
+        draws: unscaled noise ``[samples, subject tokens, d_model]`` to use instead of seeded
+            draws (to reproduce another tool's noise); it is multiplied by ``noise``.
         batch_size, reuse, progress: as for :func:`mechinterp.patching.activation_patch`.
 
     Returns:
@@ -120,12 +123,20 @@ def causal_trace(
                 parts.append(_parts(kind, layer, pos, n_layers, window))
     d_model = model.dims.d_model
     dtype = next(model._module.parameters()).dtype
-    draws = _ops.fill_noise(torch.empty(samples, end - begin, d_model, device=tokens.input_ids.device),
-                            seed=seed, kind="uniform" if uniform else "gaussian")
-    noise_edit = _EmbedNoise(draws.to(dtype) * scale, begin, end, seed, scale, uniform)
+    draw_shape = (samples, end - begin, d_model)
+    if draws is None:
+        draws = _ops.fill_noise(torch.empty(draw_shape, device=tokens.input_ids.device), seed=seed,
+                                kind="uniform" if uniform else "gaussian")
+    elif not isinstance(draws, torch.Tensor) or tuple(draws.shape) != draw_shape:
+        got = tuple(draws.shape) if isinstance(draws, torch.Tensor) else type(draws).__name__
+        msg = (f"draws must be a tensor [samples, subject tokens, d_model] = {list(draw_shape)}; "
+               f"got {got}")
+        raise ShapeError(msg)
+    draws = draws.to(tokens.input_ids.device)
+    noise_edit = _EmbedNoise((draws.double() * scale).to(dtype), begin, end, seed, scale, uniform)
     repeated = Tokens(tokens.input_ids.repeat(samples, 1), tokens.attention_mask.repeat(samples, 1))
     sweep = _Sweep(model, repeated, repeated, labels, Prob(answer), "clean", 1.0, -1, seed,
-                   parts=parts, corruption=noise_edit.from_row)
+                   parts=parts, corruption=noise_edit.from_row, corrupted_from=begin)
     result = sweep.run(batch_size=batch_size, reuse=reuse, progress=progress, results=None)
     shape = (len(kinds), seq, n_layers)
     tokenizer = model.tokenizer
