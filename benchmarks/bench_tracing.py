@@ -112,11 +112,10 @@ def measure(device: str, dtypes: list[str], repeats: int, config, seq: int, subj
         row["floor_all_logits_s"], _ = _floor(hf, ids, row["rows"], device_, last_only=False)
         row["vs_floor"] = row["mechinterp_s"] / row["floor_s"]
         row["vs_floor_all_logits"] = row["mechinterp_s"] / row["floor_all_logits_s"]
-        if dtype == torch.float32:
-            seconds = _peer(hf, config, device_, samples, with_reuse.noise)
-            if seconds is not None:
-                row["causal_tracer_s"] = seconds
-                row["speedup_vs_causal_tracer"] = seconds / row["mechinterp_s"]
+        seconds = _peer(hf, config, device_, samples, with_reuse.noise)
+        if seconds is not None:  # causal-tracer on the same model, in the same dtype
+            row["causal_tracer_s"] = seconds
+            row["speedup_vs_causal_tracer"] = seconds / row["mechinterp_s"]
         out["rows"].append(row)
         print(_describe(row), flush=True)
         del hf, model
