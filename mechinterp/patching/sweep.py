@@ -286,19 +286,36 @@ class _Sweep:
             return rows
         return list(range(self.n_pairs))
 
+    def _write_tables(self) -> list[torch.Tensor]:
+        """Per cell, its writes as int64 ``[n, 7]``: pair, group index, origin (0 clean,
+        1 corrupt), a_begin, a_end, f_begin, f_end; built once so batches index tensors."""
+        group_index = {group: i for i, group in enumerate(self.groups)}
+        tables = []
+        for per_pair in self.rects:
+            items = [(pair, group_index[group], int(origin != "clean"), *rect)
+                     for pair, writes in enumerate(per_pair) for group, origin, rect in writes]
+            tables.append(torch.tensor(items, dtype=torch.int64).reshape(-1, 7))
+        return tables
+
     def _boxes(self, chunk: Sequence[int], first_row: int) -> dict[tuple[str, int], torch.Tensor]:
         """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``."""
-        source_rows = self._source_rows()
+        if not chunk:
+            return {}
+        tables = [self.write_tables[cell] for cell in chunk]
+        writes = torch.cat(tables)
+        cell = torch.repeat_interleave(torch.arange(len(chunk)),
+                                       torch.tensor([len(t) for t in tables]))
+        pair, group, frozen = writes[:, 0], writes[:, 1], writes[:, 2].bool()
         # Frozen (corrupted) values sit after the clean sources in a group's source tensor.
         frozen_base = 1 if self.source == "mean" else self.n_pairs
-        boxes: dict[tuple[str, int], list[list[int]]] = {}
-        for c, cell in enumerate(chunk):
-            for pair, writes in enumerate(self.rects[cell]):
-                row = first_row + c * self.n_pairs + pair
-                for group, origin, rect in writes:
-                    source = source_rows[pair] if origin == "clean" else frozen_base + pair
-                    boxes.setdefault(group, []).append([row, source, *rect])
-        return {g: torch.tensor(items, dtype=torch.int64).reshape(-1, 6) for g, items in boxes.items()}
+        source = torch.where(frozen, frozen_base + pair,
+                             torch.tensor(self._source_rows(), dtype=torch.int64)[pair])
+        boxes = torch.cat([(first_row + cell * self.n_pairs + pair)[:, None], source[:, None],
+                           writes[:, 3:]], dim=1)
+        order = torch.argsort(group, stable=True)
+        groups, counts = torch.unique_consecutive(group[order], return_counts=True)
+        pieces = torch.split(boxes[order], counts.tolist())
+        return {self.groups[g]: piece for g, piece in zip(groups.tolist(), pieces)}
 
     @staticmethod
     def _site(group: tuple[str, int]) -> Site:
@@ -365,6 +382,7 @@ class _Sweep:
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint()
         self.rects = self._rects()  # checks every position before any forward runs
+        self.write_tables = self._write_tables()
         n_cells = len(self.cells)
         values = torch.full((self.n_pairs, n_cells), float("nan"))
         done = torch.zeros(n_cells, dtype=torch.bool)
