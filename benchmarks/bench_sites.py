@@ -10,8 +10,9 @@ Compared side by side in one process:
 - nnsight trace: the same 36 tensors saved inside ``model.trace(...)``.
 
 Each timing is the median of ``--repeats`` calls after warm-up, with the device synchronised
-around each call. Correctness is checked before timing: all three give the same logits and the
-cached tensors equal the nnsight-saved ones.
+around each call; the four variants are called in alternation, so drift affects them alike.
+Correctness is checked before timing: all three give the same logits and the cached tensors
+equal the nnsight-saved ones.
 
 Run: ``python benchmarks/bench_sites.py --device cuda --json sites.json``
 """
@@ -34,19 +35,22 @@ import mechinterp
 from mechinterp import select
 
 
-def _timer(device: torch.device, fn, repeats: int, warmup: int = 10) -> float:
-    """Median seconds per call of ``fn``."""
+def _interleaved(device: torch.device, fns: dict, repeats: int, warmup: int = 10) -> dict:
+    """Median seconds per call of each function, timed in alternation (one call of each per
+    round), so that drift in clocks or load hits every variant alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _nnsight_reads(model, tokens: mechinterp.Tokens, n_layers: int) -> list[torch.Tensor]:
@@ -88,10 +92,13 @@ def measure(device: str, batches: list[int], seq: int, repeats: int) -> list[dic
             with torch.no_grad():
                 wrapped(ids)
 
-        t_plain = _timer(device_, run_plain, repeats)
-        t_instrumented = _timer(device_, run_instrumented, repeats)
-        t_ours = _timer(device_, lambda tokens=tokens: model.cache(tokens, sites), repeats)
-        t_nnsight = _timer(device_, lambda tokens=tokens: _nnsight_reads(model, tokens, config.n_layer), repeats)
+        timed = _interleaved(device_, {
+            "plain": run_plain, "wrapped": run_instrumented,
+            "ours": lambda tokens=tokens: model.cache(tokens, sites),
+            "nnsight": lambda tokens=tokens: _nnsight_reads(model, tokens, config.n_layer),
+        }, repeats)
+        t_plain, t_instrumented = timed["plain"], timed["wrapped"]
+        t_ours, t_nnsight = timed["ours"], timed["nnsight"]
         rows.append({
             "device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
             "dtype": "float32", "batch": batch, "seq": seq, "sites": len(sites),
@@ -134,7 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--profile", action="store_true",
                         help="also print where a batch-1 cache call spends its Python time")
