@@ -169,3 +169,18 @@ def test_bad_input_is_named() -> None:
         causal_trace(model, "fuba bu", subject="bu", noise=float("nan"))
     assert embedding_noise_scale(model) == pytest.approx(
         3 * float(model._module.transformer.wte.weight.std()))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_every_family_traces(family) -> None:
+    """Restoring the last block's output at the last position restores the clean answer
+    exactly; in causal models, restoring a state before the subject changes nothing."""
+    model = InterpModel(build(family))
+    ids = token_ids(1, 5, seed=8)
+    trace = causal_trace(model, ids, (2, 4), kinds=("hidden", "mlp"), samples=3, window=2,
+                         progress=False)
+    hidden = trace.table("hidden")
+    assert float(hidden[-1, -1]) == pytest.approx(trace.base, rel=1e-4)
+    if family.causal:
+        assert torch.equal(hidden[:2], torch.full_like(hidden[:2], hidden[0, 0].item()))
+        assert float(hidden[0, 0]) == pytest.approx(trace.low, rel=1e-6)
