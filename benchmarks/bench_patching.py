@@ -28,53 +28,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 
 import torch
 import transformers
+from _timing import median_time as _median_time
+from _timing import plain_forward_floor
+from _timing import sync as _sync
 
 import mechinterp
 from mechinterp import select
 from mechinterp.patching import LogitDiff, activation_patch, agreement, attribution_patch
 
 ANSWER, WRONG = 1000, 2000
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(device, fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _floor(hf, ids: torch.Tensor, cells: int, device, *, last_only: bool) -> tuple[float, int]:
-    """Seconds for ``cells`` plain forwards at the fastest batch size, and that batch size."""
-    best = None
-    for batch in (32, 64, 128, 256, 512):
-        rows = ids.repeat(batch, 1)
-        kwargs = {"logits_to_keep": 1} if last_only else {}
-        try:
-            with torch.no_grad():
-                per_batch = _median_time(device, functools.partial(hf, rows, **kwargs), 3)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            break
-        total = per_batch * cells / batch
-        if best is None or total < best[0]:
-            best = (total, batch)
-    assert best is not None
-    return best
 
 
 def _transformer_lens(hf, device, dtype):
@@ -145,8 +111,9 @@ def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,
             row.update({f"atp_{k}": v for k, v in agreement(with_reuse, estimate).items()})
             row["atp_s"] = _median_time(device_, functools.partial(
                 attribution_patch, model, clean, corrupt, selector, metric, progress=False), repeats)
-            row["floor_s"], row["floor_batch"] = _floor(hf, corrupt, cells, device_, last_only=True)
-            row["floor_all_logits_s"], row["floor_all_logits_batch"] = _floor(
+            row["floor_s"], row["floor_batch"] = plain_forward_floor(hf, corrupt, cells, device_,
+                                                                  last_only=True)
+            row["floor_all_logits_s"], row["floor_all_logits_batch"] = plain_forward_floor(
                 hf, corrupt, cells, device_, last_only=False)
             row["vs_floor"] = row["mechinterp_s"] / row["floor_s"]
             row["vs_floor_all_logits"] = row["mechinterp_s"] / row["floor_all_logits_s"]

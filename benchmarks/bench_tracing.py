@@ -20,48 +20,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 
 import torch
 import transformers
+from _timing import median_time as _median_time
+from _timing import plain_forward_floor
+from _timing import sync as _sync
 
 import mechinterp
 from mechinterp.tracing import causal_trace
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(device, fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _floor(hf, ids, rows: int, device, *, last_only: bool) -> tuple[float, int]:
-    best = None
-    for batch in (64, 128, 256, 512):
-        kwargs = {"logits_to_keep": 1} if last_only else {}
-        try:
-            with torch.no_grad():
-                per_batch = _median_time(device, functools.partial(hf, ids.repeat(batch, 1), **kwargs), 3)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            break
-        total = per_batch * rows / batch
-        if best is None or total < best[0]:
-            best = (total, batch)
-    assert best is not None
-    return best
 
 
 def _causal_tracer_seconds(hf, tokenizer, prompt: str, subject: str, device, samples: int,
@@ -108,8 +76,10 @@ def measure(device: str, dtypes: list[str], repeats: int, config, seq: int, subj
             row[label] = _median_time(device_, functools.partial(trace, reuse=reuse), repeats)
             if device_.type == "cuda":
                 row[label.replace("_s", "_peak_gib")] = torch.cuda.max_memory_allocated(device_) / 2**30
-        row["floor_s"], row["floor_batch"] = _floor(hf, ids, row["rows"], device_, last_only=True)
-        row["floor_all_logits_s"], _ = _floor(hf, ids, row["rows"], device_, last_only=False)
+        row["floor_s"], row["floor_batch"] = plain_forward_floor(hf, ids, row["rows"], device_,
+                                                                  last_only=True)
+        row["floor_all_logits_s"], _ = plain_forward_floor(hf, ids, row["rows"], device_,
+                                                           last_only=False)
         row["vs_floor"] = row["mechinterp_s"] / row["floor_s"]
         row["vs_floor_all_logits"] = row["mechinterp_s"] / row["floor_all_logits_s"]
         seconds = _peer(hf, config, device_, samples, with_reuse.noise)

@@ -6,23 +6,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kernels import DTYPES, TOLERANCES, needs_cuda
 
 import mechinterp._ops as ops
 import mechinterp._reference as ref
-from mechinterp import _C
 from mechinterp.errors import DTypeError, InputError, ShapeError
 
-# (rtol, atol) per dtype: PyTorch's own defaults for assert_close.
-TOLERANCES = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-}
-DTYPES = list(TOLERANCES)
-_CUDA_OK = torch.cuda.is_available() and bool(_C.build_info()["cuda"])
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not _CUDA_OK, reason="needs a CUDA device and a CUDA build of mechinterp._C")
 
 
 def disjoint_boxes(rows: int, sources: int, a: int, f: int, *, seed: int, per_row: int = 2) -> torch.Tensor:

@@ -6,14 +6,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kernels import needs_cuda
 
 import mechinterp._ops as ops
 import mechinterp._reference as ref
-from mechinterp import _C
 from mechinterp.errors import DTypeError, InputError, ShapeError
-
-_CUDA_OK = torch.cuda.is_available() and bool(_C.build_info()["cuda"])
-needs_cuda = pytest.mark.skipif(not _CUDA_OK, reason="needs a CUDA device and a CUDA build of mechinterp._C")
 
 
 def test_philox_twin_matches_the_published_test_vectors():

@@ -1,6 +1,22 @@
-// Runs a scope on the device a tensor lives on, then puts the caller's current device back:
+// Device helpers: the error of a CPU-only build, and (with CUDA) a guard that runs a scope on
+// a tensor's device, then puts the caller's current device back:
 // callers (torch among them) rely on their current device not changing under them.
 #pragma once
+
+#include "common/check.h"
+#include "common/tensor_view.h"
+
+namespace mechinterp {
+
+// What every kernel entry point raises when a CUDA tensor reaches a CPU-only build.
+[[noreturn]] inline void throw_no_cuda(const char* op, const Device& device) {
+  detail::throw_user_error(
+      "mechinterp._C was built without CUDA kernels; rebuild with MECHINTERP_CUDA=ON (needs nvcc) "
+      "to run ",
+      op, " on ", device_name(device));
+}
+
+}  // namespace mechinterp
 
 #if defined(MECHINTERP_WITH_CUDA)
 

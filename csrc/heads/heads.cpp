@@ -93,10 +93,7 @@ void diagonal_score(const TensorView& pattern, const TensorView& out, std::int64
   });
 #else
   (void)stream;
-  detail::throw_user_error(
-      "mechinterp._C was built without CUDA kernels; rebuild with MECHINTERP_CUDA=ON (needs nvcc) "
-      "to run ",
-      kOp, " on ", device_name(pattern.device));
+  throw_no_cuda(kOp, pattern.device);
 #endif
 }
 

@@ -162,9 +162,7 @@ void patch_boxes(const TensorView& dest, const TensorView& src, const std::optio
   });
 #else
   (void)stream;
-  detail::throw_user_error(
-      "mechinterp._C was built without CUDA kernels; rebuild with MECHINTERP_CUDA=ON (needs nvcc) "
-      "to run ", kOp, " on ", device_name(dest.device));
+  throw_no_cuda(kOp, dest.device);
 #endif
 }
 
@@ -253,9 +251,7 @@ void patch_metric(const TensorView& logits, MetricKind kind, const TensorView& i
   });
 #else
   (void)stream;
-  detail::throw_user_error(
-      "mechinterp._C was built without CUDA kernels; rebuild with MECHINTERP_CUDA=ON (needs nvcc) "
-      "to run ", kOp, " on ", device_name(logits.device));
+  throw_no_cuda(kOp, logits.device);
 #endif
 }
 

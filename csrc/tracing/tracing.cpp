@@ -40,9 +40,7 @@ void fill_noise(const TensorView& out, std::uint64_t seed, std::uint64_t offset,
   });
 #else
   (void)stream;
-  detail::throw_user_error(
-      "mechinterp._C was built without CUDA kernels; rebuild with MECHINTERP_CUDA=ON (needs nvcc) "
-      "to run ", kOp, " on ", device_name(out.device));
+  throw_no_cuda(kOp, out.device);
 #endif
 }
 
