@@ -158,6 +158,10 @@ def _trace_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=None,
                         help="noise standard deviation (default: 3 x the embeddings' std)")
     parser.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
+    parser.add_argument("--multivariate", action="store_true",
+                        help="draw from the Gaussian fitted to the embeddings (ROME's option)")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the subject's embeddings by the draws instead of adding them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--out", default="trace", help="folder for trace.safetensors, "
@@ -173,7 +177,7 @@ def _trace(args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     result = causal_trace(model, args.prompt, args.subject, kinds=args.kinds,
                           samples=args.samples, noise=args.noise, window=args.window,
-                          seed=args.seed)
+                          multivariate=args.multivariate, replace=args.replace, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "trace.safetensors")

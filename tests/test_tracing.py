@@ -11,6 +11,7 @@ from mechinterp import _ops
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.model import InterpModel
 from mechinterp.tracing import KINDS, TraceResult, causal_trace, embedding_noise_scale
+from mechinterp.tracing.trace import _embedding_gaussian
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -22,7 +23,7 @@ PATHS = {
 }
 
 
-def rome_trace(hf, ids, begin, end, noise, answer, kind, window, paths):
+def rome_trace(hf, ids, begin, end, noise, answer, kind, window, paths, replace=False):
     """ROME's trace_with_patch / trace_with_repatch for every (token, layer): row 0 clean, rows
     1..S noised; restore h[1:, t] = h[0, t] at the module's output; score the mean probability."""
     embed, block, mlp, attn = paths
@@ -35,7 +36,10 @@ def rome_trace(hf, ids, begin, end, noise, answer, kind, window, paths):
 
     def add_noise(_module, _args, output):
         output = output.clone()
-        output[1:, begin:end] += noise
+        if replace:
+            output[1:, begin:end] = noise
+        else:
+            output[1:, begin:end] += noise
         return output
 
     def run(restore: dict, freeze: dict):
@@ -104,6 +108,30 @@ def test_equals_rome_with_the_same_noise(name) -> None:
     assert trace.base == pytest.approx(float(clean.max()), rel=1e-5)
     # Restoring the last layer's output at the last position restores the clean answer exactly.
     assert float(trace.table("hidden")[-1, -1]) == pytest.approx(trace.base, rel=1e-5)
+
+
+def test_multivariate_replacement_equals_rome() -> None:
+    """ROME's multivariate option: draws from the Gaussian of the embeddings, replacing them."""
+    model = InterpModel(build(FAMILIES[0]))
+    ids = token_ids(1, 5, seed=4)
+    weight = model._module.transformer.wte.weight.detach().double()
+    mean = weight.mean(0)
+    factor = torch.linalg.cholesky(torch.cov(weight.T) + 1e-9 * torch.cov(weight.T).diagonal().mean()
+                                   * torch.eye(weight.shape[1], dtype=torch.float64))
+    trace = causal_trace(model, ids, (1, 3), kinds=("hidden",), samples=4, multivariate=True,
+                         replace=True, seed=2, progress=False)
+    z = _ops.fill_noise(torch.empty(4, 2, weight.shape[1]), seed=2).double()
+    noise = (mean + z @ factor.T).float()
+    expected = rome_trace(model._module, ids, 1, 3, noise, trace.answer, "hidden", 1,
+                          PATHS["gpt2"], replace=True)
+    torch.testing.assert_close(trace.scores[0], expected, rtol=1e-4, atol=1e-6)
+    assert trace.multivariate and trace.replace
+    # The fitted Gaussian is the embeddings' own: its factor reproduces their covariance.
+    fitted_mean, fitted_factor = _embedding_gaussian(model)
+    torch.testing.assert_close(fitted_mean, mean)
+    torch.testing.assert_close(fitted_factor @ fitted_factor.T, torch.cov(weight.T), rtol=1e-6, atol=1e-9)
+    with pytest.raises(InputError, match="leave noise and uniform unset"):
+        causal_trace(model, ids, (1, 3), multivariate=True, noise=0.5)
 
 
 def test_reuse_batching_and_uniform_noise() -> None:

@@ -25,7 +25,7 @@ class TraceResult:
         low: mean probability with the subject noised and nothing restored.
         tokens: the prompt's tokens as text; ``subject`` is their noised range ``[begin, end)``.
         answer, answer_text: the token whose probability is measured.
-        samples, noise, window, uniform, seed: the settings.
+        samples, noise, window, uniform, seed, multivariate, replace: the settings.
     """
 
     kinds: tuple[str, ...]
@@ -42,6 +42,8 @@ class TraceResult:
     window: int
     uniform: bool
     seed: int
+    multivariate: bool = False
+    replace: bool = False
 
     def indirect_effect(self) -> torch.Tensor:
         """``[kind, pos, layer]`` recovery above the noised run: ``scores - low``."""

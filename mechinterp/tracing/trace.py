@@ -60,6 +60,8 @@ def causal_trace(
     samples: int = 10,
     noise: float | None = None,
     uniform: bool = False,
+    multivariate: bool = False,
+    replace: bool = False,
     window: int = 10,
     answer: int | str | None = None,
     seed: int = 0,
@@ -80,6 +82,10 @@ def causal_trace(
         noise: the noise's standard deviation (the half-width for ``uniform``); by default
             :func:`embedding_noise_scale` (3 standard deviations of the embeddings).
         uniform: draw from ``U[-noise, noise)`` instead of ``N(0, noise^2)``.
+        multivariate: draw from the Gaussian fitted to the rows of the embedding matrix (its
+            mean and covariance: ROME's multivariate option, with the embedding matrix standing
+            in for a dataset's subject embeddings); ``noise`` must then be left unset.
+        replace: replace the subject's embeddings by the draws instead of adding them.
         window: layers restored together for ``mlp`` and ``attn``.
         answer: the token whose probability is measured; by default the clean prediction.
         seed: the noise's seed (the same seed gives the same noise on a device).
@@ -107,7 +113,11 @@ def causal_trace(
         msg = f"prompt must be a single prompt; got {tokens.shape[0]} rows"
         raise ShapeError(msg)
     begin, end = _subject_columns(model, tokens, subject)
-    scale = embedding_noise_scale(model) if noise is None else float(noise)
+    if multivariate and (noise is not None or uniform):
+        msg = ("multivariate draws take their scale from the embeddings' covariance; leave noise "
+               "and uniform unset")
+        raise InputError(msg)
+    scale = 1.0 if multivariate else embedding_noise_scale(model) if noise is None else float(noise)
     if not math.isfinite(scale) or scale < 0:
         msg = f"noise must be a finite non-negative number; got {noise!r}"
         raise InputError(msg)
@@ -132,8 +142,12 @@ def causal_trace(
         msg = (f"draws must be a tensor [samples, subject tokens, d_model] = {list(draw_shape)}; "
                f"got {got}")
         raise ShapeError(msg)
-    draws = draws.to(tokens.input_ids.device)
-    noise_edit = _EmbedNoise((draws.double() * scale).to(dtype), begin, end, seed, scale, uniform)
+    draws = draws.to(tokens.input_ids.device).double()
+    if multivariate:
+        mean, factor = _embedding_gaussian(model)
+        draws = mean.to(draws.device) + draws @ factor.to(draws.device).T
+    noise_edit = _EmbedNoise((draws * scale).to(dtype), begin, end, seed, scale, uniform,
+                             multivariate, replace)
     repeated = Tokens(tokens.input_ids.repeat(samples, 1), tokens.attention_mask.repeat(samples, 1))
     sweep = _Sweep(model, repeated, repeated, labels, Prob(answer), "clean", 1.0, -1, seed,
                    parts=parts, corruption=noise_edit.from_row, corrupted_from=begin)
@@ -147,7 +161,19 @@ def causal_trace(
                        stderr=result.stderr().reshape(shape).float(),
                        base=float(result.clean.mean()), low=float(result.corrupt.mean()),
                        tokens=texts, subject=(begin, end), answer=answer, answer_text=answer_text,
-                       samples=samples, noise=scale, window=window, uniform=uniform, seed=seed)
+                       samples=samples, noise=scale, window=window, uniform=uniform, seed=seed,
+                       multivariate=multivariate, replace=replace)
+
+
+def _embedding_gaussian(model: InterpModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[d]`` and Cholesky factor ``[d, d]`` of the embedding matrix's rows (float64)."""
+    path = model.table.place("embed").path.format(base=model.base, layer=None)
+    weight = model._module.get_submodule(path).weight.detach().double().cpu()
+    mean = weight.mean(0)
+    centred = weight - mean
+    covariance = centred.T @ centred / max(1, weight.shape[0] - 1)
+    jitter = 1e-9 * float(covariance.diagonal().mean()) * torch.eye(weight.shape[1], dtype=torch.float64)
+    return mean, torch.linalg.cholesky(covariance + jitter)
 
 
 def _parts(kind: str, layer: int, pos: int, n_layers: int, window: int) -> list[tuple[Site, str]]:
@@ -189,13 +215,15 @@ def _subject_columns(model: InterpModel, tokens: Tokens, subject: str | tuple[in
 
 
 class _EmbedNoise:
-    """The noise of every noised row: ``samples`` draws, added to the subject's embeddings."""
+    """The noise of every noised row: ``samples`` draws, added to (or replacing) the subject's
+    embeddings."""
 
     def __init__(self, noise: torch.Tensor, begin: int, end: int, seed: int, scale: float,
-                 uniform: bool):
-        self.noise, self.begin, self.end = noise, begin, end
+                 uniform: bool, multivariate: bool, replace: bool):
+        self.noise, self.begin, self.end, self.replace = noise, begin, end, replace
         self.description = (f"EmbedNoise(samples={noise.shape[0]}, subject=[{begin}, {end}), "
-                            f"seed={seed}, scale={scale!r}, uniform={uniform})")
+                            f"seed={seed}, scale={scale!r}, uniform={uniform}, "
+                            f"multivariate={multivariate}, replace={replace})")
 
     def from_row(self, first_row: int) -> TensorEdit:
         return _AddNoise(self, first_row)
@@ -212,4 +240,8 @@ class _AddNoise(TensorEdit):
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
         noise = self.source.noise
         rows = torch.arange(self.first_row, tensor.shape[0], device=noise.device) % noise.shape[0]
-        tensor[self.first_row:, self.source.begin:self.source.end] += noise[rows]
+        subject = tensor[self.first_row:, self.source.begin:self.source.end]
+        if self.source.replace:
+            subject.copy_(noise[rows])
+        else:
+            subject += noise[rows]
