@@ -403,7 +403,7 @@ class _Sweep:
         extra = self._extra_inputs()
         result: PatchingResult | None = None
         last_save = time.monotonic()
-        bar = tqdm(total=n_cells, initial=n_cells - len(pending), desc="patching", unit="cell",
+        bar = tqdm(total=n_cells, initial=int(done.sum()), desc="patching", unit="cell",
                    disable=not progress, leave=False)
         try:
             queue = self._forwards(pending, budget, first=True)
