@@ -24,26 +24,34 @@ def _as_list(index: int | tuple[int, ...] | None) -> list[int] | None:
     return [index] if isinstance(index, int) else list(index)
 
 
-def _columns(site: Site, spans: RowSpans, n_pairs: int) -> list[list[int]] | None:
-    """Sequence columns the site names in each pair's row; None for every position."""
+def _columns(site: Site, spans: RowSpans, n_pairs: int, memo: dict | None = None
+             ) -> list[list[int]] | None:
+    """Sequence columns the site names in each pair's row; None for every position.
+
+    ``memo`` keeps the answer per position across the sites of one sweep."""
     if site.pos is None:
         return None
+    if memo is not None and site.pos in memo:
+        return memo[site.pos]
     columns = spans.columns(site.pos)
     if isinstance(columns, int):
-        return [[columns]] * n_pairs
-    table = columns.reshape(n_pairs, -1)
-    return [row.tolist() for row in table]
+        result = [[columns]] * n_pairs
+    else:
+        result = [row.tolist() for row in columns.reshape(n_pairs, -1)]
+    if memo is not None:
+        memo[site.pos] = result
+    return result
 
 
 def site_rects(site: Site, spans: RowSpans, n_pairs: int, shape: tuple[int, int],
-               n_heads: int) -> list[list[Rect]]:
+               n_heads: int, memo: dict | None = None) -> list[list[Rect]]:
     """Rectangles of ``site`` in each pair's row of a ``[rows, a, f]`` component tensor.
 
     ``n_heads`` is the number of heads the component's features hold (key/value heads for ``k``
-    and ``v``); it splits ``f`` into per-head slices.
+    and ``v``); it splits ``f`` into per-head slices. ``memo`` shares position lookups.
     """
     extent_a, extent_f = shape
-    columns = _columns(site, spans, n_pairs)
+    columns = _columns(site, spans, n_pairs, memo)
     heads = _as_list(site.head)
     out: list[list[Rect]] = []
     for pair in range(n_pairs):

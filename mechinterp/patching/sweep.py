@@ -255,12 +255,14 @@ class _Sweep:
     def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
         """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""
         dims = self.model.dims
+        memo: dict = {}
         out = []
         for cell in self.parts:
             per_pair: list[list] = [[] for _ in range(self.n_pairs)]
             for site, origin in cell:
                 rects = site_rects(site, self.spans, self.n_pairs, self._extent(site.component),
-                                   dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads)
+                                   dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads,
+                                   memo)
                 for pair, pair_rects in enumerate(rects):
                     per_pair[pair].extend((self._group(site), origin, r) for r in pair_rects)
             out.append(per_pair)
@@ -380,7 +382,7 @@ class _Sweep:
 
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
             results: Path | None) -> PatchingResult:
-        fingerprint = self._fingerprint()
+        fingerprint = self._fingerprint() if results is not None else ""
         self.rects = self._rects()  # checks every position before any forward runs
         self.write_tables = self._write_tables()
         n_cells = len(self.cells)
