@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Callable
 
 import torch
 
@@ -181,6 +182,18 @@ def _check_floating(t: object, op: str, name: str) -> torch.Tensor:
     return t
 
 
+def _check_integer_table(t: object, op: str, name: str, expected: str,
+                         shape_ok: Callable[[tuple[int, ...]], bool]) -> None:
+    """``t`` must be an integer tensor whose shape passes ``shape_ok`` (described by ``expected``)."""
+    if not isinstance(t, torch.Tensor) or not shape_ok(tuple(t.shape)):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        msg = f"{op}: {name} must be an integer tensor {expected}, got {shape}"
+        raise ShapeError(msg)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        msg = f"{op}: {name} must hold integers, got {t.dtype}"
+        raise DTypeError(msg)
+
+
 def patch_boxes(
     dest: torch.Tensor,
     src: torch.Tensor,
@@ -227,13 +240,8 @@ def patch_boxes(
             f"{tuple(dest.shape)} and {tuple(src.shape)}"
         )
         raise ShapeError(msg)
-    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 6:
-        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        msg = f"{op}: boxes must be an integer tensor [m, 6], got {shape}"
-        raise ShapeError(msg)
-    if boxes.is_floating_point() or boxes.dtype == torch.bool:
-        msg = f"{op}: boxes must hold integers, got {boxes.dtype}"
-        raise DTypeError(msg)
+    _check_integer_table(boxes, op, "boxes", "[m, 6]",
+                         lambda shape: len(shape) == 2 and shape[1] == 6)
     n = boxes.shape[0]
     weights = torch.as_tensor(alpha, dtype=torch.float64)
     weights = weights.expand(n) if weights.dim() == 0 else weights
@@ -292,13 +300,8 @@ def patch_metric(
         msg = f"{op}: logits must be 2-D [rows, vocab], got shape {tuple(logits.shape)}"
         raise ShapeError(msg)
     rows = logits.shape[0]
-    if not isinstance(index, torch.Tensor) or tuple(index.shape) != (rows, 2):
-        shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
-        msg = f"{op}: index must be an integer tensor [{rows}, 2] (one pair per run), got {shape}"
-        raise ShapeError(msg)
-    if index.is_floating_point() or index.dtype == torch.bool:
-        msg = f"{op}: index must hold integers, got {index.dtype}"
-        raise DTypeError(msg)
+    _check_integer_table(index, op, "index", f"[{rows}, 2] (one pair per run)",
+                         lambda shape: shape == (rows, 2))
     if kind == "kl":
         if ref is None:
             msg = f"{op}: kind 'kl' needs ref, the reference logits [refs, vocab]"

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mechinterp.engine import Plan
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
+from mechinterp.patching.boxes import as_rows
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.sweep import _Sweep
@@ -97,10 +98,6 @@ class _Probe(TensorEdit):
         tensor.add_(delta)  # in place, so the model's own tensor carries the gradient
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
 def _gradients(sweep: _Sweep, part: tuple[Tokens, Tokens], rows: slice):
     """Clean and corrupted metrics of the pairs in ``rows``, and per (component, layer) the
     products ``(a_clean - a_corrupt) * dm/da`` as ``[pair, a, f]`` float64."""
@@ -131,9 +128,9 @@ def _gradients(sweep: _Sweep, part: tuple[Tokens, Tokens], rows: slice):
         grads = torch.autograd.grad(scores.sum(), deltas, allow_unused=True)
     products = {}
     for group, site, grad in zip(sweep.groups, wanted, grads):
-        corrupt_value = _flat(store[group][0]).double()
-        clean_value = _flat(clean_run.cache[site]).double()
-        grad = torch.zeros_like(corrupt_value) if grad is None else _flat(grad).double()
+        corrupt_value = as_rows(store[group][0]).double()
+        clean_value = as_rows(clean_run.cache[site]).double()
+        grad = torch.zeros_like(corrupt_value) if grad is None else as_rows(grad).double()
         products[group] = (clean_value - corrupt_value) * grad
     return clean_m, scores.detach().cpu(), products
 

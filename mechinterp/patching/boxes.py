@@ -76,6 +76,11 @@ def site_rects(site: Site, spans: RowSpans, n_pairs: int, shape: tuple[int, int]
     return out
 
 
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``[rows, a, f]`` for reading: a view where one exists, else a copy."""
+    return tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+
+
 def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
     """``tensor`` as ``[rows, a, f]`` sharing its memory, or None when no such view exists."""
     if tensor.dim() == 3:
@@ -102,7 +107,7 @@ class BoxPatch(TensorEdit):
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
         flat = flat_view(tensor)
-        target = flat if flat is not None else tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        target = flat if flat is not None else as_rows(tensor)
         cur = None if current is None else current.reshape(target.shape)
         _ops.patch_boxes(target, self.src, self.boxes, alpha=self.alpha, cur=cur)
         if flat is None:  # the component had no flat view: copy the patched values back

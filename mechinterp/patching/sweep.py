@@ -27,7 +27,7 @@ from mechinterp.engine import Plan, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, flat_view, site_rects
+from mechinterp.patching.boxes import BoxPatch, as_rows, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_chunks, split_forwards
@@ -532,8 +532,7 @@ class _FirstPass(TensorEdit):
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
         whole = tensor if current is None else current
-        flat = flat_view(whole)
-        flat = whole.reshape(whole.shape[0], whole.shape[1], -1) if flat is None else flat
+        flat = as_rows(whole)  # read only: a copy is as good as a view
         n = self.sweep.n_pairs
         source = self.sweep._source(flat[:n])
         if self.group in self.sweep.frozen_groups:  # the corrupted rows' values, to freeze
