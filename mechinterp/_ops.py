@@ -166,9 +166,14 @@ def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) 
 
 
 def _host_and_device(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A contiguous cpu copy (which _C validates) and the same values on ``device``."""
+    """A contiguous cpu copy (which _C validates) and the same values on ``device``.
+
+    The upload goes through pinned memory: from pageable memory, CUDA waits for the stream's
+    queued work before copying, which would stall the host once per kernel call."""
     host = t.detach().to("cpu").contiguous()
-    return host, host if device.type == "cpu" else host.to(device, non_blocking=True)
+    if device.type == "cpu":
+        return host, host
+    return host, host.pin_memory().to(device, non_blocking=True)
 
 
 def _check_floating(t: object, op: str, name: str) -> torch.Tensor:

@@ -6,6 +6,10 @@ reads or writes ``pattern`` sites, mechinterp switches the model to this functio
 eager attention with one extra step: it hands the probabilities of each attention module to the
 callback registered for that module in the current forward.
 
+A forward can also ask for what the probabilities were computed from (:func:`exposing_inputs`):
+the queries and keys after the rotary embedding, the scaling and the mask, which no module
+boundary holds either. Attribution patching recomputes the softmax from them (the QK fix).
+
 The function is registered with transformers under :data:`IMPLEMENTATION` on first use (not at
 import) and only selected for the forwards that need it.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,8 +28,39 @@ IMPLEMENTATION = "mechinterp_pattern"
 
 PatternCallback = Callable[[torch.Tensor], torch.Tensor]
 
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What one attention module computed its probabilities from, and the probabilities.
+
+    Attributes:
+        query: ``[batch, head, query, d_head]`` queries as the scores see them (after any rotary
+            embedding).
+        key: ``[batch, kv_head, key, d_head]`` keys likewise, one per key/value head: with
+            grouped-query attention each serves ``head / kv_head`` consecutive query heads.
+        scaling: the factor of the scores ``query . key``.
+        mask: the additive mask ``[batch, 1 or head, query, key]`` added to the scaled scores,
+            or None.
+        probs: ``[batch, head, query, key]`` the probabilities the module went on with (after
+            any pattern callback).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+    mask: torch.Tensor | None
+    probs: torch.Tensor
+
+
+InputsCallback = Callable[[AttentionInputs], None]
+
 _callbacks: contextvars.ContextVar[dict[int, PatternCallback] | None] = contextvars.ContextVar(
     "mechinterp_pattern_callbacks", default=None
+)
+# Separate from the pattern callbacks so that a forward reading attention inputs can also read
+# or write pattern sites: the engine sets the pattern callbacks inside this forward.
+_input_callbacks: contextvars.ContextVar[dict[int, InputsCallback] | None] = (
+    contextvars.ContextVar("mechinterp_attention_input_callbacks", default=None)
 )
 _registered = False
 
@@ -40,6 +76,7 @@ def pattern_attention(
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention over ``[batch, head, pos, d_head]`` tensors, exposing the probabilities."""
+    shared_key = key
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
@@ -47,12 +84,18 @@ def pattern_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    if mask is not None:
+        scores = scores + mask
+    # At least float32, as transformers' eager attention, without rounding float64 models down.
+    precision = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores, dim=-1, dtype=precision).to(query.dtype)
     callbacks = _callbacks.get()
     if callbacks is not None and id(module) in callbacks:
         probs = callbacks[id(module)](probs)
+    readers = _input_callbacks.get()
+    if readers is not None and id(module) in readers:
+        readers[id(module)](AttentionInputs(query, shared_key, scaling, mask, probs))
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
@@ -81,12 +124,11 @@ def _configs(model: nn.Module) -> list[object]:
 
 
 @contextlib.contextmanager
-def exposing_patterns(model: nn.Module, callbacks: dict[int, PatternCallback]) -> Iterator[None]:
-    """Run the enclosed forward with :func:`pattern_attention` and the given callbacks."""
+def _selected(model: nn.Module) -> Iterator[None]:
+    """Select :func:`pattern_attention` for the enclosed forward, then restore what was there."""
     _register()
     configs = _configs(model)
     previous = [config._attn_implementation for config in configs]
-    token = _callbacks.set(callbacks)
     try:
         for config in configs:
             config._attn_implementation = IMPLEMENTATION
@@ -94,4 +136,30 @@ def exposing_patterns(model: nn.Module, callbacks: dict[int, PatternCallback]) -
     finally:
         for config, implementation in zip(configs, previous):
             config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def exposing_patterns(model: nn.Module, callbacks: dict[int, PatternCallback]) -> Iterator[None]:
+    """Run the enclosed forward with :func:`pattern_attention` and the given callbacks."""
+    token = _callbacks.set(callbacks)
+    try:
+        with _selected(model):
+            yield
+    finally:
         _callbacks.reset(token)
+
+
+@contextlib.contextmanager
+def exposing_inputs(model: nn.Module, callbacks: dict[int, InputsCallback]) -> Iterator[None]:
+    """Run the enclosed forward with :func:`pattern_attention`, handing each attention module's
+    :class:`AttentionInputs` to the callback registered under ``id(module)``.
+
+    Pattern callbacks (:func:`exposing_patterns`) still apply inside, and the inputs a callback
+    receives carry the probabilities after them.
+    """
+    token = _input_callbacks.set(callbacks)
+    try:
+        with _selected(model):
+            yield
+    finally:
+        _input_callbacks.reset(token)

@@ -265,11 +265,24 @@ class InterpModel(NNsight):
         *,
         stubs: Mapping[str, object] | None = None,
         extra_inputs: Mapping[str, object] | None = None,
+        start: int = 0,
+        past: object | None = None,
     ) -> tuple[object, dict[Site, torch.Tensor]]:
-        """One forward of checked ``tokens`` under ``plan``; see :func:`engine.run_plan`."""
+        """One forward of checked ``tokens`` under ``plan``; see :func:`engine.run_plan`.
+
+        With ``start > 0`` (causal models only), only the positions from ``start`` on run:
+        ``past`` is a key/value cache holding the first ``start`` positions of every layer, and
+        the attention mask still covers the whole sequence.
+        """
         if self._order_index is None:
             self._order_index = {path: i for i, path in enumerate(self.execution_order)}
         inputs = self._forward_inputs(tokens)
+        if start:
+            inputs["input_ids"] = inputs["input_ids"][:, start:]
+            if "position_ids" in inputs:
+                inputs["position_ids"] = inputs["position_ids"][:, start:]
+            inputs["past_key_values"] = past
+            inputs["use_cache"] = True
         if extra_inputs:
             inputs.update(extra_inputs)
         return run_plan(self._module, plan, inputs, self._order_index, self._modules, stubs)

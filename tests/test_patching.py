@@ -89,16 +89,31 @@ def test_sweep_equals_one_forward_per_cell(model: InterpModel) -> None:
     torch.testing.assert_close(result.corrupt, corrupt_logits[:, ANSWER] - corrupt_logits[:, WRONG])
 
 
-def test_reuse_and_batching_change_no_result(model: InterpModel) -> None:
+def test_reuse_and_batching_change_no_result(model: InterpModel, family: Family,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping blocks below the first patched layer and, in causal models, positions before
+    the first patched one gives the results of full forwards, on padded pairs, for every
+    component (patterns, keys and values included)."""
     clean, corrupt = pair_prompts()
     cells = model.sites(select("resid_pre", "head").layers().positions(0, -1).heads(1))
+    cells += mixed_cells(model)
     metric = LogitDiff(ANSWER, WRONG)
     base = activation_patch(model, clean, corrupt, cells, metric, reuse=False, batch_size=3,
                             progress=False)
+    starts: list[int] = []
+    forward = InterpModel._forward
+
+    def spy(self, tokens, plan, **kwargs):
+        starts.append(kwargs.get("start", 0))
+        return forward(self, tokens, plan, **kwargs)
+
+    monkeypatch.setattr(InterpModel, "_forward", spy)
     for reuse, batch_size in [(True, 3), (True, 64), (True, 1), (False, 64)]:
         other = activation_patch(model, clean, corrupt, cells, metric, reuse=reuse,
                                  batch_size=batch_size, progress=False)
         torch.testing.assert_close(other.values, base.values, rtol=1e-5, atol=1e-5)
+    # Mistral's cache keeps a sliding window, which mechinterp does not extend: full positions.
+    assert any(starts) == (model.table.causal and family.name != "mistral")
 
 
 def test_sources_and_interpolation(model: InterpModel) -> None:

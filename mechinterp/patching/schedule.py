@@ -1,20 +1,17 @@
-"""How to cut a sorted list of patched cells into forwards.
+"""How to cut the patched cells of a sweep into forwards.
 
 A forward that starts at layer ``l`` (everything below comes from the corrupted run) costs about
 ``overhead + rows * depth(l)``: a fixed part (kernel launches, Python) worth ``overhead`` rows of
-compute, plus work proportional to the rows it carries through the remaining layers. Cutting at
-layer boundaries lets later forwards skip more layers, at the price of more fixed parts; a small
-dynamic programme over the layer boundaries picks the cheapest cuts.
-
-Examples:
-    >>> plan_chunks([0, 0, 1, 1], rows_per_cell=1, budget=8, n_layers=2, overhead=0.0)
-    [(0, 2), (2, 4)]
-    >>> plan_chunks([0, 0, 1, 1], rows_per_cell=1, budget=8, n_layers=2, overhead=100.0)
-    [(0, 4)]
+compute, plus work proportional to the rows it carries through the remaining layers. In a causal
+model a forward may also start at a later position. Cutting where the first patched layer or
+position changes lets later forwards skip more, at the price of more fixed parts; small dynamic
+programmes over those boundaries pick the cheapest cuts.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -25,38 +22,117 @@ def depth(layer: int, n_layers: int) -> float:
     return (n_layers - max(layer, 0) + 1) / (n_layers + 1)
 
 
-def plan_chunks(layers: Sequence[int], *, rows_per_cell: int, budget: int, n_layers: int,
-                overhead: float, first_extra_rows: int = 0) -> list[tuple[int, int]]:
-    """Cut ``layers`` (the first patched layer of each cell, sorted) into ranges of cells.
+#: Most candidate cuts between starting positions that :func:`plan_forwards` weighs.
+MAX_BANDS = 16
 
-    Each returned range runs as one or more forwards of at most ``budget`` rows. Cuts fall only
-    where the layer changes, except that a range longer than the budget is split into equal
-    forwards. ``first_extra_rows`` rows ride along in the first forward (the unpatched runs).
+
+def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int, n_layers: int,
+                  rows_per_cell: int, budget: int, overhead: float,
+                  first_extra_rows: int = 0) -> list[list[int]]:
+    """Group cells into forwards when each cell may also skip the positions before its start.
+
+    In a causal model, positions before a cell's first patched position compute what the
+    corrupted run computed, so a forward whose cells all start at ``s`` or later runs only the
+    last ``seq_len - s`` positions (the earlier ones come from the corrupted run's key/value
+    cache). A forward starting at position ``s`` and layer ``l`` then costs
+    ``overhead + rows * depth(l) * (seq_len - s) / seq_len``. Cells are first cut into bands of
+    starts, then each band along layers (:func:`plan_chunks`'s programme), choosing the cheapest
+    band cuts by a second programme over at most :data:`MAX_BANDS` candidate cuts.
+
+    Returns the cells' indices per forward; the first forward of the first band also carries
+    ``first_extra_rows`` rows when that band starts at position 0.
+
+    Examples:
+        >>> plan_forwards([0, 0, 3, 3], [0, 1, 0, 1], seq_len=4, n_layers=2, rows_per_cell=1,
+        ...               budget=8, overhead=0.5)
+        [[0, 1], [2, 3]]
+        >>> plan_forwards([0, 0, 3, 3], [0, 1, 0, 1], seq_len=4, n_layers=2, rows_per_cell=1,
+        ...               budget=8, overhead=100.0)
+        [[0, 2, 1, 3]]
     """
-    n = len(layers)
+    n = len(starts)
     if n == 0:
         return []
-    cuts = [0] + [i for i in range(1, n) if layers[i] != layers[i - 1]] + [n]
     per_forward = max(1, budget // rows_per_cell)
+    distinct = sorted(set(starts))
+    if len(distinct) > MAX_BANDS:  # candidate cuts at quantiles of the starts
+        picks = {distinct[round(i * (len(distinct) - 1) / (MAX_BANDS - 1))] for i in range(MAX_BANDS)}
+        distinct = sorted(picks | {distinct[0]})
+    band_of = [bisect.bisect_right(distinct, s) - 1 for s in starts]
+    # counts[b][l + 1]: cells of band candidate b whose first patched layer is l (l = -1 too)
+    counts = [[0] * (n_layers + 1) for _ in distinct]
+    for band, layer in zip(band_of, layers):
+        counts[band][max(layer, -1) + 1] += 1
+    prefix = [[0] * (n_layers + 1)]
+    for row in counts:
+        prefix.append([a + b for a, b in zip(prefix[-1], row)])
 
-    def cost(begin: int, end: int) -> float:
-        rows = (end - begin) * rows_per_cell + (first_extra_rows if begin == 0 else 0)
+    def band(i: int, j: int) -> tuple[float, list[int]]:
+        """Cost of the cells of candidates ``[i, j)`` as one band, and its layer cuts."""
+        per_layer = [(layer - 1, b - a) for layer, (a, b) in enumerate(zip(prefix[i], prefix[j]))
+                     if b > a]
+        scale = (seq_len - distinct[i]) / seq_len
+        extra = first_extra_rows if i == 0 else 0
+        return _layer_programme(per_layer, scale=scale, rows_per_cell=rows_per_cell,
+                                per_forward=per_forward, overhead=overhead, n_layers=n_layers,
+                                extra=extra)
+
+    k = len(distinct)
+    best = [0.0] + [math.inf] * k
+    back: list[tuple[int, list[int]]] = [(0, [])] * (k + 1)
+    for j in range(1, k + 1):
+        for i in range(j):
+            cost, cuts = band(i, j)
+            if best[i] + cost < best[j]:
+                best[j], back[j] = best[i] + cost, (i, cuts)
+    bands: list[tuple[int, int, list[int]]] = []
+    j = k
+    while j > 0:
+        i, cuts = back[j]
+        bands.append((i, j, cuts))
+        j = i
+    forwards: list[list[int]] = []
+    for i, j, cuts in reversed(bands):
+        cells = sorted((c for c in range(n) if i <= band_of[c] < j), key=lambda c: layers[c])
+        bounds = [0] + [sum(1 for c in cells if layers[c] < cut) for cut in cuts] + [len(cells)]
+        for b0, b1 in itertools.pairwise(bounds):
+            if first_extra_rows and not forwards and distinct[i] == 0:
+                head = min(b1, b0 + max(1, (budget - first_extra_rows) // rows_per_cell))
+                forwards.append(cells[b0:head])
+                b0 = head
+            forwards.extend(cells[a:b] for a, b in split_forwards(b0, b1, per_forward))
+    return forwards
+
+
+def _layer_programme(per_layer: list[tuple[int, int]], *, scale: float, rows_per_cell: int,
+                     per_forward: int, overhead: float, n_layers: int, extra: int
+                     ) -> tuple[float, list[int]]:
+    """Cheapest cuts of one band along layers: ``per_layer`` is ``(layer, cells)`` sorted by
+    layer; returns the cost and the layers where new ranges begin."""
+    counts = [0]
+    for _, cells in per_layer:
+        counts.append(counts[-1] + cells)
+
+    def cost(t: int, u: int) -> float:
+        rows = (counts[u] - counts[t]) * rows_per_cell + (extra if t == 0 else 0)
         forwards = math.ceil(rows / (per_forward * rows_per_cell))
-        return forwards * overhead + rows * depth(layers[begin], n_layers)
+        return forwards * overhead + rows * depth(per_layer[t][0], n_layers) * scale
 
-    best = [0.0] + [math.inf] * (len(cuts) - 1)
-    back = [0] * len(cuts)
-    for k in range(1, len(cuts)):
-        for t in range(k):
-            total = best[t] + cost(cuts[t], cuts[k])
-            if total < best[k]:
-                best[k], back[k] = total, t
-    ranges = []
-    k = len(cuts) - 1
-    while k > 0:
-        ranges.append((cuts[back[k]], cuts[k]))
-        k = back[k]
-    return ranges[::-1]
+    m = len(per_layer)
+    best = [0.0] + [math.inf] * m
+    back = [0] * (m + 1)
+    for u in range(1, m + 1):
+        for t in range(u):
+            total = best[t] + cost(t, u)
+            if total < best[u]:
+                best[u], back[u] = total, t
+    cuts = []
+    u = m
+    while u > 0:
+        u = back[u]
+        if u > 0:
+            cuts.append(per_layer[u][0])
+    return best[m], cuts[::-1]
 
 
 def split_forwards(begin: int, end: int, per_forward: int) -> list[tuple[int, int]]:

@@ -5,10 +5,13 @@ site's activation replaced by its value from the clean prompt (or a mean, or ano
 a metric scores the run. Cells are packed into batches: row ``c * n_pairs + p`` of a forward is
 cell ``c`` on pair ``p``, and one kernel call per (component, layer) writes every row's patch.
 
-Work a patch cannot change is not redone: cells are sorted by layer, and the blocks below a
-batch's first patched layer return the corrupted run's outputs instead of being recomputed. In a
-causal model, a cell that only patches positions before the first difference between the clean
-and corrupted prompts cannot change anything, so its value is the corrupted run's, uncomputed. A
+Work a patch cannot change is not redone: cells are grouped by their first patched layer, and
+the blocks below a batch's first patched layer return the corrupted run's outputs instead of
+being recomputed. In a causal model, cells are also grouped by their first patched position, and
+a batch runs only the positions from its first patched one on, attending to the corrupted run's
+keys and values for the earlier ones (see :mod:`mechinterp.patching.prefix`). A cell that only
+patches positions before the first difference between the clean and corrupted prompts, or after
+the scored position, cannot change the score, so its value is the corrupted run's, uncomputed. A
 causal LM only computes logits at the scored position.
 """
 
@@ -29,8 +32,9 @@ from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
 from mechinterp.patching.boxes import BoxPatch, as_rows, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
+from mechinterp.patching.prefix import from_position, keys_values, prefix_cache
 from mechinterp.patching.result import PatchingResult
-from mechinterp.patching.schedule import plan_chunks, split_forwards
+from mechinterp.patching.schedule import plan_forwards
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site
 
@@ -74,8 +78,9 @@ def activation_patch(
         batch_size: rows (cells x pairs) per forward; by default sized to a quarter of the free
             memory on GPUs and to about 1 GiB of activations (at most 512 rows) on the CPU. Out
             of memory halves it and retries, keeping the cells already finished.
-        reuse: skip the blocks below a batch's first patched layer (their outputs are the
-            corrupted run's). Results are the same either way.
+        reuse: skip the blocks below a batch's first patched layer and, in causal models, the
+            positions before its first patched position (both are the corrupted run's).
+            Results are the same either way, up to floating-point rounding.
         progress: show a progress bar.
         results: a file to keep results in. An interrupted sweep run again with the same file
             and arguments resumes where it stopped; finished sweeps are returned from it.
@@ -127,7 +132,9 @@ class _Sweep:
         the corrupted run's (``"corrupt"``); by default each cell patches its own site from the
         clean run. ``corruption(first_row)`` is an edit applied to every row from ``first_row``
         on (the corrupted and patched rows), for corruptions that are not other tokens (noise
-        on embeddings); ``corrupted_from`` is then the first position it touches."""
+        on embeddings); ``corrupted_from`` is then the first position it touches. When a forward
+        runs only the positions from ``start`` on, ``corruption(first_row, start)`` must write
+        into that suffix."""
         self.model = model
         self.clean = model._as_tokens(clean)
         self.corrupt = model._as_tokens(corrupt)
@@ -177,18 +184,46 @@ class _Sweep:
 
         In a causal model, positions before the first difference compute the same values in the
         clean and the corrupted run, so patching them (from the clean run, at any alpha) or
-        freezing anything at the corrupted values changes nothing: such a run's metric is the
+        freezing anything at the corrupted values changes nothing; nor can a patch after the
+        scored position (from any source) change the score. Such a run's metric is the
         corrupted run's, without computing it.
         """
-        if not self.model.table.causal or self.source != "clean":
+        if not self.model.table.causal:
             return []
-        first = self._first_difference()
+        first = self._first_difference() if self.source == "clean" else [0] * self.n_pairs
+        scored = self._scored_columns()
         inert = []
         for c, per_pair in enumerate(self.rects):
             if all(origin != "clean" or self._last_position(group, rect) < first[p]
+                   or self._first_position(group, rect) > scored[p]
                    for p, writes in enumerate(per_pair) for group, origin, rect in writes):
                 inert.append(c)
         return inert
+
+    def _starts(self) -> list[int]:
+        """Per cell, the first position its patched runs must compute: its first write from
+        the clean run (earlier positions are the corrupted run's); 0 outside causal models."""
+        if not self.model.table.causal:
+            return [0] * len(self.rects)
+        last = min(self._scored_columns())
+        starts = []
+        for per_pair in self.rects:
+            firsts = [self._first_position(group, rect) for writes in per_pair
+                      for group, origin, rect in writes if origin == "clean"]
+            starts.append(max(0, min(min(firsts, default=0), last)))
+        return starts
+
+    def _scored_columns(self) -> list[int]:
+        """The scored column of each pair."""
+        columns = self.score_columns
+        if isinstance(columns, int):
+            return [columns] * self.n_pairs
+        return columns.tolist()
+
+    def _first_position(self, group: tuple[str, int], rect: tuple[int, int, int, int]) -> int:
+        """The first sequence position a rectangle covers (queries for attention patterns)."""
+        a0, _, f0, _ = rect
+        return f0 // self.seq_len if group[0] == "pattern" else a0
 
     def _last_position(self, group: tuple[str, int], rect: tuple[int, int, int, int]) -> int:
         """The last sequence position a rectangle covers (queries for attention patterns)."""
@@ -227,14 +262,15 @@ class _Sweep:
             return {"logits_to_keep": 1}
         return {}
 
-    def _scored(self, logits: torch.Tensor, rows: int) -> torch.Tensor:
-        """``[rows, vocab]`` logits at the scored position of each row."""
+    def _scored(self, logits: torch.Tensor, rows: int, start: int = 0) -> torch.Tensor:
+        """``[rows, vocab]`` logits at the scored position of each row, from logits of the
+        positions from ``start`` on."""
         if logits.shape[1] == 1:
             return logits[:, 0]
         columns = self.score_columns
         if isinstance(columns, int):
-            return logits[:, columns]
-        index = columns.to(logits.device).repeat(rows // self.n_pairs)
+            return logits[:, columns - start]
+        index = (columns - start).to(logits.device).repeat(rows // self.n_pairs)
         return logits[torch.arange(rows, device=logits.device), index]
 
     # -- geometry and sources --------------------------------------------------------------
@@ -299,12 +335,17 @@ class _Sweep:
             tables.append(torch.tensor(items, dtype=torch.int64).reshape(-1, 7))
         return tables
 
-    def _boxes(self, chunk: Sequence[int], first_row: int) -> dict[tuple[str, int], torch.Tensor]:
-        """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``."""
+    def _boxes(self, chunk: Sequence[int], first_row: int, start: int = 0
+               ) -> dict[tuple[str, int], torch.Tensor]:
+        """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``
+        and positions from ``start`` (writes before it are dropped: only frozen values, equal
+        to the corrupted run's, can lie there)."""
         if not chunk:
             return {}
         tables = [self.write_tables[cell] for cell in chunk]
         writes = torch.cat(tables)
+        if start:
+            writes = self._from_position(writes, start)
         cell = torch.repeat_interleave(torch.arange(len(chunk)),
                                        torch.tensor([len(t) for t in tables]))
         pair, group, frozen = writes[:, 0], writes[:, 1], writes[:, 2].bool()
@@ -318,6 +359,26 @@ class _Sweep:
         groups, counts = torch.unique_consecutive(group[order], return_counts=True)
         pieces = torch.split(boxes[order], counts.tolist())
         return {self.groups[g]: piece for g, piece in zip(groups.tolist(), pieces)}
+
+    def _from_position(self, writes: torch.Tensor, start: int) -> torch.Tensor:
+        """Write tables moved to a forward of the positions from ``start`` on: the position
+        axis is ``a``, or, for attention patterns, blocks of ``seq_len`` along ``f``."""
+        writes = writes.clone()
+        pattern = torch.tensor([self.groups[g][0] == "pattern" for g in writes[:, 1].tolist()],
+                               dtype=torch.bool)
+        a, f = writes[:, 3:5], writes[:, 5:7]
+        a[~pattern] = (a[~pattern] - start).clamp(min=0)
+        f[pattern] = (f[pattern] - start * self.seq_len).clamp(min=0)
+        return writes[(a[:, 1] > a[:, 0]) & (f[:, 1] > f[:, 0])]
+
+    def _sources(self, group: tuple[str, int], start: int) -> torch.Tensor:
+        """A group's source values from position ``start`` on (a view)."""
+        source = self.sources[group]
+        if not start:
+            return source
+        if group[0] == "pattern":
+            return source[:, :, start * self.seq_len:]
+        return source[:, start:]
 
     @staticmethod
     def _site(group: tuple[str, int]) -> Site:
@@ -361,23 +422,20 @@ class _Sweep:
         tokens = 16384 if itemsize <= 2 else 2048
         return max(1.0, tokens / self.seq_len)
 
-    def _forwards(self, pending: list[int], budget: int, first: bool) -> list[list[int]]:
-        """The remaining cells, cut into forwards (the first one also carries the 2 x n_pairs
-        unpatched rows when ``first``)."""
+    def _forwards(self, pending: list[int], budget: int, first: bool, reuse: bool
+                  ) -> list[list[int]]:
+        """The remaining cells, cut into forwards; when ``first``, the first forward also
+        carries the 2 x n_pairs unpatched rows (alone, if no cell can run from position 0)."""
         extra = 2 * self.n_pairs if first else 0
-        ranges = plan_chunks([self.layer_of[i] for i in pending], rows_per_cell=self.n_pairs,
-                             budget=budget, n_layers=self.model.dims.n_layers,
-                             overhead=self._overhead_rows(), first_extra_rows=extra)
-        per_forward = max(1, budget // self.n_pairs)
-        forwards: list[list[int]] = []
-        for begin, end in ranges:
-            if first and begin == 0:
-                head = min(end, max(1, (budget - extra) // self.n_pairs))
-                forwards.append(pending[0:head])
-                begin = head
-            forwards.extend(pending[b:e] for b, e in split_forwards(begin, end, per_forward))
-        if first and not forwards:
-            forwards.append([])  # the unpatched runs alone
+        starts = [self.start_of[i] if reuse else 0 for i in pending]
+        layers = [self.layer_of[i] if reuse else -1 for i in pending]
+        planned = plan_forwards(starts, layers, seq_len=self.seq_len,
+                                n_layers=self.model.dims.n_layers, rows_per_cell=self.n_pairs,
+                                budget=budget, overhead=self._overhead_rows(),
+                                first_extra_rows=extra)
+        forwards = [[pending[i] for i in cells] for cells in planned]
+        if first and (not forwards or min(starts) > 0):
+            forwards.insert(0, [])  # the unpatched runs alone
         return forwards
 
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
@@ -385,6 +443,7 @@ class _Sweep:
         fingerprint = self._fingerprint() if results is not None else ""
         self.rects = self._rects()  # checks every position before any forward runs
         self.write_tables = self._write_tables()
+        self.start_of = self._starts()
         n_cells = len(self.cells)
         values = torch.full((self.n_pairs, n_cells), float("nan"))
         done = torch.zeros(n_cells, dtype=torch.bool)
@@ -399,21 +458,21 @@ class _Sweep:
             values, done = stored.values.clone(), stored.done.clone()
         inert = [i for i in self._inert() if not done[i]]
         skipped = set(inert)
-        pending = sorted((i for i in range(n_cells) if not done[i] and i not in skipped),
-                         key=lambda i: self.layer_of[i])
+        pending = [i for i in range(n_cells) if not done[i] and i not in skipped]
         budget = self._rows_per_forward(batch_size)
         extra = self._extra_inputs()
         result: PatchingResult | None = None
+        unsaved: list[tuple[list[int], torch.Tensor]] = []  # finished cells' scores [pair, cell]
         last_save = time.monotonic()
         bar = tqdm(total=n_cells, initial=int(done.sum()), desc="patching", unit="cell",
                    disable=not progress, leave=False)
         try:
-            queue = self._forwards(pending, budget, first=True)
+            queue = self._forwards(pending, budget, first=True, reuse=reuse)
             while queue:
                 chunk = queue[0]
                 try:
                     if result is None:
-                        scores = self._first_forward(chunk, extra)
+                        scores = self._first_forward(chunk, extra, reuse)
                     else:
                         scores = self._patched(chunk, reuse, extra)
                 except torch.OutOfMemoryError:
@@ -422,7 +481,7 @@ class _Sweep:
                     budget //= 2
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    queue = self._forwards(pending, budget, first=result is None)
+                    queue = self._forwards(pending, budget, first=result is None, reuse=reuse)
                     continue
                 queue.pop(0)
                 if result is None:
@@ -435,25 +494,34 @@ class _Sweep:
                         done[inert] = True
                         bar.update(len(inert))
                 if chunk:
-                    values[:, chunk] = scores.reshape(len(chunk), self.n_pairs).t().cpu().to(values.dtype)
-                    done[chunk] = True
-                    pending = pending[len(chunk):]
+                    # Kept on the device until the next save: copying now would make the host
+                    # wait for this forward before it could queue the next one.
+                    unsaved.append((chunk, scores.reshape(len(chunk), self.n_pairs).t()))
+                    finished = set(chunk)
+                    pending = [i for i in pending if i not in finished]
                     bar.update(len(chunk))
+                if reuse and self.prefix_kv is None and any(self.start_of):
+                    # The model keeps no reusable cache: every forward runs every position.
+                    self.start_of = [0] * n_cells
+                    queue = self._forwards(pending, budget, first=False, reuse=reuse)
                 if results is not None and time.monotonic() - last_save > _SAVE_EVERY_S:
+                    _store(unsaved, values, done)
                     result.save(results, fingerprint=fingerprint)
                     last_save = time.monotonic()
         finally:
             bar.close()
+            _store(unsaved, values, done)
             if results is not None and result is not None:
                 result.save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
         assert result is not None
         return result
 
-    def _first_forward(self, chunk: Sequence[int], extra: dict) -> torch.Tensor:
+    def _first_forward(self, chunk: Sequence[int], extra: dict, reuse: bool) -> torch.Tensor:
         """One forward of the clean rows, the corrupted rows and the chunk's patched rows.
 
         The clean rows' activations become the sources for this and every later forward, and
-        the corrupted rows' block outputs the reused prefix of later forwards.
+        the corrupted rows' block outputs (and, when later forwards start at later positions,
+        their keys and values) the reused prefix of later forwards.
         """
         model, pairs_n = self.model, self.n_pairs
         times = len(chunk)
@@ -477,12 +545,19 @@ class _Sweep:
 
         handles = [model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(keep(layer))
                    for layer in range(model.dims.n_layers)]
+        later_positions = reuse and any(self.start_of)
         try:
             with torch.no_grad():
-                output, _ = model._forward(tokens, plan, extra_inputs=extra)
+                output, _ = model._forward(tokens, plan, extra_inputs={
+                    **extra, **({"use_cache": True} if later_positions else {})})
         finally:
             for handle in handles:
                 handle.remove()
+        self.prefix_kv = None
+        if later_positions:
+            self.prefix_kv = keys_values(getattr(output, "past_key_values", None), pairs_n,
+                                         2 * pairs_n, self.seq_len)
+            output.past_key_values = None  # the other rows' keys and values are not needed
         if output.logits is None:
             model.table.place("logits")  # raises, naming why there is no head
         rows = tokens.shape[0]
@@ -498,26 +573,31 @@ class _Sweep:
         """Scores ``[len(chunk) * n_pairs]`` of the chunk's patched runs."""
         model = self.model
         times = len(chunk)
+        start = min(self.start_of[i] for i in chunk) if reuse and self.prefix_kv else 0
+        first_layer = min(self.layer_of[i] for i in chunk) if reuse else 0
         tokens = Tokens(self.corrupt.input_ids.repeat(times, 1), self.corrupt.attention_mask.repeat(times, 1))
-        edits = [BoxPatch(self._site(group), self.sources[group], boxes, self.alpha)
-                 for group, boxes in self._boxes(chunk, first_row=0).items()]
+        edits = [BoxPatch(self._site(group), self._sources(group, start), boxes, self.alpha)
+                 for group, boxes in self._boxes(chunk, first_row=0, start=start).items()]
         if self.corruption is not None:
-            edits.insert(0, self.corruption(0))
+            edits.insert(0, self.corruption(0, start))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
-        stubs = self._stubs(min(self.layer_of[i] for i in chunk), times) if reuse else None
+        stubs = self._stubs(first_layer, times, start)
+        past = prefix_cache(self.prefix_kv, start, times, first_layer) if start else None
         with torch.no_grad():
-            output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra)
+            output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra, start=start,
+                                       past=past)
         rows = times * self.n_pairs
-        logits = self._scored(output.logits, rows)
+        logits = self._scored(output.logits, rows, start)
         pairs = torch.arange(rows, device=logits.device) % self.n_pairs
         return self.metric(logits, pairs, self.clean_logits)
 
-    def _stubs(self, first_layer: int, times: int) -> dict[str, object] | None:
+    def _stubs(self, first_layer: int, times: int, start: int) -> dict[str, object] | None:
         """Blocks below ``first_layer`` return the corrupted run's output of block
-        ``first_layer - 1``, repeated for every cell: only that output feeds the patched blocks."""
+        ``first_layer - 1`` from position ``start`` on, repeated for every cell: only that
+        output feeds the patched blocks."""
         if first_layer <= 0:
             return None
-        output = _repeat_rows(self.block_outputs[first_layer - 1], times)
+        output = _repeat_rows(from_position(self.block_outputs[first_layer - 1], start), times)
         blocks = self.model.table.blocks.format(base=self.model.base)
         return {f"{blocks}.{layer}": output for layer in range(first_layer)}
 
@@ -540,6 +620,15 @@ class _FirstPass(TensorEdit):
         self.sweep.sources[self.group] = source
         if self.boxes is not None:
             BoxPatch(self.site, source, self.boxes, self.sweep.alpha).write(tensor, current)
+
+
+def _store(unsaved: list[tuple[list[int], torch.Tensor]], values: torch.Tensor,
+           done: torch.Tensor) -> None:
+    """Move finished cells' scores from the device into ``values`` and mark them done."""
+    for chunk, scores in unsaved:
+        values[:, chunk] = scores.cpu().to(values.dtype)
+        done[chunk] = True
+    unsaved.clear()
 
 
 def _slice_rows(output: object, begin: int, end: int) -> object:

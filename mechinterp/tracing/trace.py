@@ -225,23 +225,29 @@ class _EmbedNoise:
                             f"seed={seed}, scale={scale!r}, uniform={uniform}, "
                             f"multivariate={multivariate}, replace={replace})")
 
-    def from_row(self, first_row: int) -> TensorEdit:
-        return _AddNoise(self, first_row)
+    def from_row(self, first_row: int, start: int = 0) -> TensorEdit:
+        """The edit for rows from ``first_row`` on, in a forward of the positions from
+        ``start`` on."""
+        return _AddNoise(self, first_row, start)
 
     def __repr__(self) -> str:
         return self.description
 
 
 class _AddNoise(TensorEdit):
-    def __init__(self, noise: _EmbedNoise, first_row: int):
+    def __init__(self, noise: _EmbedNoise, first_row: int, start: int):
         super().__init__(Site("embed"))
-        self.source, self.first_row = noise, first_row
+        self.source, self.first_row, self.start = noise, first_row, start
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
-        noise = self.source.noise
+        source, start = self.source, self.start
+        begin, end = max(source.begin, start), source.end
+        if end <= begin:
+            return  # the subject lies wholly before the positions this forward runs
+        noise = source.noise[:, begin - source.begin:]
         rows = torch.arange(self.first_row, tensor.shape[0], device=noise.device) % noise.shape[0]
-        subject = tensor[self.first_row:, self.source.begin:self.source.end]
-        if self.source.replace:
+        subject = tensor[self.first_row:, begin - start:end - start]
+        if source.replace:
             subject.copy_(noise[rows])
         else:
             subject += noise[rows]

@@ -1,0 +1,68 @@
+"""The corrupted run's prefix, reused by patched runs of a causal model.
+
+In a causal model, a patched run computes exactly what the corrupted run computed at every
+position before its first patched position. A forward whose runs all start at position ``s``
+therefore runs only positions ``s`` on: the blocks' keys and values for the first ``s``
+positions come from the corrupted run, through a transformers key/value cache, and the blocks
+skipped below the first patched layer return the corrupted run's outputs from ``s`` on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - transformers without the layered cache
+    DynamicCache = DynamicLayer = None
+
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def keys_values(cache: object, begin: int, end: int, seq_len: int) -> KeysValues | None:
+    """Copies of rows ``[begin, end)`` of every layer's keys and values ``[rows, heads, pos,
+    d_head]`` in a filled cache, or None when the cache is not a plain full-length one (a
+    sliding window, say), so that positions cannot be reused."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or not layers:
+        return None
+    out = []
+    for layer in layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4 \
+                or layer.keys.shape[-2] != seq_len:
+            return None
+        out.append((layer.keys[begin:end].clone(), layer.values[begin:end].clone()))
+    return out
+
+
+def prefix_cache(kv: KeysValues, start: int, times: int, live_from: int) -> object:
+    """A cache holding the first ``start`` positions of ``kv`` for ``times`` repeats of its rows
+    (row ``c * pairs + p`` is pair ``p``), ready for the positions from ``start`` on.
+
+    Layers below ``live_from`` are skipped by the forward (their blocks are stubbed), so they get
+    a broadcast view of one row instead of a copy: only their length is ever read.
+    """
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(kv):
+        pairs = keys.shape[0]
+        keys, values = keys[:, :, :start], values[:, :, :start]
+        if index < live_from or pairs == 1:
+            keys = keys[:1].expand(pairs * times, -1, -1, -1)
+            values = values[:1].expand(pairs * times, -1, -1, -1)
+        else:
+            keys, values = keys.repeat(times, 1, 1, 1), values.repeat(times, 1, 1, 1)
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        # Set directly rather than through update(), which would copy a broadcast view.
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+def from_position(output: object, start: int) -> object:
+    """A block output (a tensor, or a tuple holding tensors) from position ``start`` on."""
+    if isinstance(output, torch.Tensor):
+        return output[:, start:] if output.dim() >= 3 else output
+    if isinstance(output, tuple):
+        return tuple(from_position(item, start) for item in output)
+    return output
