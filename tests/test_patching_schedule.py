@@ -24,11 +24,13 @@ def programme_cost(starts, layers, bands, cuts, *, seq_len, n_layers, rows_per_c
             chosen = [c for c in cells if lo <= layers[c] < hi]
             if not chosen:
                 continue
-            rows = len(chosen) * rows_per_cell + (extra if b == 0 and first_range else 0)
-            first_range = False
+            full = extra and b == 0  # the first forward runs every position and layer
+            rows = len(chosen) * rows_per_cell + (extra if full and first_range else 0)
             forwards = math.ceil(rows / (per_forward * rows_per_cell))
-            width = (seq_len - min(starts[c] for c in cells)) / seq_len
-            total += forwards * overhead + rows * depth(min(layers[c] for c in chosen), n_layers) * width
+            width = 1.0 if full else (seq_len - min(starts[c] for c in cells)) / seq_len
+            layer = -1 if full and first_range else min(layers[c] for c in chosen)
+            first_range = False
+            total += forwards * overhead + rows * depth(layer, n_layers) * width
     return total
 
 
@@ -52,9 +54,11 @@ def brute_force(starts, layers, **kwargs):
 def forwards_cost(starts, layers, forwards, *, seq_len, n_layers, overhead, extra, **_):
     total = 0.0
     for i, cells in enumerate(forwards):
-        rows = len(cells) + (extra if i == 0 else 0)
+        if i == 0 and extra:  # the first forward runs every position and layer
+            total += overhead + (len(cells) + extra) * depth(-1, n_layers)
+            continue
         width = (seq_len - min(starts[c] for c in cells)) / seq_len
-        total += overhead + rows * depth(min(layers[c] for c in cells), n_layers) * width
+        total += overhead + len(cells) * depth(min(layers[c] for c in cells), n_layers) * width
     return total
 
 
@@ -65,14 +69,13 @@ def forwards_cost(starts, layers, forwards, *, seq_len, n_layers, overhead, extr
 )
 def test_plan_is_no_dearer_than_the_cheapest_cut(cells, budget, overhead, extra):
     starts, layers = [s for s, _ in cells], [layer for _, layer in cells]
-    if min(starts) > 0:
-        extra = 0  # the unpatched rows then run alone, outside the plan
     kwargs = {"seq_len": 5, "n_layers": 4, "rows_per_cell": 1, "budget": budget,
               "overhead": overhead, "extra": extra}
     forwards = plan_forwards(starts, layers, seq_len=5, n_layers=4, rows_per_cell=1,
                              budget=budget, overhead=overhead, first_extra_rows=extra)
     assert sorted(c for f in forwards for c in f) == list(range(len(cells)))
-    assert all(0 < len(f) <= max(1, budget) for f in forwards)
+    assert all(0 < len(f) <= max(1, budget) for f in forwards[1 if extra else 0:])
+    assert not extra or len(forwards[0]) + extra <= max(budget, extra + 1)
     best = brute_force(starts, layers, **kwargs)
     assert forwards_cost(starts, layers, forwards, **kwargs) <= best + 1e-9
 

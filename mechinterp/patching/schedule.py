@@ -23,7 +23,7 @@ def depth(layer: int, n_layers: int) -> float:
 
 
 #: Most candidate cuts between starting positions that :func:`plan_forwards` weighs.
-MAX_BANDS = 16
+MAX_BANDS = 10
 
 
 def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int, n_layers: int,
@@ -39,8 +39,9 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
     starts, then each band along layers (:func:`plan_chunks`'s programme), choosing the cheapest
     band cuts by a second programme over at most :data:`MAX_BANDS` candidate cuts.
 
-    Returns the cells' indices per forward; the first forward of the first band also carries
-    ``first_extra_rows`` rows when that band starts at position 0.
+    With ``first_extra_rows``, the first forward also carries that many rows (the unpatched
+    runs) and runs every position and layer, whatever its cells' starts; it then comes first in
+    the list, empty when no cell rides along.
 
     Examples:
         >>> plan_forwards([0, 0, 3, 3], [0, 1, 0, 1], seq_len=4, n_layers=2, rows_per_cell=1,
@@ -52,7 +53,7 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
     """
     n = len(starts)
     if n == 0:
-        return []
+        return [[]] if first_extra_rows else []
     per_forward = max(1, budget // rows_per_cell)
     distinct = sorted(set(starts))
     if len(distinct) > MAX_BANDS:  # candidate cuts at quantiles of the starts
@@ -71,8 +72,8 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
         """Cost of the cells of candidates ``[i, j)`` as one band, and its layer cuts."""
         per_layer = [(layer - 1, b - a) for layer, (a, b) in enumerate(zip(prefix[i], prefix[j]))
                      if b > a]
-        scale = (seq_len - distinct[i]) / seq_len
         extra = first_extra_rows if i == 0 else 0
+        scale = 1.0 if extra else (seq_len - distinct[i]) / seq_len  # the first runs in full
         return _layer_programme(per_layer, scale=scale, rows_per_cell=rows_per_cell,
                                 per_forward=per_forward, overhead=overhead, n_layers=n_layers,
                                 extra=extra)
@@ -96,7 +97,7 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
         cells = sorted((c for c in range(n) if i <= band_of[c] < j), key=lambda c: layers[c])
         bounds = [0] + [sum(1 for c in cells if layers[c] < cut) for cut in cuts] + [len(cells)]
         for b0, b1 in itertools.pairwise(bounds):
-            if first_extra_rows and not forwards and distinct[i] == 0:
+            if first_extra_rows and not forwards:
                 head = min(b1, b0 + max(1, (budget - first_extra_rows) // rows_per_cell))
                 forwards.append(cells[b0:head])
                 b0 = head
@@ -108,22 +109,22 @@ def _layer_programme(per_layer: list[tuple[int, int]], *, scale: float, rows_per
                      per_forward: int, overhead: float, n_layers: int, extra: int
                      ) -> tuple[float, list[int]]:
     """Cheapest cuts of one band along layers: ``per_layer`` is ``(layer, cells)`` sorted by
-    layer; returns the cost and the layers where new ranges begin."""
+    layer; returns the cost and the layers where new ranges begin. With ``extra`` rows, the
+    first range runs every layer (it holds the unpatched runs)."""
     counts = [0]
     for _, cells in per_layer:
         counts.append(counts[-1] + cells)
-
-    def cost(t: int, u: int) -> float:
-        rows = (counts[u] - counts[t]) * rows_per_cell + (extra if t == 0 else 0)
-        forwards = math.ceil(rows / (per_forward * rows_per_cell))
-        return forwards * overhead + rows * depth(per_layer[t][0], n_layers) * scale
-
+    # Cost per row of a range starting at entry t (inlined: this loop runs for every band).
+    per_row = [depth(-1 if extra and t == 0 else layer, n_layers) * scale
+               for t, (layer, _) in enumerate(per_layer)]
+    capacity = per_forward * rows_per_cell
     m = len(per_layer)
     best = [0.0] + [math.inf] * m
     back = [0] * (m + 1)
     for u in range(1, m + 1):
         for t in range(u):
-            total = best[t] + cost(t, u)
+            rows = (counts[u] - counts[t]) * rows_per_cell + (extra if t == 0 else 0)
+            total = best[t] + -(-rows // capacity) * overhead + rows * per_row[t]
             if total < best[u]:
                 best[u], back[u] = total, t
     cuts = []

@@ -425,7 +425,7 @@ class _Sweep:
     def _forwards(self, pending: list[int], budget: int, first: bool, reuse: bool
                   ) -> list[list[int]]:
         """The remaining cells, cut into forwards; when ``first``, the first forward also
-        carries the 2 x n_pairs unpatched rows (alone, if no cell can run from position 0)."""
+        carries the 2 x n_pairs unpatched rows (and runs every position and layer)."""
         extra = 2 * self.n_pairs if first else 0
         starts = [self.start_of[i] if reuse else 0 for i in pending]
         layers = [self.layer_of[i] if reuse else -1 for i in pending]
@@ -433,10 +433,7 @@ class _Sweep:
                                 n_layers=self.model.dims.n_layers, rows_per_cell=self.n_pairs,
                                 budget=budget, overhead=self._overhead_rows(),
                                 first_extra_rows=extra)
-        forwards = [[pending[i] for i in cells] for cells in planned]
-        if first and (not forwards or min(starts) > 0):
-            forwards.insert(0, [])  # the unpatched runs alone
-        return forwards
+        return [[pending[i] for i in cells] for cells in planned]
 
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
             results: Path | None) -> PatchingResult:
@@ -461,8 +458,7 @@ class _Sweep:
         pending = [i for i in range(n_cells) if not done[i] and i not in skipped]
         budget = self._rows_per_forward(batch_size)
         extra = self._extra_inputs()
-        result: PatchingResult | None = None
-        unsaved: list[tuple[list[int], torch.Tensor]] = []  # finished cells' scores [pair, cell]
+        book = _Book(self, values, done, inert)
         last_save = time.monotonic()
         bar = tqdm(total=n_cells, initial=int(done.sum()), desc="patching", unit="cell",
                    disable=not progress, leave=False)
@@ -470,51 +466,41 @@ class _Sweep:
             queue = self._forwards(pending, budget, first=True, reuse=reuse)
             while queue:
                 chunk = queue[0]
+                first = not book.started
                 try:
-                    if result is None:
+                    if first:
                         scores = self._first_forward(chunk, extra, reuse)
                     else:
                         scores = self._patched(chunk, reuse, extra)
                 except torch.OutOfMemoryError:
-                    if budget <= self.n_pairs * (3 if result is None else 1):
+                    if budget <= self.n_pairs * (3 if first else 1):
                         raise
                     budget //= 2
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    queue = self._forwards(pending, budget, first=result is None, reuse=reuse)
+                    queue = self._forwards(pending, budget, first=first, reuse=reuse)
                     continue
                 queue.pop(0)
-                if result is None:
-                    values = values.to(self.clean_metric.dtype)
-                    result = PatchingResult(self.cells, values, self.clean_metric.cpu(),
-                                            self.corrupt_metric.cpu(), repr(self.metric),
-                                            self.source, self.alpha, done)
-                    if inert:
-                        values[:, inert] = result.corrupt.to(values.dtype)[:, None]
-                        done[inert] = True
-                        bar.update(len(inert))
+                if first:
+                    book.started = True
+                    bar.update(len(inert))
                 if chunk:
-                    # Kept on the device until the next save: copying now would make the host
-                    # wait for this forward before it could queue the next one.
-                    unsaved.append((chunk, scores.reshape(len(chunk), self.n_pairs).t()))
+                    book.finish(chunk, scores)
                     finished = set(chunk)
                     pending = [i for i in pending if i not in finished]
                     bar.update(len(chunk))
-                if reuse and self.prefix_kv is None and any(self.start_of):
+                if first and reuse and self.prefix_kv is None and any(self.start_of):
                     # The model keeps no reusable cache: every forward runs every position.
                     self.start_of = [0] * n_cells
                     queue = self._forwards(pending, budget, first=False, reuse=reuse)
                 if results is not None and time.monotonic() - last_save > _SAVE_EVERY_S:
-                    _store(unsaved, values, done)
-                    result.save(results, fingerprint=fingerprint)
+                    book.result().save(results, fingerprint=fingerprint)
                     last_save = time.monotonic()
         finally:
             bar.close()
-            _store(unsaved, values, done)
-            if results is not None and result is not None:
-                result.save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
-        assert result is not None
-        return result
+            if results is not None and book.started:
+                book.result().save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
+        return book.result()
 
     def _first_forward(self, chunk: Sequence[int], extra: dict, reuse: bool) -> torch.Tensor:
         """One forward of the clean rows, the corrupted rows and the chunk's patched rows.
@@ -622,13 +608,34 @@ class _FirstPass(TensorEdit):
             BoxPatch(self.site, source, self.boxes, self.sweep.alpha).write(tensor, current)
 
 
-def _store(unsaved: list[tuple[list[int], torch.Tensor]], values: torch.Tensor,
-           done: torch.Tensor) -> None:
-    """Move finished cells' scores from the device into ``values`` and mark them done."""
-    for chunk, scores in unsaved:
-        values[:, chunk] = scores.cpu().to(values.dtype)
-        done[chunk] = True
-    unsaved.clear()
+class _Book:
+    """A sweep's finished cells. Scores stay on the device until a result is asked for, so
+    the host never waits for one forward before queueing the next."""
+
+    def __init__(self, sweep: _Sweep, values: torch.Tensor, done: torch.Tensor, inert: list[int]):
+        self.sweep, self.values, self.done, self.inert = sweep, values, done, inert
+        self.started = False  # the first forward (clean and corrupted runs) has run
+        self.unsaved: list[tuple[list[int], torch.Tensor]] = []  # (cells, scores [pair, cell])
+        self._result: PatchingResult | None = None
+
+    def finish(self, chunk: list[int], scores: torch.Tensor) -> None:
+        self.unsaved.append((chunk, scores.reshape(len(chunk), self.sweep.n_pairs).t()))
+
+    def result(self) -> PatchingResult:
+        sweep = self.sweep
+        if self._result is None:
+            self.values = self.values.to(sweep.clean_metric.dtype)
+            self._result = PatchingResult(sweep.cells, self.values, sweep.clean_metric.cpu(),
+                                          sweep.corrupt_metric.cpu(), repr(sweep.metric),
+                                          sweep.source, sweep.alpha, self.done)
+            if self.inert:  # their runs are the corrupted run
+                self.values[:, self.inert] = self._result.corrupt.to(self.values.dtype)[:, None]
+                self.done[self.inert] = True
+        for chunk, scores in self.unsaved:
+            self.values[:, chunk] = scores.cpu().to(self.values.dtype)
+            self.done[chunk] = True
+        self.unsaved.clear()
+        return self._result
 
 
 def _slice_rows(output: object, begin: int, end: int) -> object:
