@@ -1,4 +1,4 @@
-"""Activation patching: exact batched sweeps over sites, with metrics and results.
+"""Activation and path patching: exact batched sweeps over sites, with metrics and results.
 
 Examples:
     >>> import mechinterp
@@ -13,6 +13,7 @@ Examples:
 
 from mechinterp.patching.attribution import agreement, attribution_patch
 from mechinterp.patching.metrics import KL, CallableMetric, LogitDiff, LogProb, Metric, Prob
+from mechinterp.patching.paths import path_patch
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.sweep import activation_patch
 
@@ -27,4 +28,5 @@ __all__ = [
     "activation_patch",
     "agreement",
     "attribution_patch",
+    "path_patch",
 ]

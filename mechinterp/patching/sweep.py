@@ -157,7 +157,8 @@ class _Sweep:
                 if site.component in _UNPATCHABLE:
                     msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
                     raise InputError(msg)
-                resolve(site, model.table, model.base)  # layer, head and neuron ranges
+                if site not in model._resolved:  # checks layer, head and neuron ranges
+                    model._resolved[site] = resolve(site, model.table, model.base)
         self.metric = metric.bind(model, self.n_pairs)
         self.source, self.alpha, self.seed = source, alpha, seed
         self.corruption = corruption
@@ -324,16 +325,18 @@ class _Sweep:
             return rows
         return list(range(self.n_pairs))
 
-    def _write_tables(self) -> list[torch.Tensor]:
-        """Per cell, its writes as int64 ``[n, 7]``: pair, group index, origin (0 clean,
-        1 corrupt), a_begin, a_end, f_begin, f_end; built once so batches index tensors."""
+    def _write_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cell's writes, by cell, as int64 ``[n, 7]``: pair, group index, origin (0
+        clean, 1 corrupt), a_begin, a_end, f_begin, f_end; and where each cell's writes begin
+        (``[cells + 1]``). Built once, so that batches only index tensors."""
         group_index = {group: i for i, group in enumerate(self.groups)}
-        tables = []
+        items, offsets = [], [0]
         for per_pair in self.rects:
-            items = [(pair, group_index[group], int(origin != "clean"), *rect)
-                     for pair, writes in enumerate(per_pair) for group, origin, rect in writes]
-            tables.append(torch.tensor(items, dtype=torch.int64).reshape(-1, 7))
-        return tables
+            items.extend((pair, group_index[group], int(origin != "clean"), *rect)
+                         for pair, writes in enumerate(per_pair) for group, origin, rect in writes)
+            offsets.append(len(items))
+        return (torch.tensor(items, dtype=torch.int64).reshape(-1, 7),
+                torch.tensor(offsets, dtype=torch.int64))
 
     def _boxes(self, chunk: Sequence[int], first_row: int, start: int = 0
                ) -> dict[tuple[str, int], torch.Tensor]:
@@ -342,12 +345,15 @@ class _Sweep:
         to the corrupted run's, can lie there)."""
         if not chunk:
             return {}
-        tables = [self.write_tables[cell] for cell in chunk]
-        writes = torch.cat(tables)
+        cells = torch.tensor(chunk, dtype=torch.int64)
+        begin = self.write_offsets[cells]
+        lengths = self.write_offsets[cells + 1] - begin
+        cell = torch.repeat_interleave(torch.arange(len(chunk)), lengths)  # slot in the chunk
+        within = torch.arange(len(cell)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        writes = self.writes[begin[cell] + within]
         if start:
-            writes = self._from_position(writes, start)
-        cell = torch.repeat_interleave(torch.arange(len(chunk)),
-                                       torch.tensor([len(t) for t in tables]))
+            writes, kept = self._from_position(writes, start)
+            cell = cell[kept]
         pair, group, frozen = writes[:, 0], writes[:, 1], writes[:, 2].bool()
         # Frozen (corrupted) values sit after the clean sources in a group's source tensor.
         frozen_base = 1 if self.source == "mean" else self.n_pairs
@@ -360,16 +366,16 @@ class _Sweep:
         pieces = torch.split(boxes[order], counts.tolist())
         return {self.groups[g]: piece for g, piece in zip(groups.tolist(), pieces)}
 
-    def _from_position(self, writes: torch.Tensor, start: int) -> torch.Tensor:
-        """Write tables moved to a forward of the positions from ``start`` on: the position
-        axis is ``a``, or, for attention patterns, blocks of ``seq_len`` along ``f``."""
-        writes = writes.clone()
-        pattern = torch.tensor([self.groups[g][0] == "pattern" for g in writes[:, 1].tolist()],
-                               dtype=torch.bool)
+    def _from_position(self, writes: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes moved to a forward of the positions from ``start`` on (the position axis is
+        ``a``, or, for attention patterns, blocks of ``seq_len`` along ``f``), without those
+        that end before it; and the mask of the writes kept."""
+        pattern = torch.tensor([g[0] == "pattern" for g in self.groups])[writes[:, 1]]
         a, f = writes[:, 3:5], writes[:, 5:7]
         a[~pattern] = (a[~pattern] - start).clamp(min=0)
         f[pattern] = (f[pattern] - start * self.seq_len).clamp(min=0)
-        return writes[(a[:, 1] > a[:, 0]) & (f[:, 1] > f[:, 0])]
+        kept = (a[:, 1] > a[:, 0]) & (f[:, 1] > f[:, 0])
+        return writes[kept], kept
 
     def _sources(self, group: tuple[str, int], start: int) -> torch.Tensor:
         """A group's source values from position ``start`` on (a view)."""
@@ -439,7 +445,7 @@ class _Sweep:
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint() if results is not None else ""
         self.rects = self._rects()  # checks every position before any forward runs
-        self.write_tables = self._write_tables()
+        self.writes, self.write_offsets = self._write_table()
         self.start_of = self._starts()
         n_cells = len(self.cells)
         values = torch.full((self.n_pairs, n_cells), float("nan"))
