@@ -475,7 +475,9 @@ class _Sweep:
                 first = not book.started
                 try:
                     if first:
-                        scores = self._first_forward(chunk, extra, reuse)
+                        # Keys and values are kept only for later forwards that start later.
+                        keep_kv = reuse and any(self.start_of[c] for f in queue[1:] for c in f)
+                        scores = self._first_forward(chunk, extra, keep_kv)
                     else:
                         scores = self._patched(chunk, reuse, extra)
                 except torch.OutOfMemoryError:
@@ -495,7 +497,7 @@ class _Sweep:
                     finished = set(chunk)
                     pending = [i for i in pending if i not in finished]
                     bar.update(len(chunk))
-                if first and reuse and self.prefix_kv is None and any(self.start_of):
+                if first and keep_kv and self.prefix_kv is None:
                     # The model keeps no reusable cache: every forward runs every position.
                     self.start_of = [0] * n_cells
                     queue = self._forwards(pending, budget, first=False, reuse=reuse)
@@ -508,7 +510,7 @@ class _Sweep:
                 book.result().save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
         return book.result()
 
-    def _first_forward(self, chunk: Sequence[int], extra: dict, reuse: bool) -> torch.Tensor:
+    def _first_forward(self, chunk: Sequence[int], extra: dict, keep_kv: bool) -> torch.Tensor:
         """One forward of the clean rows, the corrupted rows and the chunk's patched rows.
 
         The clean rows' activations become the sources for this and every later forward, and
@@ -537,16 +539,15 @@ class _Sweep:
 
         handles = [model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(keep(layer))
                    for layer in range(model.dims.n_layers)]
-        later_positions = reuse and any(self.start_of)
         try:
             with torch.no_grad():
                 output, _ = model._forward(tokens, plan, extra_inputs={
-                    **extra, **({"use_cache": True} if later_positions else {})})
+                    **extra, **({"use_cache": True} if keep_kv else {})})
         finally:
             for handle in handles:
                 handle.remove()
         self.prefix_kv = None
-        if later_positions:
+        if keep_kv:
             self.prefix_kv = keys_values(getattr(output, "past_key_values", None), pairs_n,
                                          2 * pairs_n, self.seq_len)
             output.past_key_values = None  # the other rows' keys and values are not needed
