@@ -44,9 +44,10 @@ from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
 from mechinterp.patching.boxes import BoxPatch, Rect, as_rows, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
+from mechinterp.patching.prefix import CorruptedBlocks
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
-from mechinterp.patching.sweep import _repeat_rows, _slice_rows, _Sweep
+from mechinterp.patching.sweep import _Sweep
 from mechinterp.sites import Site
 
 #: Components a sender may be: those that write into the residual stream, or are it.
@@ -420,26 +421,11 @@ class _Paths:
         inert = set(self.inert)
         written = sorted({int(g) for c, table in enumerate(self.first_pass) if c not in inert
                           for g in table[:, 1].unique()})
-        reads = [self._site(self.groups[g]) for g in written]
+        reads = [_Sweep._site(self.groups[g]) for g in written]
         plan = Plan(model.table, model.base, tokens.attention_mask, reads, [], model._resolved)
-        self.block_outputs: dict[int, object] = {}
-        blocks = model.table.blocks.format(base=model.base)
-
-        def keep(layer: int):
-            def hook(_module, _args, output) -> None:
-                self.block_outputs[layer] = _slice_rows(output, n, 2 * n)
-
-            return hook
-
-        handles = [model._module.get_submodule(f"{blocks}.{layer}")
-                   .register_forward_hook(keep(layer)) for layer in range(self.n_layers)]
-        try:
-            with torch.no_grad():
-                output, values = model._forward(tokens, plan,
-                                                extra_inputs=self.sweep._extra_inputs())
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.corrupted_blocks = CorruptedBlocks(model)
+        with self.corrupted_blocks.keeping(n, 2 * n), torch.no_grad():
+            output, values = model._forward(tokens, plan, extra_inputs=self.sweep._extra_inputs())
         self.sources = {g: as_rows(values[site]) for g, site in zip(written, reads)}
         if output.logits is None:
             model.table.place("logits")  # raises, naming why there is no head
@@ -454,8 +440,8 @@ class _Paths:
         kept: dict[int, torch.Tensor] = {}
         keep = set().union(*(self.kept[c] for c in chunk))
         first = self._boxes([self.first_pass[c] for c in chunk], sources_are_rows=False)
-        edits = [_ReadThenPatch(self._site(self.groups[g]), g, kept if g in keep else None,
-                                BoxPatch(self._site(self.groups[g]), self.sources[g], first[g])
+        edits = [_ReadThenPatch(_Sweep._site(self.groups[g]), g, kept if g in keep else None,
+                                BoxPatch(_Sweep._site(self.groups[g]), self.sources[g], first[g])
                                 if g in first else None)
                  for g in self._in_forward_order(set(first) | keep)]
         layer = min(self.start_layers[c][0] for c in chunk)
@@ -463,7 +449,7 @@ class _Paths:
         if self.output:
             return self._score(logits)
         second = self._boxes([self.second_pass[c] for c in chunk], sources_are_rows=True)
-        edits = [BoxPatch(self._site(self.groups[g]), kept[g], second[g])
+        edits = [BoxPatch(_Sweep._site(self.groups[g]), kept[g], second[g])
                  for g in self._in_forward_order(set(second))]
         layer = min(self.start_layers[c][1] for c in chunk)
         return self._score(self._forward(len(chunk), edits, layer))
@@ -504,7 +490,7 @@ class _Paths:
         tokens = Tokens(corrupt.input_ids.repeat(times, 1), corrupt.attention_mask.repeat(times, 1))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
         with torch.no_grad():
-            output, _ = model._forward(tokens, plan, stubs=self._stubs(first_layer, times),
+            output, _ = model._forward(tokens, plan, stubs=self.corrupted_blocks.stubs(first_layer, times),
                                        extra_inputs=self.sweep._extra_inputs())
         return self.sweep._scored(output.logits, times * self.n_pairs)
 
@@ -513,19 +499,6 @@ class _Paths:
         pairs = torch.arange(logits.shape[0], device=logits.device) % self.n_pairs
         return self.sweep.metric(logits, pairs, self.clean_logits)
 
-    def _stubs(self, first_layer: int, times: int) -> dict[str, object] | None:
-        """Blocks below ``first_layer`` compute what the corrupted run did: they return block
-        ``first_layer - 1``'s output from it, the only one that feeds the edited blocks."""
-        if first_layer <= 0:
-            return None
-        output = _repeat_rows(self.block_outputs[first_layer - 1], times)
-        blocks = self.model.table.blocks.format(base=self.model.base)
-        return {f"{blocks}.{layer}": output for layer in range(first_layer)}
-
-    @staticmethod
-    def _site(group: Group) -> Site:
-        component, layer = group
-        return Site(component, layer=None if layer < 0 else layer)
 
 
 class _ReadThenPatch(TensorEdit):

@@ -9,7 +9,14 @@ skipped below the first patched layer return the corrupted run's outputs from ``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from mechinterp.model import InterpModel
 
 try:
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -66,3 +73,60 @@ def from_position(output: object, start: int) -> object:
     if isinstance(output, tuple):
         return tuple(from_position(item, start) for item in output)
     return output
+
+
+def rows_of(output: object, begin: int, end: int) -> object:
+    """Rows ``[begin, end)`` of a block output (a tensor, or a tuple holding tensors), copied."""
+    if isinstance(output, torch.Tensor):
+        return output[begin:end].clone()
+    if isinstance(output, tuple):
+        return tuple(rows_of(item, begin, end) for item in output)
+    return output
+
+
+def repeat_rows(output: object, times: int) -> object:
+    """Repeat the batch of a block output (a tensor, or a tuple holding tensors) ``times`` times."""
+    if isinstance(output, torch.Tensor):
+        return output.repeat(times, *([1] * (output.dim() - 1)))
+    if isinstance(output, tuple):
+        return tuple(repeat_rows(item, times) for item in output)
+    return output
+
+
+class CorruptedBlocks:
+    """The corrupted run's block outputs, kept from one forward and returned by the blocks that
+    later forwards skip."""
+
+    def __init__(self, model: InterpModel):
+        self.model = model
+        self.blocks = model.table.blocks.format(base=model.base)
+        self.outputs: dict[int, object] = {}
+
+    @contextlib.contextmanager
+    def keeping(self, begin: int, end: int) -> Iterator[None]:
+        """Keep rows ``[begin, end)`` (the corrupted runs) of every block's output in the
+        enclosed forward."""
+
+        def keep(layer: int):
+            def hook(_module, _args, output) -> None:
+                self.outputs[layer] = rows_of(output, begin, end)
+
+            return hook
+
+        module = self.model._module
+        handles = [module.get_submodule(f"{self.blocks}.{layer}").register_forward_hook(keep(layer))
+                   for layer in range(self.model.dims.n_layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def stubs(self, first_layer: int, times: int, start: int = 0) -> dict[str, object] | None:
+        """Blocks below ``first_layer`` return the corrupted run's output of block
+        ``first_layer - 1`` from position ``start`` on, repeated ``times`` times: only that
+        output feeds the blocks that run."""
+        if first_layer <= 0:
+            return None
+        output = repeat_rows(from_position(self.outputs[first_layer - 1], start), times)
+        return {f"{self.blocks}.{layer}": output for layer in range(first_layer)}

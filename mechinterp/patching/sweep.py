@@ -32,7 +32,7 @@ from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
 from mechinterp.patching.boxes import BoxPatch, as_rows, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
-from mechinterp.patching.prefix import from_position, keys_values, prefix_cache
+from mechinterp.patching.prefix import CorruptedBlocks, keys_values, prefix_cache
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
 from mechinterp.positions import RowSpans
@@ -528,24 +528,10 @@ class _Sweep:
         if self.corruption is not None:
             edits.insert(0, self.corruption(pairs_n))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
-        self.block_outputs: dict[int, object] = {}
-        blocks = model.table.blocks.format(base=model.base)
-
-        def keep(layer: int):
-            def hook(_module, _args, output) -> None:
-                self.block_outputs[layer] = _slice_rows(output, pairs_n, 2 * pairs_n)
-
-            return hook
-
-        handles = [model._module.get_submodule(f"{blocks}.{layer}").register_forward_hook(keep(layer))
-                   for layer in range(model.dims.n_layers)]
-        try:
-            with torch.no_grad():
-                output, _ = model._forward(tokens, plan, extra_inputs={
-                    **extra, **({"use_cache": True} if keep_kv else {})})
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.corrupted_blocks = CorruptedBlocks(model)
+        with self.corrupted_blocks.keeping(pairs_n, 2 * pairs_n), torch.no_grad():
+            output, _ = model._forward(tokens, plan, extra_inputs={
+                **extra, **({"use_cache": True} if keep_kv else {})})
         self.prefix_kv = None
         if keep_kv:
             self.prefix_kv = keys_values(getattr(output, "past_key_values", None), pairs_n,
@@ -574,7 +560,7 @@ class _Sweep:
         if self.corruption is not None:
             edits.insert(0, self.corruption(0, start))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
-        stubs = self._stubs(first_layer, times, start)
+        stubs = self.corrupted_blocks.stubs(first_layer, times, start)
         past = prefix_cache(self.prefix_kv, start, times, first_layer) if start else None
         with torch.no_grad():
             output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra, start=start,
@@ -583,16 +569,6 @@ class _Sweep:
         logits = self._scored(output.logits, rows, start)
         pairs = torch.arange(rows, device=logits.device) % self.n_pairs
         return self.metric(logits, pairs, self.clean_logits)
-
-    def _stubs(self, first_layer: int, times: int, start: int) -> dict[str, object] | None:
-        """Blocks below ``first_layer`` return the corrupted run's output of block
-        ``first_layer - 1`` from position ``start`` on, repeated for every cell: only that
-        output feeds the patched blocks."""
-        if first_layer <= 0:
-            return None
-        output = _repeat_rows(from_position(self.block_outputs[first_layer - 1], start), times)
-        blocks = self.model.table.blocks.format(base=self.model.base)
-        return {f"{blocks}.{layer}": output for layer in range(first_layer)}
 
 
 class _FirstPass(TensorEdit):
@@ -643,21 +619,3 @@ class _Book:
             self.done[chunk] = True
         self.unsaved.clear()
         return self._result
-
-
-def _slice_rows(output: object, begin: int, end: int) -> object:
-    """Rows ``[begin, end)`` of a block output (a tensor, or a tuple holding tensors), copied."""
-    if isinstance(output, torch.Tensor):
-        return output[begin:end].clone()
-    if isinstance(output, tuple):
-        return tuple(_slice_rows(item, begin, end) for item in output)
-    return output
-
-
-def _repeat_rows(output: object, times: int) -> object:
-    """Repeat the batch of a block output (a tensor, or a tuple holding tensors) ``times`` times."""
-    if isinstance(output, torch.Tensor):
-        return output.repeat(times, *([1] * (output.dim() - 1)))
-    if isinstance(output, tuple):
-        return tuple(_repeat_rows(item, times) for item in output)
-    return output
