@@ -7,8 +7,10 @@ the ``p``-th real token of a row and ``p < 0`` counts back from its last real to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mechinterp.errors import SiteError
@@ -58,3 +60,19 @@ class RowSpans:
             return pos if pos >= 0 else self.seq_len + pos
         cols = torch.where(wanted >= 0, start[:, None] + wanted, start[:, None] + length[:, None] + wanted)
         return cols[:, 0] if isinstance(pos, int) else cols
+
+    def int_columns(self, positions: Sequence[int]) -> np.ndarray:
+        """Columns ``[len(positions), rows]`` of many int positions at once, checked as
+        :meth:`columns` checks them."""
+        wanted = np.asarray(positions, dtype=np.int64).reshape(-1, 1)
+        length = self.length.numpy()
+        shortest = int(length.min()) if length.size else 0
+        bad = wanted[(wanted < -shortest) | (wanted >= shortest)]
+        if bad.size:
+            msg = (
+                f"pos must lie in [{-shortest}, {shortest}) for a batch whose shortest row has "
+                f"{shortest} tokens; got pos={int(bad[0])}"
+            )
+            raise SiteError(msg)
+        start = self.start.numpy()[None, :]
+        return np.where(wanted >= 0, start + wanted, start + length[None, :] + wanted)

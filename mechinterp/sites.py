@@ -116,6 +116,17 @@ class Site:
                 )
                 raise SiteError(msg)
 
+    @classmethod
+    def _checked_fields(cls, component: str, layer: int | None, pos: Index, head: Index,
+                        neuron: Index) -> Site:
+        """A site from fields that are already known to be valid together (a selector checks
+        one site of its grid the normal way, then builds the rest with this)."""
+        site = object.__new__(cls)
+        for name, value in (("component", component), ("layer", layer), ("pos", pos),
+                            ("head", head), ("neuron", neuron)):
+            object.__setattr__(site, name, value)
+        return site
+
     @property
     def axes(self) -> tuple[str, ...]:
         """The axes of the tensor read at this site (int-indexed axes removed)."""
@@ -205,8 +216,14 @@ class SiteSelector:
                 _expand("neurons", self.neuron_values, n_neurons, "n_neurons")
                 if "neuron" in axes else [None]
             )
-            for layer, pos, head, neuron in itertools.product(layers, positions, heads, neurons):
-                out.append(Site(component, layer=layer, pos=pos, head=head, neuron=neuron))
+            grid = itertools.product(layers, positions, heads, neurons)
+            first = next(grid, None)
+            if first is None:
+                continue
+            # Every value was checked when the selector was built, and every combination is
+            # valid once one is: only the first site needs the full check.
+            out.append(Site(component, *first))
+            out.extend(Site._checked_fields(component, *fields) for fields in grid)
         return out
 
 

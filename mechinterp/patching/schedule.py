@@ -55,6 +55,10 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
     if n == 0:
         return [[]] if first_extra_rows else []
     per_forward = max(1, budget // rows_per_cell)
+    rows = n * rows_per_cell
+    if rows <= overhead and rows + first_extra_rows <= budget:
+        # A second forward would cost more than all the rows it could shorten.
+        return [sorted(range(n), key=lambda c: layers[c])]
     distinct = sorted(set(starts))
     if len(distinct) > MAX_BANDS:  # candidate cuts at quantiles of the starts
         picks = {distinct[round(i * (len(distinct) - 1) / (MAX_BANDS - 1))] for i in range(MAX_BANDS)}

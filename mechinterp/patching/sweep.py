@@ -35,6 +35,7 @@ from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.prefix import CorruptedBlocks, keys_values, prefix_cache
 from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
+from mechinterp.patching.writes import WriteTable, build_writes
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site
 
@@ -152,23 +153,30 @@ class _Sweep:
             msg = "sites must name at least one site to patch; got none"
             raise InputError(msg)
         self.parts = parts if parts is not None else [[(site, "clean")] for site in self.cells]
+        groups: dict[tuple[str, int | None], tuple[str, int]] = {}  # by the layer as given
+        self.layer_of: list[int] = []  # per cell, its first patched layer
+        self.frozen_groups: set[tuple[str, int]] = set()
         for cell in self.parts:
-            for site, _ in cell:
-                if site.component in _UNPATCHABLE:
-                    msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
-                    raise InputError(msg)
+            first_layer = None
+            for site, origin in cell:
+                group = groups.get((site.component, site.layer))
+                if group is None:
+                    if site.component in _UNPATCHABLE:
+                        msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
+                        raise InputError(msg)
+                    group = groups[site.component, site.layer] = self._group(site)
                 if site not in model._resolved:  # checks layer, head and neuron ranges
                     model._resolved[site] = resolve(site, model.table, model.base)
+                if origin == "corrupt":
+                    self.frozen_groups.add(group)
+                first_layer = group[1] if first_layer is None else min(first_layer, group[1])
+            self.layer_of.append(first_layer)
+        self.groups = sorted(set(groups.values()), key=lambda g: (g[1], g[0]))
         self.metric = metric.bind(model, self.n_pairs)
         self.source, self.alpha, self.seed = source, alpha, seed
         self.corruption = corruption
         self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
         self.score_columns = self._score_columns(position)
-        self.layer_of = [min(self._layer(site) for site, _ in cell) for cell in self.parts]
-        self.groups = sorted({self._group(site) for cell in self.parts for site, _ in cell},
-                             key=lambda g: (g[1], g[0]))
-        self.frozen_groups = {self._group(site) for cell in self.parts for site, origin in cell
-                              if origin == "corrupt"}
         self.corrupted_from = corrupted_from
 
     def _first_difference(self) -> list[int]:
@@ -192,27 +200,14 @@ class _Sweep:
         if not self.model.table.causal:
             return []
         first = self._first_difference() if self.source == "clean" else [0] * self.n_pairs
-        scored = self._scored_columns()
-        inert = []
-        for c, per_pair in enumerate(self.rects):
-            if all(origin != "clean" or self._last_position(group, rect) < first[p]
-                   or self._first_position(group, rect) > scored[p]
-                   for p, writes in enumerate(per_pair) for group, origin, rect in writes):
-                inert.append(c)
-        return inert
+        return self.table.inert(first, self._scored_columns()).tolist()
 
     def _starts(self) -> list[int]:
         """Per cell, the first position its patched runs must compute: its first write from
         the clean run (earlier positions are the corrupted run's); 0 outside causal models."""
         if not self.model.table.causal:
-            return [0] * len(self.rects)
-        last = min(self._scored_columns())
-        starts = []
-        for per_pair in self.rects:
-            firsts = [self._first_position(group, rect) for writes in per_pair
-                      for group, origin, rect in writes if origin == "clean"]
-            starts.append(max(0, min(min(firsts, default=0), last)))
-        return starts
+            return [0] * self.table.n_cells
+        return self.table.starts(min(self._scored_columns())).tolist()
 
     def _scored_columns(self) -> list[int]:
         """The scored column of each pair."""
@@ -220,20 +215,6 @@ class _Sweep:
         if isinstance(columns, int):
             return [columns] * self.n_pairs
         return columns.tolist()
-
-    def _first_position(self, group: tuple[str, int], rect: tuple[int, int, int, int]) -> int:
-        """The first sequence position a rectangle covers (queries for attention patterns)."""
-        a0, _, f0, _ = rect
-        return f0 // self.seq_len if group[0] == "pattern" else a0
-
-    def _last_position(self, group: tuple[str, int], rect: tuple[int, int, int, int]) -> int:
-        """The last sequence position a rectangle covers (queries for attention patterns)."""
-        a0, a1, f0, f1 = rect
-        if a1 <= a0 or f1 <= f0:
-            return -1
-        if group[0] == "pattern":
-            return (f1 - 1) // self.seq_len
-        return a1 - 1
 
     def _layer(self, site: Site) -> int:
         return -1 if site.layer is None else site.layer % self.model.dims.n_layers
@@ -325,18 +306,13 @@ class _Sweep:
             return rows
         return list(range(self.n_pairs))
 
-    def _write_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cell's writes, by cell, as int64 ``[n, 7]``: pair, group index, origin (0
-        clean, 1 corrupt), a_begin, a_end, f_begin, f_end; and where each cell's writes begin
-        (``[cells + 1]``). Built once, so that batches only index tensors."""
-        group_index = {group: i for i, group in enumerate(self.groups)}
-        items, offsets = [], [0]
-        for per_pair in self.rects:
-            items.extend((pair, group_index[group], int(origin != "clean"), *rect)
-                         for pair, writes in enumerate(per_pair) for group, origin, rect in writes)
-            offsets.append(len(items))
-        return (torch.tensor(items, dtype=torch.int64).reshape(-1, 7),
-                torch.tensor(offsets, dtype=torch.int64))
+    def _write_table(self) -> WriteTable:
+        """Every cell's writes (checks every position before any forward runs)."""
+        dims = self.model.dims
+        return build_writes(self.parts, spans=self.spans, n_pairs=self.n_pairs,
+                            group_index={group: i for i, group in enumerate(self.groups)},
+                            group_of=self._group, extent=self._extent,
+                            heads_of=lambda c: dims.n_kv_heads if c in ("k", "v") else dims.n_heads)
 
     def _boxes(self, chunk: Sequence[int], first_row: int, start: int = 0
                ) -> dict[tuple[str, int], torch.Tensor]:
@@ -444,8 +420,9 @@ class _Sweep:
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint() if results is not None else ""
-        self.rects = self._rects()  # checks every position before any forward runs
-        self.writes, self.write_offsets = self._write_table()
+        self.table = self._write_table()  # checks every position before any forward runs
+        self.writes = torch.from_numpy(self.table.writes)
+        self.write_offsets = torch.from_numpy(self.table.offsets)
         self.start_of = self._starts()
         n_cells = len(self.cells)
         values = torch.full((self.n_pairs, n_cells), float("nan"))
