@@ -5,13 +5,19 @@ resid_pre sweep (12 x 32 cells). Prints, for the sweep with and without reuse an
 forward of as many rows, the wall time and the operators with the most device time
 (``torch.profiler``).
 
-Run: ``python benchmarks/profile_sweep.py [--dtype bfloat16] [--rows 20]``
+With ``--host``, prints instead where the host's (Python's) time goes in the sweep with reuse
+(``cProfile``, sorted by own time and by cumulative time): a sweep whose device time is below
+the plain forwards' can still be slower when the host cannot queue work fast enough.
+
+Run: ``python benchmarks/profile_sweep.py [--dtype bfloat16] [--rows 20] [--host]``
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import pstats
 
 import torch
 import transformers
@@ -37,7 +43,8 @@ def profile(label: str, fn, rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=15, help="rows of each table")
+    parser.add_argument("--host", action="store_true", help="profile the host's Python instead")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda")
@@ -50,6 +57,20 @@ def main() -> None:
     corrupt[0, 5] = (corrupt[0, 5] + 1) % 50257
     selector = select("resid_pre").layers().positions()
     metric = LogitDiff(1000, 2000)
+    if args.host:
+        sweep = functools.partial(activation_patch, model, clean, corrupt, selector, metric,
+                                  progress=False)
+        print(f"sweep: {median_time(device, sweep, 10) * 1e3:.2f} ms wall")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            sweep()
+        torch.cuda.synchronize()
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(args.rows)
+        stats.sort_stats("cumulative").print_stats(args.rows)
+        return
     for reuse in (True, False):
         profile(f"resid_pre sweep, reuse={reuse}", functools.partial(
             activation_patch, model, clean, corrupt, selector, metric, reuse=reuse,

@@ -10,13 +10,23 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from mechinterp import _C
 from mechinterp.errors import BuildError, DeviceError, DTypeError, InputError, ShapeError
 
-__all__ = ["METRIC_KINDS", "NOISE_KINDS", "diagonal_score", "fill_noise", "patch_boxes", "patch_metric"]
+__all__ = [
+    "METRIC_KINDS",
+    "NOISE_KINDS",
+    "StagedBoxes",
+    "diagonal_score",
+    "fill_noise",
+    "patch_boxes",
+    "patch_metric",
+    "stage_boxes",
+]
 
 # Names as _C spells them; the keys are every dtype _C can describe.
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -199,10 +209,51 @@ def _check_integer_table(t: object, op: str, name: str, expected: str,
         raise DTypeError(msg)
 
 
+@dataclass(frozen=True)
+class StagedBoxes:
+    """Boxes and their weights, on the host (where _C validates them) and on the device (where
+    the kernel reads them), uploaded once for many :func:`patch_boxes` calls.
+
+    A forward that patches many component tensors stages all its boxes together and hands each
+    call a slice: one upload instead of one per call.
+    """
+
+    host: torch.Tensor  # [m, 6] int64, cpu, contiguous
+    device: torch.Tensor  # the same on the device
+    alpha_host: torch.Tensor  # [m] float64, cpu, contiguous
+    alpha_device: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.host.shape[0]
+
+    def split(self, counts: list[int]) -> list[StagedBoxes]:
+        """Consecutive slices of ``counts`` boxes each (views, no copies)."""
+        parts = zip(*(t.split(counts) for t in (self.host, self.device, self.alpha_host,
+                                                self.alpha_device)))
+        return [StagedBoxes(*part) for part in parts]
+
+
+def stage_boxes(boxes: torch.Tensor, alpha: float | torch.Tensor, device: torch.device
+                ) -> StagedBoxes:
+    """Boxes ``[m, 6]`` and weights (one number, or ``[m]``) staged for ``device``."""
+    op = "stage_boxes"
+    _check_integer_table(boxes, op, "boxes", "[m, 6]",
+                         lambda shape: len(shape) == 2 and shape[1] == 6)
+    n = boxes.shape[0]
+    weights = torch.as_tensor(alpha, dtype=torch.float64)
+    weights = weights.expand(n) if weights.dim() == 0 else weights
+    if weights.shape != (n,):
+        msg = f"{op}: alpha must be a number or a tensor [{n}] (one per box), got {tuple(weights.shape)}"
+        raise ShapeError(msg)
+    host, on_device = _host_and_device(boxes.to(torch.int64), device)
+    alpha_host, alpha_device = _host_and_device(weights.to(torch.float64), device)
+    return StagedBoxes(host, on_device, alpha_host, alpha_device)
+
+
 def patch_boxes(
     dest: torch.Tensor,
     src: torch.Tensor,
-    boxes: torch.Tensor,
+    boxes: torch.Tensor | StagedBoxes,
     *,
     alpha: float | torch.Tensor = 1.0,
     cur: torch.Tensor | None = None,
@@ -218,8 +269,9 @@ def patch_boxes(
     Args:
         dest: ``[rows, a, f]`` floating tensor, any strides, written in place.
         src: ``[sources, a, f]`` with ``dest``'s dtype and device.
-        boxes: ``[m, 6]`` integer tensor (any device). Boxes of one row must not overlap.
-        alpha: one weight for every box, or ``[m]`` weights.
+        boxes: ``[m, 6]`` integer tensor (any device), or :class:`StagedBoxes` for ``dest``'s
+            device (which carry their own weights). Boxes of one row must not overlap.
+        alpha: one weight for every box, or ``[m]`` weights (with unstaged boxes).
         cur: optional ``[rows, a, f]`` tensor like ``dest``.
 
     Raises:
@@ -245,21 +297,22 @@ def patch_boxes(
             f"{tuple(dest.shape)} and {tuple(src.shape)}"
         )
         raise ShapeError(msg)
-    _check_integer_table(boxes, op, "boxes", "[m, 6]",
-                         lambda shape: len(shape) == 2 and shape[1] == 6)
-    n = boxes.shape[0]
-    weights = torch.as_tensor(alpha, dtype=torch.float64)
-    weights = weights.expand(n) if weights.dim() == 0 else weights
-    if weights.shape != (n,):
-        msg = f"{op}: alpha must be a number or a tensor [{n}] (one per box), got {tuple(weights.shape)}"
-        raise ShapeError(msg)
     if cur is not None:
         cur = _check_floating(cur, op, "cur")
-    boxes_host, boxes_dev = _host_and_device(boxes.to(torch.int64), dest.device)
-    alpha_host, alpha_dev = _host_and_device(weights.to(torch.float64), dest.device)
+    if isinstance(boxes, StagedBoxes):
+        if not (isinstance(alpha, (int, float)) and alpha == 1.0):
+            msg = f"{op}: staged boxes carry their own weights; alpha must be left unset, got {alpha!r}"
+            raise InputError(msg)
+        if boxes.device.device != dest.device:
+            msg = f"{op}: boxes were staged for {boxes.device.device}, but dest is on {dest.device}"
+            raise DeviceError(msg)
+        staged = boxes
+    else:
+        staged = stage_boxes(boxes, alpha, dest.device)
     _C.patch_boxes(
-        _view(dest), _view(src), None if cur is None else _view(cur), _view(boxes_host),
-        _view(boxes_dev), _view(alpha_host), _view(alpha_dev), _stream(dest),
+        _view(dest), _view(src), None if cur is None else _view(cur), _view(staged.host),
+        _view(staged.device), _view(staged.alpha_host), _view(staged.alpha_device),
+        _stream(dest),
     )
 
 

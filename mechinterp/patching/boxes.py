@@ -95,20 +95,25 @@ class BoxPatch(TensorEdit):
     """Write rectangles of ``src`` into the whole tensor of ``site`` (one component, one layer).
 
     ``boxes`` is ``[m, 6]`` int64 ``(row, source, a_begin, a_end, f_begin, f_end)`` over the
-    ``[rows, a, f]`` view of the component; ``alpha`` interpolates (1 replaces).
+    ``[rows, a, f]`` view of the component; ``alpha`` interpolates (1 replaces). Boxes already
+    staged on the device (:func:`mechinterp._ops.stage_boxes`) carry their own weights.
     """
 
-    def __init__(self, site: Site, src: torch.Tensor, boxes: torch.Tensor, alpha: float = 1.0):
+    def __init__(self, site: Site, src: torch.Tensor, boxes: torch.Tensor | _ops.StagedBoxes,
+                 alpha: float = 1.0):
         super().__init__(site)
         self.src, self.boxes, self.alpha = src, boxes, alpha
 
     def _detail(self) -> str:
-        return f", {self.boxes.shape[0]} boxes from source {tuple(self.src.shape)}"
+        return f", {len(self.boxes)} boxes from source {tuple(self.src.shape)}"
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
         flat = flat_view(tensor)
         target = flat if flat is not None else as_rows(tensor)
         cur = None if current is None else current.reshape(target.shape)
-        _ops.patch_boxes(target, self.src, self.boxes, alpha=self.alpha, cur=cur)
+        if isinstance(self.boxes, _ops.StagedBoxes):
+            _ops.patch_boxes(target, self.src, self.boxes, cur=cur)
+        else:
+            _ops.patch_boxes(target, self.src, self.boxes, alpha=self.alpha, cur=cur)
         if flat is None:  # the component had no flat view: copy the patched values back
             tensor.copy_(target.view(tensor.shape))

@@ -17,15 +17,19 @@ causal LM only computes logits at the scored position.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mechinterp import _ops
 from mechinterp.engine import Plan, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
@@ -239,8 +243,7 @@ class _Sweep:
         """Compute logits only where they are scored, when the model allows it."""
         last = self.score_columns == self.seq_len - 1 if isinstance(self.score_columns, int) \
             else bool((self.score_columns == self.seq_len - 1).all())
-        forward = self.model._module.forward
-        if last and "logits_to_keep" in inspect.signature(forward).parameters:
+        if last and "logits_to_keep" in _parameters(type(self.model._module).forward):
             return {"logits_to_keep": 1}
         return {}
 
@@ -315,41 +318,43 @@ class _Sweep:
                             heads_of=lambda c: dims.n_kv_heads if c in ("k", "v") else dims.n_heads)
 
     def _boxes(self, chunk: Sequence[int], first_row: int, start: int = 0
-               ) -> dict[tuple[str, int], torch.Tensor]:
+               ) -> dict[tuple[str, int], _ops.StagedBoxes]:
         """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``
         and positions from ``start`` (writes before it are dropped: only frozen values, equal
-        to the corrupted run's, can lie there)."""
+        to the corrupted run's, can lie there), staged on the device in one upload."""
         if not chunk:
             return {}
-        cells = torch.tensor(chunk, dtype=torch.int64)
-        begin = self.write_offsets[cells]
-        lengths = self.write_offsets[cells + 1] - begin
-        cell = torch.repeat_interleave(torch.arange(len(chunk)), lengths)  # slot in the chunk
-        within = torch.arange(len(cell)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        writes = self.writes[begin[cell] + within]
+        offsets = self.table.offsets
+        cells = np.asarray(chunk, dtype=np.int64)
+        begin, lengths = offsets[cells], offsets[cells + 1] - offsets[cells]
+        slot = np.repeat(np.arange(len(chunk)), lengths)  # each write's cell, as a slot in the chunk
+        within = np.arange(len(slot)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        writes = self.table.writes[begin[slot] + within]
         if start:
             writes, kept = self._from_position(writes, start)
-            cell = cell[kept]
-        pair, group, frozen = writes[:, 0], writes[:, 1], writes[:, 2].bool()
+            slot = slot[kept]
+        pair, group, frozen = writes[:, 0], writes[:, 1], writes[:, 2].astype(bool)
         # Frozen (corrupted) values sit after the clean sources in a group's source tensor.
         frozen_base = 1 if self.source == "mean" else self.n_pairs
-        source = torch.where(frozen, frozen_base + pair,
-                             torch.tensor(self._source_rows(), dtype=torch.int64)[pair])
-        boxes = torch.cat([(first_row + cell * self.n_pairs + pair)[:, None], source[:, None],
-                           writes[:, 3:]], dim=1)
-        order = torch.argsort(group, stable=True)
-        groups, counts = torch.unique_consecutive(group[order], return_counts=True)
-        pieces = torch.split(boxes[order], counts.tolist())
-        return {self.groups[g]: piece for g, piece in zip(groups.tolist(), pieces)}
+        source = np.where(frozen, frozen_base + pair, self.source_rows[pair])
+        boxes = np.concatenate([(first_row + slot * self.n_pairs + pair)[:, None], source[:, None],
+                                writes[:, 3:]], axis=1)
+        order = np.argsort(group, kind="stable")
+        groups, counts = np.unique(group[order], return_counts=True)
+        staged = _ops.stage_boxes(torch.from_numpy(boxes[order]), self.alpha,
+                                  self.clean.input_ids.device)
+        return {self.groups[g]: piece for g, piece in zip(groups.tolist(),
+                                                           staged.split(counts.tolist()))}
 
-    def _from_position(self, writes: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _from_position(self, writes: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
         """Writes moved to a forward of the positions from ``start`` on (the position axis is
         ``a``, or, for attention patterns, blocks of ``seq_len`` along ``f``), without those
         that end before it; and the mask of the writes kept."""
-        pattern = torch.tensor([g[0] == "pattern" for g in self.groups])[writes[:, 1]]
-        a, f = writes[:, 3:5], writes[:, 5:7]
-        a[~pattern] = (a[~pattern] - start).clamp(min=0)
-        f[pattern] = (f[pattern] - start * self.seq_len).clamp(min=0)
+        pattern = np.asarray([g[0] == "pattern" for g in self.groups])[writes[:, 1]]
+        writes = writes.copy()
+        a, f = writes[:, 3:5], writes[:, 5:7]  # views into the copy
+        a[~pattern] = np.maximum(a[~pattern] - start, 0)
+        f[pattern] = np.maximum(f[pattern] - start * self.seq_len, 0)
         kept = (a[:, 1] > a[:, 0]) & (f[:, 1] > f[:, 0])
         return writes[kept], kept
 
@@ -421,8 +426,7 @@ class _Sweep:
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint() if results is not None else ""
         self.table = self._write_table()  # checks every position before any forward runs
-        self.writes = torch.from_numpy(self.table.writes)
-        self.write_offsets = torch.from_numpy(self.table.offsets)
+        self.source_rows = np.asarray(self._source_rows(), dtype=np.int64)
         self.start_of = self._starts()
         n_cells = len(self.cells)
         values = torch.full((self.n_pairs, n_cells), float("nan"))
@@ -454,7 +458,8 @@ class _Sweep:
                     if first:
                         # Keys and values are kept only for later forwards that start later.
                         keep_kv = reuse and any(self.start_of[c] for f in queue[1:] for c in f)
-                        scores = self._first_forward(chunk, extra, keep_kv)
+                        keep_blocks = reuse and len(queue) > 1
+                        scores = self._first_forward(chunk, extra, keep_kv, keep_blocks)
                     else:
                         scores = self._patched(chunk, reuse, extra)
                 except torch.OutOfMemoryError:
@@ -487,12 +492,14 @@ class _Sweep:
                 book.result().save(results, fingerprint=fingerprint)  # keeps finished cells on failure too
         return book.result()
 
-    def _first_forward(self, chunk: Sequence[int], extra: dict, keep_kv: bool) -> torch.Tensor:
+    def _first_forward(self, chunk: Sequence[int], extra: dict, keep_kv: bool, keep_blocks: bool
+                       ) -> torch.Tensor:
         """One forward of the clean rows, the corrupted rows and the chunk's patched rows.
 
-        The clean rows' activations become the sources for this and every later forward, and
-        the corrupted rows' block outputs (and, when later forwards start at later positions,
-        their keys and values) the reused prefix of later forwards.
+        The clean rows' activations become the sources for this and every later forward. When
+        later forwards follow, the corrupted rows' block outputs (``keep_blocks``) and, when
+        they start at later positions, their keys and values (``keep_kv``) become their reused
+        prefix.
         """
         model, pairs_n = self.model, self.n_pairs
         times = len(chunk)
@@ -505,8 +512,10 @@ class _Sweep:
         if self.corruption is not None:
             edits.insert(0, self.corruption(pairs_n))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
-        self.corrupted_blocks = CorruptedBlocks(model)
-        with self.corrupted_blocks.keeping(pairs_n, 2 * pairs_n), torch.no_grad():
+        self.corrupted_blocks = CorruptedBlocks(model) if keep_blocks else None
+        keeping = (self.corrupted_blocks.keeping(pairs_n, 2 * pairs_n) if keep_blocks
+                   else contextlib.nullcontext())
+        with keeping, torch.no_grad():
             output, _ = model._forward(tokens, plan, extra_inputs={
                 **extra, **({"use_cache": True} if keep_kv else {})})
         self.prefix_kv = None
@@ -537,7 +546,8 @@ class _Sweep:
         if self.corruption is not None:
             edits.insert(0, self.corruption(0, start))
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
-        stubs = self.corrupted_blocks.stubs(first_layer, times, start)
+        blocks = self.corrupted_blocks
+        stubs = None if blocks is None else blocks.stubs(first_layer, times, start)
         past = prefix_cache(self.prefix_kv, start, times, first_layer) if start else None
         with torch.no_grad():
             output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra, start=start,
@@ -546,6 +556,12 @@ class _Sweep:
         logits = self._scored(output.logits, rows, start)
         pairs = torch.arange(rows, device=logits.device) % self.n_pairs
         return self.metric(logits, pairs, self.clean_logits)
+
+
+@functools.cache
+def _parameters(function: Callable) -> frozenset[str]:
+    """The parameter names of a model class's forward (looked up once per class)."""
+    return frozenset(inspect.signature(function).parameters)
 
 
 class _FirstPass(TensorEdit):
