@@ -46,13 +46,19 @@ def resolve(site: Site, table: SiteTable, base: str) -> Resolved:
             msg = f"layer for {site} must lie in [{-dims.n_layers}, {dims.n_layers}); got {layer}"
             raise SiteError(msg)
         layer %= dims.n_layers
-    n_heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
-    _check_range(site, "head", site.head, n_heads)
-    _check_range(site, "neuron", site.neuron, dims.d_mlp)
+    check_indices(site, table)
     place = table.place(site.component)
     if isinstance(place, Sum):
         place = place.read
     return Resolved(site, layer, place, place.path.format(base=base, layer=layer))
+
+
+def check_indices(site: Site, table: SiteTable) -> None:
+    """Check a site's head and neuron indices against the model."""
+    dims = table.dims
+    n_heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
+    _check_range(site, "head", site.head, n_heads)
+    _check_range(site, "neuron", site.neuron, dims.d_mlp)
 
 
 def _check_range(site: Site, name: str, value: int | tuple[int, ...] | None, size: int) -> None:

@@ -122,9 +122,8 @@ class Site:
         """A site from fields that are already known to be valid together (a selector checks
         one site of its grid the normal way, then builds the rest with this)."""
         site = object.__new__(cls)
-        for name, value in (("component", component), ("layer", layer), ("pos", pos),
-                            ("head", head), ("neuron", neuron)):
-            object.__setattr__(site, name, value)
+        # A frozen dataclass refuses attribute assignment, not its instance dictionary.
+        site.__dict__.update(component=component, layer=layer, pos=pos, head=head, neuron=neuron)
         return site
 
     @property

@@ -413,7 +413,7 @@ class SumOfUnanimityGame(Game):
 
     @classmethod
     def random(cls, n_players: int, *, n_terms: int, min_size: int = 1, max_size: int = 5,
-               seed: int = 0, low: float = 0.0, high: float = 1.0) -> SumOfUnanimityGame:
+               seed: int = 0, low: float = -1.0, high: float = 1.0) -> SumOfUnanimityGame:
         """A random game: ``n_terms`` terms of uniform size in ``[min_size, max_size]`` over
         uniformly chosen players, coefficients uniform in ``[low, high)``."""
         _positive_int(n_terms, "n_terms", minimum=0)

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechinterp import _ops
-from mechinterp.engine import Plan, resolve
+from mechinterp.engine import Plan, check_indices, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
@@ -168,9 +168,11 @@ class _Sweep:
                     if site.component in _UNPATCHABLE:
                         msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
                         raise InputError(msg)
+                    # Checks the component and the layer once per (component, layer).
+                    resolve(Site(site.component, layer=site.layer), model.table, model.base)
                     group = groups[site.component, site.layer] = self._group(site)
-                if site not in model._resolved:  # checks layer, head and neuron ranges
-                    model._resolved[site] = resolve(site, model.table, model.base)
+                if site.head is not None or site.neuron is not None:
+                    check_indices(site, model.table)
                 if origin == "corrupt":
                     self.frozen_groups.add(group)
                 first_layer = group[1] if first_layer is None else min(first_layer, group[1])
@@ -440,9 +442,10 @@ class _Sweep:
                 )
                 raise InputError(msg)
             values, done = stored.values.clone(), stored.done.clone()
-        inert = [i for i in self._inert() if not done[i]]
+        finished_before = done.tolist()
+        inert = [i for i in self._inert() if not finished_before[i]]
         skipped = set(inert)
-        pending = [i for i in range(n_cells) if not done[i] and i not in skipped]
+        pending = [i for i in range(n_cells) if not finished_before[i] and i not in skipped]
         budget = self._rows_per_forward(batch_size)
         extra = self._extra_inputs()
         book = _Book(self, values, done, inert)

@@ -12,6 +12,7 @@ view of the group's tensor (see :mod:`mechinterp.patching.boxes`). Rows are orde
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -78,34 +79,29 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     ``spans`` (raising for positions outside a prompt) before anything is written.
     """
     seq_len = spans.seq_len
-    positions: dict[object, int] = {}  # distinct int positions -> row of `columns`
+    positions: dict[int, int] = {}  # distinct int positions -> row of `columns`
     simple: list[tuple[int, int, int, int, int, int, int]] = []
     odd: list[np.ndarray] = []  # rows of sites with several positions, heads or neurons
     odd_cells: list[np.ndarray] = []
     memo: dict = {}
     group_ids: dict[tuple[str, int | None], int] = {}  # by (component, layer as given)
+    fields = operator.attrgetter("component", "layer", "pos", "head", "neuron")
     for c, cell in enumerate(parts):
         for site, origin in cell:
-            group = group_ids.get((site.component, site.layer))
+            component, layer, pos, head, neuron = fields(site)
+            group = group_ids.get((component, layer))
             if group is None:
-                group = group_ids[site.component, site.layer] = group_index[group_of(site)]
+                group = group_ids[component, layer] = group_index[group_of(site)]
             frozen = int(origin != "clean")
-            pos, head, neuron = site.pos, site.head, site.neuron
-            if isinstance(pos, tuple) or isinstance(head, tuple) or isinstance(neuron, tuple):
-                component = site.component
+            if type(pos) is tuple or type(head) is tuple or type(neuron) is tuple:
                 rects = site_rects(site, spans, n_pairs, extent(component), heads_of(component),
                                    memo)
                 rows = [(p, group, frozen, *r) for p, pair_rects in enumerate(rects) for r in pair_rects]
                 odd.append(np.asarray(rows, dtype=np.int64).reshape(-1, 7))
                 odd_cells.append(np.full(len(rows), c, dtype=np.int64))
                 continue
-            if pos is None:
-                slot = -1
-            else:
-                slot = positions.get(pos)
-                if slot is None:
-                    slot = positions[pos] = len(positions)
-            simple.append((c, group, frozen, _KIND.get(site.component, _PLAIN), slot,
+            slot = -1 if pos is None else positions.setdefault(pos, len(positions))
+            simple.append((c, group, frozen, _KIND.get(component, _PLAIN), slot,
                            -1 if head is None else head, -1 if neuron is None else neuron))
     # Raises for positions outside a prompt; dicts keep insertion order, so rows match slots.
     columns = spans.int_columns(list(positions)) if positions else np.zeros((1, n_pairs), np.int64)

@@ -274,3 +274,8 @@ class StratifiedDesign:
                 remaining = 1.0
             factors.append(remaining * members / (members - 1) if members > 1 else 0.0)
         return torch.tensor(factors, dtype=torch.float64), torch.tensor(groups)
+
+    def sampled(self) -> torch.Tensor:
+        """``[stratum]`` bool: the stratum is sampled (not every unit evaluated)."""
+        return torch.tensor([d < st.population for st, d in zip(self.strata, self.done,
+                                                                 strict=True)])
