@@ -2,8 +2,8 @@
 
 Built-in metrics reduce the logits in one fused pass (:func:`mechinterp._ops.patch_metric`, no
 log-softmax materialised); any callable ``metric(logits, pairs) -> [rows]`` works too, where
-``logits`` is ``[rows, vocab]`` at the scored position and ``pairs[i]`` is the prompt pair that
-run ``i`` belongs to.
+``logits`` is ``[rows, vocab]`` at the scored position and ``pairs[i]`` (on the logits' device) is
+the prompt pair that run ``i`` belongs to.
 
 Answers are token ids or single-token strings: one for every pair, or one per pair.
 
@@ -195,7 +195,7 @@ class CallableMetric(Metric):
         self.name = getattr(fn, "__name__", type(fn).__name__)
 
     def __call__(self, logits, pairs, clean):
-        out = self.fn(logits, pairs)
+        out = self.fn(logits, pairs.to(logits.device))
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (logits.shape[0],):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             msg = (
@@ -206,7 +206,7 @@ class CallableMetric(Metric):
         return out.detach().float() if out.dtype != torch.float64 else out.detach()
 
     def differentiable(self, logits, pairs, clean):
-        return self.fn(logits, pairs)
+        return self.fn(logits, pairs.to(logits.device))
 
     def __repr__(self) -> str:
         return f"CallableMetric({self.name})"

@@ -430,7 +430,7 @@ class _Paths:
         if output.logits is None:
             model.table.place("logits")  # raises, naming why there is no head
         logits = self.sweep._scored(output.logits, 2 * n)
-        pairs = torch.arange(n, device=logits.device)
+        pairs = torch.arange(n)  # on the host: metrics only index with it
         self.clean_logits = logits[:n]
         self.clean_metric = self.sweep.metric(logits[:n], pairs, self.clean_logits)
         self.corrupt_metric = self.sweep.metric(logits[n:], pairs, self.clean_logits)
@@ -496,7 +496,7 @@ class _Paths:
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric of runs whose row ``i`` belongs to pair ``i % n_pairs``."""
-        pairs = torch.arange(logits.shape[0], device=logits.device) % self.n_pairs
+        pairs = torch.arange(logits.shape[0]) % self.n_pairs
         return self.sweep.metric(logits, pairs, self.clean_logits)
 
 

@@ -169,9 +169,9 @@ class _Sweep:
                         msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
                         raise InputError(msg)
                     # Checks the component and the layer once per (component, layer).
-                    resolve(Site(site.component, layer=site.layer), model.table, model.base)
+                    resolve(site, model.table, model.base)
                     group = groups[site.component, site.layer] = self._group(site)
-                if site.head is not None or site.neuron is not None:
+                elif site.head is not None or site.neuron is not None:
                     check_indices(site, model.table)
                 if origin == "corrupt":
                     self.frozen_groups.add(group)
@@ -530,12 +530,12 @@ class _Sweep:
             model.table.place("logits")  # raises, naming why there is no head
         rows = tokens.shape[0]
         logits = self._scored(output.logits, rows)
-        pairs = torch.arange(rows, device=logits.device) % pairs_n
+        pairs = torch.arange(rows) % pairs_n  # on the host: metrics only index with it
         self.clean_logits = logits[:pairs_n]
-        self.clean_metric = self.metric(logits[:pairs_n], pairs[:pairs_n], self.clean_logits)
-        self.corrupt_metric = self.metric(logits[pairs_n:2 * pairs_n], pairs[:pairs_n],
-                                          self.clean_logits)
-        return self.metric(logits[2 * pairs_n:], pairs[2 * pairs_n:], self.clean_logits)
+        scores = self.metric(logits, pairs, self.clean_logits)  # one pass for every row
+        self.clean_metric = scores[:pairs_n]
+        self.corrupt_metric = scores[pairs_n:2 * pairs_n]
+        return scores[2 * pairs_n:]
 
     def _patched(self, chunk: Sequence[int], reuse: bool, extra: dict) -> torch.Tensor:
         """Scores ``[len(chunk) * n_pairs]`` of the chunk's patched runs."""
@@ -557,7 +557,7 @@ class _Sweep:
                                        past=past)
         rows = times * self.n_pairs
         logits = self._scored(output.logits, rows, start)
-        pairs = torch.arange(rows, device=logits.device) % self.n_pairs
+        pairs = torch.arange(rows) % self.n_pairs
         return self.metric(logits, pairs, self.clean_logits)
 
 

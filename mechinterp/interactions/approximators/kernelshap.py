@@ -22,11 +22,12 @@ class KernelSHAP(ShapleyRegression):
 
     Examples:
         >>> from mechinterp.interactions.games import SumOfUnanimityGame
-        >>> game = SumOfUnanimityGame.random(10, n_terms=8, max_size=3, seed=0)
+        >>> game = SumOfUnanimityGame.random(10, n_terms=8, max_size=2, seed=0)
         >>> result = KernelSHAP().approximate(game, budget=300, seed=0)
-        >>> result.evaluations <= 300, result.stderr is not None
-        (True, True)
-        >>> float((result.values - game.exact("SV").values).abs().max()) < 1e-9  # order <= 3
+        >>> result.evaluations, result.stderr is not None
+        (300, True)
+        >>> # Paired sampling is exact for games of order 2 once the sample spans enough sizes.
+        >>> float((result.values - game.exact("SV").values).abs().max()) < 1e-9
         True
     """
 

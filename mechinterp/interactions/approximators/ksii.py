@@ -53,12 +53,12 @@ __all__ = ["RegressionAdjustedKSII", "coalition_weights"]
 # Work held in memory at once when crediting sampled coalitions to target subsets.
 _CHUNK = 1 << 22
 # Ridge strengths tried, relative to the mean diagonal of the weighted Gram matrix.
-_RIDGES = (1e-8, 1e-3, 1e-2, 1e-1, 1.0)
+_RIDGES = (1e-6, 1e-2, 1e-1, 1.0)
 # The surrogate's order is chosen by variance among orders with at most this many dividends
 # per evaluated coalition (more only adds cost: the leave-one-out residuals then blow up).
 _FEATURES_PER_ROW = 4
 # Targets used to compare candidate surrogates (all of them when fewer).
-_SELECTION_TARGETS = 512
+_SELECTION_TARGETS = 128
 
 
 def _sii(n: int, s: int, t: int, a: int) -> Fraction:
@@ -110,30 +110,79 @@ def _contains(z: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _leave_unit_out(residual: torch.Tensor, factor: torch.Tensor, cost: int) -> torch.Tensor:
-    """Weighted residuals with each unit's own rows left out of the fit.
+def _ridge(x: torch.Tensor, target: torch.Tensor, ridge: float, total: float,
+           sampled: torch.Tensor, cost: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Ridge regression with coefficients summing to ``total``, and leave-one-unit-out residuals.
 
-    For ridge regression, deleting the rows ``u`` of a unit changes their residual to
-    ``(I - H_uu)⁻¹ e_u``, where ``H_uu = X_u (XᵀX + λI)⁻¹ X_uᵀ``; ``factor`` is
-    ``L⁻¹ Xᵀ`` for the Cholesky factor ``L`` of ``XᵀX + λI``, so ``H_uu = factor_uᵀ factor_u``.
+    Solves ``min |x a - target|² + λ |a|²`` subject to ``Σ a = total`` (``λ`` is ``ridge``
+    times the mean diagonal of ``xᵀx``): the unconstrained solution moved along ``G⁻¹ 1``, with
+    ``G = xᵀx + λI``. For the rows ``u`` of a sampled unit, the residual with the unit left
+    out of the fit is ``(I - H_uu)⁻¹ e_u`` for the hat matrix ``H = x G⁻¹ xᵀ - q qᵀ``,
+    ``q = x G⁻¹ 1 / sqrt(1ᵀ G⁻¹ 1)`` (the constraint's share). With more coefficients than
+    rows the same quantities come from the ``rows × rows`` matrix ``x xᵀ + λI`` (Woodbury), so
+    the cost is cubic in the smaller of the two.
+
+    Returns:
+        ``(coefficients, residual, honest)``, residuals in the weighted scale of ``target``;
+        ``None`` when the regularised matrix is not positive definite.
     """
-    units = residual.shape[0] // cost
-    blocks = factor.T.reshape(units, cost, -1)
-    hat = blocks @ blocks.transpose(1, 2)
-    eye = torch.eye(cost, dtype=torch.float64)
-    return torch.linalg.solve(eye - hat, residual.reshape(units, cost, 1)).reshape(-1)
+    rows, width = x.shape
+    ones = torch.ones(width, dtype=torch.float64)
+    if width <= rows:
+        gram = x.T @ x
+        strength = ridge * (float(gram.diagonal().mean()) or 1.0)
+        gram.diagonal().add_(strength)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info):
+            return None
+        free = torch.cholesky_solve((x.T @ target)[:, None], chol)[:, 0]
+        toward = torch.cholesky_solve(ones[:, None], chol)[:, 0]
+    else:
+        kernel = x @ x.T
+        strength = ridge * (float(kernel.diagonal().sum()) / width or 1.0)
+        kernel.diagonal().add_(strength)
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        if int(info):
+            return None
+        free = x.T @ torch.cholesky_solve(target[:, None], chol)[:, 0]
+        toward = (ones - x.T @ torch.cholesky_solve((x @ ones)[:, None], chol)[:, 0]) / strength
+    coefficients = free - toward * (float(free.sum()) - total) / float(toward.sum())
+    residual = target - x @ coefficients
+    honest = residual.clone()
+    if not bool(sampled.any()):
+        return coefficients, residual, honest
+    units = int(sampled.sum()) // cost
+    pull = (x[sampled] @ toward / math.sqrt(float(toward.sum()))).reshape(units, cost, 1)
+    if width <= rows:
+        factor = torch.linalg.solve_triangular(chol, x[sampled].T, upper=False)
+        blocks = factor.T.reshape(units, cost, -1)
+        keep = torch.eye(cost, dtype=torch.float64) - blocks @ blocks.transpose(1, 2)
+    else:
+        # I - x G⁻¹ xᵀ = λ (x xᵀ + λI)⁻¹: only the diagonal blocks of the inverse are needed.
+        inverse = torch.cholesky_inverse(chol)
+        index = torch.nonzero(sampled).flatten().reshape(units, cost)
+        keep = strength * inverse[index[:, :, None], index[:, None, :]]
+    keep = keep + pull @ pull.transpose(1, 2)
+    honest[sampled] = torch.linalg.solve(keep, residual[sampled].reshape(units, cost, 1)).reshape(-1)
+    return coefficients, residual, honest
 
 
 class _Candidate:
-    """One surrogate: its dividends, k-SII and residuals (honest where sampled)."""
+    """One surrogate: its dividends, and the residuals of the sample under it.
+
+    ``residual`` is the in-sample residual (the estimate uses it, so that with dividends of
+    order 1 and the Shapley kernel the estimate is exactly the Shapley regression's);
+    ``honest`` replaces it by the leave-one-unit-out residual in sampled strata (the variance
+    uses it, so that a surrogate that fits its own sample does not look better than it is).
+    """
 
     def __init__(self, order: int, dividends: torch.Tensor, masks: torch.Tensor,
-                 residual: torch.Tensor, residual_full: float) -> None:
+                 residual: torch.Tensor, honest: torch.Tensor) -> None:
         self.order = order
         self.dividends = dividends
         self.masks = masks
         self.residual = residual
-        self.residual_full = residual_full
+        self.honest = honest
 
 
 class RegressionAdjustedKSII(Approximator):
@@ -222,42 +271,34 @@ class RegressionAdjustedKSII(Approximator):
                                                          _FEATURES_PER_ROW * rows)]
 
     def _candidates(self, design: StratifiedDesign, z: torch.Tensor, y: torch.Tensor,
-                    weight: torch.Tensor, sampled: torch.Tensor, full_residual: float):
-        """Yield the candidate surrogates (order, ridge), each with honest residuals."""
+                    weight: torch.Tensor, sampled: torch.Tensor, delta: float):
+        """Yield the candidate surrogates, one per (order, ridge strength).
+
+        Each is fitted by Shapley-kernel weighted ridge regression with its dividends summing
+        to ``v(N) - v(∅)``, so that it is exact on ``∅`` and ``N``; with dividends of order 1
+        this is the Shapley regression itself, and the correction then vanishes.
+        """
         n, cost = design.n, design.strata[0].cost if design.strata else 1
         root = weight.sqrt()
+        unweight = root.clamp(min=1e-300)
         for k in self._orders(n, z.shape[0]):
             if k == 0:
                 yield _Candidate(0, torch.zeros(0, dtype=torch.float64),
-                                 torch.zeros(0, n, dtype=torch.bool), y, full_residual)
+                                 torch.zeros(0, n, dtype=torch.bool), y, y)
                 continue
             terms = [_subsets(n, size) for size in range(1, k + 1)]
-            features = torch.cat([_contains(z, t) for t in terms], dim=1)
+            x = root[:, None] * torch.cat([_contains(z, t) for t in terms], dim=1)
             masks = torch.cat([torch.zeros(t.shape[0], n, dtype=torch.bool).scatter_(1, t, True)
                                for t in terms])
-            x = root[:, None] * features
-            target = root * y
-            gram = x.T @ x
-            scale = float(gram.diagonal().mean()) or 1.0
             for ridge in _RIDGES if self.surrogate_order is None else _RIDGES[:1]:
-                regularised = gram.clone()
-                regularised.diagonal().add_(ridge * scale)
-                chol, info = torch.linalg.cholesky_ex(regularised)
-                if int(info) != 0:
-                    continue
-                dividends = torch.cholesky_solve((x.T @ target)[:, None], chol)[:, 0]
-                residual = target - x @ dividends
-                if bool(sampled.any()):
-                    factor = torch.linalg.solve_triangular(chol, x[sampled].T, upper=False)
-                    residual = residual.clone()
-                    residual[sampled] = _leave_unit_out(residual[sampled], factor, cost)
-                residual = residual / root.clamp(min=1e-300)
-                yield _Candidate(k, dividends, masks, residual,
-                                 full_residual - float(dividends.sum()))
+                fit = _ridge(x, root * y, ridge, delta, sampled, cost)
+                if fit is not None:
+                    dividends, residual, honest = fit
+                    yield _Candidate(k, dividends, masks, residual / unweight, honest / unweight)
 
     def _correction(self, design: StratifiedDesign, z: torch.Tensor, sizes: torch.Tensor,
                     scale: torch.Tensor, residual_full: float,
-                    targets: list[tuple[int, torch.Tensor]], unit: torch.Tensor,
+                    targets: list[tuple[int, torch.Tensor]],
                     stratum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Estimated ``Σ_T γ_S(T) r(T)`` and its variance for each target ``S``."""
         gamma = coalition_weights(design.n, self.order)
@@ -272,7 +313,7 @@ class RegressionAdjustedKSII(Approximator):
                 scores = scale[:, None] * gamma[s][sizes[:, None], overlap]
                 estimates.append(scores.sum(0) + gamma[s, design.n, s] * residual_full)
                 if scores.shape[0]:
-                    variances.append(stratified_variance(scores, unit, stratum, design))
+                    variances.append(stratified_variance(scores, stratum, design))
                 else:
                     variances.append(torch.full((block.shape[0],), math.nan, dtype=torch.float64))
         return torch.cat(estimates), torch.cat(variances)
@@ -280,21 +321,29 @@ class RegressionAdjustedKSII(Approximator):
     def _solve(self, design: StratifiedDesign, empty: float, full: float,
                targets: list[tuple[int, torch.Tensor]],
                selection: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        coalitions, values, stratum, unit = design.data()
+        coalitions, values, stratum, _ = design.data()
         z = coalitions.to(torch.float64)
         y = values - empty
         sizes = coalitions.sum(1)
         inclusion = design.inverse_inclusion()[stratum]
         sampled = design.sampled()[stratum]
+        kernel = torch.tensor([0.0] + [1.0 / (s * (design.n - s)) for s in range(1, design.n)]
+                              + [0.0], dtype=torch.float64)
+        weight = kernel[sizes] * inclusion
+        delta = full - empty
         best, best_variance = None, math.inf
-        for candidate in self._candidates(design, z, y, inclusion, sampled, full - empty):
-            _, variance = self._correction(design, z, sizes, inclusion * candidate.residual,
-                                           candidate.residual_full, selection, unit, stratum)
+        for candidate in self._candidates(design, z, y, weight, sampled, delta):
+            rest = delta - float(candidate.dividends.sum())
+            _, variance = self._correction(design, z, sizes, inclusion * candidate.honest, rest,
+                                           selection, stratum)
             total = float(variance.nan_to_num(nan=math.inf).sum())
             if best is None or total < best_variance:
                 best, best_variance = candidate, total
-        correction, variance = self._correction(design, z, sizes, inclusion * best.residual,
-                                                best.residual_full, targets, unit, stratum)
+        rest = delta - float(best.dividends.sum())
+        correction, _ = self._correction(design, z, sizes, inclusion * best.residual, rest,
+                                         targets, stratum)
+        _, variance = self._correction(design, z, sizes, inclusion * best.honest, rest, targets,
+                                       stratum)
         if best.order:
             base = index_from_dividends(best.masks, best.dividends, "k-SII", self.order,
                                         min_order=1)

@@ -45,33 +45,30 @@ def sum_zero_basis(n: int) -> torch.Tensor:
     return q[:, 1:].contiguous()
 
 
-def stratified_variance(scores: torch.Tensor, unit: torch.Tensor, stratum: torch.Tensor,
+def stratified_variance(scores: torch.Tensor, stratum: torch.Tensor,
                         design: StratifiedDesign) -> torch.Tensor:
     """Variance of ``Σ_rows scores`` under the design, per column.
 
     Args:
         scores: ``[row, column]`` each row's contribution to the estimated totals, already
-            weighted by its inverse inclusion probability.
-        unit: ``[row]`` unit of each row (the two coalitions of a pair share one).
+            weighted by its inverse inclusion probability; rows in the order of
+            :meth:`StratifiedDesign.data` (the coalitions of a unit adjacent).
         stratum: ``[row]`` stratum of each row.
         design: the sampling design.
 
     Returns:
         ``[column]`` variances.
     """
+    cost = design.strata[0].cost if design.strata else 1
+    totals = scores.reshape(-1, cost, scores.shape[1]).sum(1)
+    unit_stratum = stratum[::cost]
     factors, groups = design.variance_factors()
-    n_units = int(unit.max()) + 1 if unit.numel() else 0
-    totals = torch.zeros(n_units, scores.shape[1], dtype=torch.float64).index_add_(0, unit, scores)
-    unit_stratum = torch.zeros(n_units, dtype=torch.int64).index_put_((unit,), stratum)
-    unit_group = groups[unit_stratum]
-    # Centre each unit's total on its variance group's mean.
-    sums = torch.zeros(len(design.strata), scores.shape[1], dtype=torch.float64)
-    sums.index_add_(0, unit_group, totals)
-    sizes = torch.zeros(len(design.strata), dtype=torch.float64)
-    sizes.index_add_(0, unit_group, torch.ones(n_units, dtype=torch.float64))
-    means = sums / sizes.clamp(min=1.0)[:, None]
-    centred = totals - means[unit_group]
-    return (factors[unit_stratum][:, None] * centred**2).sum(0)
+    # Centre each unit's total on its variance group's mean (one-hot products: a handful of
+    # groups, many units).
+    member = torch.nn.functional.one_hot(groups[unit_stratum], len(design.strata)).to(totals)
+    sizes = member.sum(0).clamp(min=1.0)
+    centred = totals - member @ ((member.T @ totals) / sizes[:, None])
+    return factors[unit_stratum] @ centred**2
 
 
 def regression_design(design: StratifiedDesign, empty: float,
@@ -100,7 +97,7 @@ def solve_shapley(design: StratifiedDesign, empty: float, full: float,
                   kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Efficient weighted least-squares Shapley values and their standard errors."""
     n = design.n
-    z, y, w, unit, stratum = regression_design(design, empty, kernel)
+    z, y, w, _, stratum = regression_design(design, empty, kernel)
     q = sum_zero_basis(n)
     base = (full - empty) / n
     if z.shape[0] == 0:
@@ -118,7 +115,7 @@ def solve_shapley(design: StratifiedDesign, empty: float, full: float,
     hessian = x.T @ (w[:, None] * x)
     sensitivity = q @ torch.linalg.pinv(hessian, hermitian=True)
     scores = (w * (target - x @ theta))[:, None] * x @ sensitivity.T
-    variance = stratified_variance(scores, unit, stratum, design)
+    variance = stratified_variance(scores, stratum, design)
     return phi, variance.clamp(min=0.0).sqrt()
 
 

@@ -134,9 +134,13 @@ def random_subsets(n: int, size: int, count: int, generator: torch.Generator) ->
     if count == 0 or size == 0:
         return out
     if population <= _ENUMERATE and 3 * count >= population:
-        combos = torch.combinations(torch.arange(n), size) if size > 1 else torch.arange(n)[:, None]
-        chosen = combos[torch.randperm(population, generator=generator)[:count]]
-        return out.scatter_(1, chosen, True)
+        # List the smaller side (a subset or its complement) of every subset of this size.
+        side = min(size, n - size)
+        listed = torch.tensor(list(itertools.combinations(range(n), side)),
+                              dtype=torch.int64).reshape(population, side)
+        chosen = listed[torch.randperm(population, generator=generator)[:count]]
+        out.scatter_(1, chosen, True)
+        return out if side == size else ~out
     # Draw more than needed and drop duplicates: with count <= population / 3 a round keeps
     # most of its draws, so this ends after a few rounds.
     kept = torch.zeros(0, n, dtype=torch.bool)
@@ -202,11 +206,17 @@ class StratifiedDesign:
         return sum(self.counts)
 
     def advance(self, units: int, evaluate: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Evaluate until about ``units`` units are done, each stratum in proportion to its
-        plan (all of the plan once ``units >= total``), in one block of evaluations."""
-        fraction = min(1.0, units / self.total) if self.total else 1.0
-        targets = [min(c, max(d, math.ceil(c * fraction))) for c, d in zip(self.counts, self.done,
-                                                                          strict=True)]
+        """Evaluate until about ``units`` units are done, in one block of evaluations.
+
+        Each step is spread as :func:`allocate` would spread its own budget (border sizes
+        enumerated first), so an estimate that stops early is as good as one planned for
+        that budget; water-filling allocations only grow with the budget, so steps nest.
+        """
+        step = allocate(self.strata, min(units, self.total))
+        targets = [min(c, max(d, t)) for c, d, t in zip(self.counts, self.done, step,
+                                                        strict=True)]
+        if units >= self.total:
+            targets = list(self.counts)
         blocks, pieces = [], []
         for h, (target, done) in enumerate(zip(targets, self.done, strict=True)):
             if target > done:
