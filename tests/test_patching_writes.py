@@ -47,7 +47,7 @@ def reference_rows(sweep: _Sweep) -> list[list[tuple[int, ...]]]:
 
 
 def table_rows(sweep: _Sweep) -> list[list[tuple[int, ...]]]:
-    table = sweep._write_table()
+    table = sweep.table
     return [sorted(map(tuple, table.writes[a:b].tolist()))
             for a, b in zip(table.offsets[:-1], table.offsets[1:])]
 
@@ -69,7 +69,7 @@ def test_compound_cells_with_frozen_parts(model):
 def test_grid_positions_starts_and_layers(model):
     sweep = sweep_of(model, select("head").layers().heads().positions(range(-4, 4)))
     assert table_rows(sweep) == reference_rows(sweep)
-    table = sweep._write_table()
+    table = sweep.table
     # First positions: the column of each cell's position in each pair.
     spans = sweep.spans
     expected = [min(spans.columns(site.pos).tolist()) for site in sweep.cells]
@@ -79,7 +79,7 @@ def test_grid_positions_starts_and_layers(model):
 
 def test_inert_cells_are_those_outside_the_difference(model):
     sweep = sweep_of(model, select("resid_pre").layers(0).positions(range(4)))
-    table = sweep._write_table()
+    table = sweep.table
     first, scored = [2, 3], [5, 5]
     inert = table.inert(first, scored).tolist()
     firsts = np.asarray([[int(c) for c in sweep.spans.columns(s.pos)] for s in sweep.cells])
@@ -89,6 +89,18 @@ def test_inert_cells_are_those_outside_the_difference(model):
 
 def test_positions_outside_the_prompt_are_refused(model):
     with pytest.raises(SiteError, match="pos must lie in"):
-        sweep_of(model, [Site("resid_pre", layer=0, pos=5)])._write_table()
+        sweep_of(model, [Site("resid_pre", layer=0, pos=5)])
     with pytest.raises(SiteError, match="pos must lie in"):
-        sweep_of(model, [Site("resid_pre", layer=0, pos=(0, -5))])._write_table()
+        sweep_of(model, [Site("resid_pre", layer=0, pos=(0, -5))])
+
+
+def test_a_selector_layout_is_reused_for_prompts_of_the_same_shape(model):
+    grid = select("resid_pre").layers().positions(range(4))
+    first, again = sweep_of(model, grid), sweep_of(model, grid)
+    assert again.table is first.table and again.cells == first.cells
+    assert again.cells is not first.cells  # each sweep owns its list of cells
+    clean, corrupt = padded_pair()
+    unpadded = _Sweep(model, clean.input_ids, corrupt.input_ids, grid,
+                      as_metric(LogitDiff(1, 2)), "clean", 1.0, -1, 0)
+    assert unpadded.table is not first.table  # other padding, other columns
+    assert table_rows(unpadded) == reference_rows(unpadded)

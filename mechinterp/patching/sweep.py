@@ -22,7 +22,9 @@ import functools
 import hashlib
 import inspect
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
 from mechinterp.patching.writes import WriteTable, build_writes
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site
+from mechinterp.sites import Site, SiteSelector, SiteUnion
 
 SOURCES = ("clean", "mean", "resample")
 _UNPATCHABLE = ("logits",)
@@ -124,6 +126,23 @@ def activation_patch(
                      results=None if results is None else Path(results))
 
 
+#: Cell layouts each model remembers (see :meth:`_Sweep._layout`).
+_LAYOUTS_KEPT = 8
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A sweep's cells and everything about them that depends only on the site grid and the
+    prompts' shape and padding (not their tokens): checked once, reusable."""
+
+    cells: tuple[Site, ...]
+    parts: list[list[tuple[Site, str]]]
+    groups: list[tuple[str, int]]  # the (component, layer) tensors written, in forward order
+    layer_of: list[int]  # per cell, its first patched layer
+    frozen_groups: set[tuple[str, int]]  # groups some cell freezes at the corrupted values
+    table: WriteTable  # where every cell writes (positions checked)
+
+
 class _Sweep:
     """One sweep's inputs, sources and cells, checked before any patched forward runs."""
 
@@ -152,15 +171,46 @@ class _Sweep:
             )
             raise ShapeError(msg)
         self.n_pairs, self.seq_len = self.clean.shape
-        self.cells = model.sites(sites, n_positions=self.seq_len)
-        if not self.cells:
+        self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
+        layout = self._layout(sites, parts)
+        self.cells, self.parts, self.groups = list(layout.cells), layout.parts, layout.groups
+        self.layer_of, self.frozen_groups = layout.layer_of, layout.frozen_groups
+        self.table = layout.table
+        self.metric = metric.bind(model, self.n_pairs)
+        self.source, self.alpha, self.seed = source, alpha, seed
+        self.corruption = corruption
+        self.score_columns = self._score_columns(position)
+        self.corrupted_from = corrupted_from
+
+    def _layout(self, sites: Sites, parts: list[list[tuple[Site, str]]] | None) -> _Layout:
+        """The cells and where they write, remembered per model for selectors: a sweep run
+        again over the same grid, on prompts of the same shape and padding, reuses them."""
+        key = None
+        if parts is None and isinstance(sites, (SiteSelector, SiteUnion)):
+            key = (sites, self.n_pairs, self.seq_len, tuple(self.spans.start.tolist()),
+                   tuple(self.spans.length.tolist()))
+            memo = self.model.__dict__.setdefault("_sweep_layouts", OrderedDict())
+            if key in memo:
+                memo.move_to_end(key)
+                return memo[key]
+        layout = self._new_layout(sites, parts)
+        if key is not None:
+            memo[key] = layout
+            if len(memo) > _LAYOUTS_KEPT:
+                memo.popitem(last=False)
+        return layout
+
+    def _new_layout(self, sites: Sites, parts: list[list[tuple[Site, str]]] | None) -> _Layout:
+        model = self.model
+        cells = tuple(model.sites(sites, n_positions=self.seq_len))
+        if not cells:
             msg = "sites must name at least one site to patch; got none"
             raise InputError(msg)
-        self.parts = parts if parts is not None else [[(site, "clean")] for site in self.cells]
+        parts = parts if parts is not None else [[(site, "clean")] for site in cells]
         groups: dict[tuple[str, int | None], tuple[str, int]] = {}  # by the layer as given
-        self.layer_of: list[int] = []  # per cell, its first patched layer
-        self.frozen_groups: set[tuple[str, int]] = set()
-        for cell in self.parts:
+        layer_of: list[int] = []  # per cell, its first patched layer
+        frozen_groups: set[tuple[str, int]] = set()
+        for cell in parts:
             first_layer = None
             for site, origin in cell:
                 group = groups.get((site.component, site.layer))
@@ -174,16 +224,16 @@ class _Sweep:
                 elif site.head is not None or site.neuron is not None:
                     check_indices(site, model.table)
                 if origin == "corrupt":
-                    self.frozen_groups.add(group)
+                    frozen_groups.add(group)
                 first_layer = group[1] if first_layer is None else min(first_layer, group[1])
-            self.layer_of.append(first_layer)
-        self.groups = sorted(set(groups.values()), key=lambda g: (g[1], g[0]))
-        self.metric = metric.bind(model, self.n_pairs)
-        self.source, self.alpha, self.seed = source, alpha, seed
-        self.corruption = corruption
-        self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
-        self.score_columns = self._score_columns(position)
-        self.corrupted_from = corrupted_from
+            layer_of.append(first_layer)
+        ordered = sorted(set(groups.values()), key=lambda g: (g[1], g[0]))
+        dims = model.dims
+        table = build_writes(parts, spans=self.spans, n_pairs=self.n_pairs,
+                             group_index={group: i for i, group in enumerate(ordered)},
+                             group_of=self._group, extent=self._extent,
+                             heads_of=lambda c: dims.n_kv_heads if c in ("k", "v") else dims.n_heads)
+        return _Layout(cells, parts, ordered, layer_of, frozen_groups, table)
 
     def _first_difference(self) -> list[int]:
         """Per pair, the first column where the corrupted run can differ from the clean one."""
@@ -311,14 +361,6 @@ class _Sweep:
             return rows
         return list(range(self.n_pairs))
 
-    def _write_table(self) -> WriteTable:
-        """Every cell's writes (checks every position before any forward runs)."""
-        dims = self.model.dims
-        return build_writes(self.parts, spans=self.spans, n_pairs=self.n_pairs,
-                            group_index={group: i for i, group in enumerate(self.groups)},
-                            group_of=self._group, extent=self._extent,
-                            heads_of=lambda c: dims.n_kv_heads if c in ("k", "v") else dims.n_heads)
-
     def _boxes(self, chunk: Sequence[int], first_row: int, start: int = 0
                ) -> dict[tuple[str, int], _ops.StagedBoxes]:
         """Boxes per (component, layer) for the chunk's cells, rows counted from ``first_row``
@@ -427,7 +469,6 @@ class _Sweep:
     def run(self, *, batch_size: int | None, reuse: bool, progress: bool,
             results: Path | None) -> PatchingResult:
         fingerprint = self._fingerprint() if results is not None else ""
-        self.table = self._write_table()  # checks every position before any forward runs
         self.source_rows = np.asarray(self._source_rows(), dtype=np.int64)
         self.start_of = self._starts()
         n_cells = len(self.cells)
