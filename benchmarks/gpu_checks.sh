@@ -18,6 +18,7 @@ python3 benchmarks/bench_tracing.py --json "$out/bench_tracing.json" 2>&1 \
   | grep -v -E '^\[transformers\]|it/s\]|Warning|warn\('
 python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
   | grep -v '^\[transformers\]'
+python3 benchmarks/bench_interactions.py --device cuda --json "$out/bench_interactions.json" 2>&1
 step compute-sanitizer
 for tool in memcheck racecheck initcheck synccheck; do
   log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)

@@ -93,8 +93,41 @@ def fill_noise_cases() -> int:
     return checked
 
 
+def interactions_cases() -> int:
+    """Moebius transforms and superset sums: one block in shared memory (n < 12), the first
+    sweep alone (12) and partial groups of high players (13, 14), on a side stream."""
+    checked = 0
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float64, torch.float32):
+        eps = torch.finfo(dtype).eps
+        for n in (0, 1, 5, 11, 12, 13, 14):
+            table = torch.randn(2**n, generator=g, dtype=torch.float64).to(dtype)
+            for kind in _ops.MOEBIUS_KINDS:
+                got = table.cuda()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    _ops.moebius_(got, kind=kind)
+                stream.synchronize()
+                expected = _ops.moebius_(table.clone(), kind=kind)
+                summed = "zeta_adjoint" if kind.endswith("adjoint") else "zeta"
+                bound = 4 * (n + 1) * eps * _ops.moebius_(table.double().abs(), kind=summed)
+                assert bool(((got.cpu().double() - expected.double()).abs() <= bound).all()), kind
+                checked += 1
+            for order in sorted({0, min(n, 2), min(n, 3)}):
+                weights = torch.randn(n + 1, order + 1, generator=g, dtype=torch.float64)
+                got = _ops.superset_weighted_sums(table.cuda(), weights)
+                expected = _ops.superset_weighted_sums(table, weights)
+                bound = 4 * (n + 1) * eps * _ops.superset_weighted_sums(table.double().abs(),
+                                                                        weights.abs())
+                assert bool(((got.cpu().double() - expected.double()).abs() <= bound).all())
+                checked += 1
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
     print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
     print(f"patch_metric: {patch_metric_cases()} cases match the reference")
     print(f"fill_noise: {fill_noise_cases()} cases match the CPU kernel")
+    print(f"interactions: {interactions_cases()} cases match the CPU kernels")

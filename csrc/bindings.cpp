@@ -8,6 +8,7 @@
 #include "common/check.h"
 #include "common/pyview.h"
 #include "heads/heads.h"
+#include "interactions/interactions.h"
 #include "patching/patching.h"
 #include "tracing/tracing.h"
 
@@ -100,6 +101,45 @@ PYBIND11_MODULE(_C, m) {
       "Fill the contiguous tensor out with seeded noise: element i is a function of (seed, "
       "offset + i) only (Philox4x32-10). kind 0: standard normal (Box-Muller), 1: uniform on "
       "[-1, 1).");
+
+  m.def(
+      "moebius",
+      [](py::handle table, int kind, std::uintptr_t stream) {
+        const auto table_view = mechinterp::view_from_py(table, "table");
+        py::gil_scoped_release release;
+        mechinterp::interactions::moebius(
+            table_view, static_cast<mechinterp::interactions::MoebiusKind>(kind), stream);
+      },
+      py::arg("table"), py::arg("kind"), py::arg("stream"),
+      "Transform the contiguous float64/float32 table [2^n] over coalitions in place. kind 0: "
+      "Moebius m(S) = sum_{T subset S} (-1)^{|S|-|T|} v(T); 1: its inverse (zeta) v(S) = "
+      "sum_{T subset S} m(T); 2: the transpose of 0 (sum over supersets); 3: the transpose of 1.");
+
+  m.def(
+      "superset_weighted_sums",
+      [](py::handle dividends, py::handle weights_host, py::handle weights, py::handle scratch,
+         py::handle out, std::int64_t order, std::uintptr_t stream) {
+        const auto dividends_view = mechinterp::view_from_py(dividends, "dividends");
+        const auto weights_host_view = mechinterp::view_from_py(weights_host, "weights_host");
+        const auto weights_view = mechinterp::view_from_py(weights, "weights");
+        const auto scratch_view = mechinterp::view_from_py(scratch, "scratch");
+        const auto out_view = mechinterp::view_from_py(out, "out");
+        py::gil_scoped_release release;
+        mechinterp::interactions::superset_weighted_sums(dividends_view, weights_host_view,
+                                                         weights_view, scratch_view, out_view,
+                                                         order, stream);
+      },
+      py::arg("dividends"), py::arg("weights_host"), py::arg("weights"), py::arg("scratch"),
+      py::arg("out"), py::arg("order"), py::arg("stream"),
+      "out[T] = sum_{S superset T} dividends[S] * weights[|S|, |T|] for every subset T of at most "
+      "order players, in canonical order (by size, then combinations order). weights float64 "
+      "[n + 1, order + 1] as a host copy (validated) and a copy on the device of dividends; "
+      "scratch [superset_scratch_size(n, order)] with the dtype of dividends.");
+
+  m.def("superset_scratch_size", &mechinterp::interactions::superset_scratch_size, py::arg("n"),
+        py::arg("order"),
+        "Elements of the scratch table superset_weighted_sums needs for n players and this "
+        "order.");
 
   m.def(
       "build_info",

@@ -45,3 +45,23 @@ def patch_metric(
 def fill_noise(out: _View, seed: int, offset: int, kind: int, stream: int) -> None:
     """Fill the contiguous ``out`` with seeded noise: element ``i`` depends on
     ``(seed, offset + i)`` only (Philox4x32-10). kind 0: standard normal, 1: uniform [-1, 1)."""
+
+def moebius(table: _View, kind: int, stream: int) -> None:
+    """Transform the contiguous float64/float32 ``table`` [2^n] over coalitions in place.
+    kind 0: Moebius ``m(S) = sum_{T subset S} (-1)^{|S|-|T|} v(T)``; 1: its inverse (zeta)
+    ``v(S) = sum_{T subset S} m(T)``; 2: the transpose of 0 (sums over supersets); 3: the
+    transpose of 1."""
+
+def superset_weighted_sums(
+    dividends: _View, weights_host: _View, weights: _View, scratch: _View, out: _View,
+    order: int, stream: int,
+) -> None:
+    """``out[T] = sum_{S superset T} dividends[S] * weights[|S|, |T|]`` for every subset ``T``
+    of at most ``order`` players, in canonical order (by size, then combinations order).
+    ``weights`` float64 [n + 1, order + 1] as a host copy (validated) and a copy on the device of
+    ``dividends``; ``scratch`` [superset_scratch_size(n, order)] with the dtype of
+    ``dividends``; ``out`` [count_up_to(n, order)] likewise."""
+
+def superset_scratch_size(n: int, order: int) -> int:
+    """Elements of the scratch table ``superset_weighted_sums`` needs for n players and
+    ``order``."""

@@ -8,7 +8,9 @@ views of the tensors. The slow pure-PyTorch twins live in :mod:`mechinterp._refe
 from __future__ import annotations
 
 import functools
+import math
 import operator
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,13 +21,18 @@ from mechinterp.errors import BuildError, DeviceError, DTypeError, InputError, S
 
 __all__ = [
     "METRIC_KINDS",
+    "MOEBIUS_KINDS",
     "NOISE_KINDS",
     "StagedBoxes",
     "diagonal_score",
     "fill_noise",
+    "moebius_",
     "patch_boxes",
     "patch_metric",
+    "players_of_table",
+    "require_memory",
     "stage_boxes",
+    "superset_weighted_sums",
 ]
 
 # Names as _C spells them; the keys are every dtype _C can describe.
@@ -419,4 +426,204 @@ def fill_noise(out: torch.Tensor, *, seed: int, kind: str = "gaussian", offset: 
         msg = f"{op}: offset must lie in [0, 2**63), got {offset}"
         raise InputError(msg)
     _C.fill_noise(_view(out), seed, offset, NOISE_KINDS[kind], _stream(out))
+    return out
+
+
+# ---- interactions: exact transforms over coalition tables ----
+
+#: The linear maps :func:`moebius_` applies, by name.
+MOEBIUS_KINDS = {"moebius": 0, "zeta": 1, "moebius_adjoint": 2, "zeta_adjoint": 3}
+
+#: Most players a coalition table may have (2**40 entries is far past any memory).
+MAX_PLAYERS = 40
+
+_TABLE_DTYPES = (torch.float64, torch.float32)
+
+
+def players_of_table(table: object, op: str, name: str) -> int:
+    """The number of players ``n`` of a coalition table ``[2**n]``, after checking it is one.
+
+    The table must be a 1-D float64 or float32 tensor on cpu or cuda whose length is a power of
+    two; 16-bit floats are refused, since these sums grow like ``2**n`` and cancel heavily.
+    """
+    if not isinstance(table, torch.Tensor):
+        msg = f"{op}: {name} must be a torch.Tensor, got {type(table).__name__}"
+        raise InputError(msg)
+    if table.dtype not in _TABLE_DTYPES:
+        msg = f"{op}: {name} must be float64 or float32, got {table.dtype}"
+        raise DTypeError(msg)
+    if table.dim() != 1:
+        msg = (
+            f"{op}: {name} must be 1-D [2**n] (one entry per coalition of n players), got shape "
+            f"{tuple(table.shape)}"
+        )
+        raise ShapeError(msg)
+    length = table.shape[0]
+    if length == 0 or length & (length - 1):
+        msg = (
+            f"{op}: {name} must have a power-of-two length 2**n (one entry per coalition of n "
+            f"players), got length {length}"
+        )
+        raise ShapeError(msg)
+    n = length.bit_length() - 1
+    if n > MAX_PLAYERS:
+        msg = f"{op}: {name} covers n={n} players; at most {MAX_PLAYERS} are supported"
+        raise ShapeError(msg)
+    _check_device(table, op, name)
+    return n
+
+
+def _check_contiguous(t: torch.Tensor, op: str, name: str) -> None:
+    if not t.is_contiguous():
+        msg = (
+            f"{op}: {name} must be contiguous, got stride {t.stride()} for shape {tuple(t.shape)}; "
+            "pass .contiguous() or use the functions of mechinterp.interactions, which copy"
+        )
+        raise ShapeError(msg)
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``, or None when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory torch's caching allocator holds but does not use is free for our tensors too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# Allocations below this size are not worth asking the system about.
+_SMALL_ALLOCATION = 64 * 2**20
+
+
+def require_memory(op: str, needed: int, device: torch.device, what: str) -> None:
+    """Raise InputError when ``needed`` bytes (for ``what``) do not fit on ``device``."""
+    if needed < _SMALL_ALLOCATION:
+        return
+    available = _available_bytes(device)
+    if available is not None and needed > available:
+        msg = (
+            f"{op}: {what} needs {needed:,} bytes ({needed / 2**30:.2f} GiB) on {device}, but only "
+            f"{available:,} bytes ({available / 2**30:.2f} GiB) are available"
+        )
+        raise InputError(msg)
+
+
+def moebius_(table: torch.Tensor, *, kind: str = "moebius") -> torch.Tensor:
+    """Transform a coalition table in place, in ``O(n 2**n)``, and return it.
+
+    Entry ``S`` of ``table`` belongs to the coalition whose bitmask is ``S`` (bit ``i`` set when
+    player ``i`` is in it). ``kind`` picks one of four linear maps:
+
+    - ``"moebius"``: Harsanyi dividends ``m(S) = sum_{T subset S} (-1)**(|S|-|T|) v(T)``;
+    - ``"zeta"``: its inverse, ``v(S) = sum_{T subset S} m(T)``;
+    - ``"moebius_adjoint"``: the transpose of ``"moebius"``,
+      ``y(T) = sum_{S superset T} (-1)**(|S|-|T|) x(S)``;
+    - ``"zeta_adjoint"``: the transpose of ``"zeta"``, ``y(T) = sum_{S superset T} x(S)``.
+
+    Args:
+        table: contiguous ``[2**n]`` float64 or float32 tensor on cpu or cuda, ``n <= 40``.
+        kind: one of :data:`MOEBIUS_KINDS`.
+
+    Returns:
+        ``table``, transformed. Not differentiable.
+
+    Raises:
+        ShapeError: ``table`` is not 1-D, its length is not a power of two, or it is not
+            contiguous.
+        DTypeError: ``table`` is neither float64 nor float32.
+        InputError: unknown ``kind``.
+        BuildError: ``table`` is on cuda but mechinterp._C has no CUDA kernels.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import moebius_
+        >>> v = torch.tensor([0.0, 1.0, 2.0, 5.0], dtype=torch.float64)  # v({0, 1}) = 5
+        >>> moebius_(v)
+        tensor([0., 1., 2., 2.], dtype=torch.float64)
+        >>> moebius_(v, kind="zeta")
+        tensor([0., 1., 2., 5.], dtype=torch.float64)
+    """
+    op = "moebius_"
+    players_of_table(table, op, "table")
+    _check_contiguous(table, op, "table")
+    if kind not in MOEBIUS_KINDS:
+        msg = f"{op}: kind must be one of {sorted(MOEBIUS_KINDS)}, got {kind!r}"
+        raise InputError(msg)
+    _C.moebius(_view(table), MOEBIUS_KINDS[kind], _stream(table))
+    return table
+
+
+def superset_weighted_sums(dividends: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums over supersets, for every subset of at most ``order`` players.
+
+    ``out[T] = sum_{S superset T} dividends[S] * weights[|S|, |T|]`` for every subset ``T`` of at
+    most ``order = weights.shape[1] - 1`` players, listed in the canonical order of
+    :mod:`mechinterp.interactions.subsets` (by size, then :func:`itertools.combinations` order).
+    With Harsanyi dividends and index-specific weights this is every Shapley-type index; see
+    :mod:`mechinterp.interactions.weights`. The table is read once; float64 tables accumulate in
+    float64, float32 tables sum within blocks of 4096 coalitions in float32 (a butterfly tree)
+    and across blocks in float64.
+
+    Args:
+        dividends: contiguous ``[2**n]`` float64 or float32 tensor on cpu or cuda.
+        weights: ``[n + 1, order + 1]`` real tensor (any device), with ``0 <= order <= n``; it is
+            used in float64.
+
+    Returns:
+        ``[count_up_to(n, order)]`` tensor with the dtype and device of ``dividends``.
+
+    Raises:
+        ShapeError: bad table (see :func:`moebius_`) or ``weights`` not ``[n + 1, order + 1]``
+            with ``order <= n``.
+        DTypeError: ``dividends`` is neither float64 nor float32, or ``weights`` is not real.
+        InputError: the output and the scratch table do not fit in the device's free memory.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import superset_weighted_sums
+        >>> dividends = torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+        >>> sizes = torch.arange(3, dtype=torch.float64)
+        >>> shapley = torch.stack([sizes == 0, 1 / sizes.clamp(min=1)], 1)  # phi_i: m(S) / |S|
+        >>> superset_weighted_sums(dividends, shapley)  # (), (0,), (1,)
+        tensor([0., 2., 3.], dtype=torch.float64)
+    """
+    op = "superset_weighted_sums"
+    n = players_of_table(dividends, op, "dividends")
+    _check_contiguous(dividends, op, "dividends")
+    if not isinstance(weights, torch.Tensor):
+        msg = f"{op}: weights must be a torch.Tensor, got {type(weights).__name__}"
+        raise InputError(msg)
+    if weights.is_complex() or weights.dtype == torch.bool:
+        msg = f"{op}: weights must be real numbers, got {weights.dtype}"
+        raise DTypeError(msg)
+    if weights.dim() != 2 or weights.shape[0] != n + 1 or not 1 <= weights.shape[1] <= n + 1:
+        msg = (
+            f"{op}: weights must have shape [n + 1, order + 1] = [{n + 1}, order + 1] with "
+            f"0 <= order <= n={n} (one weight per coalition size and output size), got "
+            f"{tuple(weights.shape)}"
+        )
+        raise ShapeError(msg)
+    order = weights.shape[1] - 1
+    outputs = sum(math.comb(n, size) for size in range(order + 1))
+    scratch_size = _C.superset_scratch_size(n, order)
+    item = dividends.element_size()
+    require_memory(op, (outputs + scratch_size) * item, dividends.device,
+                   f"n={n} players at order {order} ({outputs:,} outputs and {scratch_size:,} "
+                   "scratch entries)")
+    weights_host, weights_dev = _host_and_device(weights.to(torch.float64), dividends.device)
+    scratch = torch.empty(scratch_size, dtype=dividends.dtype, device=dividends.device)
+    out = torch.empty(outputs, dtype=dividends.dtype, device=dividends.device)
+    _C.superset_weighted_sums(_view(dividends), _view(weights_host), _view(weights_dev),
+                              _view(scratch), _view(out), order, _stream(dividends))
     return out

@@ -10,7 +10,15 @@ import math
 
 import torch
 
-__all__ = ["diagonal_score", "fill_noise", "patch_boxes", "patch_metric", "philox4x32"]
+__all__ = [
+    "diagonal_score",
+    "fill_noise",
+    "moebius_",
+    "patch_boxes",
+    "patch_metric",
+    "philox4x32",
+    "superset_weighted_sums",
+]
 
 
 def diagonal_score(pattern: torch.Tensor, *, offset: int, first_query: int = 0) -> torch.Tensor:
@@ -105,3 +113,57 @@ def fill_noise(out: torch.Tensor, *, seed: int, kind: str = "gaussian", offset: 
     narrow = wide if out.dtype in (torch.float64, torch.float32) else wide.float()
     out.copy_(narrow)
     return out
+
+
+def _popcount(masks: torch.Tensor, n: int) -> torch.Tensor:
+    return sum(((masks >> i) & 1 for i in range(n)), torch.zeros_like(masks))
+
+
+def moebius_(table: torch.Tensor, *, kind: str = "moebius") -> torch.Tensor:
+    """Twin of :func:`mechinterp._ops.moebius_`, from the definition (``O(4**n)``: n <= 12).
+
+    Each output is a row of the dense matrix of the map (``[T subset S]`` or ``[T superset S]``,
+    times ``(-1)**(|S| - |T|)`` for the Moebius maps) times the table, a block of rows at a time.
+    """
+    n = table.shape[0].bit_length() - 1
+    masks = torch.arange(2**n, device=table.device)
+    superset = kind in ("moebius_adjoint", "zeta_adjoint")
+    negate = kind in ("moebius", "moebius_adjoint")
+    # (-1)**(|S| - |T|) = (-1)**|S| * (-1)**|T|
+    parity = (1 - 2 * (_popcount(masks, n) % 2)).to(torch.float64)
+    x = table.to(torch.float64) * parity if negate else table.to(torch.float64)
+    out = torch.empty_like(x)
+    for start in range(0, 2**n, 256):
+        rows = masks[start:start + 256, None]  # the output coalitions S
+        cols = masks[None, :]  # the coalitions T summed over
+        related = (rows & ~cols) == 0 if superset else (cols & ~rows) == 0
+        out[start:start + 256] = related.to(torch.float64) @ x
+    if negate:
+        out *= parity
+    table.copy_(out)
+    return table
+
+
+def superset_weighted_sums(dividends: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Twin of :func:`mechinterp._ops.superset_weighted_sums`: every (superset, subset) pair."""
+    from mechinterp.interactions.subsets import subset_masks
+
+    n = dividends.shape[0].bit_length() - 1
+    order = weights.shape[1] - 1
+    device = dividends.device
+    coalitions = torch.arange(2**n, device=device)
+    coalition_sizes = _popcount(coalitions, n)
+    subsets = subset_masks(n, order).to(device)
+    subset_sizes = _popcount(subsets, n)
+    w = weights.to(device=device, dtype=torch.float64)
+    x = dividends.to(torch.float64)
+    out = torch.empty(subsets.shape[0], dtype=torch.float64, device=device)
+    for size in range(order + 1):
+        weighted = w[coalition_sizes, size] * x  # dividends[S] * weights[|S|, size]
+        rows = torch.nonzero(subset_sizes == size).flatten()
+        for start in range(0, rows.shape[0], 256):
+            chunk = rows[start:start + 256]
+            t = subsets[chunk, None]
+            contains = (coalitions[None, :] & t) == t
+            out[chunk] = contains.to(torch.float64) @ weighted
+    return out.to(dividends.dtype)

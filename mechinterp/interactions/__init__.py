@@ -9,5 +9,30 @@ from mechinterp.interactions.subsets import (
     subset_of,
     subsets_up_to,
 )
+from mechinterp.interactions.transforms import (
+    banzhaf_values,
+    exact_interactions,
+    interaction_index,
+    inverse_moebius_transform,
+    moebius_transform,
+    or_interactions,
+    shapley_values,
+)
+from mechinterp.interactions.weights import INDICES, index_weights
 
-__all__ = ["count_up_to", "mask_of", "subset_masks", "subset_of", "subsets_up_to"]
+__all__ = [
+    "INDICES",
+    "banzhaf_values",
+    "count_up_to",
+    "exact_interactions",
+    "index_weights",
+    "interaction_index",
+    "inverse_moebius_transform",
+    "mask_of",
+    "moebius_transform",
+    "or_interactions",
+    "shapley_values",
+    "subset_masks",
+    "subset_of",
+    "subsets_up_to",
+]
