@@ -28,13 +28,14 @@ class RowSpans:
 
     @staticmethod
     def from_mask(attention_mask: torch.Tensor) -> RowSpans:
-        mask = attention_mask.to(torch.bool)
+        # One copy to the host (a mask is small), instead of a wait for each reduction's result.
+        mask = attention_mask.to("cpu", torch.bool)
         length = mask.sum(dim=1)
         # The first real column: argmax of the boolean mask finds the first True.
         start = mask.to(torch.int8).argmax(dim=1).to(torch.int64)
         seq_len = attention_mask.shape[1]
         uniform = bool((length == seq_len).all())
-        return RowSpans(start.cpu(), length.cpu(), seq_len, uniform)
+        return RowSpans(start, length, seq_len, uniform)
 
     def columns(self, pos: Index, rows: torch.Tensor | None = None) -> torch.Tensor | int | slice:
         """Sequence columns of ``pos`` for each row.

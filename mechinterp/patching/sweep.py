@@ -237,7 +237,7 @@ class _Sweep:
 
     def _first_difference(self) -> list[int]:
         """Per pair, the first column where the corrupted run can differ from the clean one."""
-        differs = (self.clean.input_ids != self.corrupt.input_ids).cpu()
+        differs = self.clean.input_ids.cpu() != self.corrupt.input_ids.cpu()
         columns = torch.where(differs.any(1), differs.int().argmax(1), self.seq_len).tolist()
         if self.corruption is not None:
             start = 0 if self.corrupted_from is None else self.corrupted_from
@@ -491,8 +491,8 @@ class _Sweep:
         extra = self._extra_inputs()
         book = _Book(self, values, done, inert)
         last_save = time.monotonic()
-        bar = tqdm(total=n_cells, initial=int(done.sum()), desc="patching", unit="cell",
-                   disable=not progress, leave=False)
+        bar = (tqdm(total=n_cells, initial=int(done.sum()), desc="patching", unit="cell",
+                    leave=False) if progress else _NoBar())
         try:
             queue = self._forwards(pending, budget, first=True, reuse=reuse)
             while queue:
@@ -600,6 +600,16 @@ class _Sweep:
         logits = self._scored(output.logits, rows, start)
         pairs = torch.arange(rows) % self.n_pairs
         return self.metric(logits, pairs, self.clean_logits)
+
+
+class _NoBar:
+    """Stands in for a progress bar when none is shown (a disabled tqdm still costs a setup)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @functools.cache
