@@ -55,8 +55,10 @@ def _view(t: torch.Tensor) -> _View:
 
     Strides cross as torch reports them (in elements), so non-contiguous tensors need no copy.
     """
-    index = t.device.index if t.device.index is not None else 0
-    return (t.data_ptr(), _DTYPE_NAMES[t.dtype], tuple(t.shape), t.stride(), t.device.type, index)
+    device = t.device  # a new object on every access: read it once
+    index = device.index if device.index is not None else 0
+    # torch.Size is a tuple, which is all _C asks of a shape.
+    return (t.data_ptr(), _DTYPE_NAMES[t.dtype], t.shape, t.stride(), device.type, index)
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -233,6 +235,12 @@ class StagedBoxes:
     def __len__(self) -> int:
         return self.host.shape[0]
 
+    @functools.cached_property
+    def views(self) -> tuple[_View, _View, _View, _View]:
+        """The views _C reads, made once however many calls use them."""
+        return (_view(self.host), _view(self.device), _view(self.alpha_host),
+                _view(self.alpha_device))
+
     def split(self, counts: list[int]) -> list[StagedBoxes]:
         """Consecutive slices of ``counts`` boxes each (views, no copies)."""
         parts = zip(*(t.split(counts) for t in (self.host, self.device, self.alpha_host,
@@ -316,11 +324,8 @@ def patch_boxes(
         staged = boxes
     else:
         staged = stage_boxes(boxes, alpha, dest.device)
-    _C.patch_boxes(
-        _view(dest), _view(src), None if cur is None else _view(cur), _view(staged.host),
-        _view(staged.device), _view(staged.alpha_host), _view(staged.alpha_device),
-        _stream(dest),
-    )
+    _C.patch_boxes(_view(dest), _view(src), None if cur is None else _view(cur), *staged.views,
+                   _stream(dest))
 
 
 #: The reductions :func:`patch_metric` computes, by name.
