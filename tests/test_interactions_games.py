@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from mechinterp.errors import DTypeError, InputError, ShapeError
-from mechinterp.interactions.games import (
-    INDICES,
-    CallableGame,
-    Game,
-    SumOfUnanimityGame,
-    TabularGame,
-    dividend_weights,
-)
+from mechinterp.interactions.games import CallableGame, Game, SumOfUnanimityGame, TabularGame
 from mechinterp.interactions.subsets import mask_of, subsets_up_to
+from mechinterp.interactions.weights import INDICES
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,10 +207,11 @@ def test_bad_soum() -> None:
         SumOfUnanimityGame([(0,), (1,)], [1.0], 3)
     with pytest.raises(InputError, match="min_size"):
         SumOfUnanimityGame.random(4, n_terms=2, min_size=3, max_size=2)
-    with pytest.raises(InputError, match="index"):
-        dividend_weights("Owen", 4, 2)
-    with pytest.raises(InputError, match="order must be 1"):
-        dividend_weights("SV", 4, 2)
+    game = SumOfUnanimityGame([(0, 1)], [1.0], 4)
+    with pytest.raises(InputError, match="index must be one of"):
+        game.exact("Owen")
+    with pytest.raises(InputError, match="order 1 only"):
+        game.exact("SV", order=2)
 
 
 # -- closed forms ------------------------------------------------------------------------------

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+from mechinterp.interactions.approximators import (
+    SVARM,
+    Approximator,
+    KernelSHAP,
+    LeverageSHAP,
+    PermutationSamplingSV,
+    RegressionAdjustedKSII,
+)
+from mechinterp.interactions.games import (
+    CallableGame,
+    Game,
+    SumOfUnanimityGame,
+    TabularGame,
+)
+from mechinterp.interactions.result import InteractionResult
 from mechinterp.interactions.subsets import (
     count_up_to,
     mask_of,
@@ -22,6 +37,17 @@ from mechinterp.interactions.weights import INDICES, index_weights
 
 __all__ = [
     "INDICES",
+    "SVARM",
+    "Approximator",
+    "CallableGame",
+    "Game",
+    "InteractionResult",
+    "KernelSHAP",
+    "LeverageSHAP",
+    "PermutationSamplingSV",
+    "RegressionAdjustedKSII",
+    "SumOfUnanimityGame",
+    "TabularGame",
     "banzhaf_values",
     "count_up_to",
     "exact_interactions",

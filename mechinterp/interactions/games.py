@@ -23,30 +23,23 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from fractions import Fraction
-from functools import cache
 
 import torch
 
 from mechinterp.errors import DTypeError, InputError, ShapeError
 from mechinterp.interactions.result import InteractionResult, check_players
 from mechinterp.interactions.subsets import subsets_up_to
+from mechinterp.interactions.weights import index_weights
 
 __all__ = [
-    "INDICES",
     "CallableGame",
     "Game",
     "SumOfUnanimityGame",
     "TabularGame",
-    "dividend_weights",
     "index_from_dividends",
 ]
-
-#: Interaction indices with closed forms from Harsanyi dividends (shapiq's definitions).
-INDICES = ("Moebius", "SV", "BV", "SII", "k-SII", "STII", "FSII", "FBII")
 
 # Enumerating every coalition of more players than this is refused unless asked for.
 _TABLE_PLAYERS = 24
@@ -250,83 +243,6 @@ class CallableGame(Game):
 # -- closed forms from dividends --------------------------------------------------------------
 
 
-@cache
-def _bernoulli(count: int) -> tuple[Fraction, ...]:
-    """Bernoulli numbers B_0..B_{count-1} with B_1 = -1/2 (the convention k-SII uses)."""
-    numbers: list[Fraction] = []
-    for m in range(count):
-        if m == 0:
-            numbers.append(Fraction(1))
-            continue
-        total = sum(math.comb(m + 1, j) * numbers[j] for j in range(m))
-        numbers.append(-total / (m + 1))
-    return tuple(numbers)
-
-
-def _weight(index: str, order: int, t: int, s: int) -> Fraction:
-    """Share of a dividend of a size-``s`` coalition credited to an index entry of size ``t``."""
-    if t > s:
-        return Fraction(0)
-    if index == "Moebius":
-        return Fraction(int(s == t))
-    if index == "SV":
-        return Fraction(int(s == 0)) if t == 0 else Fraction(1, s)
-    if index == "BV":
-        return Fraction(1, 2**s) if t == 0 else Fraction(1, 2 ** (s - 1))
-    if index == "SII":
-        return Fraction(1, s - t + 1)
-    if index == "k-SII":
-        if t == 0:
-            return Fraction(int(s == 0))
-        bernoulli = _bernoulli(order + 1)
-        return sum((bernoulli[ell] * math.comb(s - t, ell) / (s - t - ell + 1)
-                    for ell in range(min(order - t, s - t) + 1)), Fraction(0))
-    if index == "STII":
-        return Fraction(int(s == t)) if t < order else Fraction(1, math.comb(s, order))
-    if index == "FSII":
-        if s <= order:
-            return Fraction(int(s == t))
-        return (Fraction((-1) ** (order - t) * t, order + t) * math.comb(order, t)
-                * Fraction(math.comb(s - 1, order), math.comb(s + order - 1, order + t)))
-    if index == "FBII":
-        if s <= order:
-            return Fraction(int(s == t))
-        return Fraction((-1) ** (order - t) * math.comb(s - t - 1, order - t), 2 ** (s - t))
-    msg = f"index must be one of {INDICES}, got {index!r}"
-    raise InputError(msg)
-
-
-def dividend_weights(index: str, n_players: int, order: int) -> torch.Tensor:
-    """``[t, s]`` weights that turn Harsanyi dividends into an interaction index.
-
-    The index of a coalition ``T`` (``|T| = t <= order``) is ``sum over S ⊇ T of m(S) *
-    weights[t, |S|]``. Conventions follow shapiq: the order-0 entry of SV, k-SII, STII and
-    Möbius is ``v(∅)``; SV and BV have order 1.
-
-    Args:
-        index: one of :data:`INDICES`.
-        n_players: number of players.
-        order: the index's order ``k`` (1 for SV and BV, any for Moebius).
-
-    Returns:
-        ``[order + 1, n_players + 1]`` float64.
-
-    Examples:
-        >>> dividend_weights("SV", 3, 1)[1].tolist()
-        [0.0, 1.0, 0.5, 0.3333333333333333]
-    """
-    if index not in INDICES:
-        msg = f"index must be one of {INDICES}, got {index!r}"
-        raise InputError(msg)
-    _positive_int(n_players, "n_players", minimum=0)
-    _positive_int(order, "order", minimum=0)
-    if index in ("SV", "BV") and order != 1:
-        msg = f"order must be 1 for index {index!r}, got {order}"
-        raise InputError(msg)
-    return torch.tensor([[float(_weight(index, order, t, s)) for s in range(n_players + 1)]
-                         for t in range(order + 1)], dtype=torch.float64)
-
-
 def index_from_dividends(terms: torch.Tensor, dividends: torch.Tensor, index: str, order: int,
                          *, min_order: int = 0, chunk: int = 1 << 22) -> torch.Tensor:
     """An interaction index of the game ``v(S) = Σ_j dividends[j] [terms[j] ⊆ S]``.
@@ -334,7 +250,8 @@ def index_from_dividends(terms: torch.Tensor, dividends: torch.Tensor, index: st
     Args:
         terms: ``[term, player]`` bool, one row per coalition with a non-zero dividend.
         dividends: ``[term]`` the dividends.
-        index: one of :data:`INDICES`.
+        index: one of :data:`~mechinterp.interactions.weights.INDICES` (weights from
+            :func:`~mechinterp.interactions.weights.index_weights`).
         order: the index's order.
         min_order: smallest order returned.
         chunk: bound on the ``terms × subsets`` work held in memory at once.
@@ -343,7 +260,7 @@ def index_from_dividends(terms: torch.Tensor, dividends: torch.Tensor, index: st
         ``[subset]`` float64 values in canonical subset order, sizes ``min_order..order``.
     """
     n = terms.shape[1]
-    weights = dividend_weights(index, n, order)
+    weights = index_weights(index, n, order).T  # [t, s]
     term_float = terms.to(torch.float64)
     sizes = terms.sum(1)
     out = []
@@ -440,7 +357,7 @@ class SumOfUnanimityGame(Game):
         """The closed-form interaction index (no evaluations).
 
         Args:
-            index: one of :data:`INDICES`.
+            index: one of :data:`~mechinterp.interactions.weights.INDICES`.
             order: the index's order (default 1 for SV/BV, 2 otherwise, ``n`` for Moebius).
             min_order: smallest order listed (default 1, 0 for Moebius).
 
@@ -449,7 +366,7 @@ class SumOfUnanimityGame(Game):
         """
         n = self.n_players
         if order is None:
-            order = 1 if index in ("SV", "BV") else (n if index == "Moebius" else 2)
+            order = 1 if index in ("SV", "BV") else (n if index == "Moebius" else min(2, n))
         if min_order is None:
             min_order = 0 if index == "Moebius" else 1
         values = index_from_dividends(self.terms, self.coefficients, index, order,

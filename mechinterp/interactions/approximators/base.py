@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from mechinterp.errors import InputError
-from mechinterp.interactions.games import Game, dividend_weights
+from mechinterp.interactions.games import Game
 from mechinterp.interactions.result import InteractionResult
-from mechinterp.interactions.subsets import subset_masks
+from mechinterp.interactions.transforms import exact_interactions
 
-__all__ = ["Approximator", "Estimate", "Evaluator", "exact_index", "moebius", "schedule"]
+__all__ = ["Approximator", "Estimate", "Evaluator", "exact_index", "schedule"]
 
 # With at least 2**n evaluations to spend, estimators that are not exact by construction
 # enumerate the game instead, up to this many players (the table is 2**n float64 values).
@@ -91,37 +91,10 @@ def schedule(total: int, *, first: int, tolerance: float | None) -> list[int]:
     return steps
 
 
-def moebius(table: torch.Tensor) -> torch.Tensor:
-    """Harsanyi dividends of a ``[2**n]`` table indexed by bitmask (pure PyTorch, O(n 2**n))."""
-    out = table.to(torch.float64).clone()
-    n = out.shape[0].bit_length() - 1
-    for i in range(n):
-        view = out.view(-1, 2, 1 << i)
-        view[:, 1, :] -= view[:, 0, :]
-    return out
-
-
 def exact_index(table: torch.Tensor, index: str, order: int) -> torch.Tensor:
-    """An index of orders ``1..order`` from a full value table, in canonical order.
-
-    Each order's values are superset sums of size-weighted dividends (one O(n 2**n) pass per
-    order), so no subset-by-subset loop is needed.
-    """
-    dividends = moebius(table)
-    n = dividends.shape[0].bit_length() - 1
-    masks = torch.arange(1 << n, dtype=torch.int64)
-    sizes = torch.zeros(1 << n, dtype=torch.int64)
-    for i in range(n):
-        sizes += (masks >> i) & 1
-    weights = dividend_weights(index, n, order)
-    out = []
-    for t in range(1, min(order, n) + 1):
-        weighted = dividends * weights[t, sizes]
-        for i in range(n):  # superset sums: a[S] += a[S | {i}] for S without i
-            view = weighted.view(-1, 2, 1 << i)
-            view[:, 0, :] += view[:, 1, :]
-        out.append(weighted[subset_masks(n, t, min_order=t)])
-    return torch.cat(out)
+    """An index of orders ``1..order`` from a full value table, in canonical order (the
+    compiled exact transforms, without the empty set)."""
+    return exact_interactions(table.to(torch.float64), index=index, order=order)[1:]
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:

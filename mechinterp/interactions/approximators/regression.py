@@ -16,12 +16,15 @@ Shapley value.
 Standard errors come from the sandwich (delta-method) variance of the solution: the estimate
 moves with the sampled weighted scores ``w x (y - x θ)`` through ``Q H⁻¹``, and those scores'
 variance is the textbook variance of stratified sampling without replacement, computed from
-the units' spread within each stratum (zero for enumerated strata).
+the units' spread within each stratum (zero for enumerated strata). At budgets so small that
+some sizes get no coalition at all, those sizes are missing from the regression: that is a bias
+the standard errors do not show (with one coalition in all, they are NaN).
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from functools import cache
 
 import torch
@@ -136,9 +139,9 @@ class ShapleyRegression(Approximator):
     def __init__(self, *, paired: bool = True) -> None:
         self.paired = bool(paired)
 
+    @abstractmethod
     def size_mass(self, n: int, size: int) -> float:
         """Desired evaluations of coalitions of ``size``, up to a common factor."""
-        raise NotImplementedError
 
     def minimum_budget(self, n_players: int) -> int:
         return 2

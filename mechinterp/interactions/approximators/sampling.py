@@ -282,7 +282,11 @@ class StratifiedDesign:
             remaining = 1.0 - d / st.population if st.population else 0.0
             if h in lonely:
                 remaining = 1.0
-            factors.append(remaining * members / (members - 1) if members > 1 else 0.0)
+            if members > 1:
+                factors.append(remaining * members / (members - 1))
+            else:
+                # A lone sampled unit says nothing about its spread: the variance is unknown.
+                factors.append(math.nan if remaining > 0 else 0.0)
         return torch.tensor(factors, dtype=torch.float64), torch.tensor(groups)
 
     def sampled(self) -> torch.Tensor:

@@ -89,9 +89,10 @@ class _Strata:
             elif have.numel():
                 near = int(have[(have - s).abs().argmin()])
                 mean[s], spread[s] = mean[near], spread[near]
-        # A size seen once has no spread of its own: borrow the largest seen (conservative).
-        largest = float(spread.max()) if spread.numel() else 0.0
-        return mean, torch.where(spread > 0, spread, largest).clamp(min=0.0)
+        # A size seen once has no spread of its own: borrow the largest seen (conservative), or
+        # admit it is unknown when no size has been seen twice.
+        largest = float(spread.max()) if bool((spread > 0).any()) else math.nan
+        return mean, torch.where(spread > 0, spread, largest)
 
     def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Shapley values and standard errors from the strata."""
@@ -174,7 +175,7 @@ class SVARM(Approximator):
         """
         n = evaluator.n_players
         _, spread = strata._size_means()
-        deviation = spread.sqrt()
+        deviation = spread.nan_to_num(nan=0.0).sqrt()
         fallback = float(deviation[deviation > 0].median()) if bool((deviation > 0).any()) else 1.0
         plan = [Stratum(s, False, math.comb(n, s),
                         (float(deviation[s]) or fallback) * math.sqrt(n / (s * (n - s))))
