@@ -372,3 +372,20 @@ def test_fsii_equals_shapiq_moebius_converter(shapiq_exact, order):
         theirs = shapiq_values(converter(computer(v)("Moebius", 7))("FSII", order), 7, order)
     ours = exact_interactions(v, index="FSII", order=order)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_exact_results_of_games_match_the_closed_forms() -> None:
+    from mechinterp.interactions import SumOfUnanimityGame, exact
+
+    game = SumOfUnanimityGame.random(9, n_terms=12, min_size=1, max_size=4, seed=3)
+    for index, order in (("SV", 1), ("BV", 1), ("k-SII", 2), ("STII", 2), ("FSII", 3)):
+        result = exact(game, index=index, order=order)
+        expected = game.exact(index, order=order)
+        assert result.index == index and result.max_order == order
+        torch.testing.assert_close(result.values[-len(expected.values):], expected.values,
+                                   rtol=1e-10, atol=1e-10)
+    moebius = exact(game, index="Moebius", order=4)
+    for subset, coefficient in game.dividends().items():
+        assert abs(moebius[subset] - coefficient) < 1e-10
+    assert moebius.evaluations == 2**9
+    assert abs(moebius.full_value - moebius.baseline_value - float(moebius.values.sum())) < 1e-9

@@ -10,6 +10,7 @@ from mechinterp.interactions.approximators import (
     PermutationSamplingSV,
     RegressionAdjustedKSII,
 )
+from mechinterp.interactions.enumeration import exact
 from mechinterp.interactions.games import (
     CallableGame,
     Game,
@@ -50,6 +51,7 @@ __all__ = [
     "TabularGame",
     "banzhaf_values",
     "count_up_to",
+    "exact",
     "exact_interactions",
     "index_weights",
     "interaction_index",
