@@ -1,4 +1,5 @@
-"""The ``mechinterp`` command line: ``info``, ``demo``, ``patch``, ``trace``.
+"""The ``mechinterp`` command line: ``info``, ``demo``, ``patch``, ``trace``, ``shapley``,
+``interactions``.
 
 Each subcommand is a function ``(args) -> int`` registered in :data:`COMMANDS` with a parser
 builder, so adding one touches nothing else.
@@ -11,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from mechinterp import cli_interactions
 from mechinterp.errors import MechinterpError
 
 
@@ -206,6 +208,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
               _patch_parser, _patch),
     "trace": ("causal tracing (ROME): noise the subject, restore each (token, layer) state",
               _trace_parser, _trace),
+    "shapley": ("Shapley values or interaction indices of a prompt's tokens or of the heads",
+                cli_interactions.shapley_parser, cli_interactions.shapley),
+    "interactions": ("Harsanyi (and AND-OR) interactions of a prompt's tokens or of the heads",
+                     cli_interactions.interactions_parser, cli_interactions.interactions),
 }
 
 

@@ -96,3 +96,30 @@ def test_trace_command(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
         assert (out / name).stat().st_size > 0, name
     assert main(["trace", "--subject", "zzz", "--out", str(out)]) == 2
     assert "does not occur in the prompt" in capsys.readouterr().err
+
+
+def test_shapley_command_finds_the_induction_head(tmp_path, capsys) -> None:
+    from mechinterp.interactions import InteractionResult
+
+    out = tmp_path / "shapley"
+    assert main(["shapley", "--players", "heads", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SV of order <= 1 over 8 players (heads), exact, 256 coalitions" in printed
+    result = InteractionResult.load(out / "result.safetensors")
+    # The induction head L1H3 carries the prediction: the largest Shapley value.
+    assert result.top_k(1)[0][0] == (result.players.index("head.1[head=3]"),)
+    assert abs(float(result.values[1:].sum()) - (result.full_value - result.baseline_value)) < 1e-6
+    assert (out / "bar.png").stat().st_size > 0
+    assert main(["shapley", "--estimator", "kernelshap", "--budget", "40", "--out", str(out)]) == 0
+    assert "KernelSHAP" in capsys.readouterr().out
+    assert main(["shapley", "--estimator", "svarm", "--index", "k-SII", "--out", str(out)]) == 2
+    assert "use --estimator regression" in capsys.readouterr().err
+
+
+def test_interactions_command(tmp_path, capsys) -> None:
+    out = tmp_path / "interactions"
+    assert main(["interactions", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Harsanyi interactions of 6 players (tokens), 64 coalitions" in printed
+    assert "interactions are salient" in printed
+    assert (out / "orders.png").stat().st_size > 0
