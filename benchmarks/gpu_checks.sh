@@ -19,6 +19,8 @@ python3 benchmarks/bench_tracing.py --json "$out/bench_tracing.json" 2>&1 \
 python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
   | grep -v '^\[transformers\]'
 python3 benchmarks/bench_interactions.py --device cuda --json "$out/bench_interactions.json" 2>&1
+python3 benchmarks/bench_andor.py --device cuda --dense-max 13 --sizes 10 12 13 16 20 24 \
+  --json "$out/bench_andor.json" 2>&1
 step compute-sanitizer
 for tool in memcheck racecheck initcheck synccheck; do
   log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from mechinterp.interactions.andor import (
+    AndOrResult,
+    GeneralizableAndOrResult,
+    and_or_interactions,
+    and_or_loss,
+    and_or_split,
+    generalizable_and_or_interactions,
+)
 from mechinterp.interactions.approximators import (
     SVARM,
     Approximator,
@@ -9,6 +17,11 @@ from mechinterp.interactions.approximators import (
     LeverageSHAP,
     PermutationSamplingSV,
     RegressionAdjustedKSII,
+)
+from mechinterp.interactions.autograd import (
+    differentiable_inverse_moebius_transform,
+    differentiable_moebius_transform,
+    differentiable_or_interactions,
 )
 from mechinterp.interactions.enumeration import exact
 from mechinterp.interactions.games import (
@@ -39,9 +52,11 @@ from mechinterp.interactions.weights import INDICES, index_weights
 __all__ = [
     "INDICES",
     "SVARM",
+    "AndOrResult",
     "Approximator",
     "CallableGame",
     "Game",
+    "GeneralizableAndOrResult",
     "InteractionResult",
     "KernelSHAP",
     "LeverageSHAP",
@@ -49,10 +64,17 @@ __all__ = [
     "RegressionAdjustedKSII",
     "SumOfUnanimityGame",
     "TabularGame",
+    "and_or_interactions",
+    "and_or_loss",
+    "and_or_split",
     "banzhaf_values",
     "count_up_to",
+    "differentiable_inverse_moebius_transform",
+    "differentiable_moebius_transform",
+    "differentiable_or_interactions",
     "exact",
     "exact_interactions",
+    "generalizable_and_or_interactions",
     "index_weights",
     "interaction_index",
     "inverse_moebius_transform",

@@ -21,7 +21,7 @@ bound ``|p| <= pthres`` with ``pthres`` half the model's mean output over the da
 The papers' code builds ``2**n x 2**n`` transform matrices (``n <= ~12``). Here every step costs
 four ``O(n 2**n)`` compiled transforms (two forward, two backward through
 :mod:`mechinterp.interactions.autograd`), all on the device of the table, so ``n = 20`` and
-beyond fit. :func:`generalizable_and_or_interactions` extracts interactions shared by several
+beyond fit; on cuda the step is captured once as a CUDA graph and replayed. :func:`generalizable_and_or_interactions` extracts interactions shared by several
 models (Chen et al.).
 
 Examples:
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -377,11 +378,15 @@ class _Fit:
 
 def _optimise(values: torch.Tensor, *, steps: int, lr: float, lr_decay: float, momentum: float,
               q_bounds: Sequence[float], p_bound: float | None, alpha: float,
-              progress: bool) -> _Fit:
+              progress: bool, graph: bool = True) -> _Fit:
     """Projected SGD on the split of ``m`` tables ``values [m, 2**n]``.
 
     One model learns ``p``; several learn a shared ``p`` plus one ``p`` per model, and only the
-    per-model parts are bounded by ``p_bound`` (Chen et al.).
+    per-model parts are bounded by ``p_bound`` (Chen et al.). The update is torch's SGD with
+    momentum (no dampening; a zero momentum buffer makes the first step plain SGD), written out
+    so that the learning rate can live in a tensor: on cuda, with ``graph``, the whole step is
+    captured once as a CUDA graph and replayed, since at small ``n`` launching its ~80 kernels
+    one by one costs more than running them.
     """
     m = values.shape[0]
     rows = list(values.unbind(0))
@@ -390,8 +395,10 @@ def _optimise(values: torch.Tensor, *, steps: int, lr: float, lr_decay: float, m
     qs = [torch.zeros_like(row, requires_grad=True) for row in rows]
     specific = [torch.zeros_like(row, requires_grad=True) for row in rows]
     shared = torch.zeros_like(rows[0], requires_grad=m > 1)
-    optimizer = torch.optim.SGD([*specific, *qs] + ([shared] if m > 1 else []), lr=lr,
-                                momentum=momentum)
+    params = [*specific, *qs] + ([shared] if m > 1 else [])
+    buffers = [torch.zeros_like(param) for param in params]
+    neg_lr = values.new_zeros(())  # minus the learning rate of the coming step
+    last = values.new_zeros(())  # the loss before the last step taken
     curve = torch.empty(steps + 1, dtype=torch.float64, device=values.device)
 
     def evaluate() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -405,32 +412,65 @@ def _optimise(values: torch.Tensor, *, steps: int, lr: float, lr_decay: float, m
             loss = _joint_loss(and_tables, or_tables, alpha)
         return loss, and_tables, or_tables
 
+    def step() -> None:
+        loss, _, _ = evaluate()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for param, buffer, grad in zip(params, buffers, grads, strict=True):
+                buffer.mul_(momentum).add_(grad)
+                param.addcmul_(buffer, neg_lr)
+            for q, bound in zip(qs, q_bounds, strict=True):
+                q.clamp_(-bound, bound)
+            if p_bound is not None:
+                for own in specific:
+                    own.clamp_(-p_bound, p_bound)
+            last.copy_(loss)
+
+    run = step
     report_every = max(1, steps // 100)
     with tqdm(total=steps, desc="AND-OR interactions", unit="step", disable=not progress,
               leave=False) as bar:
-        for step in range(steps):
-            loss, _, _ = evaluate()
-            curve[step] = loss.detach()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        for index in range(steps):
             # Log-linear decay: lr at the first step, lr * lr_decay at the last.
-            optimizer.param_groups[0]["lr"] = lr * lr_decay ** (step / max(steps - 1, 1))
-            optimizer.step()
-            with torch.no_grad():
-                for q, bound in zip(qs, q_bounds, strict=True):
-                    q.clamp_(-bound, bound)
-                if p_bound is not None:
-                    for own in specific:
-                        own.clamp_(-p_bound, p_bound)
+            neg_lr.fill_(-lr * lr_decay ** (index / max(steps - 1, 1)))
+            run()
+            curve[index] = last
+            warm = index == _WARMUP - 1 and index < steps - 1
+            if warm and graph and values.is_cuda:
+                run = _captured(step, values.device) or step
             bar.update(1)
-            if progress and (step % report_every == 0 or step == steps - 1):
-                bar.set_postfix(loss=f"{float(loss):.6g}", refresh=False)
+            if progress and (index % report_every == 0 or index == steps - 1):
+                bar.set_postfix(loss=f"{float(last):.6g}", refresh=False)
     with torch.no_grad():
         loss, and_tables, or_tables = evaluate()
         curve[steps] = loss
         ps = [own + shared for own in specific] if m > 1 else specific
         return _Fit(shared.detach(), torch.stack(ps), torch.stack(qs), torch.stack(and_tables),
                     torch.stack(or_tables), curve.cpu())
+
+
+# Eager steps before a CUDA graph is captured (the capture needs warm caches and allocators).
+_WARMUP = 3
+
+
+def _captured(step, device: torch.device):
+    """``step`` captured as a CUDA graph (its replay function), or None if it cannot be.
+
+    Every tensor ``step`` reads or writes outside itself already exists, so replaying the graph
+    repeats the step on the current values of the parameters and the learning rate.
+    """
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:
+        # Something in the step cannot be captured here: keep running it eagerly.
+        torch.cuda.synchronize(device)
+        warnings.warn(f"AND-OR interactions: the optimisation step could not be captured as a "
+                      f"CUDA graph, so it runs one kernel at a time ({error})", RuntimeWarning,
+                      stacklevel=4)
+        return None
+    return graph.replay
 
 
 def _result(values: torch.Tensor, fit: _Fit, row: int, q_bound: float, p_bound: float | None,

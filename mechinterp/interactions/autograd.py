@@ -88,11 +88,13 @@ def _or_transpose(grad: torch.Tensor) -> torch.Tensor:
         out = -rest.flip(0)
         return torch.cat([out[:1] + grad[:1], out[1:]])
     table = grad.detach().clone(memory_format=torch.contiguous_format)
-    table[0] = 0.0
+    # Slices, not scalar indexing: writing a Python number into a cuda tensor goes through a host
+    # copy, which a CUDA graph cannot capture.
+    table[:1].zero_()
     _ops.moebius_(table, kind="moebius_adjoint")
     out = table.flip(0)
     torch.neg(out, out=out)
-    out[0] += grad[0]
+    out[:1].add_(grad[:1])
     return out
 
 
@@ -110,7 +112,7 @@ class OrFunction(torch.autograd.Function):
         out = table.detach().flip(0)
         torch.neg(out, out=out)
         _ops.moebius_(out, kind="moebius")
-        out[0] = table[0]
+        out[:1].copy_(table[:1])
         return out
 
     @staticmethod
