@@ -49,21 +49,40 @@ from mechinterp.interactions.transforms import (
 )
 from mechinterp.interactions.weights import INDICES, index_weights
 
+# Model games import the model layer (nnsight, transformers), which takes seconds; the rest of
+# the package does not need it.
+_LAZY = {name: "mechinterp.interactions.model_games"
+         for name in ("BaselineLearning", "ComponentGame", "ModelGame", "TokenGame")}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    msg = f"module 'mechinterp.interactions' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
 __all__ = [
     "INDICES",
     "SVARM",
     "AndOrResult",
     "Approximator",
+    "BaselineLearning",
     "CallableGame",
+    "ComponentGame",
     "Game",
     "GeneralizableAndOrResult",
     "InteractionResult",
     "KernelSHAP",
     "LeverageSHAP",
+    "ModelGame",
     "PermutationSamplingSV",
     "RegressionAdjustedKSII",
     "SumOfUnanimityGame",
     "TabularGame",
+    "TokenGame",
     "and_or_interactions",
     "and_or_loss",
     "and_or_split",
