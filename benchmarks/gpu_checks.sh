@@ -1,7 +1,8 @@
 #!/bin/sh
 # On a machine with a CUDA GPU: build with CUDA kernels, run the cuda-marked tests, the
 # benchmarks, compute-sanitizer over the kernels, then the whole suite. Assumes torch and
-# the other dependencies are installed in `python3`. Prints everything; benchmark rows also go
+# the other dependencies (TransformerLens, causal-tracer and captum for the peers) are installed
+# in `python3`. Prints everything; benchmark rows also go
 # as JSON into the folder named by $1 (default: the current folder).
 set -u
 out=${1:-.}
@@ -19,6 +20,8 @@ python3 benchmarks/bench_tracing.py --json "$out/bench_tracing.json" 2>&1 \
 python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
   | grep -v '^\[transformers\]'
 python3 benchmarks/bench_interactions.py --device cuda --json "$out/bench_interactions.json" 2>&1
+python3 benchmarks/bench_model_games.py --device cuda --json "$out/bench_model_games.json" 2>&1 \
+  | grep -v '^\[transformers\]'
 python3 benchmarks/bench_andor.py --device cuda --dense-max 13 --sizes 10 12 13 16 20 24 \
   --json "$out/bench_andor.json" 2>&1
 step compute-sanitizer
