@@ -35,7 +35,8 @@ from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
 from mechinterp.interactions.games import _TABLE_PLAYERS, Game
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, site_rects
+from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, site_rects
+from mechinterp.patching.metrics import token_id
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site
 
@@ -79,30 +80,6 @@ def _one_row(model: InterpModel, inputs: Inputs, name: str) -> Tokens:
     return tokens
 
 
-def _token_id(model: InterpModel, value: object, name: str) -> int:
-    """A token id from an id or a single-token string, checked against the vocabulary."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, str):
-        tokenizer = model.tokenizer
-        if tokenizer is None:
-            msg = f"{name} {value!r} is a string but the model has no tokenizer; pass a token id"
-            raise InputError(msg)
-        found = tokenizer(value, add_special_tokens=False)["input_ids"]
-        if len(found) != 1:
-            msg = f"{name} {value!r} must be a single token; the tokenizer gives {found}"
-            raise InputError(msg)
-        value = found[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        msg = f"{name} must be a token id or a single-token string; got {type(value).__name__} {value!r}"
-        raise InputError(msg)
-    vocab = model.dims.d_vocab
-    if not 0 <= value < vocab:
-        msg = f"{name} must be a token id in [0, {vocab}); got {value}"
-        raise InputError(msg)
-    return value
-
-
 def _continuation_ids(model: InterpModel, continuation: object) -> list[int]:
     """Token ids of a continuation given as text, ids or a 1-D integer tensor."""
     if isinstance(continuation, str):
@@ -125,7 +102,7 @@ def _continuation_ids(model: InterpModel, continuation: object) -> list[int]:
     if not ids:
         msg = f"target (the continuation) must hold at least one token; got {continuation!r}"
         raise InputError(msg)
-    return [_token_id(model, i, "target (the continuation)") for i in ids]
+    return [token_id(model, i, "target (the continuation)") for i in ids]
 
 
 @functools.cache
@@ -177,13 +154,13 @@ class _Scorer:
             self.column = position % length
             self.keep = 1 if keeps and self.column == length - 1 else None
             if self.kind == "log-odds" and target is not None:
-                self.target = _token_id(model, target, "target")
+                self.target = token_id(model, target, "target")
             elif self.kind == "logit-diff":
                 if not isinstance(target, (tuple, list)) or len(target) != 2:
                     msg = f"output='logit-diff' needs target=(answer, wrong), two tokens; got {target!r}"
                     raise InputError(msg)
-                self.answer = _token_id(model, target[0], "target (answer)")
-                self.wrong = _token_id(model, target[1], "target (wrong)")
+                self.answer = token_id(model, target[0], "target (answer)")
+                self.wrong = token_id(model, target[1], "target (wrong)")
         self.extra = {"logits_to_keep": self.keep} if self.keep else {}
 
     @property
@@ -606,7 +583,7 @@ class TokenGame(ModelGame):
                 raise ShapeError(msg)
             vector = given.detach().to(weight.device, weight.dtype)
         else:
-            vector = weight[_token_id(self.model, given, "baseline")]
+            vector = weight[token_id(self.model, given, "baseline")]
         rows = vector.expand(length, width)
         total = self.tokens.shape[1]
         if total > length:  # the continuation of "logprob" is never masked
@@ -809,16 +786,7 @@ class ComponentGame(ModelGame):
 
     def _extent(self, component: str) -> tuple[int, int]:
         """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
-        d, t = self.model.dims, self.tokens.shape[1]
-        if component == "pattern":
-            return d.n_heads, t * t
-        if component in ("head", "q"):
-            return t, d.n_heads * d.d_head
-        if component in ("k", "v"):
-            return t, d.n_kv_heads * d.d_head
-        if component == "neuron":
-            return t, d.d_mlp
-        return t, d.d_model
+        return component_extent(self.model.dims, component, self.tokens.shape[1])
 
     def _check_disjoint(self, rects: list[list[tuple[int, int, int, int, int]]]) -> None:
         """Players must not write the same element: the kernel refuses overlapping boxes."""

@@ -18,6 +18,20 @@ from mechinterp.sites import Site
 Rect = tuple[int, int, int, int]  # a_begin, a_end, f_begin, f_end
 
 
+def component_extent(dims: object, component: str, seq_len: int) -> tuple[int, int]:
+    """``(a, f)`` of a component's tensor seen as ``[rows, a, f]`` in a model of ``dims``."""
+    t = seq_len
+    if component == "pattern":
+        return dims.n_heads, t * t
+    if component in ("head", "q"):
+        return t, dims.n_heads * dims.d_head
+    if component in ("k", "v"):
+        return t, dims.n_kv_heads * dims.d_head
+    if component == "neuron":
+        return t, dims.d_mlp
+    return t, dims.d_model
+
+
 def _as_list(index: int | tuple[int, ...] | None) -> list[int] | None:
     if index is None:
         return None

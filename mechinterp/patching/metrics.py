@@ -66,28 +66,33 @@ def _token_ids(model: object, answer: Answer, n_pairs: int, name: str) -> torch.
     if len(items) != n_pairs:
         msg = f"{name} must be one token or one per prompt pair ({n_pairs}); got {len(items)}"
         raise ShapeError(msg)
-    ids = []
-    for item in items:
-        if isinstance(item, str):
-            tokenizer = getattr(model, "tokenizer", None)
-            if tokenizer is None:
-                msg = f"{name} {item!r} is a string but the model has no tokenizer; pass token ids"
-                raise InputError(msg)
-            found = tokenizer(item, add_special_tokens=False)["input_ids"]
-            if len(found) != 1:
-                msg = f"{name} {item!r} must be a single token; the tokenizer gives {found}"
-                raise InputError(msg)
-            item = found[0]
-        if isinstance(item, bool) or not isinstance(item, int):
-            msg = f"{name} must hold token ids (int) or strings; got {type(item).__name__} {item!r}"
+    ids = [token_id(model, item, name) for item in items]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def token_id(model: object, value: object, name: str) -> int:
+    """A token id from an id (an int, or an integer tensor of one element) or a single-token
+    string, checked against the model's vocabulary when it has one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, str):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            msg = f"{name} {value!r} is a string but the model has no tokenizer; pass token ids"
             raise InputError(msg)
-        ids.append(item)
-    out = torch.tensor(ids, dtype=torch.int64)
-    vocab = getattr(getattr(model, "dims", None), "d_vocab", None)
-    if vocab is not None and not bool(((out >= 0) & (out < vocab)).all()):
-        msg = f"{name} token ids must lie in [0, {vocab}); got {ids}"
+        found = tokenizer(value, add_special_tokens=False)["input_ids"]
+        if len(found) != 1:
+            msg = f"{name} {value!r} must be a single token; the tokenizer gives {found}"
+            raise InputError(msg)
+        value = found[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{name} must hold token ids (int) or strings; got {type(value).__name__} {value!r}"
         raise InputError(msg)
-    return out
+    vocab = getattr(getattr(model, "dims", None), "d_vocab", None)
+    if vocab is not None and not 0 <= value < vocab:
+        msg = f"{name} token ids must lie in [0, {vocab}); got {value}"
+        raise InputError(msg)
+    return value
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

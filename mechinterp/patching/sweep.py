@@ -36,7 +36,7 @@ from mechinterp.engine import Plan, check_indices, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, site_rects
+from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.prefix import CorruptedBlocks, keys_values, prefix_cache
 from mechinterp.patching.result import PatchingResult
@@ -314,16 +314,7 @@ class _Sweep:
 
     def _extent(self, component: str) -> tuple[int, int]:
         """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
-        d, t = self.model.dims, self.seq_len
-        if component == "pattern":
-            return d.n_heads, t * t
-        if component in ("head", "q"):
-            return t, d.n_heads * d.d_head
-        if component in ("k", "v"):
-            return t, d.n_kv_heads * d.d_head
-        if component == "neuron":
-            return t, d.d_mlp
-        return t, d.d_model
+        return component_extent(self.model.dims, component, self.seq_len)
 
     def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
         """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""

@@ -51,6 +51,13 @@ class Evaluator:
     def remaining(self) -> int:
         return self.budget - self.used
 
+    def ends(self) -> tuple[float, float]:
+        """``v(empty)`` and ``v(all players)``, for two evaluations."""
+        n = self.n_players
+        values = self(torch.stack([torch.zeros(n, dtype=torch.bool),
+                                   torch.ones(n, dtype=torch.bool)]))
+        return float(values[0]), float(values[1])
+
     def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
         """``[coalition]`` float64 values of a block of coalitions."""
         if coalitions.shape[0] > self.remaining:
@@ -72,6 +79,12 @@ class Estimate:
     stderr: torch.Tensor
     baseline_value: float
     full_value: float
+
+
+def lone_player(empty: float, full: float) -> Estimate:
+    """A one-player game's values, exact: the player's value is ``v({0}) - v(empty)``."""
+    delta = torch.tensor([full - empty], dtype=torch.float64)
+    return Estimate(delta, torch.zeros(1, dtype=torch.float64), empty, full)
 
 
 def schedule(total: int, *, first: int, tolerance: float | None) -> list[int]:

@@ -47,7 +47,13 @@ from functools import cache
 import torch
 
 from mechinterp.errors import InputError
-from mechinterp.interactions.approximators.base import Approximator, Estimate, Evaluator, schedule
+from mechinterp.interactions.approximators.base import (
+    Approximator,
+    Estimate,
+    Evaluator,
+    lone_player,
+    schedule,
+)
 from mechinterp.interactions.approximators.regression import stratified_variance
 from mechinterp.interactions.approximators.sampling import (
     StratifiedDesign,
@@ -332,12 +338,9 @@ class RegressionAdjustedKSII(Approximator):
     def _estimate(self, evaluator: Evaluator, generator: torch.Generator,
                   tolerance: float | None) -> Estimate:
         n = evaluator.n_players
-        ends = evaluator(torch.stack([torch.zeros(n, dtype=torch.bool),
-                                      torch.ones(n, dtype=torch.bool)]))
-        empty, full = float(ends[0]), float(ends[1])
+        empty, full = evaluator.ends()
         if n == 1:
-            delta = torch.tensor([full - empty], dtype=torch.float64)
-            return Estimate(delta, torch.zeros(1, dtype=torch.float64), empty, full)
+            return lone_player(empty, full)
         strata = make_strata(n, paired=self.paired, mass=lambda s: 1.0)
         cost = 2 if self.paired else 1
         design = StratifiedDesign(n, strata, allocate(strata, evaluator.remaining // cost),

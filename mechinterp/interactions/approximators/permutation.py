@@ -15,7 +15,13 @@ import math
 
 import torch
 
-from mechinterp.interactions.approximators.base import Approximator, Estimate, Evaluator, schedule
+from mechinterp.interactions.approximators.base import (
+    Approximator,
+    Estimate,
+    Evaluator,
+    lone_player,
+    schedule,
+)
 
 __all__ = ["PermutationSamplingSV"]
 
@@ -53,12 +59,9 @@ class PermutationSamplingSV(Approximator):
     def _estimate(self, evaluator: Evaluator, generator: torch.Generator,
                   tolerance: float | None) -> Estimate:
         n = evaluator.n_players
-        ends = evaluator(torch.stack([torch.zeros(n, dtype=torch.bool),
-                                      torch.ones(n, dtype=torch.bool)]))
-        empty, full = float(ends[0]), float(ends[1])
+        empty, full = evaluator.ends()
         if n == 1:
-            delta = torch.tensor([full - empty], dtype=torch.float64)
-            return Estimate(delta, torch.zeros(1, dtype=torch.float64), empty, full)
+            return lone_player(empty, full)
         units = evaluator.remaining // self._per_unit(n)
         estimates = torch.zeros(0, n, dtype=torch.float64)
         for target in schedule(units, first=max(2, units // 8), tolerance=tolerance):
