@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import functools
+import json
 import statistics
 import time
 
 import torch
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def write_json(path: str | None, out: dict) -> None:
+    """Write a benchmark's rows with the build they ran on, when a path is given."""
+    if path:
+        import mechinterp
+
+        with open(path, "w") as handle:
+            json.dump({"build": mechinterp.build_info(), **out}, handle, indent=2)
+
+
+def gpt2_config(config) -> dict:
+    """The sizes of a GPT-2 config that benchmarks record."""
+    return {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
+            "vocab_size": config.vocab_size}
 
 
 def sync(device: torch.device) -> None:

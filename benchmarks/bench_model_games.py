@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 
 import torch
 import transformers
-from _timing import median_time, plain_forward_floor
+from _timing import device_name, gpt2_config, median_time, plain_forward_floor, write_json
 from _timing import sync as _sync
 
 import mechinterp
@@ -107,8 +106,7 @@ def measure(device: str, dtypes: list[str], tokens: int, n_coalitions: int,
             batch_sizes: list[int], captum_evals: int, repeats: int,
             config: transformers.GPT2Config) -> dict:
     device_ = torch.device(device)
-    out: dict = {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
-                 "rows": []}
+    out: dict = {"device": device_name(device_), "rows": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
@@ -208,11 +206,8 @@ def main() -> None:
     out = measure(args.device, args.dtypes, args.tokens, args.coalitions, args.batch_sizes,
                   args.captum_evals, args.repeats, config)
     out["tf32"] = bool(args.tf32)
-    out["config"] = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
-                     "vocab_size": config.vocab_size}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"build": mechinterp.build_info(), **out}, handle, indent=2)
+    out["config"] = gpt2_config(config)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

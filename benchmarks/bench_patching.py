@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 
 import torch
 import transformers
+from _timing import device_name, gpt2_config, plain_forward_floor, write_json
 from _timing import median_time as _median_time
-from _timing import plain_forward_floor
 from _timing import sync as _sync
 
 import mechinterp
@@ -72,8 +71,7 @@ def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,
             config: transformers.GPT2Config) -> dict:
     device_ = torch.device(device)
     torch.manual_seed(0)
-    out: dict = {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
-                 "rows": []}
+    out: dict = {"device": device_name(device_), "rows": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         hf = transformers.GPT2LMHeadModel(config).eval().to(device_, dtype)
@@ -220,11 +218,8 @@ def main() -> None:
     if args.smoke:
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4)
     out = measure(args.device, args.dtypes, args.tl_head_layers, args.repeats, config)
-    out["config"] = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
-                     "vocab_size": config.vocab_size}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"build": mechinterp.build_info(), **out}, handle, indent=2)
+    out["config"] = gpt2_config(config)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 
 import torch
 import transformers
+from _timing import device_name, gpt2_config, plain_forward_floor, write_json
 from _timing import median_time as _median_time
-from _timing import plain_forward_floor
 from _timing import sync as _sync
 
 import mechinterp
@@ -52,8 +51,7 @@ def _causal_tracer_seconds(hf, tokenizer, prompt: str, subject: str, device, sam
 def measure(device: str, dtypes: list[str], repeats: int, config, seq: int, subject_len: int,
             samples: int) -> dict:
     device_ = torch.device(device)
-    out: dict = {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu",
-                 "rows": []}
+    out: dict = {"device": device_name(device_), "rows": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
@@ -142,10 +140,8 @@ def main() -> None:
     if args.smoke:
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4)
     out = measure(args.device, args.dtypes, args.repeats, config, 20, 3, args.samples)
-    out["config"] = {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"build": mechinterp.build_info(), **out}, handle, indent=2)
+    out["config"] = gpt2_config(config)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":
