@@ -1,0 +1,8 @@
+"""Sparse autoencoders: the ``SAE`` weights with a reference forward pass, and their formats."""
+
+from __future__ import annotations
+
+from mechinterp.sae.formats import load_sae, save_sae
+from mechinterp.sae.sae import SAE
+
+__all__ = ["SAE", "load_sae", "save_sae"]
