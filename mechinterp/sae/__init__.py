@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mechinterp.sae.formats import load_sae, save_sae
+from mechinterp.sae.interventions import SAEEdit, feature_activations
 from mechinterp.sae.sae import SAE
 
-__all__ = ["SAE", "load_sae", "save_sae"]
+__all__ = ["SAE", "SAEEdit", "feature_activations", "load_sae", "save_sae"]
