@@ -309,15 +309,7 @@ def _load_gemma_scope(path: Path) -> SAE:
     # allow_pickle=False: an .npz can smuggle object arrays, which unpickle on access.
     with np.load(file, allow_pickle=False) as arrays:
         tensors = {name: torch.from_numpy(arrays[name].copy()) for name in arrays.files}
-    return SAE(
-        W_enc=_take(tensors, "W_enc", file),
-        b_enc=_take(tensors, "b_enc", file),
-        W_dec=_take(tensors, "W_dec", file),
-        b_dec=_take(tensors, "b_dec", file),
-        architecture="jumprelu",
-        threshold=_take(tensors, "threshold", file),
-        apply_b_dec_to_input=False,
-    )
+    return _jumprelu_named(tensors, file)
 
 
 def _load_llama_scope(path: Path) -> SAE:
@@ -426,18 +418,24 @@ def _from_openai(state: dict[str, Any], path: Path) -> SAE:
     )
 
 
+def _jumprelu_named(tensors: dict[str, Any], path: Path) -> SAE:
+    """A JumpReLU SAE whose tensors carry SAELens's names (Gemma Scope, dictionary_learning's
+    JumpReluAutoEncoder); both leave b_dec out of the input."""
+    return SAE(
+        W_enc=_take(tensors, "W_enc", path),
+        b_enc=_take(tensors, "b_enc", path),
+        W_dec=_take(tensors, "W_dec", path),
+        b_dec=_take(tensors, "b_dec", path),
+        architecture="jumprelu",
+        threshold=_take(tensors, "threshold", path),
+        apply_b_dec_to_input=False,
+    )
+
+
 def _from_dictionary_learning(state: dict[str, Any], path: Path) -> SAE:
     dict_class = _dictionary_learning_class(path)
     if "W_enc" in state:  # JumpReluAutoEncoder; its apply_b_dec_to_input defaults to False.
-        return SAE(
-            W_enc=_take(state, "W_enc", path),
-            b_enc=_take(state, "b_enc", path),
-            W_dec=_take(state, "W_dec", path),
-            b_dec=_take(state, "b_dec", path),
-            architecture="jumprelu",
-            threshold=_take(state, "threshold", path),
-            apply_b_dec_to_input=False,
-        )
+        return _jumprelu_named(state, path)
     W_enc = _take(state, "encoder.weight", path).T.contiguous()
     W_dec = _take(state, "decoder.weight", path).T.contiguous()
     if "r_mag" in state:  # GatedAutoEncoder: bias-free encoder, gate and magnitude biases.
