@@ -30,6 +30,17 @@ def gpt2_config(config) -> dict:
             "vocab_size": config.vocab_size}
 
 
+def random_gpt2(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A GPT-2 of ``config`` with seeded random weights, and the same model loaded by mechinterp."""
+    import transformers
+
+    import mechinterp
+
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(config).eval().to(device, dtype)
+    return hf, mechinterp.load(hf)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so wall time covers it."""
     if device.type == "cuda":

@@ -30,10 +30,16 @@ import time
 
 import torch
 import transformers
-from _timing import device_name, gpt2_config, median_time, plain_forward_floor, write_json
+from _timing import (
+    device_name,
+    gpt2_config,
+    median_time,
+    plain_forward_floor,
+    random_gpt2,
+    write_json,
+)
 from _timing import sync as _sync
 
-import mechinterp
 from mechinterp.interactions.model_games import TokenGame
 
 PPES = (1, 16, 64, 256)
@@ -109,9 +115,7 @@ def measure(device: str, dtypes: list[str], tokens: int, n_coalitions: int,
     out: dict = {"device": device_name(device_), "rows": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        torch.manual_seed(0)
-        hf = transformers.GPT2LMHeadModel(config).eval().to(device_, dtype)
-        model = mechinterp.load(hf)
+        hf, model = random_gpt2(config, device_, dtype)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (1, tokens), generator=g).to(device_)
         coalitions = torch.rand(n_coalitions, tokens, generator=g) < 0.5

@@ -23,11 +23,10 @@ import time
 
 import torch
 import transformers
-from _timing import device_name, gpt2_config, plain_forward_floor, write_json
+from _timing import device_name, gpt2_config, plain_forward_floor, random_gpt2, write_json
 from _timing import median_time as _median_time
 from _timing import sync as _sync
 
-import mechinterp
 from mechinterp.tracing import causal_trace
 
 
@@ -54,9 +53,7 @@ def measure(device: str, dtypes: list[str], repeats: int, config, seq: int, subj
     out: dict = {"device": device_name(device_), "rows": []}
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        torch.manual_seed(0)
-        hf = transformers.GPT2LMHeadModel(config).eval().to(device_, dtype)
-        model = mechinterp.load(hf)
+        hf, model = random_gpt2(config, device_, dtype)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (1, seq), generator=g).to(device_)
         subject = (3, 3 + subject_len)

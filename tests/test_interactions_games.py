@@ -17,13 +17,8 @@ from mechinterp.interactions.weights import INDICES
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's many small tensor operations on one thread: on a shared two-core
-    machine, waking a second OpenMP thread per operation costs more than the operation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """This module runs on one thread (see conftest's ``one_thread``)."""
 
 
 # -- brute force from the definitions ---------------------------------------------------------
