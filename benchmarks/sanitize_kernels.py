@@ -125,9 +125,41 @@ def interactions_cases() -> int:
     return checked
 
 
+def sae_cases() -> int:
+    """Selectors and the sparse decode against their CPU kernels: tails, ties, strided rows."""
+    checked = 0
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        segment = _ops.SAE_CUDA_SEGMENT
+        for rows, cols in ((1, 1), (3, 77), (4, segment), (2, segment + 8)):
+            wide = torch.randn(rows, cols + 3, generator=g).to(dtype)
+            wide[0, : cols // 2] = 0.5  # ties, to reach the bisection path
+            values = wide[:, 1 : cols + 1]  # rows strided, no 16-byte alignment
+            for k in sorted({1, min(cols, 5), 64}):
+                got = _ops.select_topk(values.cuda(), k)
+                want = _ops.select_topk(values, k)
+                if _ops.topk_segments(cols, torch.device("cuda")) == 1:
+                    assert torch.equal(got[1].cpu(), want[1]), (dtype, rows, cols, k)
+                checked += 1
+            got = _ops.select_threshold(values.cuda(), cap=4)
+            assert got[2].sum(1).cpu().tolist() == _ops.select_threshold(values, cap=4)[2][:, 0].tolist()
+            checked += 1
+    for dtype in DTYPES:
+        weight = torch.randn(50, 37, generator=g).to(dtype)
+        index = torch.randint(-1, 50, (6, 5), generator=g)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        values = torch.randn(6, 5, generator=g).to(acc)
+        got = _ops.sparse_decode(index.cuda(), values.cuda(), weight.cuda())
+        want = _ops.sparse_decode(index, values, weight)
+        assert torch.allclose(got.cpu().double(), want.double(), atol=TOLERANCE[dtype] * 10)
+        checked += 1
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
     print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
     print(f"patch_metric: {patch_metric_cases()} cases match the reference")
     print(f"fill_noise: {fill_noise_cases()} cases match the CPU kernel")
     print(f"interactions: {interactions_cases()} cases match the CPU kernels")
+    print(f"sae: {sae_cases()} cases match the CPU kernels")

@@ -10,6 +10,7 @@
 #include "heads/heads.h"
 #include "interactions/interactions.h"
 #include "patching/patching.h"
+#include "sae/sae.h"
 #include "tracing/tracing.h"
 
 namespace py = pybind11;
@@ -140,6 +141,78 @@ PYBIND11_MODULE(_C, m) {
         py::arg("order"),
         "Elements of the scratch table superset_weighted_sums needs for n players and this "
         "order.");
+
+  m.def("topk_segments", &mechinterp::sae::topk_segments, py::arg("cols"), py::arg("cuda"),
+        "Segments the SAE selectors split cols columns into: one per SAE_CUDA_SEGMENT on CUDA, "
+        "one on the CPU.");
+  m.attr("SAE_CUDA_SEGMENT") = mechinterp::sae::kCudaSegment;
+
+  m.def(
+      "select_topk",
+      [](py::handle values, py::object index, py::object bias, py::object scale, std::int64_t k,
+         std::int64_t col_offset, py::handle out_values, py::handle out_index,
+         std::uintptr_t stream) {
+        const auto values_view = mechinterp::view_from_py(values, "values");
+        const auto index_view = mechinterp::optional_view_from_py(index, "index");
+        const auto bias_view = mechinterp::optional_view_from_py(bias, "bias");
+        const auto scale_view = mechinterp::optional_view_from_py(scale, "scale");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        py::gil_scoped_release release;
+        mechinterp::sae::select_topk(values_view, index_view, bias_view, scale_view, k,
+                                     col_offset, out_values_view, out_index_view, stream);
+      },
+      py::arg("values"), py::arg("index"), py::arg("bias"), py::arg("scale"), py::arg("k"),
+      py::arg("col_offset"), py::arg("out_values"), py::arg("out_index"), py::arg("stream"),
+      "Per row and segment of values [rows, cols], the k largest (values + bias) * scale in "
+      "descending order (ties to the lower index) into out_values float32 / out_index int32 "
+      "[rows, segments * k]; indices are col_offset + column, or index[r, c] when given.");
+
+  m.def(
+      "select_threshold",
+      [](py::handle values, py::object bias, py::object threshold, py::object mag_scale,
+         py::object mag_bias, std::int64_t col_offset, py::handle out_values, py::handle out_index,
+         py::handle out_count, std::uintptr_t stream) {
+        const auto values_view = mechinterp::view_from_py(values, "values");
+        const auto bias_view = mechinterp::optional_view_from_py(bias, "bias");
+        const auto threshold_view = mechinterp::optional_view_from_py(threshold, "threshold");
+        const auto mag_scale_view = mechinterp::optional_view_from_py(mag_scale, "mag_scale");
+        const auto mag_bias_view = mechinterp::optional_view_from_py(mag_bias, "mag_bias");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        const auto out_count_view = mechinterp::view_from_py(out_count, "out_count");
+        py::gil_scoped_release release;
+        mechinterp::sae::select_threshold(values_view, bias_view, threshold_view, mag_scale_view,
+                                          mag_bias_view, col_offset, out_values_view,
+                                          out_index_view, out_count_view, stream);
+      },
+      py::arg("values"), py::arg("bias"), py::arg("threshold"), py::arg("mag_scale"),
+      py::arg("mag_bias"), py::arg("col_offset"), py::arg("out_values"), py::arg("out_index"),
+      py::arg("out_count"), py::arg("stream"),
+      "Columns of values [rows, cols] whose values + bias exceed threshold (0 if none), in "
+      "column order per row and segment, into slots [rows, segments, cap]; the value kept is "
+      "values + bias, or relu(values * mag_scale + mag_bias) (gated). out_count [rows, "
+      "segments] holds the true count.");
+
+  m.def(
+      "sparse_decode",
+      [](py::handle index, py::handle values, py::object row_ptr, py::handle weight,
+         py::object bias, py::handle out, bool accumulate, std::uintptr_t stream) {
+        const auto index_view = mechinterp::view_from_py(index, "index");
+        const auto values_view = mechinterp::view_from_py(values, "values");
+        const auto row_ptr_view = mechinterp::optional_view_from_py(row_ptr, "row_ptr");
+        const auto weight_view = mechinterp::view_from_py(weight, "weight");
+        const auto bias_view = mechinterp::optional_view_from_py(bias, "bias");
+        const auto out_view = mechinterp::view_from_py(out, "out");
+        py::gil_scoped_release release;
+        mechinterp::sae::sparse_decode(index_view, values_view, row_ptr_view, weight_view,
+                                       bias_view, out_view, accumulate, stream);
+      },
+      py::arg("index"), py::arg("values"), py::arg("row_ptr"), py::arg("weight"), py::arg("bias"),
+      py::arg("out"), py::arg("accumulate"), py::arg("stream"),
+      "out[r] = (out[r] if accumulate else bias or 0) + sum_j values[j] weight[index[j]] over "
+      "row r's entries (CSR with row_ptr, else [rows, k]); sums in float32 (float64 for "
+      "float64 weight), one rounding.");
 
   m.def(
       "build_info",

@@ -632,3 +632,221 @@ def superset_weighted_sums(dividends: torch.Tensor, weights: torch.Tensor) -> to
     _C.superset_weighted_sums(_view(dividends), _view(weights_host), _view(weights_dev),
                               _view(scratch), _view(out), order, _stream(dividends))
     return out
+
+
+# ---- sae: the activation epilogue of a chunked encode, and the sparse decode ----
+
+_SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Largest k the CUDA top-k selector takes; the encoder falls back to torch.topk above it.
+TOPK_CUDA_MAX_K = 256
+#: Columns one CUDA selector block covers (the selectors' segment).
+SAE_CUDA_SEGMENT: int = _C.SAE_CUDA_SEGMENT
+
+
+def _optional_view(t: torch.Tensor | None) -> _View | None:
+    return None if t is None else _view(t)
+
+
+def _check_select_input(values: object, op: str) -> torch.Tensor:
+    values = _check_floating(values, op, "values")
+    if values.dtype not in _SELECT_DTYPES:
+        msg = f"{op}: values must be float32, float16 or bfloat16, got {values.dtype}"
+        raise DTypeError(msg)
+    if values.ndim != 2 or (values.shape[1] > 1 and values.stride(1) != 1):
+        msg = (
+            f"{op}: values must be [rows, cols] with adjacent columns, got shape "
+            f"{tuple(values.shape)} and strides {values.stride()}"
+        )
+        raise ShapeError(msg)
+    return values
+
+
+def _check_columns(t: torch.Tensor | None, values: torch.Tensor, op: str, name: str) -> None:
+    if t is None:
+        return
+    if t.dtype != torch.float32 or t.shape != (values.shape[1],) or not t.is_contiguous():
+        msg = (
+            f"{op}: {name} must be a contiguous float32 [{values.shape[1]}], got {t.dtype} "
+            f"{tuple(t.shape)}"
+        )
+        raise ShapeError(msg)
+    if t.device != values.device:
+        msg = f"{op}: {name} must be on {values.device} with values, got {t.device}"
+        raise DeviceError(msg)
+
+
+def topk_segments(cols: int, device: torch.device) -> int:
+    """Segments :func:`select_topk` splits ``cols`` columns into on ``device``."""
+    return _C.topk_segments(cols, device.type == "cuda")
+
+
+def select_topk(
+    values: torch.Tensor,
+    k: int,
+    *,
+    col_offset: int = 0,
+    index: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of ``(values + bias) * scale`` per row and segment, without a sort.
+
+    Returns ``(top_values float32, top_index int32)``, each ``[rows, segments * k]`` (one
+    segment on the CPU, one per ``SAE_CUDA_SEGMENT`` columns on CUDA), sorted in descending order with ties
+    to the lower index; a segment with fewer than ``k`` columns pads with ``(-inf, -1)``.
+
+    Args:
+        values: ``[rows, cols]`` float32 / float16 / bfloat16 with adjacent columns.
+        k: values kept per row and segment (at most 256 on CUDA).
+        col_offset: added to column numbers to give the returned indices.
+        index: int32 ``[rows, cols]`` indices to return instead (merging earlier selections;
+            entries ``-1`` are skipped).
+        bias, scale: float32 ``[cols]`` applied before ranking (both optional).
+        out: preallocated ``(values, index)`` outputs, possibly column slices of larger buffers.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import select_topk
+        >>> select_topk(torch.tensor([[0.5, 2.0, -1.0, 2.0]]), 2)
+        (tensor([[2., 2.]]), tensor([[1, 3]], dtype=torch.int32))
+    """
+    op = "select_topk"
+    values = _check_select_input(values, op)
+    _check_device(values, op, "values")
+    k = _as_index(k, op, "k")
+    if k < 1 or (values.device.type == "cuda" and k > TOPK_CUDA_MAX_K):
+        limit = f"[1, {TOPK_CUDA_MAX_K}]" if values.device.type == "cuda" else ">= 1"
+        msg = f"{op}: k must be {limit} on {values.device}, got {k}"
+        raise InputError(msg)
+    if index is not None and (
+        index.dtype != torch.int32 or index.shape != values.shape or index.device != values.device
+    ):
+        msg = (
+            f"{op}: index must be int32 {tuple(values.shape)} on {values.device}, got "
+            f"{index.dtype} {tuple(index.shape)} on {index.device}"
+        )
+        raise ShapeError(msg)
+    _check_columns(bias, values, op, "bias")
+    _check_columns(scale, values, op, "scale")
+    width = topk_segments(values.shape[1], values.device) * k
+    if out is None:
+        out = (
+            torch.empty(values.shape[0], width, dtype=torch.float32, device=values.device),
+            torch.empty(values.shape[0], width, dtype=torch.int32, device=values.device),
+        )
+    _C.select_topk(
+        _view(values), _optional_view(index), _optional_view(bias), _optional_view(scale), k,
+        col_offset, _view(out[0]), _view(out[1]), _stream(values),
+    )
+    return out
+
+
+def select_threshold(
+    values: torch.Tensor,
+    *,
+    cap: int,
+    col_offset: int = 0,
+    bias: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    mag_scale: torch.Tensor | None = None,
+    mag_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns whose ``values + bias`` exceed ``threshold`` (0 if absent), per row.
+
+    Returns ``(kept float32, index int32)`` of shape ``[rows, segments, cap]`` in column order
+    and ``count int32 [rows, segments]``, the true count per row and segment, which exceeds
+    ``cap`` when entries were dropped. With ``mag_scale`` and ``mag_bias`` (gated SAEs), ``bias``
+    is the gate bias and the kept value is ``relu(values * mag_scale + mag_bias)``; only
+    positive values are kept.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import select_threshold
+        >>> kept, index, count = select_threshold(torch.tensor([[0.5, -1.0, 2.0]]), cap=4)
+        >>> kept[0, 0, :2], index[0, 0, :2], count
+        (tensor([0.5000, 2.0000]), tensor([0, 2], dtype=torch.int32), tensor([[2]], dtype=torch.int32))
+    """
+    op = "select_threshold"
+    values = _check_select_input(values, op)
+    _check_device(values, op, "values")
+    cap = _as_index(cap, op, "cap")
+    if cap < 1:
+        msg = f"{op}: cap must be >= 1, got {cap}"
+        raise InputError(msg)
+    for name, t in (("bias", bias), ("threshold", threshold), ("mag_scale", mag_scale),
+                    ("mag_bias", mag_bias)):
+        _check_columns(t, values, op, name)
+    if (mag_scale is None) != (mag_bias is None):
+        msg = f"{op}: mag_scale and mag_bias go together (gated SAEs), got only one of them"
+        raise InputError(msg)
+    rows, device = values.shape[0], values.device
+    segments = topk_segments(values.shape[1], device)
+    kept = torch.empty(rows, segments, cap, dtype=torch.float32, device=device)
+    index = torch.empty(rows, segments, cap, dtype=torch.int32, device=device)
+    count = torch.empty(rows, segments, dtype=torch.int32, device=device)
+    _C.select_threshold(
+        _view(values), _optional_view(bias), _optional_view(threshold), _optional_view(mag_scale),
+        _optional_view(mag_bias), col_offset, _view(kept), _view(index), _view(count),
+        _stream(values),
+    )
+    return kept, index, count
+
+
+def sparse_decode(
+    index: torch.Tensor,
+    values: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    row_ptr: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """``out[r] = (out[r] if accumulate else bias or 0) + sum_j values[j] * weight[index[j]]``.
+
+    Row ``r``'s entries are ``[row_ptr[r], row_ptr[r + 1])`` of flat ``index``/``values`` when
+    ``row_ptr`` is given, else row ``r`` of ``[rows, k]`` ones. Indices ``-1`` are skipped. Sums
+    run in float32 (float64 for float64 ``weight``) and round once.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import sparse_decode
+        >>> weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> sparse_decode(torch.tensor([[2, -1]]), torch.tensor([[3.0, 9.0]]), weight)
+        tensor([[3., 3.]])
+    """
+    op = "sparse_decode"
+    weight = _check_floating(weight, op, "weight")
+    _check_device(weight, op, "weight")
+    if weight.ndim != 2:
+        msg = f"{op}: weight must be [d_sae, d_out], got shape {tuple(weight.shape)}"
+        raise ShapeError(msg)
+    weight = weight.contiguous()
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if index.dtype not in (torch.int32, torch.int64):
+        msg = f"{op}: index must be int32 or int64, got {index.dtype}"
+        raise DTypeError(msg)
+    index = index.to(weight.device).contiguous()
+    values = values.to(device=weight.device, dtype=acc).contiguous()
+    if row_ptr is not None:
+        row_ptr = row_ptr.to(device=weight.device, dtype=torch.int64).contiguous()
+        rows = row_ptr.shape[0] - 1
+    else:
+        if index.ndim != 2:
+            msg = f"{op}: index must be [rows, k] without row_ptr, got {tuple(index.shape)}"
+            raise ShapeError(msg)
+        rows = index.shape[0]
+    if bias is not None:
+        bias = bias.to(device=weight.device, dtype=weight.dtype).contiguous()
+    if out is None:
+        if accumulate:
+            msg = f"{op}: accumulate=True needs out"
+            raise InputError(msg)
+        out = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    _C.sparse_decode(
+        _view(index), _view(values), _optional_view(row_ptr), _view(weight),
+        _optional_view(bias), _view(out), bool(accumulate), _stream(weight),
+    )
+    return out

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "common/check.h"
@@ -108,6 +109,12 @@ inline TensorView view_from_py(pybind11::handle obj, const char* name) {
                              "'");
   }
   return view;
+}
+
+// None becomes an absent view: the optional inputs of a kernel.
+inline std::optional<TensorView> optional_view_from_py(pybind11::handle obj, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return view_from_py(obj, name);
 }
 
 }  // namespace mechinterp

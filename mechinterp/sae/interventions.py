@@ -33,6 +33,7 @@ import torch
 
 from mechinterp.errors import DeviceError, InputError, ShapeError
 from mechinterp.interventions import TensorEdit
+from mechinterp.sae.encode import encode_subset
 from mechinterp.sae.sae import SAE
 from mechinterp.sites import Site
 
@@ -151,7 +152,7 @@ class SAEEdit(TensorEdit):
         x_n, _ = sae._normalize(x)
         change = torch.empty((*x.shape[:-1], len(features)), dtype=sae.dtype, device=sae.device)
         if n_read:
-            old = _encode_subset(sae, x_n, index[:n_read])
+            old = encode_subset(sae, x_n, index[:n_read], normalized=True)
             targets = [0.0] * len(self.ablate) + list(self.clamp.values())
             target = torch.tensor(targets, dtype=sae.dtype, device=sae.device)
             change[..., :n_read] = target - old
@@ -199,27 +200,6 @@ def feature_activations(model, inputs, site: Site, sae: SAE) -> torch.Tensor:
         )
         raise ShapeError(msg)
     return sae.encode(x.to(sae.device))
-
-
-def _encode_subset(sae: SAE, x_n: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Activations ``[..., len(index)]`` of the latents ``index`` for normalised inputs ``x_n``.
-
-    Follows ``SAE._encode_normalized`` but multiplies only the chosen encoder columns, except for
-    TopK, where whether a latent survives depends on every other latent.
-    """
-    if sae.architecture == "topk":
-        return sae._encode_normalized(x_n)[..., index]
-    if sae.apply_b_dec_to_input:
-        x_n = x_n - sae.b_dec
-    h = x_n @ sae.W_enc[:, index]
-    if sae.architecture == "gated":
-        gate = (h + sae.b_gate[index] > 0).to(h.dtype)
-        return gate * torch.relu(h * torch.exp(sae.r_mag[index]) + sae.b_mag[index])
-    h = h + sae.b_enc[index]
-    if sae.architecture == "relu":
-        return torch.relu(h)
-    # jumprelu and batchtopk at inference: a strict threshold per latent.
-    return torch.relu(h) * (h > sae.threshold[index]).to(h.dtype)
 
 
 def _feature(name: str, value: object, d_sae: int, site: Site) -> int:

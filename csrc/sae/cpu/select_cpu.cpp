@@ -1,0 +1,126 @@
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "sae/sae.h"
+
+namespace mechinterp::sae {
+
+namespace {
+
+struct Candidate {
+  std::uint32_t key;
+  std::int32_t index;
+};
+
+// Larger key first; equal keys go to the lower index, so the kept set is deterministic.
+inline bool ranks_before(const Candidate& a, const Candidate& b) {
+  return a.key != b.key ? a.key > b.key : a.index < b.index;
+}
+
+// Rows are independent; below this much work per call the thread start-up costs more.
+constexpr std::int64_t kParallelWork = 1 << 16;
+
+}  // namespace
+
+// A running top-k per row: columns arrive in index order, and once k are held only a key above
+// the k-th best can enter (an equal key has a higher index and ranks after). The buffer holds up
+// to 2k, then is cut back to the best k, so the few entries that pass cost O(1) amortised and
+// the rest cost one comparison each.
+template <typename T>
+void select_topk_cpu(const T* values, float* out_values, std::int32_t* out_index,
+                     const SelectParams& p) {
+  const bool parallel = p.rows > 1 && p.rows * p.cols >= kParallelWork;
+  (void)parallel;
+#if defined(MECHINTERP_OPENMP)
+#pragma omp parallel if (parallel)
+#endif
+  {
+    std::vector<Candidate> held;
+    held.reserve(static_cast<std::size_t>(2 * p.k));
+#if defined(MECHINTERP_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (std::int64_t r = 0; r < p.rows; ++r) {
+      const T* row = values + r * p.row_stride;
+      const std::int32_t* row_index = p.index ? p.index + r * p.index_row_stride : nullptr;
+      held.clear();
+      bool full = false;
+      std::uint32_t bar = 0;  // the k-th best key once `full`
+      for (std::int64_t c = 0; c < p.cols; ++c) {
+        float v = static_cast<float>(row[c]);
+        if (p.bias) v += p.bias[c];
+        if (p.scale) v *= p.scale[c];
+        const std::uint32_t key = float_key_host(v);
+        if (full && key <= bar) continue;
+        const std::int32_t index =
+            row_index ? row_index[c] : static_cast<std::int32_t>(p.col_offset + c);
+        if (row_index && index < 0) continue;  // padding from an earlier selection
+        held.push_back({key, index});
+        if (static_cast<std::int64_t>(held.size()) == 2 * p.k) {
+          std::nth_element(held.begin(), held.begin() + (p.k - 1), held.end(), ranks_before);
+          held.resize(static_cast<std::size_t>(p.k));
+          bar = held[static_cast<std::size_t>(p.k - 1)].key;
+          full = true;
+        }
+      }
+      std::sort(held.begin(), held.end(), ranks_before);
+      float* out_v = out_values + r * p.out_row_stride;
+      std::int32_t* out_i = out_index + r * p.out_row_stride;
+      for (std::int64_t j = 0; j < p.k; ++j) {
+        if (j < static_cast<std::int64_t>(held.size())) {
+          out_v[j] = key_float_host(held[static_cast<std::size_t>(j)].key);
+          out_i[j] = held[static_cast<std::size_t>(j)].index;
+        } else {
+          out_v[j] = -std::numeric_limits<float>::infinity();
+          out_i[j] = -1;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_index,
+                          std::int32_t* out_count, const SelectParams& p) {
+  const bool parallel = p.rows > 1 && p.rows * p.cols >= kParallelWork;
+  (void)parallel;
+#if defined(MECHINTERP_OPENMP)
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+  for (std::int64_t r = 0; r < p.rows; ++r) {
+    const T* row = values + r * p.row_stride;
+    float* out_v = out_values + r * p.cap;
+    std::int32_t* out_i = out_index + r * p.cap;
+    std::int64_t count = 0;
+    for (std::int64_t c = 0; c < p.cols; ++c) {
+      const float h = static_cast<float>(row[c]);
+      const float v = p.bias ? h + p.bias[c] : h;
+      if (!(v > (p.threshold ? p.threshold[c] : 0.0f))) continue;
+      const float value = p.mag_scale ? std::max(h * p.mag_scale[c] + p.mag_bias[c], 0.0f) : v;
+      if (!(value > 0.0f)) continue;
+      if (count < p.cap) {
+        out_v[count] = value;
+        out_i[count] = static_cast<std::int32_t>(p.col_offset + c);
+      }
+      ++count;
+    }
+    out_count[r] = static_cast<std::int32_t>(std::min<std::int64_t>(count, INT32_MAX));
+  }
+}
+
+template void select_topk_cpu<float>(const float*, float*, std::int32_t*, const SelectParams&);
+template void select_topk_cpu<Half>(const Half*, float*, std::int32_t*, const SelectParams&);
+template void select_topk_cpu<BFloat16>(const BFloat16*, float*, std::int32_t*,
+                                        const SelectParams&);
+template void select_threshold_cpu<float>(const float*, float*, std::int32_t*, std::int32_t*,
+                                          const SelectParams&);
+template void select_threshold_cpu<Half>(const Half*, float*, std::int32_t*, std::int32_t*,
+                                         const SelectParams&);
+template void select_threshold_cpu<BFloat16>(const BFloat16*, float*, std::int32_t*,
+                                             std::int32_t*, const SelectParams&);
+
+}  // namespace mechinterp::sae

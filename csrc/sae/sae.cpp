@@ -1,0 +1,300 @@
+#include "sae/sae.h"
+
+#include <cstdint>
+#include <optional>
+
+#include "common/check.h"
+#include "common/device.h"
+#include "common/dispatch.h"
+
+namespace mechinterp::sae {
+
+namespace {
+
+// Dispatch over the dtypes a selector reads: the GEMM outputs it follows are never float64 here
+// (float64 SAEs take the PyTorch path, whose exact sort keys are 64-bit).
+template <typename F>
+void dispatch_select(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::Float32: f(TypeTag<float>{}); return;
+    case DType::Float16: f(TypeTag<Half>{}); return;
+    case DType::BFloat16: f(TypeTag<BFloat16>{}); return;
+    default: break;
+  }
+  detail::throw_user_error(op, ": values must be float32, float16 or bfloat16, got ",
+                           dtype_name(dtype));
+}
+
+void check_same_device(const TensorView& t, const TensorView& ref, const char* op,
+                       const char* name) {
+  MECHINTERP_CHECK(t.device == ref.device, op, ": ", name, " must be on ", device_name(ref.device),
+                   " with values, got ", device_name(t.device));
+}
+
+// A [rows, cols] matrix whose columns are adjacent (rows may be strided).
+void check_matrix(const TensorView& t, std::int64_t rows, std::int64_t cols, const char* op,
+                  const char* name) {
+  MECHINTERP_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name,
+                   " must be [", rows, ", ", cols, "], got ", t.shape_string());
+  MECHINTERP_CHECK(cols <= 1 || t.stride(1) == 1, op, ": ", name,
+                   " must have unit column stride, got strides [", t.stride(0), ", ",
+                   t.stride(1), "]");
+}
+
+const float* column_vector(const std::optional<TensorView>& t, const TensorView& values,
+                           std::int64_t cols, const char* op, const char* name) {
+  if (!t) return nullptr;
+  MECHINTERP_CHECK(t->dtype == DType::Float32, op, ": ", name, " must be float32, got ",
+                   dtype_name(t->dtype));
+  MECHINTERP_CHECK(t->dim() == 1 && t->size(0) == cols && t->is_contiguous(), op, ": ", name,
+                   " must be a contiguous [", cols, "], got ", t->shape_string());
+  check_same_device(*t, values, op, name);
+  return t->data_as<float>();
+}
+
+}  // namespace
+
+std::int64_t topk_segments(std::int64_t cols, bool cuda) {
+  if (!cuda || cols <= 0) return 1;
+  return (cols + kCudaSegment - 1) / kCudaSegment;
+}
+
+void select_topk(const TensorView& values, const std::optional<TensorView>& index,
+                 const std::optional<TensorView>& bias, const std::optional<TensorView>& scale,
+                 std::int64_t k, std::int64_t col_offset, const TensorView& out_values,
+                 const TensorView& out_index, std::uintptr_t stream) {
+  constexpr const char* kOp = "select_topk";
+  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
+                   values.shape_string());
+  const std::int64_t rows = values.size(0);
+  const std::int64_t cols = values.size(1);
+  check_matrix(values, rows, cols, kOp, "values");
+  MECHINTERP_CHECK(k >= 1, kOp, ": k must be >= 1, got ", k);
+  MECHINTERP_CHECK(!values.is_cuda() || k <= kCudaMaxK, kOp, ": k must be <= ", kCudaMaxK,
+                   " on CUDA, got ", k);
+  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
+                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
+                   " columns");
+  const std::int64_t segments = topk_segments(cols, values.is_cuda());
+  check_matrix(out_values, rows, segments * k, kOp, "out_values");
+  check_matrix(out_index, rows, segments * k, kOp, "out_index");
+  MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
+                   dtype_name(out_values.dtype));
+  MECHINTERP_CHECK(out_index.dtype == DType::Int32, kOp, ": out_index must be int32, got ",
+                   dtype_name(out_index.dtype));
+  MECHINTERP_CHECK(out_values.stride(0) == out_index.stride(0), kOp,
+                   ": out_values and out_index must share a row stride, got ",
+                   out_values.stride(0), " and ", out_index.stride(0));
+  check_same_device(out_values, values, kOp, "out_values");
+  check_same_device(out_index, values, kOp, "out_index");
+
+  SelectParams p{};
+  p.rows = rows;
+  p.cols = cols;
+  p.row_stride = values.stride(0);
+  p.out_row_stride = out_values.stride(0);
+  p.segments = segments;
+  p.k = k;
+  p.col_offset = col_offset;
+  if (index) {
+    check_matrix(*index, rows, cols, kOp, "index");
+    MECHINTERP_CHECK(index->dtype == DType::Int32, kOp, ": index must be int32, got ",
+                     dtype_name(index->dtype));
+    check_same_device(*index, values, kOp, "index");
+    p.index = index->data_as<std::int32_t>();
+    p.index_row_stride = index->stride(0);
+  }
+  p.bias = column_vector(bias, values, cols, kOp, "bias");
+  p.scale = column_vector(scale, values, cols, kOp, "scale");
+  if (rows == 0 || cols == 0) return;
+
+  if (values.is_cpu()) {
+    dispatch_select(values.dtype, kOp, [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      select_topk_cpu<scalar_t>(values.data_as<scalar_t>(), out_values.data_as<float>(),
+                                out_index.data_as<std::int32_t>(), p);
+    });
+    return;
+  }
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(values.device.index);
+  dispatch_select(values.dtype, kOp, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    launch_select_topk_cuda<scalar_t>(values.data_as<scalar_t>(), out_values.data_as<float>(),
+                                      out_index.data_as<std::int32_t>(), p,
+                                      reinterpret_cast<cudaStream_t>(stream));
+  });
+#else
+  (void)stream;
+  throw_no_cuda(kOp, values.device);
+#endif
+}
+
+void select_threshold(const TensorView& values, const std::optional<TensorView>& bias,
+                      const std::optional<TensorView>& threshold,
+                      const std::optional<TensorView>& mag_scale,
+                      const std::optional<TensorView>& mag_bias, std::int64_t col_offset,
+                      const TensorView& out_values, const TensorView& out_index,
+                      const TensorView& out_count, std::uintptr_t stream) {
+  constexpr const char* kOp = "select_threshold";
+  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
+                   values.shape_string());
+  const std::int64_t rows = values.size(0);
+  const std::int64_t cols = values.size(1);
+  check_matrix(values, rows, cols, kOp, "values");
+  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
+                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
+                   " columns");
+  const std::int64_t segments = topk_segments(cols, values.is_cuda());
+  MECHINTERP_CHECK(out_values.dim() == 3 && out_values.size(0) == rows &&
+                       out_values.size(1) == segments && out_values.is_contiguous(),
+                   kOp, ": out_values must be a contiguous [", rows, ", ", segments,
+                   ", cap], got ", out_values.shape_string());
+  const std::int64_t cap = out_values.size(2);
+  MECHINTERP_CHECK(cap >= 1, kOp, ": the capacity (last dim of out_values) must be >= 1");
+  MECHINTERP_CHECK(out_index.dim() == 3 && out_index.size(0) == rows &&
+                       out_index.size(1) == segments && out_index.size(2) == cap &&
+                       out_index.is_contiguous(),
+                   kOp, ": out_index must be a contiguous ", out_values.shape_string(), ", got ",
+                   out_index.shape_string());
+  MECHINTERP_CHECK(out_count.dim() == 2 && out_count.size(0) == rows &&
+                       out_count.size(1) == segments && out_count.is_contiguous(),
+                   kOp, ": out_count must be a contiguous [", rows, ", ", segments, "], got ",
+                   out_count.shape_string());
+  MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
+                   dtype_name(out_values.dtype));
+  MECHINTERP_CHECK(out_index.dtype == DType::Int32 && out_count.dtype == DType::Int32, kOp,
+                   ": out_index and out_count must be int32, got ", dtype_name(out_index.dtype),
+                   " and ", dtype_name(out_count.dtype));
+  check_same_device(out_values, values, kOp, "out_values");
+  check_same_device(out_index, values, kOp, "out_index");
+  check_same_device(out_count, values, kOp, "out_count");
+  MECHINTERP_CHECK(mag_scale.has_value() == mag_bias.has_value(), kOp,
+                   ": mag_scale and mag_bias go together (gated), got only one of them");
+
+  SelectParams p{};
+  p.rows = rows;
+  p.cols = cols;
+  p.row_stride = values.stride(0);
+  p.out_row_stride = segments;
+  p.segments = segments;
+  p.cap = cap;
+  p.col_offset = col_offset;
+  p.bias = column_vector(bias, values, cols, kOp, "bias");
+  p.threshold = column_vector(threshold, values, cols, kOp, "threshold");
+  p.mag_scale = column_vector(mag_scale, values, cols, kOp, "mag_scale");
+  p.mag_bias = column_vector(mag_bias, values, cols, kOp, "mag_bias");
+  if (rows == 0) return;
+
+  if (values.is_cpu()) {
+    dispatch_select(values.dtype, kOp, [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      select_threshold_cpu<scalar_t>(values.data_as<scalar_t>(), out_values.data_as<float>(),
+                                     out_index.data_as<std::int32_t>(),
+                                     out_count.data_as<std::int32_t>(), p);
+    });
+    return;
+  }
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(values.device.index);
+  dispatch_select(values.dtype, kOp, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    launch_select_threshold_cuda<scalar_t>(
+        values.data_as<scalar_t>(), out_values.data_as<float>(),
+        out_index.data_as<std::int32_t>(), out_count.data_as<std::int32_t>(), p,
+        reinterpret_cast<cudaStream_t>(stream));
+  });
+#else
+  (void)stream;
+  throw_no_cuda(kOp, values.device);
+#endif
+}
+
+void sparse_decode(const TensorView& index, const TensorView& values,
+                   const std::optional<TensorView>& row_ptr, const TensorView& weight,
+                   const std::optional<TensorView>& bias, const TensorView& out, bool accumulate,
+                   std::uintptr_t stream) {
+  constexpr const char* kOp = "sparse_decode";
+  MECHINTERP_CHECK(weight.dim() == 2 && weight.is_contiguous(), kOp,
+                   ": weight must be a contiguous [d_sae, d_out], got ", weight.shape_string());
+  MECHINTERP_CHECK(is_floating(weight.dtype), kOp, ": weight must be floating, got ",
+                   dtype_name(weight.dtype));
+  const std::int64_t d_sae = weight.size(0);
+  const std::int64_t d_out = weight.size(1);
+  MECHINTERP_CHECK(out.dim() == 2 && out.size(1) == d_out && (d_out <= 1 || out.stride(1) == 1),
+                   kOp, ": out must be [rows, ", d_out, "] with unit column stride, got ",
+                   out.shape_string());
+  MECHINTERP_CHECK(out.dtype == weight.dtype, kOp, ": out must have weight's dtype ",
+                   dtype_name(weight.dtype), ", got ", dtype_name(out.dtype));
+  const std::int64_t rows = out.size(0);
+  MECHINTERP_CHECK(index.dtype == DType::Int32 || index.dtype == DType::Int64, kOp,
+                   ": index must be int32 or int64, got ", dtype_name(index.dtype));
+  const DType want_values = acc_dtype(weight.dtype);
+  MECHINTERP_CHECK(values.dtype == want_values, kOp, ": values must be ", dtype_name(want_values),
+                   " for ", dtype_name(weight.dtype), " weight, got ", dtype_name(values.dtype));
+  MECHINTERP_CHECK(index.is_contiguous() && values.is_contiguous(), kOp,
+                   ": index and values must be contiguous");
+  DecodeParams p{};
+  p.rows = rows;
+  p.d_out = d_out;
+  p.d_sae = d_sae;
+  p.out_row_stride = out.stride(0);
+  p.accumulate = accumulate;
+  if (row_ptr) {
+    MECHINTERP_CHECK(row_ptr->dtype == DType::Int64 && row_ptr->dim() == 1 &&
+                         row_ptr->size(0) == rows + 1 && row_ptr->is_contiguous(),
+                     kOp, ": row_ptr must be a contiguous int64 [", rows + 1, "], got ",
+                     dtype_name(row_ptr->dtype), " ", row_ptr->shape_string());
+    MECHINTERP_CHECK(index.dim() == 1 && values.dim() == 1 && index.size(0) == values.size(0),
+                     kOp, ": with row_ptr, index and values must be [nnz], got ",
+                     index.shape_string(), " and ", values.shape_string());
+    check_same_device(*row_ptr, out, kOp, "row_ptr");
+    p.row_ptr = row_ptr->data_as<std::int64_t>();
+  } else {
+    MECHINTERP_CHECK(index.dim() == 2 && index.size(0) == rows && values.dim() == 2 &&
+                         values.size(0) == rows && values.size(1) == index.size(1),
+                     kOp, ": index and values must be [", rows, ", k], got ",
+                     index.shape_string(), " and ", values.shape_string());
+    p.per_row = index.size(1);
+  }
+  if (bias) {
+    MECHINTERP_CHECK(bias->dtype == weight.dtype && bias->dim() == 1 && bias->size(0) == d_out &&
+                         bias->is_contiguous(),
+                     kOp, ": bias must be a contiguous ", dtype_name(weight.dtype), " [", d_out,
+                     "], got ", dtype_name(bias->dtype), " ", bias->shape_string());
+    check_same_device(*bias, out, kOp, "bias");
+  }
+  check_same_device(index, out, kOp, "index");
+  check_same_device(values, out, kOp, "values");
+  check_same_device(weight, out, kOp, "weight");
+  if (rows == 0 || d_out == 0) return;
+
+  auto run = [&](auto weight_tag, auto index_tag) {
+    using W = typename decltype(weight_tag)::type;
+    using I = typename decltype(index_tag)::type;
+    const W* bias_ptr = bias ? bias->data_as<W>() : nullptr;
+    if (out.is_cpu()) {
+      sparse_decode_cpu<W, I>(index.data_as<I>(), values.data_as<acc_t<W>>(),
+                              weight.data_as<W>(), bias_ptr, out.data_as<W>(), p);
+      return;
+    }
+#if defined(MECHINTERP_WITH_CUDA)
+    const CudaDeviceGuard guard(out.device.index);
+    launch_sparse_decode_cuda<W, I>(index.data_as<I>(), values.data_as<acc_t<W>>(),
+                                    weight.data_as<W>(), bias_ptr, out.data_as<W>(), p,
+                                    reinterpret_cast<cudaStream_t>(stream));
+#else
+    (void)stream;
+    throw_no_cuda(kOp, out.device);
+#endif
+  };
+  dispatch_floating(weight.dtype, kOp, "weight", [&](auto weight_tag) {
+    if (index.dtype == DType::Int32) {
+      run(weight_tag, TypeTag<std::int32_t>{});
+    } else {
+      run(weight_tag, TypeTag<std::int64_t>{});
+    }
+  });
+}
+
+}  // namespace mechinterp::sae

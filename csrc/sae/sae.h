@@ -1,0 +1,139 @@
+// Sparse-autoencoder kernels: the activation epilogue of an encode, as sparse output, and the
+// sparse decode.
+//
+// The encoder GEMM itself is not here: callers run it (cuBLAS through torch) on a chunk of
+// latents and hand the chunk's pre-activations to one of the selectors, which keep only what
+// survives the activation. The [tokens, d_sae] matrix therefore never exists whole.
+//
+// select_topk: values [rows, cols] (float32 / float16 / bfloat16, unit column stride) ->
+//   per row and per segment of cols, the k largest of (values + bias[c]) * scale[c] (bias and
+//   scale float32 [cols], each optional), sorted in descending order, ties to the lower index.
+//   Indices are col_offset + c, or index[r, c] when index (int32 [rows, cols]) is given, which
+//   is how a second call merges the candidates of a first. A segment with fewer than k columns
+//   pads with (-inf, -1). out_values float32 and out_index int32 are [rows, segments * k].
+//   Segments: topk_segments(cols, device): one per kCudaSegment columns on CUDA, one on the CPU.
+//
+// select_threshold: the rows' columns c whose pre-activation passes a threshold, in column
+//   order, per row and segment, into slots of capacity cap:
+//     v = values + bias[c];  kept iff v > threshold[c] (0 without threshold);
+//     value = v, or relu(values * mag_scale[c] + mag_bias[c]) when mag_scale is given (gated:
+//     bias is then the gate bias), and kept only if value > 0.
+//   out_values float32 / out_index int32 [rows, segments, cap], out_count int32 [rows,
+//   segments] holds the true count, which may exceed cap (the caller then retries wider).
+//
+// sparse_decode: out[r] = (accumulate ? out[r] : bias or 0) + sum_j values[j] W[index[j]] over
+//   j in row r's range: [row_ptr[r], row_ptr[r + 1]) when row_ptr (int64 [rows + 1]) is given,
+//   else [r k, r k + k) with index and values [rows, k]. index int32 or int64 (-1 entries are
+//   skipped); W [d_sae, d_out], bias [d_out] and out [rows, d_out] share a floating dtype;
+//   values are float32 (float64 for float64 W), the type the sums run in before one rounding.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "common/dispatch.h"
+#include "common/tensor_view.h"
+
+#if defined(MECHINTERP_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace mechinterp::sae {
+
+// CUDA blocks see a segment of kCudaSegment columns: 256 threads x 64 values in registers. Wide
+// segments spread each block's fixed costs (the bound, the ranking) over more values.
+constexpr std::int64_t kCudaThreads = 256;
+constexpr std::int64_t kCudaItems = 64;
+constexpr std::int64_t kCudaSegment = kCudaThreads * kCudaItems;
+// The CUDA selector's fast path bounds the k-th largest by the k-th largest thread maximum.
+constexpr std::int64_t kCudaMaxK = kCudaThreads;
+// Candidates a CUDA block sorts in shared memory.
+constexpr std::int64_t kCudaCandidates = 2048;
+
+std::int64_t topk_segments(std::int64_t cols, bool cuda);
+
+void select_topk(const TensorView& values, const std::optional<TensorView>& index,
+                 const std::optional<TensorView>& bias, const std::optional<TensorView>& scale,
+                 std::int64_t k, std::int64_t col_offset, const TensorView& out_values,
+                 const TensorView& out_index, std::uintptr_t stream);
+
+void select_threshold(const TensorView& values, const std::optional<TensorView>& bias,
+                      const std::optional<TensorView>& threshold,
+                      const std::optional<TensorView>& mag_scale,
+                      const std::optional<TensorView>& mag_bias, std::int64_t col_offset,
+                      const TensorView& out_values, const TensorView& out_index,
+                      const TensorView& out_count, std::uintptr_t stream);
+
+void sparse_decode(const TensorView& index, const TensorView& values,
+                   const std::optional<TensorView>& row_ptr, const TensorView& weight,
+                   const std::optional<TensorView>& bias, const TensorView& out, bool accumulate,
+                   std::uintptr_t stream);
+
+// ---- launch parameters (shared by the CPU and CUDA implementations) ----
+
+struct SelectParams {
+  std::int64_t rows;
+  std::int64_t cols;
+  std::int64_t row_stride;        // of values, in elements
+  std::int64_t index_row_stride;  // of the optional index
+  std::int64_t out_row_stride;    // of out_values / out_index (and out_count for threshold)
+  std::int64_t segments;
+  std::int64_t k;                 // select_topk
+  std::int64_t cap;               // select_threshold
+  std::int64_t col_offset;
+  const std::int32_t* index;      // nullptr: col_offset + c
+  const float* bias;              // nullptr: 0
+  const float* scale;             // nullptr: 1 (select_topk)
+  const float* threshold;         // nullptr: 0 (select_threshold)
+  const float* mag_scale;         // nullptr: not gated
+  const float* mag_bias;
+};
+
+struct DecodeParams {
+  std::int64_t rows;
+  std::int64_t per_row;  // values per row when row_ptr is null
+  std::int64_t d_out;
+  std::int64_t d_sae;
+  std::int64_t out_row_stride;
+  const std::int64_t* row_ptr;
+  bool accumulate;
+};
+
+// Order-preserving map of a float to an unsigned key: larger floats get larger keys, -0 < +0.
+inline std::uint32_t float_key_host(float f) {
+  const std::uint32_t bits = float_to_bits(f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline float key_float_host(std::uint32_t key) {
+  return bits_to_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+template <typename T>
+void select_topk_cpu(const T* values, float* out_values, std::int32_t* out_index,
+                     const SelectParams& params);
+
+template <typename T>
+void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_index,
+                          std::int32_t* out_count, const SelectParams& params);
+
+template <typename W, typename I>
+void sparse_decode_cpu(const I* index, const acc_t<W>* values, const W* weight, const W* bias, W* out,
+                       const DecodeParams& params);
+
+#if defined(MECHINTERP_WITH_CUDA)
+template <typename T>
+void launch_select_topk_cuda(const T* values, float* out_values, std::int32_t* out_index,
+                             const SelectParams& params, cudaStream_t stream);
+
+template <typename T>
+void launch_select_threshold_cuda(const T* values, float* out_values, std::int32_t* out_index,
+                                  std::int32_t* out_count, const SelectParams& params,
+                                  cudaStream_t stream);
+
+template <typename W, typename I>
+void launch_sparse_decode_cuda(const I* index, const acc_t<W>* values, const W* weight, const W* bias,
+                               W* out, const DecodeParams& params, cudaStream_t stream);
+#endif
+
+}  // namespace mechinterp::sae

@@ -1,0 +1,445 @@
+"""Sparse encode and decode: SAE features without the ``[tokens, d_sae]`` matrix.
+
+``encode_sparse`` runs the encoder GEMM (cuBLAS or the CPU BLAS, through torch) on chunks of
+latents and hands each chunk's pre-activations to a compiled selector that keeps only what the
+activation lets through: the top ``k`` per token (TopK) or the latents above their threshold
+(ReLU, JumpReLU, BatchTopK at inference, gated). Only one chunk of pre-activations exists at a
+time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
+decoder rows of the active latents and sums them in float32.
+
+Examples:
+    >>> import torch
+    >>> from mechinterp.sae import SAE, decode_sparse, encode_sparse
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> sae = SAE(W_enc=torch.randn(8, 32), b_enc=torch.zeros(32), W_dec=torch.randn(32, 8),
+    ...           b_dec=torch.zeros(8), architecture="topk", k=4)
+    >>> x = torch.randn(5, 8)
+    >>> features = encode_sparse(sae, x)
+    >>> features.indices.shape, features.l0.tolist()
+    (torch.Size([20]), [4, 4, 4, 4, 4])
+    >>> torch.allclose(features.to_dense(), sae.encode(x), atol=1e-5)
+    True
+    >>> torch.allclose(decode_sparse(sae, features), sae.decode(sae.encode(x)), atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from mechinterp import _ops
+from mechinterp.errors import InputError, ShapeError
+from mechinterp.sae.sae import SAE
+
+__all__ = ["SparseFeatures", "decode_sparse", "encode_sparse", "encode_subset", "reconstruct"]
+
+# Pre-activations held at once: enough for the GEMM to run at full speed, a small fraction of
+# the [tokens, d_sae] matrix at realistic sizes. The CPU keeps its chunk nearer its caches.
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+# Latents a CUDA selector block covers.
+_SEGMENT = _ops.SAE_CUDA_SEGMENT
+# Threshold selectors start with this many slots per segment (a density of 0.4%); rows that
+# overflow are encoded again with room for all of their latents.
+_FIRST_CAP_PER_SEGMENT = 64
+
+
+@dataclass(frozen=True)
+class SparseFeatures:
+    """Feature activations of ``N`` inputs as compressed rows.
+
+    Row ``r`` holds latents ``indices[row_ptr[r]:row_ptr[r + 1]]`` with activations ``values[...]``
+    at the same positions: for TopK SAEs its ``k`` latents in descending order of pre-activation
+    (a ReLU'd value may be 0), for threshold SAEs its active latents in ascending order.
+
+    Attributes:
+        row_ptr: int64 ``[N + 1]``.
+        indices: int64 ``[nnz]``.
+        values: ``[nnz]`` in the SAE's dtype.
+        d_sae: number of latents.
+        shape: leading shape of the encoded input (``N`` is its product).
+    """
+
+    row_ptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    d_sae: int
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        """Number of encoded inputs ``N``."""
+        return self.row_ptr.shape[0] - 1
+
+    @property
+    def l0(self) -> torch.Tensor:
+        """Stored latents per row, int64 ``[N]`` (for TopK, ``k`` every row)."""
+        return self.row_ptr[1:] - self.row_ptr[:-1]
+
+    def row_index(self) -> torch.Tensor:
+        """The row of every stored entry, int64 ``[nnz]``."""
+        rows = torch.arange(self.rows, device=self.row_ptr.device)
+        return torch.repeat_interleave(rows, self.l0, output_size=self.indices.shape[0])
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense activations ``[*shape, d_sae]`` (materialises ``N × d_sae``)."""
+        dense = torch.zeros(self.rows, self.d_sae, dtype=self.values.dtype,
+                            device=self.values.device)
+        dense[self.row_index(), self.indices] = self.values
+        return dense.reshape(*self.shape, self.d_sae)
+
+    def to(self, device: str | torch.device) -> SparseFeatures:
+        """The same features on ``device``."""
+        return SparseFeatures(self.row_ptr.to(device), self.indices.to(device),
+                              self.values.to(device), self.d_sae, self.shape)
+
+
+def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None) -> SparseFeatures:
+    """Sparse feature activations of ``x [..., d_in]``; equals ``sae.encode(x)`` densified.
+
+    The encoder runs in chunks of latents, so peak extra memory is one chunk of
+    pre-activations (``chunk_bytes``; 256 MiB on CUDA, 16 MiB on the CPU) plus the output.
+    float32 / float16 / bfloat16 SAEs use the compiled selectors; float64 SAEs, TopK with
+    ``k > 256`` on CUDA, and devices without kernels use the same chunking with torch
+    operations. On the CPU, 16-bit SAEs multiply in float32 (CPU BLAS has no fast 16-bit GEMM),
+    which is more precise than the dense reference.
+
+    Args:
+        sae: the autoencoder.
+        x: activations ``[..., d_in]`` on the SAE's device.
+        chunk_bytes: budget for one chunk of pre-activations.
+
+    Raises:
+        ShapeError: ``x`` does not end in ``d_in``.
+        InputError: ``x`` is not a tensor, or ``chunk_bytes`` is not a positive int.
+    """
+    if not isinstance(sae, SAE):
+        msg = f"sae must be an SAE; got {type(sae).__name__}"
+        raise InputError(msg)
+    x = sae._check_input(x)
+    if x.device != sae.device:
+        msg = f"x must be on the SAE's device {sae.device}; got {x.device}"
+        raise InputError(msg)
+    shape = tuple(x.shape[:-1])
+    x_n, _ = sae._normalize(x.reshape(-1, sae.d_in))
+    if sae.apply_b_dec_to_input:
+        x_n = x_n - sae.b_dec
+    plan = _Plan.make(sae, x_n, chunk_bytes)
+    if sae.architecture == "topk":
+        row_ptr, indices, values = _encode_topk(sae, plan)
+    else:
+        row_ptr, indices, values = _encode_threshold(sae, plan)
+    return SparseFeatures(row_ptr, indices, values, sae.d_sae, shape)
+
+
+def decode_sparse(sae: SAE, features: SparseFeatures) -> torch.Tensor:
+    """Reconstruction ``[*shape, d_out]`` (in the normalised space) of sparse features.
+
+    Equals ``sae.decode(features.to_dense())`` up to summation order; the gather-and-sum costs
+    ``O(nnz · d_out)`` and runs in float32 (float64 for float64 SAEs).
+    """
+    if not isinstance(features, SparseFeatures):
+        msg = f"features must be SparseFeatures; got {type(features).__name__}"
+        raise InputError(msg)
+    if features.d_sae != sae.d_sae:
+        msg = f"features have d_sae={features.d_sae} but the SAE has d_sae={sae.d_sae}"
+        raise ShapeError(msg)
+    values = features.values
+    if sae.rescale_acts_by_decoder_norm:
+        values = values / sae.W_dec.norm(dim=-1)[features.indices]
+    out = _ops.sparse_decode(features.indices, values, sae.W_dec, row_ptr=features.row_ptr,
+                             bias=sae.b_dec)
+    return out.reshape(*features.shape, sae.d_out)
+
+
+def reconstruct(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """``sae.forward(x)`` through the sparse path: ``[..., d_out]`` in the input's scale."""
+    x = sae._check_input(x)
+    _, undo = sae._normalize(x)
+    out = undo(decode_sparse(sae, encode_sparse(sae, x)))
+    if sae.W_skip is not None:
+        out = out + x @ sae.W_skip.T
+    return out
+
+
+def encode_subset(sae: SAE, x: torch.Tensor, latents: Sequence[int] | torch.Tensor,
+                  *, normalized: bool = False) -> torch.Tensor:
+    """Activations ``[..., len(latents)]`` of the chosen latents only.
+
+    Threshold SAEs multiply only the chosen encoder columns (``O(len(latents) · d_in)`` per
+    token). Whether a TopK latent survives depends on every other latent, so TopK encodes
+    sparsely in full and reads the chosen latents out.
+
+    Args:
+        sae: the autoencoder.
+        x: activations ``[..., d_in]``.
+        latents: latent numbers in ``[0, d_sae)``.
+        normalized: ``x`` is already normalised (``sae._normalize``).
+    """
+    index = torch.as_tensor(latents, dtype=torch.long, device=sae.device).reshape(-1)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= sae.d_sae):
+        msg = f"latents must lie in [0, d_sae={sae.d_sae}); got {index.tolist()}"
+        raise InputError(msg)
+    x = sae._check_input(x)
+    x_n = x if normalized else sae._normalize(x)[0]
+    if sae.architecture == "topk":
+        return _gather_latents(encode_sparse(_unnormalized(sae), x_n), index)
+    if sae.apply_b_dec_to_input:
+        x_n = x_n - sae.b_dec
+    h = x_n @ sae.W_enc[:, index]
+    if sae.architecture == "gated":
+        gate = (h + sae.b_gate[index] > 0).to(h.dtype)
+        return gate * torch.relu(h * torch.exp(sae.r_mag[index]) + sae.b_mag[index])
+    h = h + sae.b_enc[index]
+    if sae.architecture == "relu":
+        return torch.relu(h)
+    # jumprelu and batchtopk at inference: a strict threshold per latent.
+    return torch.relu(h) * (h > sae.threshold[index]).to(h.dtype)
+
+
+# ---- internals ----
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to cut one encode into (row block, latent chunk) pieces."""
+
+    x: torch.Tensor  # normalised, centred inputs [N, d_in]
+    block_rows: int
+    chunk_cols: int
+    compiled: bool  # the selectors run in _C
+    gemm_dtype: torch.dtype
+
+    @staticmethod
+    def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None) -> _Plan:
+        device = x.device.type
+        if chunk_bytes is None:
+            chunk_bytes = _CHUNK_BYTES.get(device, _CHUNK_BYTES["cuda"])
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            msg = f"chunk_bytes must be a positive int; got {chunk_bytes!r}"
+            raise InputError(msg)
+        compiled = (
+            sae.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and device in ("cpu", "cuda")
+            and (device == "cpu" or _ops._has_cuda_kernels())
+            and not (sae.architecture == "topk" and device == "cuda"
+                     and sae.k > _ops.TOPK_CUDA_MAX_K)
+        )
+        gemm_dtype = torch.float32 if device == "cpu" and sae.dtype in (
+            torch.float16, torch.bfloat16) else sae.dtype
+        item = torch.empty((), dtype=gemm_dtype).element_size()
+        rows = max(x.shape[0], 1)
+        # Whole rows when they fit; else chunks of latents (whole selector segments on CUDA), and
+        # row blocks only when even the narrowest chunk is too big.
+        step = _SEGMENT if device == "cuda" else 1024
+        cols = sae.d_sae
+        if rows * cols * item > chunk_bytes:
+            cols = max(step, chunk_bytes // (rows * item) // step * step)
+            cols = min(cols, sae.d_sae)
+        block_rows = max(1, min(rows, chunk_bytes // (cols * item)))
+        return _Plan(x.to(gemm_dtype).contiguous(), block_rows, cols, compiled, gemm_dtype)
+
+    def blocks(self):
+        for r0 in range(0, self.x.shape[0], self.block_rows):
+            yield self.x[r0:r0 + self.block_rows]
+
+    def chunks(self, d_sae: int):
+        for c0 in range(0, d_sae, self.chunk_cols):
+            yield c0, min(d_sae, c0 + self.chunk_cols)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _encode_topk(sae: SAE, plan: _Plan):
+    k = sae.k
+    weight = sae.W_enc
+    bias = sae.b_enc.to(plan.gemm_dtype)
+    scale = sae.W_dec.norm(dim=-1) if sae.rescale_acts_by_decoder_norm else None
+    if scale is not None and plan.compiled:
+        scale = _f32(scale)
+    chunks = list(plan.chunks(sae.d_sae))
+    index_blocks, value_blocks = [], []
+    for xb in plan.blocks():
+        if plan.compiled:
+            top_v, top_i = _topk_block_compiled(xb, weight, bias, scale, k, chunks)
+        else:
+            top_v, top_i = _topk_block_torch(xb, weight, bias, scale, k, chunks)
+        value_blocks.append(torch.relu(top_v).to(sae.dtype))
+        index_blocks.append(top_i.to(torch.int64))
+    n = plan.x.shape[0]
+    values = torch.cat(value_blocks).reshape(-1) if value_blocks else sae.W_enc.new_empty(0)
+    indices = (torch.cat(index_blocks).reshape(-1) if index_blocks
+               else torch.empty(0, dtype=torch.int64, device=sae.device))
+    row_ptr = torch.arange(n + 1, dtype=torch.int64, device=sae.device) * k
+    return row_ptr, indices, values
+
+
+def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
+    device = xb.device
+    widths = [_ops.topk_segments(c1 - c0, device) * k for c0, c1 in chunks]
+    cand_v = torch.empty(xb.shape[0], sum(widths), dtype=torch.float32, device=device)
+    cand_i = torch.empty(xb.shape[0], sum(widths), dtype=torch.int32, device=device)
+    start = 0
+    for (c0, c1), width in zip(chunks, widths):
+        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        _ops.select_topk(h, k, col_offset=c0, scale=None if scale is None else scale[c0:c1],
+                         out=(cand_v[:, start:start + width], cand_i[:, start:start + width]))
+        start += width
+        del h  # free this chunk before the next one is allocated
+    # Merge the chunks' candidates (each row's k best of every segment) until one segment is
+    # left: one more pass covers a segment's worth of candidates on CUDA, all of them on the CPU.
+    while cand_v.shape[1] > k:
+        cand_v, cand_i = _ops.select_topk(cand_v, k, index=cand_i)
+    return cand_v, cand_i
+
+
+def _topk_block_torch(xb, weight, bias, scale, k, chunks):
+    cand_v, cand_i = [], []
+    for c0, c1 in chunks:
+        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        if scale is not None:
+            h = h * scale[c0:c1].to(h.dtype)
+        v, i = h.topk(min(k, c1 - c0), dim=-1)
+        cand_v.append(v)
+        cand_i.append(i + c0)
+    values, where = torch.cat(cand_v, dim=1).topk(k, dim=-1)
+    return values, torch.cat(cand_i, dim=1).gather(1, where)
+
+
+def _threshold_params(sae: SAE, dtype: torch.dtype):
+    """(GEMM bias, selector bias, threshold, mag_scale, mag_bias); selector inputs in ``dtype``.
+
+    The encoder bias goes into the GEMM (cuBLAS adds it before rounding), except for gated
+    SAEs, whose magnitude path needs the product without the gate bias.
+    """
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).contiguous()
+
+    if sae.architecture == "gated":
+        return None, cast(sae.b_gate), None, cast(torch.exp(sae.r_mag)), cast(sae.b_mag)
+    if sae.architecture == "relu":
+        return sae.b_enc, None, None, None, None
+    # relu(h) * 1[h > theta] is non-zero exactly where h > max(theta, 0).
+    return sae.b_enc, None, cast(sae.threshold.clamp_min(0)), None, None
+
+
+def _encode_threshold(sae: SAE, plan: _Plan):
+    params = _threshold_params(sae, torch.float32 if plan.compiled else plan.gemm_dtype)
+    chunks = list(plan.chunks(sae.d_sae))
+    device = sae.device
+    counts, index_blocks, value_blocks = [], [], []
+    for xb in plan.blocks():
+        kept, index, count = _threshold_block(xb, sae.W_enc, params, chunks, plan,
+                                              _FIRST_CAP_PER_SEGMENT)
+        values, indices, rows = _live_entries(kept, index, count)
+        overflow = (count > kept.shape[2]).any(dim=1).nonzero().flatten()
+        if overflow.numel():
+            # Rows with more active latents in a segment than there were slots: encode just
+            # those rows again with room for all, and put their entries back in row order.
+            widest = int(count[overflow].max())
+            again = _threshold_block(xb[overflow], sae.W_enc, params, chunks, plan, widest)
+            more_v, more_i, more_rows = _live_entries(*again)
+            ok = ~torch.isin(rows, overflow)
+            values = torch.cat([values[ok], more_v])
+            indices = torch.cat([indices[ok], more_i])
+            rows = torch.cat([rows[ok], overflow[more_rows]])
+            order = torch.sort(rows, stable=True).indices
+            values, indices = values[order], indices[order]
+        value_blocks.append(values.to(sae.dtype))
+        index_blocks.append(indices.to(torch.int64))
+        counts.append(count.sum(dim=1))
+    l0 = torch.cat(counts) if counts else torch.empty(0, dtype=torch.int64, device=device)
+    row_ptr = torch.zeros(plan.x.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(l0, dim=0, out=row_ptr[1:])
+    values = torch.cat(value_blocks) if value_blocks else sae.W_enc.new_empty(0)
+    indices = (torch.cat(index_blocks) if index_blocks
+               else torch.empty(0, dtype=torch.int64, device=device))
+    return row_ptr, indices, values
+
+
+def _live_entries(kept, index, count):
+    """The filled slots of [rows, segments, cap] selector output, in row-major order, with rows."""
+    live = torch.arange(kept.shape[2], device=kept.device) < count.unsqueeze(-1)
+    rows = torch.arange(kept.shape[0], device=kept.device)
+    return kept[live], index[live], rows.repeat_interleave(live.sum(dim=(1, 2)))
+
+
+def _cap(plan: _Plan, chunk_cols: int, per_segment: int) -> int:
+    # A CPU selector sees a whole chunk as one segment; scale the slots to its width.
+    if plan.x.device.type == "cuda":
+        return per_segment
+    return min(chunk_cols, per_segment * math.ceil(chunk_cols / _SEGMENT))
+
+
+def _threshold_block(xb, weight, params, chunks, plan: _Plan, per_segment: int):
+    gemm_bias, bias, threshold, mag_scale, mag_bias = params
+    parts = []
+    width = max(_cap(plan, c1 - c0, per_segment) for c0, c1 in chunks)
+    for c0, c1 in chunks:
+        w = weight[:, c0:c1].to(xb.dtype)
+        if gemm_bias is None:
+            h = xb @ w
+        else:
+            h = torch.addmm(gemm_bias[c0:c1].to(xb.dtype), xb, w)
+        cut = slice(c0, c1)
+        if plan.compiled:
+            parts.append(_ops.select_threshold(
+                h, cap=width, col_offset=c0,
+                bias=None if bias is None else bias[cut],
+                threshold=None if threshold is None else threshold[cut],
+                mag_scale=None if mag_scale is None else mag_scale[cut],
+                mag_bias=None if mag_bias is None else mag_bias[cut]))
+        else:
+            parts.append(_threshold_torch(h, c0, width, bias, threshold, mag_scale, mag_bias))
+        del h, w  # free this chunk before the next one is allocated
+    kept = torch.cat([p[0] for p in parts], dim=1)
+    index = torch.cat([p[1] for p in parts], dim=1)
+    count = torch.cat([p[2] for p in parts], dim=1)
+    return kept, index, count
+
+
+def _threshold_torch(h, c0, cap, bias, threshold, mag_scale, mag_bias):
+    """The selector's contract in torch: one segment, slots in column order."""
+    cut = slice(c0, c0 + h.shape[1])
+    h = h.to(torch.promote_types(h.dtype, torch.float32))
+    pre = h + bias[cut] if bias is not None else h
+    keep = pre > (threshold[cut] if threshold is not None else 0.0)
+    value = torch.relu(h * mag_scale[cut] + mag_bias[cut]) if mag_scale is not None else pre
+    keep &= value > 0
+    count = keep.sum(dim=1)
+    # Columns in order: rank each kept column among the kept ones of its row.
+    slot = torch.cumsum(keep, dim=1) - 1
+    rows = h.shape[0]
+    kept = torch.zeros(rows, 1, cap, dtype=h.dtype, device=h.device)
+    index = torch.full((rows, 1, cap), -1, dtype=torch.int32, device=h.device)
+    fits = keep & (slot < cap)
+    r, c = fits.nonzero(as_tuple=True)
+    kept[r, 0, slot[r, c]] = value[r, c]
+    index[r, 0, slot[r, c]] = (c + c0).to(torch.int32)
+    return kept, index, count.to(torch.int32).unsqueeze(1)
+
+
+def _unnormalized(sae: SAE) -> SAE:
+    """The SAE with normalisation off, for inputs already normalised."""
+    if sae.normalize_activations == "none":
+        return sae
+    return replace(sae, normalize_activations="none")
+
+
+def _gather_latents(features: SparseFeatures, index: torch.Tensor) -> torch.Tensor:
+    # A latent may be asked for twice: fill one column per distinct latent, then repeat.
+    distinct, inverse = torch.unique(index, return_inverse=True)
+    column_of = torch.full((features.d_sae,), -1, dtype=torch.long, device=index.device)
+    column_of[distinct] = torch.arange(distinct.numel(), device=index.device)
+    out = torch.zeros(features.rows, distinct.numel(), dtype=features.values.dtype,
+                      device=features.values.device)
+    where = column_of[features.indices]
+    hit = where >= 0
+    out[features.row_index()[hit], where[hit]] = features.values[hit]
+    return out[:, inverse].reshape(*features.shape, index.numel())

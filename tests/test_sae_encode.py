@@ -1,0 +1,330 @@
+"""Sparse SAE encode/decode and their kernels, held to the dense reference of ``SAE``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechinterp import _ops
+from mechinterp.errors import DTypeError, InputError, ShapeError
+from mechinterp.sae import SAE, SAEEdit, decode_sparse, encode_sparse, encode_subset, reconstruct
+from mechinterp.sites import Site
+from tests.kernels import needs_cuda
+
+ARCHS = ("relu", "jumprelu", "topk", "gated", "batchtopk")
+
+
+def make_sae(arch: str, d_in: int = 24, d_sae: int = 300, *, k: int = 7, seed: int = 0,
+             dtype: torch.dtype = torch.float32, device: str = "cpu", **extra) -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
+    w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    fields = {
+        "W_enc": w_dec.T.clone() + 0.1 * torch.randn(d_in, d_sae, generator=g, dtype=torch.float64),
+        "b_enc": -0.3 + 0.1 * torch.randn(d_sae, generator=g, dtype=torch.float64),
+        "W_dec": w_dec,
+        "b_dec": 0.05 * torch.randn(d_in, generator=g, dtype=torch.float64),
+        "architecture": arch,
+    }
+    if arch in ("jumprelu", "batchtopk"):
+        fields["threshold"] = 0.2 + 0.3 * torch.rand(d_sae, generator=g, dtype=torch.float64)
+    if arch == "topk":
+        fields["k"] = k
+    if arch == "gated":
+        fields["b_gate"] = -0.5 + 0.2 * torch.randn(d_sae, generator=g, dtype=torch.float64)
+        fields["b_mag"] = 0.1 * torch.randn(d_sae, generator=g, dtype=torch.float64)
+        fields["r_mag"] = 0.2 * torch.randn(d_sae, generator=g, dtype=torch.float64)
+    fields.update(extra)
+    return SAE(**fields).to(device=device, dtype=dtype)
+
+
+def inputs(n: int, d_in: int, *, seed: int = 1, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (2.0 * torch.randn(n, d_in, generator=g, dtype=torch.float64)).to(device, dtype)
+
+
+def dense_pairs(dense: torch.Tensor) -> set[tuple[int, int]]:
+    return {tuple(p) for p in dense.nonzero().tolist()}
+
+
+# ---- the selectors against torch ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_select_topk_equals_a_stable_sort(dtype):
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(40, 999, generator=g).to(dtype)
+    values[5] = 1.0  # a row of ties: the lowest indices win
+    top_v, top_i = _ops.select_topk(values, 9, col_offset=100)
+    ref = values.float().sort(dim=1, descending=True, stable=True)
+    assert torch.equal(top_v, ref.values[:, :9])
+    assert torch.equal(top_i.long(), ref.indices[:, :9] + 100)
+    assert top_i[5].tolist() == list(range(100, 109))
+
+
+def test_select_topk_applies_bias_and_scale_and_merges_by_index():
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(6, 50, generator=g)
+    bias, scale = torch.randn(50, generator=g), torch.rand(50, generator=g) + 0.5
+    top_v, top_i = _ops.select_topk(values, 5, bias=bias, scale=scale)
+    ref = ((values + bias) * scale).topk(5, dim=1)
+    torch.testing.assert_close(top_v, ref.values)
+    assert torch.equal(top_i.long(), ref.indices)
+    # Merging: candidates carry their own indices; -1 marks padding that never wins.
+    index = torch.randint(0, 10**6, (6, 50), generator=g, dtype=torch.int32)
+    index[:, ::7] = -1
+    merged_v, merged_i = _ops.select_topk(values, 4, index=index)
+    masked = values.masked_fill(index < 0, float("-inf"))
+    ref = masked.topk(4, dim=1)
+    assert torch.equal(merged_v, ref.values)
+    assert torch.equal(merged_i, index.gather(1, ref.indices))
+
+
+def test_select_topk_pads_short_rows():
+    top_v, top_i = _ops.select_topk(torch.tensor([[1.0, 3.0]]), 4)
+    assert top_v.tolist() == [[3.0, 1.0, float("-inf"), float("-inf")]]
+    assert top_i.tolist() == [[1, 0, -1, -1]]
+
+
+def test_select_threshold_keeps_columns_in_order_and_counts_overflow():
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(8, 70, generator=g)
+    bias, threshold = 0.1 * torch.randn(70, generator=g), torch.rand(70, generator=g)
+    kept, index, count = _ops.select_threshold(values, cap=70, bias=bias, threshold=threshold,
+                                               col_offset=3)
+    pre = values + bias
+    mask = (pre > threshold) & (pre > 0)
+    assert torch.equal(count[:, 0], mask.sum(1).int())
+    for r in range(8):
+        cols = mask[r].nonzero().flatten()
+        n = cols.numel()
+        assert torch.equal(index[r, 0, :n].long(), cols + 3)
+        assert torch.equal(kept[r, 0, :n], pre[r, cols])
+    _, _, small = _ops.select_threshold(values, cap=2, bias=bias, threshold=threshold)
+    assert torch.equal(small, count)  # the true count, beyond the slots
+
+
+def test_sparse_decode_equals_dense_product():
+    g = torch.Generator().manual_seed(6)
+    weight, bias = torch.randn(30, 16, generator=g), torch.randn(16, generator=g)
+    index = torch.randint(0, 30, (5, 4), generator=g)
+    index[0, 1] = -1
+    values = torch.randn(5, 4, generator=g)
+    dense = torch.zeros(5, 30)
+    for r in range(5):
+        for j in range(4):
+            if index[r, j] >= 0:
+                dense[r, index[r, j]] += values[r, j]
+    torch.testing.assert_close(_ops.sparse_decode(index, values, weight, bias=bias),
+                               dense @ weight + bias)
+    row_ptr = torch.tensor([0, 2, 2, 5])
+    flat_i, flat_v = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    out = torch.ones(3, 16)
+    _ops.sparse_decode(flat_i, flat_v, weight, row_ptr=row_ptr, out=out, accumulate=True)
+    want = 1 + torch.stack([weight[1] + 2 * weight[2], torch.zeros(16),
+                            3 * weight[3] + 4 * weight[4] + 5 * weight[5]])
+    torch.testing.assert_close(out, want)
+
+
+# ---- encode_sparse / decode_sparse against the dense reference ----
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_encode_sparse_equals_dense_reference(arch, chunk_bytes):
+    sae = make_sae(arch)
+    x = inputs(33, sae.d_in)
+    dense = sae.encode(x)
+    features = encode_sparse(sae, x, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(features.to_dense(), dense, rtol=1e-5, atol=1e-6)
+    if arch == "topk":
+        assert features.l0.tolist() == [sae.k] * 33
+        ref = sae.pre_activations(x).topk(sae.k, dim=-1).indices
+        got = features.indices.reshape(33, sae.k)
+        assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(got, ref))
+    else:
+        assert dense_pairs(features.to_dense()) == dense_pairs(dense)
+        assert torch.all(features.values > 0)
+    torch.testing.assert_close(decode_sparse(sae, features), sae.decode(dense), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_float64_and_leading_shape_take_the_torch_path(arch):
+    sae = make_sae(arch, dtype=torch.float64)
+    x = inputs(12, sae.d_in, dtype=torch.float64).reshape(3, 4, sae.d_in)
+    features = encode_sparse(sae, x, chunk_bytes=2048)
+    assert features.shape == (3, 4)
+    torch.testing.assert_close(features.to_dense(), sae.encode(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reconstruct(sae, x), sae.forward(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm", ["constant_norm_rescale", "layer_norm"])
+def test_reconstruct_follows_normalisation_and_rescaling(norm):
+    sae = make_sae("topk", normalize_activations=norm, rescale_acts_by_decoder_norm=True,
+                   W_dec=3.0 * make_sae("topk").W_dec.double())
+    x = inputs(20, sae.d_in)
+    torch.testing.assert_close(reconstruct(sae, x), sae.forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_transcoder_reconstruct_adds_the_skip():
+    base = make_sae("relu")
+    g = torch.Generator().manual_seed(9)
+    sae = SAE(W_enc=base.W_enc, b_enc=base.b_enc, W_dec=torch.randn(300, 10, generator=g),
+              b_dec=torch.zeros(10), apply_b_dec_to_input=False,
+              W_skip=torch.randn(10, 24, generator=g))
+    x = inputs(7, 24)
+    torch.testing.assert_close(reconstruct(sae, x), sae.forward(x), rtol=1e-5, atol=1e-4)
+
+
+def dictionary_inputs(sae: SAE, n: int, active: int, *, seed: int = 2) -> torch.Tensor:
+    """Inputs the SAE explains well: sparse positive mixtures of its decoder rows."""
+    g = torch.Generator().manual_seed(seed)
+    which = torch.stack([torch.randperm(sae.d_sae, generator=g)[:active] for _ in range(n)])
+    amount = 1.0 + torch.rand(n, active, generator=g)
+    return torch.einsum("na,nad->nd", amount, sae.W_dec.float()[which]) + sae.b_dec.float()
+
+
+def test_bfloat16_meets_the_float32_reference_tolerances():
+    # A well-posed SAE: its encoder is its decoder's transpose and the inputs are made of its
+    # atoms, so the float32 reference reconstructs them and bf16 only adds rounding.
+    base = make_sae("topk", d_in=256, d_sae=1024, k=4)
+    sae32 = make_sae("topk", d_in=256, d_sae=1024, k=4, W_enc=base.W_dec.T.double(),
+                     b_enc=torch.zeros(1024, dtype=torch.float64))
+    x = dictionary_inputs(sae32, 200, 4)
+    ref = sae32.encode(x)
+    got = encode_sparse(sae32.to(dtype=torch.bfloat16), x.bfloat16())
+    ref_sets = [set(r.nonzero().flatten().tolist()) for r in ref]
+    got_sets = [{i for i, v in zip(r.tolist(), w.tolist()) if v > 0}
+                for r, w in zip(got.indices.reshape(200, 4), got.values.reshape(200, 4))]
+    jaccard = sum(len(a & b) / len(a | b) for a, b in zip(ref_sets, got_sets)) / 200
+    assert jaccard >= 0.98
+    l0_ref = sum(map(len, ref_sets)) / 200
+    assert abs(sum(map(len, got_sets)) / 200 - l0_ref) <= 0.01 * l0_ref
+    want = sae32.forward(x)
+    err = (reconstruct(sae32.to(dtype=torch.bfloat16), x.bfloat16()).float() - want).norm()
+    assert err / want.norm() <= 1e-2
+
+
+def test_encode_subset_matches_columns_of_the_dense_encode():
+    for arch in ARCHS:
+        sae = make_sae(arch)
+        x = inputs(9, sae.d_in)
+        latents = [5, 0, 299, 5]
+        torch.testing.assert_close(encode_subset(sae, x, latents), sae.encode(x)[:, latents],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_overflow_widens_and_stays_exact():
+    # ReLU with a positive bias: most latents fire, far beyond the first slot count.
+    sae = make_sae("relu", d_sae=3000, b_enc=torch.full((3000,), 5.0, dtype=torch.float64))
+    x = inputs(6, sae.d_in)
+    features = encode_sparse(sae, x, chunk_bytes=1 << 14)
+    torch.testing.assert_close(features.to_dense(), sae.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sae_edit_uses_the_subset_encode():
+    sae = make_sae("topk")
+    x = inputs(4, sae.d_in).reshape(1, 4, -1)
+    edit = SAEEdit(Site("resid_post", layer=0), sae, ablate=[int(encode_sparse(sae, x).indices[0])])
+    delta = edit.delta(x)
+    dense = sae.encode(x)
+    dense[..., edit.ablate[0]] = 0
+    torch.testing.assert_close(delta, sae.decode(dense) - sae.decode(sae.encode(x)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_bad_input_is_named():
+    sae = make_sae("relu")
+    with pytest.raises(ShapeError, match="d_in=24"):
+        encode_sparse(sae, torch.randn(3, 5))
+    with pytest.raises(InputError, match="chunk_bytes"):
+        encode_sparse(sae, torch.randn(3, 24), chunk_bytes=0)
+    with pytest.raises(InputError, match="latents"):
+        encode_subset(sae, torch.randn(3, 24), [300])
+    with pytest.raises(DTypeError, match="values"):
+        _ops.select_topk(torch.randn(2, 3, dtype=torch.float64), 1)
+    with pytest.raises(ShapeError, match="bias"):
+        _ops.select_threshold(torch.randn(2, 3), cap=1, bias=torch.zeros(4))
+    with pytest.raises(ShapeError, match="d_sae"):
+        decode_sparse(make_sae("relu", d_sae=10), encode_sparse(sae, torch.randn(2, 24)))
+
+
+# ---- CUDA ----
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_select_topk_equals_cpu(dtype):
+    g = torch.Generator().manual_seed(11)
+    segment = _ops.SAE_CUDA_SEGMENT
+    for cols in (5, 300, segment, 2 * segment + 123):
+        values = torch.randn(17, cols, generator=g).to(dtype)
+        values[3, : cols // 2] = 0.25  # heavy ties: the bisection path
+        cpu_v, cpu_i = _ops.select_topk(values, 12)
+        gpu_v, gpu_i = _ops.select_topk(values.cuda(), 12)
+        segments = _ops.topk_segments(cols, torch.device("cuda"))
+        if segments > 1:
+            gpu_v, gpu_i = _ops.select_topk(gpu_v, 12, index=gpu_i)
+        assert torch.equal(gpu_v.cpu(), cpu_v)
+        assert torch.equal(gpu_i.cpu(), cpu_i)
+    for k in (1, 64, 256):
+        values = torch.randn(9, segment, generator=g).to(dtype)
+        assert torch.equal(_ops.select_topk(values.cuda(), k)[1].cpu(),
+                           _ops.select_topk(values, k)[1])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_select_threshold_and_decode_equal_cpu():
+    g = torch.Generator().manual_seed(12)
+    values = torch.randn(13, 20000, generator=g)
+    bias, threshold = torch.randn(20000, generator=g), torch.rand(20000, generator=g) + 1.5
+    cpu = _ops.select_threshold(values, cap=20000, bias=bias, threshold=threshold)
+    segment = _ops.SAE_CUDA_SEGMENT
+    gpu = _ops.select_threshold(values.cuda(), cap=segment, bias=bias.cuda(),
+                                threshold=threshold.cuda())
+    assert torch.equal(gpu[2].sum(1).cpu(), cpu[2][:, 0])
+    for r in range(13):
+        n = int(cpu[2][r, 0])
+        live = torch.arange(segment) < gpu[2][r].cpu().unsqueeze(-1)
+        assert torch.equal(gpu[1][r].cpu()[live], cpu[1][r, 0, :n])
+        assert torch.equal(gpu[0][r].cpu()[live], cpu[0][r, 0, :n])
+    weight = torch.randn(500, 96, generator=g)
+    index = torch.randint(-1, 500, (40, 33), generator=g)
+    vals = torch.randn(40, 33, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        w = weight.to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        cpu_out = _ops.sparse_decode(index, vals.to(acc), w)
+        gpu_out = _ops.sparse_decode(index.cuda(), vals.to(acc).cuda(), w.cuda())
+        torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-5 if dtype != torch.bfloat16
+                                   else 1.6e-2, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_encode_sparse_equals_reference(arch):
+    segment = _ops.SAE_CUDA_SEGMENT
+    sae = make_sae(arch, d_in=64, d_sae=2 * segment + 500, k=40, device="cuda")
+    x = inputs(300, 64, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    features = encode_sparse(sae, x, chunk_bytes=300 * segment * 4)  # three chunks
+    dense = sae.encode(x)
+    torch.testing.assert_close(features.to_dense(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_sparse(sae, features), sae.decode(dense), rtol=1e-4,
+                               atol=1e-4)
+    cpu = encode_sparse(sae.to("cpu"), x.cpu())
+    torch.testing.assert_close(features.to("cpu").to_dense(), cpu.to_dense(), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_large_k_falls_back_to_torch_topk():
+    sae = make_sae("topk", d_in=32, d_sae=3000, k=300, device="cuda")
+    x = inputs(10, 32, device="cuda")
+    torch.testing.assert_close(encode_sparse(sae, x).to_dense(), sae.encode(x), rtol=1e-5,
+                               atol=1e-5)
