@@ -25,7 +25,9 @@ import argparse
 import functools
 import itertools
 import os
+import sys
 import tempfile
+import types
 
 import torch
 
@@ -78,11 +80,30 @@ def dense_encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(h) * (h > sae.threshold)
 
 
+def import_saelens():
+    """SAELens's SAE class, or why it cannot be imported.
+
+    SAELens imports wandb at module level for its training logs only; where wandb is absent a
+    placeholder module lets the encode path import.
+    """
+    for _ in range(3):
+        try:
+            from sae_lens import SAE as LensSAE
+        except ModuleNotFoundError as error:
+            if error.name != "wandb":
+                return str(error)
+            sys.modules["wandb"] = types.ModuleType("wandb")
+        except Exception as error:  # noqa: BLE001 - any import failure means "not available"
+            return str(error)
+        else:
+            return LensSAE
+    return "sae_lens did not import"
+
+
 def saelens_encoder(sae: SAE, dtype: torch.dtype | None, folder: str):
     """SAELens's encode on the same weights, or None when sae_lens is not installed."""
-    try:
-        from sae_lens import SAE as LensSAE
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+    LensSAE = import_saelens()
+    if isinstance(LensSAE, str):
         return None
     path = os.path.join(folder, f"{sae.architecture}-{sae.d_sae}")
     if not os.path.exists(path):
@@ -223,6 +244,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     out = {"device": device_name(device), "rows": [], "cpu_rows": []}
+    lens = import_saelens()
+    out["saelens"] = (f"sae_lens {sys.modules['sae_lens'].__version__}"
+                      if not isinstance(lens, str) else f"unavailable: {lens}")
+    print(out["saelens"], flush=True)
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         if device.type == "cuda":
             out["copy_bandwidth_bytes_per_s"] = copy_bandwidth(device)

@@ -314,8 +314,10 @@ def test_cuda_encode_sparse_equals_reference(arch):
     features = encode_sparse(sae, x, chunk_bytes=300 * segment * 4)  # three chunks
     dense = sae.encode(x)
     torch.testing.assert_close(features.to_dense(), dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(decode_sparse(sae, features), sae.decode(dense), rtol=1e-4,
-                               atol=1e-4)
+    # ReLU and gated codes here are dense (thousands of latents per row), so compare the
+    # reconstructions by relative L2 rather than elementwise.
+    want = sae.decode(dense)
+    assert float((decode_sparse(sae, features) - want).norm() / want.norm()) <= 1e-5
     cpu = encode_sparse(sae.to("cpu"), x.cpu())
     torch.testing.assert_close(features.to("cpu").to_dense(), cpu.to_dense(), rtol=1e-5,
                                atol=1e-5)

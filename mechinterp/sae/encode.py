@@ -105,8 +105,8 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None) 
     pre-activations (``chunk_bytes``; 256 MiB on CUDA, 16 MiB on the CPU) plus the output.
     float32 / float16 / bfloat16 SAEs use the compiled selectors; float64 SAEs, TopK with
     ``k > 256`` on CUDA, and devices without kernels use the same chunking with torch
-    operations. On the CPU, 16-bit SAEs multiply in float32 (CPU BLAS has no fast 16-bit GEMM),
-    which is more precise than the dense reference.
+    operations. On CPUs without AVX-512, 16-bit SAEs multiply in float32 (torch has no fast
+    16-bit GEMM there), which is more precise than the dense reference.
 
     Args:
         sae: the autoencoder.
@@ -229,8 +229,11 @@ class _Plan:
             and not (sae.architecture == "topk" and device == "cuda"
                      and sae.k > _ops.TOPK_CUDA_MAX_K)
         )
-        gemm_dtype = torch.float32 if device == "cpu" and sae.dtype in (
-            torch.float16, torch.bfloat16) else sae.dtype
+        gemm_dtype = sae.dtype
+        if device == "cpu" and sae.dtype in (torch.float16, torch.bfloat16) and \
+                torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            # Without AVX-512 torch's 16-bit CPU GEMM is hundreds of times slower than float32.
+            gemm_dtype = torch.float32
         item = torch.empty((), dtype=gemm_dtype).element_size()
         rows = max(x.shape[0], 1)
         # Whole rows when they fit; else chunks of latents (whole selector segments on CUDA), and
