@@ -24,6 +24,7 @@ python3 benchmarks/bench_model_games.py --device cuda --json "$out/bench_model_g
   | grep -v '^\[transformers\]'
 python3 benchmarks/bench_andor.py --device cuda --dense-max 13 --sizes 10 12 13 16 20 24 \
   --json "$out/bench_andor.json" 2>&1
+python3 benchmarks/bench_sae.py --cpu --cpu-tokens 2048 --json "$out/bench_sae.json" 2>&1
 step compute-sanitizer
 for tool in memcheck racecheck initcheck synccheck; do
   log=$(compute-sanitizer --tool $tool --error-exitcode 1 python3 benchmarks/sanitize_kernels.py 2>&1)
