@@ -104,8 +104,12 @@ def save_sae(sae: SAE, path: str | Path) -> None:
     """
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
-    architecture = {"relu": "standard"}.get(sae.architecture, sae.architecture)
+    # SAELens stores trained BatchTopK SAEs as JumpReLU with one threshold: the same inference.
+    architecture = {"relu": "standard", "batchtopk": "jumprelu"}.get(sae.architecture,
+                                                                     sae.architecture)
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.architecture == "gated":
+        del tensors["b_enc"]  # gated SAEs have b_gate and b_mag instead
     if sae.d_out != sae.d_in or sae.W_skip is not None:
         architecture = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(
             architecture
@@ -126,7 +130,9 @@ def save_sae(sae: SAE, path: str | Path) -> None:
         "dtype": str(sae.dtype).removeprefix("torch."),
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": sae.normalize_activations,
-        "metadata": {"hook_name": sae.hook_name},
+        # The version marks a 6.x config: SAELens converts versionless ones as pre-6.0 files
+        # and drops the nested hook name on the way.
+        "metadata": {"hook_name": sae.hook_name, "sae_lens_version": "6.0.0"},
     }
     if sae.d_out != sae.d_in or sae.W_skip is not None:
         cfg["d_out"] = sae.d_out
