@@ -1,13 +1,20 @@
 """Small trained models shipped inside the package, for demos and tests.
 
 ``zoo_path(name)`` gives the folder of a model, which loads offline with
-``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``, or
+of a sparse autoencoder trained on one of them, which :func:`zoo_sae` loads.
 """
 
 from __future__ import annotations
 
 import pathlib
 from importlib.resources import files
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from mechinterp.sae.sae import SAE
 
 # Model name -> folder inside this package.
 ZOO: dict[str, str] = {
@@ -16,13 +23,36 @@ ZOO: dict[str, str] = {
     "induction-2l": "induction-2l",
 }
 
+# SAE name -> folder inside this package (SAELens layout; the config's hook_name is the site).
+ZOO_SAES: dict[str, str] = {
+    # TopK SAE (512 latents, k = 8) on induction-2l's resid_post of layer 0, trained on the
+    # model's training mix (see train_sae.py and the folder's training_report.json).
+    "induction-2l-sae": "induction-2l-sae",
+}
+
 
 def zoo_path(name: str) -> pathlib.Path:
-    """The folder of the shipped model ``name``; ``LookupError`` for a name not in ``ZOO``."""
-    try:
-        folder = ZOO[name]
-    except KeyError:
+    """The folder of the shipped model or SAE ``name``; ``LookupError`` for an unknown name."""
+    folder = ZOO.get(name, ZOO_SAES.get(name))
+    if folder is None:
         raise LookupError(
-            f"no zoo model named {name!r}; valid names: {', '.join(sorted(ZOO))}"
-        ) from None
+            f"no zoo model or SAE named {name!r}; valid names: {', '.join(sorted(ZOO | ZOO_SAES))}"
+        )
     return pathlib.Path(str(files("mechinterp.zoo") / folder))
+
+
+def zoo_sae(name: str, *, device: str | torch.device = "cpu") -> SAE:
+    """Load the shipped SAE ``name``; ``LookupError`` for a name not in ``ZOO_SAES``.
+
+    Examples:
+        >>> from mechinterp.zoo import zoo_sae
+        >>> sae = zoo_sae("induction-2l-sae")
+        >>> sae.architecture, sae.k, sae.d_in, sae.d_sae, sae.hook_name
+        ('topk', 8, 64, 512, 'resid_post.0')
+    """
+    if name not in ZOO_SAES:
+        raise LookupError(f"no zoo SAE named {name!r}; valid names: {', '.join(sorted(ZOO_SAES))}")
+    # Imported here so that importing the zoo (which loading does) stays light.
+    from mechinterp.sae.formats import load_sae
+
+    return load_sae(zoo_path(name), format="saelens", device=device)
