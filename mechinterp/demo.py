@@ -46,6 +46,7 @@ def run_demo(out: str | Path, *, model_name: str = "induction-2l", batch: int = 
     _ablation_section(report, model, data, prev, induction)
     _patching_section(report, model, seed=seed)
     _tracing_section(report, model)
+    _sae_section(report, model, data)
     return report.write()
 
 
@@ -202,6 +203,73 @@ def _tracing_section(report: Report, model: InterpModel, *, prompt: str = "fuba 
                        "its clean value; the colour is the probability of the clean answer.",
                        facts, [name]),
                data={"records": trace.to_records(), "base": trace.base, "low": trace.low})
+
+
+def _sae_section(report: Report, model: InterpModel, data, *, per_kind: int = 4,
+                 n_examples: int = 10) -> None:
+    from mechinterp.zoo import zoo_sae
+
+    sae = zoo_sae("induction-2l-sae", device=model.device)
+    component, layer = sae.hook_name.rsplit(".", 1)
+    site = Site(component, layer=int(layer))
+    x = model.cache(data.tokens, [site])[site].to(sae.dtype)  # [batch, pos, d_model]
+    acts = sae.encode(x)  # [batch, pos, d_sae]
+    fvu = float((sae.decode(acts) - x).pow(2).sum() / (x - x.mean(dim=(0, 1))).pow(2).sum())
+    l0 = float((acts > 0).sum(-1).float().mean())
+    frequency = (acts > 0).float().mean(dim=(0, 1))
+    ids = data.tokens.input_ids.to(acts.device)
+    words = model.tokenizer.convert_ids_to_tokens(list(range(model.dims.d_vocab)))
+    # -1 marks "no word": special tokens, and the (missing) word before the first position.
+    special = torch.tensor(model.tokenizer.all_special_ids, device=ids.device)
+    current = ids.masked_fill(torch.isin(ids, special), -1)
+    previous = torch.cat([torch.full_like(ids[:, :1], -1), current[:, :-1]], dim=1)
+    # Each latent's strongest activations: [n_examples, d_sae] values and flat (row, pos) indices.
+    strength, where = acts.flatten(0, 1).topk(n_examples, dim=0)
+    word_of = {}  # kind -> [d_sae] the word a latent stands for, or -1
+    for kind, label in (("current", current), ("previous", previous)):
+        top = label.flatten()[where]
+        # A latent stands for a word when all its strongest activations sit on that word.
+        same = ((top == top[:1]) & (strength > 0)).all(dim=0) & (top[0] >= 0)
+        word_of[kind] = torch.where(same, top[0], -1)
+    by_frequency = frequency.argsort(descending=True).tolist()
+    facts = {
+        "SAE": f"induction-2l-sae: TopK, {sae.d_sae} latents, k = {sae.k}, reads {site}",
+        "FVU / mean L0 on these sequences": f"{fvu:.4f} / {l0:.2f}",
+        "latents active on these sequences": f"{int((frequency > 0).sum())} of {sae.d_sae}",
+        f"latents whose {n_examples} strongest activations share the current word":
+            int((word_of["current"] >= 0).sum()),
+        f"latents whose {n_examples} strongest activations share the previous word":
+            int((word_of["previous"] >= 0).sum()),
+        "most frequent latents": ", ".join(
+            f"{f} ({float(frequency[f]):.1%})" for f in by_frequency[:4]),
+    }
+    width = ids.shape[1]
+    features = []
+    for kind in ("current", "previous"):
+        for feature in [f for f in by_frequency if word_of[kind][f] >= 0][:per_kind]:
+            word = words[int(word_of[kind][feature])]
+            contexts = []
+            for value, flat in zip(strength[:3, feature].tolist(), where[:3, feature].tolist()):
+                row, pos = divmod(flat, width)
+                before = " ".join(words[t] for t in ids[row, max(0, pos - 3):pos].tolist())
+                contexts.append({"text": f"{before} [{words[int(ids[row, pos])]}]".strip(),
+                                 "activation": value})
+            features.append({"feature": feature, "frequency": float(frequency[feature]),
+                             "word": word, "kind": kind, "top_contexts": contexts})
+            facts[f"feature {feature} ({float(frequency[feature]):.1%} of tokens)"] = (
+                f"{kind} word {word!r}; strongest: " + ", ".join(
+                    f"'{c['text']}' {c['activation']:.2f}" for c in contexts))
+    report.add(Section("Sparse autoencoder features",
+                       "The shipped TopK SAE (trained by mechinterp.zoo.train_sae on the model's "
+                       "training mix) encodes the residual stream after layer 0, which the "
+                       "induction head reads. Many latents stand for one word: the current one, "
+                       "from the embedding, or the previous one, written by the previous-token "
+                       "head. Below, the most frequent latents of each kind with their strongest "
+                       "activations; the bracketed word is where the latent fires.", facts),
+               data={"fvu": fvu, "mean_l0": l0, "n_examples": n_examples,
+                     "current_word_latents": int((word_of["current"] >= 0).sum()),
+                     "previous_word_latents": int((word_of["previous"] >= 0).sum()),
+                     "features": features})
 
 
 def _agreement_text(scores: dict[str, float]) -> str:

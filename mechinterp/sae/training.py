@@ -59,7 +59,7 @@ _L0_WARMUP_FRACTION = 0.1
 class TrainingStats:
     """How a training run ended, measured with the returned SAE.
 
-    Args:
+    Attributes:
         fvu: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``.
         mean_l0: mean number of nonzero latents per token.
         dead_fraction: fraction of latents that are zero on every measured token.
