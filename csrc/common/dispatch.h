@@ -201,6 +201,20 @@ __device__ __forceinline__ Acc to_acc(__nv_bfloat16 v) {
   return static_cast<Acc>(__bfloat162float(v));
 }
 
+// Rounding back from the accumulation type: to nearest even for the 16-bit floats.
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 #endif  // __CUDACC__
 
 }  // namespace mechinterp

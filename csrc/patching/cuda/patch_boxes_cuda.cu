@@ -16,19 +16,6 @@ constexpr std::int64_t kElementsPerBlock = kThreads * 8;
 constexpr std::int64_t kMaxSlices = 1024;
 
 template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     PatchBoxesKernel(T* __restrict__ dest, const T* __restrict__ src, const T* __restrict__ cur,
                      const Box* __restrict__ boxes, const double* __restrict__ alpha,

@@ -13,19 +13,6 @@ namespace {
 // (latent, value) pairs a block stages in shared memory at a time.
 constexpr int kStaged = 256;
 
-template <typename W, typename Acc>
-__device__ __forceinline__ W from_acc(Acc v) {
-  return static_cast<W>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // One block per row; each thread owns kWidth adjacent outputs (one 16-byte load per decoder row
 // when kVector), so the block reads each gathered decoder row once, in full, coalesced.
 template <typename W, typename Acc, typename I, bool kVector>

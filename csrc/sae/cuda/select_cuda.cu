@@ -68,6 +68,20 @@ struct Loads {
   static constexpr int kCount = kItems / kWidth;
 };
 
+// kWidth adjacent values from column base on: one 16-byte load when they all exist, else one
+// at a time, with zeros past the end.
+template <typename T, bool kVector>
+__device__ __forceinline__ void load_run(const T* in, int base, int cols,
+                                         T (&buf)[Loads<T, kVector>::kWidth]) {
+  constexpr int kWidth = Loads<T, kVector>::kWidth;
+  if (kVector && base + kWidth <= cols) {
+    *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(in + base);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kWidth; ++v) buf[v] = base + v < cols ? in[base + v] : T(0.0f);
+  }
+}
+
 // Load this thread's items of a segment: item (j, v) is column (j kThreads + t) kWidth + v, so a
 // warp's loads are adjacent. Columns past the end read as zero.
 template <typename T, bool kVector>
@@ -77,12 +91,7 @@ __device__ __forceinline__ void load_strided(const T* in, int cols, float (&x)[k
   for (int j = 0; j < L::kCount; ++j) {
     const int base = (j * kThreads + static_cast<int>(threadIdx.x)) * L::kWidth;
     T buf[L::kWidth];
-    if (kVector && base + L::kWidth <= cols) {
-      *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(in + base);
-    } else {
-#pragma unroll
-      for (int v = 0; v < L::kWidth; ++v) buf[v] = base + v < cols ? in[base + v] : T(0.0f);
-    }
+    load_run<T, kVector>(in, base, cols, buf);
 #pragma unroll
     for (int v = 0; v < L::kWidth; ++v) x[j * L::kWidth + v] = to_float(buf[v]);
   }
@@ -284,12 +293,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < L::kCount; ++j) {
     const int base = begin + j * L::kWidth;
     T buf[L::kWidth];
-    if (kVector && base + L::kWidth <= cols) {
-      *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(in + base);
-    } else {
-#pragma unroll
-      for (int v = 0; v < L::kWidth; ++v) buf[v] = base + v < cols ? in[base + v] : T(0.0f);
-    }
+    load_run<T, kVector>(in, base, cols, buf);
 #pragma unroll
     for (int v = 0; v < L::kWidth; ++v) {
       const int item = j * L::kWidth + v;
