@@ -1,0 +1,87 @@
+"""Where the residual stream is read and written in one family's blocks.
+
+Edge patching gives every destination (each head's query, key and value input, each MLP, the
+logits) its own copy of the residual stream. That needs, beyond the site table, the normalisation
+module in front of each reader and whether a block's MLP reads its attention output (sequential)
+or the block input (parallel residual). Only pre-normalisation blocks qualify: there the residual
+stream is the sum of everything written to it, so a destination's input is the sum of its
+sources' outputs. Post-LayerNorm blocks (BERT) renormalise the sum itself and have no such
+decomposition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mechinterp.errors import UnsupportedModelError
+from mechinterp.models import gpt2, gpt_neox, llama
+from mechinterp.models.table import Dims, SiteTable, Tap
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Module paths (with ``{base}`` and ``{layer}``) of one pre-normalisation family.
+
+    Attributes:
+        attn_norm: normalisation whose output feeds the query, key and value projections.
+        mlp_norm: normalisation whose output feeds the MLP.
+        final_norm: normalisation in front of the unembedding.
+        parallel: the MLP reads the block input, not the block input plus the attention output.
+    """
+
+    attn_norm: str
+    mlp_norm: str
+    final_norm: str
+    parallel: bool
+
+
+def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
+    """The anatomy of ``model``'s family; UnsupportedModelError for families without one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in gpt2.MODEL_TYPES:
+        return Anatomy("{base}h.{layer}.ln_1", "{base}h.{layer}.ln_2", "{base}ln_f", parallel=False)
+    if model_type in llama.MODEL_TYPES:
+        return Anatomy("{base}layers.{layer}.input_layernorm",
+                       "{base}layers.{layer}.post_attention_layernorm", "{base}norm",
+                       parallel=False)
+    if model_type in gpt_neox.MODEL_TYPES:
+        return Anatomy("{base}layers.{layer}.input_layernorm",
+                       "{base}layers.{layer}.post_attention_layernorm",
+                       "{base}final_layer_norm",
+                       parallel=bool(getattr(model.config, "use_parallel_residual", True)))
+    msg = (
+        f"circuit discovery needs pre-normalisation residual blocks (families gpt2, llama, "
+        f"mistral, qwen2, gpt_neox); got family {table.family!r}, whose blocks renormalise the "
+        f"residual sum itself, so a destination's input is not a sum of source outputs"
+    )
+    raise UnsupportedModelError(msg)
+
+
+def in_out_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight of a projection laid out ``[in, out]`` (``nn.Linear`` stores ``[out, in]``,
+    transformers' ``Conv1D`` stores ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.t()
+    if hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return module.weight  # transformers Conv1D
+    msg = (
+        f"{name} must be an nn.Linear or a transformers Conv1D projection for edge patching; "
+        f"got {type(module).__name__}"
+    )
+    raise UnsupportedModelError(msg)
+
+
+def per_head_projection(module: nn.Module, tap: Tap, dims: Dims, name: str
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[d_model, head, d_head]`` weight and ``[head, d_head]`` bias of the q, k or v part of
+    a projection, by applying the site table's view of its output to the weight's output axis."""
+    weight = in_out_weight(module, name)
+    bias = getattr(module, "bias", None)
+    view = tap.view
+    if view is None:
+        msg = f"the site table gives no head view for {name}"
+        raise UnsupportedModelError(msg)
+    return view(weight, dims), None if bias is None else view(bias, dims)

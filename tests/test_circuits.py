@@ -1,0 +1,457 @@
+"""Circuit discovery: the edge-patching forward against hand-written forwards, the graph, EAP and
+EAP-IG against their definitions, ACDC, evaluation, exports, and the induction circuit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+import mechinterp
+from mechinterp.circuits import (
+    Circuit,
+    CircuitGraph,
+    CircuitTask,
+    EdgeScores,
+    acdc,
+    attribute_edges,
+    faithfulness,
+    roc_auc,
+)
+from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedModelError
+from mechinterp.heads import induction_pairs
+from mechinterp.patching import KL, LogitDiff
+from tests import families
+
+PRE_NORM = [f for f in families.FAMILIES if f.name not in ("bert", "roberta")]
+
+
+def _model(family: families.Family, dtype=torch.float64):
+    return mechinterp.load(families.build(family).to(dtype))
+
+
+def _projection_metric(vocab: int, seed: int = 3):
+    """A metric that sees every logit: a fixed random projection of the scored logits."""
+    direction = torch.randn(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def metric(logits, pairs):
+        return logits.double() @ direction.to(logits.device)
+
+    return metric
+
+
+# -- hand-written forwards: each destination reads the sum of its sources ----------------------
+
+
+def _read(sources, patched, weights, destination, constant):
+    """A destination's input: every source written so far, patched where the weight says so."""
+    total = constant.clone()
+    for s, current in enumerate(sources):
+        w = float(weights[s, destination])
+        total = total + (patched[:, s] if w else current)
+    return total
+
+
+def _attention(q, k, v, scale):
+    scores = q @ k.transpose(-1, -2) * scale
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+
+def _gpt2_forward(model, ids, weights, patched):
+    """GPT-2 with per-destination residual inputs. Returns logits and the source outputs."""
+    tr, config = model.transformer, model.config
+    n_heads, d_model = config.n_head, config.n_embd
+    d_head = d_model // n_heads
+    x0 = tr.wte(ids) + tr.wpe(torch.arange(ids.shape[1]))
+    sources, constant, destination = [x0], torch.zeros_like(x0), 0
+    for block in tr.h:
+        w, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: [in, out]
+        inputs = {}
+        for part_index, part in enumerate("qkv"):
+            for h in range(n_heads):
+                columns = slice(part_index * d_model + h * d_head, part_index * d_model + (h + 1) * d_head)
+                x = block.ln_1(_read(sources, patched, weights, destination, constant))
+                inputs[part, h] = x @ w[:, columns] + b[columns]
+                destination += 1
+        w_out = block.attn.c_proj.weight
+        written = []
+        for h in range(n_heads):
+            z = _attention(inputs["q", h], inputs["k", h], inputs["v", h], d_head ** -0.5)
+            written.append(z @ w_out[h * d_head:(h + 1) * d_head])
+        sources += written
+        constant = constant + block.attn.c_proj.bias
+        mlp_in = _read(sources, patched, weights, destination, constant)
+        destination += 1
+        sources.append(block.mlp(block.ln_2(mlp_in)))
+    final = _read(sources, patched, weights, destination, constant)
+    return model.lm_head(tr.ln_f(final)), torch.stack(sources, dim=1)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _llama_forward(model, ids, weights, patched):
+    """Llama (grouped-query attention, rotary) with per-destination residual inputs."""
+    inner, config = model.model, model.config
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    d_head = config.hidden_size // n_heads
+    x0 = inner.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    cos, sin = inner.rotary_emb(x0, positions)
+    sources, constant, destination = [x0], torch.zeros_like(x0), 0
+    for layer in inner.layers:
+        attn = layer.self_attn
+        per_part = {"q": (attn.q_proj, n_heads), "k": (attn.k_proj, n_kv), "v": (attn.v_proj, n_kv)}
+        inputs = {}
+        for part, (projection, count) in per_part.items():
+            for h in range(count):
+                rows = slice(h * d_head, (h + 1) * d_head)
+                x = layer.input_layernorm(_read(sources, patched, weights, destination, constant))
+                inputs[part, h] = x @ projection.weight[rows].T
+                destination += 1
+        written = []
+        for h in range(n_heads):
+            group = h // (n_heads // n_kv)
+            q = _rotate(inputs["q", h], cos, sin)
+            k = _rotate(inputs["k", group], cos, sin)
+            z = _attention(q, k, inputs["v", group], d_head ** -0.5)
+            written.append(z @ attn.o_proj.weight[:, h * d_head:(h + 1) * d_head].T)
+        sources += written
+        mlp_in = _read(sources, patched, weights, destination, constant)
+        destination += 1
+        sources.append(layer.mlp(layer.post_attention_layernorm(mlp_in)))
+    final = _read(sources, patched, weights, destination, constant)
+    return model.lm_head(inner.norm(final)), torch.stack(sources, dim=1)
+
+
+HAND_WRITTEN = {"gpt2": _gpt2_forward, "llama": _llama_forward}
+
+
+def _random_kept(graph: CircuitGraph, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, graph.n_sources, graph.n_destinations, generator=generator) < 0.5) & graph.valid
+
+
+# -- the edge-patching forward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", PRE_NORM, ids=lambda f: f.name)
+def test_full_graph_is_the_clean_run_bit_for_bit(family):
+    model = _model(family, torch.float32)
+    clean, corrupt = families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
+    metric = _projection_metric(families.VOCAB)
+    task = CircuitTask(model, clean, corrupt, metric=metric, progress=False)
+    with torch.no_grad():
+        logits = model._module(**model._forward_inputs(task.clean)).logits[:, -1]
+    assert torch.equal(task.evaluate(task.graph.valid)[0], metric(logits, None))
+
+
+@pytest.mark.parametrize("family", PRE_NORM, ids=lambda f: f.name)
+def test_empty_graph_is_the_corrupted_run(family):
+    model = _model(family)
+    clean, corrupt = families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
+    metric = _projection_metric(families.VOCAB)
+    task = CircuitTask(model, clean, corrupt, metric=metric, progress=False)
+    with torch.no_grad():
+        logits = model._module(**model._forward_inputs(task.corrupt)).logits[:, -1]
+    empty = task.evaluate(torch.zeros_like(task.graph.valid))[0]
+    torch.testing.assert_close(empty, metric(logits, None), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("ablation", ["corrupt", "zero", "mean"])
+def test_random_edge_sets_equal_the_hand_written_forward(name, ablation):
+    family = next(f for f in families.FAMILIES if f.name == name)
+    model = _model(family)
+    clean, corrupt = families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
+    metric = _projection_metric(families.VOCAB)
+    task = CircuitTask(model, clean, corrupt, metric=metric, ablation=ablation, batch_size=5,
+                       progress=False)
+    graph = task.graph
+    kept = _random_kept(graph, 4, seed=7)
+    forward = HAND_WRITTEN[name]
+    no_patch = torch.zeros(graph.n_sources, graph.n_destinations)
+    with torch.no_grad():
+        clean_logits, clean_sources = forward(model._module, clean, no_patch, None)
+        # The hand-written forward with nothing patched is the model itself.
+        torch.testing.assert_close(clean_logits, model._module(clean).logits, rtol=1e-10, atol=1e-10)
+        _, corrupt_sources = forward(model._module, corrupt, no_patch, None)
+        patched = {"corrupt": corrupt_sources, "zero": torch.zeros_like(clean_sources),
+                   "mean": corrupt_sources.mean(0, keepdim=True).expand_as(clean_sources)}[ablation]
+        expected = torch.stack([metric(forward(model._module, clean, graph.valid & ~k, patched)[0][:, -1], None)
+                                for k in kept])
+    torch.testing.assert_close(task.evaluate(kept), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_circuits_equal_one_at_a_time():
+    model = _model(families.FAMILIES[0])
+    clean, corrupt = families.token_ids(4, 6, seed=1), families.token_ids(4, 6, seed=2)
+    task = CircuitTask(model, clean, corrupt, metric=_projection_metric(families.VOCAB),
+                       batch_size=12, progress=False)
+    kept = _random_kept(task.graph, 5, seed=3)
+    together = task.evaluate(kept)
+    alone = torch.cat([task.evaluate(k) for k in kept])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+
+
+def test_resample_reads_another_prompt():
+    model = _model(families.FAMILIES[0])
+    clean = families.token_ids(4, 6, seed=1)
+    metric = _projection_metric(families.VOCAB)
+    task = CircuitTask(model, clean, metric=metric, ablation="resample", progress=False)
+    empty = task.evaluate(torch.zeros_like(task.graph.valid))[0]
+    # With every edge removed each prompt runs as another prompt: a derangement of the clean runs.
+    full = task.evaluate(task.graph.valid)[0]
+    assert sorted(empty.tolist()) == pytest.approx(sorted(full.tolist()), abs=1e-10)
+    assert not torch.allclose(empty, full)
+
+
+# -- the graph -------------------------------------------------------------------------------------
+
+
+def test_graph_layout_and_names():
+    gpt2 = CircuitGraph.of(_model(families.FAMILIES[0]))
+    assert (gpt2.n_sources, gpt2.n_destinations) == (1 + 2 * 5, 2 * 13 + 1)
+    # Layer 0's heads read embed; its MLP reads embed and its heads; logits read everything.
+    assert gpt2.n_edges == 12 * 1 + 5 + 12 * 6 + 10 + 11
+    assert gpt2.edge_name(gpt2.edge_index("a0.h1->a1.h3.k")) == "a0.h1->a1.h3.k"
+    assert gpt2.edges(gpt2.mask_of(["m1->logits", "embed->m0"])) == ["embed->m0", "m1->logits"]
+    llama = CircuitGraph.of(_model(next(f for f in families.FAMILIES if f.name == "llama")))
+    assert "a1.g1.k" in llama.destination_names and llama.node_of_destination(
+        llama.destination_index("a1.g1.v")) == "a1.h2"
+    parallel = CircuitGraph.of(_model(next(f for f in families.FAMILIES if f.name == "gpt_neox")))
+    # Parallel attention and MLP: an MLP does not read its own layer's heads.
+    assert parallel.parallel and parallel.n_edges == gpt2.n_edges - 2 * 4
+    with pytest.raises(SiteError, match="reads the residual stream before"):
+        gpt2.edge_index("a1.h0->a0.h1.q")
+    with pytest.raises(SiteError, match="no source named"):
+        gpt2.edge_index("a9.h0->logits")
+    with pytest.raises(InputError, match="must look like"):
+        gpt2.edge_index("embed")
+
+
+def test_post_norm_families_are_refused():
+    bert = mechinterp.load(families.build(next(f for f in families.FAMILIES if f.name == "bert")))
+    with pytest.raises(UnsupportedModelError, match="pre-normalisation"):
+        CircuitGraph.of(bert)
+
+
+# -- edge attribution ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    model = _model(families.FAMILIES[0])
+    clean, corrupt = families.token_ids(5, 6, seed=1), families.token_ids(5, 6, seed=2)
+    return CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
+
+
+def test_eap_is_the_derivative_in_the_edge_weight(small_task):
+    """Patching an edge with weight eps moves its destination's input by eps * delta, so EAP's
+    score is the derivative of the metric in that weight at zero."""
+    task = small_task
+    eap = attribute_edges(task, method="eap")
+    graph = task.graph
+    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "m1->logits", "a1.h0->logits"]:
+        edge = graph.edge_index(name)
+        eps = 1e-6
+        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
+        weights[0][edge], weights[1][edge] = eps, -eps
+        plus, minus = task.evaluate(weights, weights=True).mean(1)
+        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / (2 * eps)).item(),
+                                                       rel=1e-5, abs=1e-9)
+    assert torch.all(eap.scores[~graph.valid] == 0)
+
+
+def test_eap_ig_with_one_step_is_eap_and_with_many_is_complete(small_task):
+    task = small_task
+    eap = attribute_edges(task, method="eap")
+    torch.testing.assert_close(attribute_edges(task, method="eap-ig", steps=1).scores, eap.scores)
+    ig = attribute_edges(task, method="eap-ig", steps=64)
+    # Integrated gradients along the embeddings: the embedding's edges add up to the change of
+    # the metric from the clean to the corrupted run.
+    change = (task.reference.empty.mean() - task.reference.full.mean()).item()
+    assert ig.scores[0].sum().item() == pytest.approx(change, rel=0.03)
+
+
+def test_exact_scores_remove_one_edge_each(small_task):
+    task = small_task
+    exact = attribute_edges(task, method="exact")
+    graph = task.graph
+    for name in ["embed->a1.h0.v", "a0.h3->logits"]:
+        edge = graph.edge_index(name)
+        kept = graph.valid.clone()
+        kept[edge] = False
+        expected = task.evaluate(kept).mean() - task.clean_metric.mean()
+        assert exact.scores[edge].item() == pytest.approx(expected.item(), abs=1e-12)
+    # Gradient methods track the exact effects on this small random model.
+    for method in ("eap", "eap-ig", "eap-ig-activations"):
+        estimate = attribute_edges(task, method=method).scores[graph.valid]
+        assert torch.corrcoef(torch.stack([estimate, exact.scores[graph.valid]]))[0, 1] > 0.9
+
+
+def test_acdc_thresholds(small_task):
+    model = small_task.model
+    task = CircuitTask(model, small_task.clean, small_task.corrupt, metric=KL(), progress=False)
+    everything = acdc(task, threshold=math.inf)
+    assert everything.n_edges == 0 and everything.info["forwards"] == task.graph.n_edges
+    nothing = acdc(task, threshold=0.0)
+    # At threshold 0 only edges whose removal lowers the KL (or leaves it unchanged) go.
+    assert nothing.n_edges > 0.8 * task.graph.n_edges
+    middle = acdc(task, threshold=1e-4)
+    assert 0 < middle.n_edges < nothing.n_edges
+    # The kept circuit's KL is the one ACDC reports.
+    assert task.evaluate(middle.kept).mean().item() == pytest.approx(middle.info["final_metric"])
+
+
+# -- evaluation and results ----------------------------------------------------------------------
+
+
+def test_faithfulness_curve(small_task):
+    task = small_task
+    scores = attribute_edges(task, method="eap-ig")
+    curve = faithfulness(task, scores, fractions=(0.0, 0.1, 0.5, 1.0), bootstrap=50)
+    assert curve.faithfulness[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert curve.faithfulness[-1].item() == pytest.approx(1.0, abs=1e-12)
+    sizes = [0, round(0.1 * task.graph.n_edges), round(0.5 * task.graph.n_edges), task.graph.n_edges]
+    assert curve.n_edges == sizes
+    middle = task.evaluate(scores.top(sizes[2]).kept).mean()
+    expected = (middle - curve.empty) / (curve.full - curve.empty)
+    assert curve.faithfulness[2].item() == pytest.approx(expected.item())
+    x = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    assert curve.cpr == pytest.approx(torch.trapezoid(curve.faithfulness, x).item())
+    assert curve.cmd == pytest.approx(torch.trapezoid((1 - curve.faithfulness).abs(), x).item())
+    assert torch.all(curve.low <= curve.high)
+    assert len(curve.to_frame()) == 4
+    assert curve.plot() is not None
+
+
+def test_roc_auc_counts_pairs():
+    graph = CircuitGraph(2, 2, 2, False)
+    scores = torch.zeros(graph.n_sources, graph.n_destinations, dtype=torch.float64)
+    edges = graph.valid.nonzero()
+    scores[edges[:, 0], edges[:, 1]] = torch.arange(len(edges), dtype=torch.float64)
+    truth = torch.zeros_like(graph.valid)
+    truth[tuple(edges[-3:].T)] = True  # the three largest scores
+    assert roc_auc(EdgeScores(graph, scores, "test"), truth) == 1.0
+    assert roc_auc(EdgeScores(graph, -scores.flip(0) * 0 - scores, "test"), truth) == 1.0
+    flat = EdgeScores(graph, graph.valid.double(), "test")
+    assert roc_auc(flat, truth) == 0.5
+    with pytest.raises(InputError, match="some but not all"):
+        roc_auc(flat, torch.zeros_like(graph.valid))
+
+
+def test_circuit_exports_round_trip(small_task, tmp_path):
+    scores = attribute_edges(small_task, method="eap")
+    circuit = scores.top(12)
+    assert circuit.n_edges == 12 and len(circuit.edges) == 12
+    again = Circuit.from_json(circuit.to_json())
+    assert torch.equal(again.kept, circuit.kept) and again.graph == circuit.graph
+    circuit.to_json(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["nodes"] == circuit.nodes
+    network = circuit.to_networkx()
+    assert network.number_of_edges() == 12
+    assert set(network.nodes) == set(circuit.nodes)
+    dot = circuit.to_dot()
+    assert dot.startswith("digraph") and dot.count("->") == 12
+    assert circuit.plot() is not None
+    scores.save(tmp_path / "scores.json")
+    loaded = EdgeScores.load(tmp_path / "scores.json")
+    torch.testing.assert_close(loaded.scores, scores.scores)
+    assert loaded.ranked()[:3] == scores.ranked()[:3]
+
+
+def test_pruning_drops_dangling_edges():
+    graph = CircuitGraph(2, 2, 2, False)
+    circuit = Circuit.from_edges(graph, ["embed->a0.h0.v", "a0.h0->a1.h1.k", "a1.h1->logits",
+                                         "a0.h1->a1.h0.q", "embed->a1.h0.v"])
+    # a0.h1 is fed by nothing kept, and a1.h0 feeds nothing kept.
+    assert circuit.pruned().edges == ["embed->a0.h0.v", "a0.h0->a1.h1.k", "a1.h1->logits"]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_refused(small_task):
+    model = small_task.model
+    clean = families.token_ids(2, 6, seed=1)
+    with pytest.raises(InputError, match="ablation must be one of"):
+        CircuitTask(model, clean, clean, metric=LogitDiff(3, 4), ablation="noise")
+    with pytest.raises(InputError, match="needs corrupt prompts"):
+        CircuitTask(model, clean, metric=LogitDiff(3, 4))
+    with pytest.raises(ShapeError, match="same shape"):
+        CircuitTask(model, clean, families.token_ids(2, 5), metric=LogitDiff(3, 4))
+    with pytest.raises(InputError, match="batch_size"):
+        CircuitTask(model, clean, clean, metric=LogitDiff(3, 4), batch_size=0)
+    with pytest.raises(InputError, match="method must be one of"):
+        attribute_edges(small_task, method="ig")
+    with pytest.raises(InputError, match="steps must be a positive int"):
+        attribute_edges(small_task, method="eap-ig", steps=0)
+    with pytest.raises(InputError, match="threshold"):
+        acdc(small_task, threshold=-1)
+    with pytest.raises(ShapeError, match="circuits must be"):
+        small_task.evaluate(torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match=r"n_edges must be an int in \[0, "):
+        attribute_edges(small_task, method="eap").top(10**6)
+    with pytest.raises(InputError, match="InterpModel"):
+        CircuitGraph.of(transformers.GPT2Config())
+
+
+def test_undefined_faithfulness_is_an_error():
+    model = _model(families.FAMILIES[0])
+    task = CircuitTask(model, families.token_ids(4, 6, seed=1), metric=LogitDiff(3, 4),
+                       ablation="resample", progress=False)
+    with pytest.raises(InputError, match="faithfulness is undefined"):
+        faithfulness(task, attribute_edges(task, method="eap"), bootstrap=10)
+
+
+# -- a known circuit ---------------------------------------------------------------------------------
+
+
+INDUCTION_CIRCUIT = [
+    # The previous-token head (layer 0, head 0) copies each token one position on ...
+    "embed->a0.h0.v",
+    # ... where the induction head's key finds it (K-composition) ...
+    "a0.h0->a1.h3.k",
+    # ... and the induction head copies the token after the earlier occurrence, read from the
+    # embeddings and from MLP 0 (which works on the embeddings alone: an extended embedding) ...
+    "embed->a1.h3.v",
+    "embed->m0",
+    "m0->a1.h3.v",
+    # ... to the logits, directly and through MLP 1.
+    "a1.h3->logits",
+    "a1.h3->m1",
+    "m1->logits",
+]
+
+
+@pytest.fixture(scope="module")
+def induction_task():
+    model = mechinterp.load("induction-2l")
+    data = induction_pairs(model, pairs=32, span=8, k=4, seed=0)
+    clean, corrupt = data.clean.input_ids, data.corrupt.input_ids.clone()
+    # Half the pairs corrupt the earlier occurrence of the answer (the value the induction head
+    # copies), half the token before it (what the previous-token head hands to the key).
+    corrupt[16:] = clean[16:]
+    generator = torch.Generator().manual_seed(5)
+    replacement = torch.randint(5, model.dims.d_vocab, (16,), generator=generator)
+    corrupt[16:, data.changed - 1] = replacement
+    return CircuitTask(model, clean, corrupt, metric=LogitDiff(data.answer, data.wrong),
+                       progress=False)
+
+
+@pytest.mark.parametrize("method", ["eap-ig", "eap-ig-activations", "exact"])
+def test_induction_circuit_is_recovered(induction_task, method):
+    truth = induction_task.graph.mask_of(INDUCTION_CIRCUIT)
+    scores = attribute_edges(induction_task, method=method)
+    assert roc_auc(scores, truth) >= 0.95
+    curve = faithfulness(induction_task, scores, fractions=(0.0, 0.1, 1.0), bootstrap=0)
+    # A tenth of the edges (11 of 110) already carries most of the behaviour.
+    assert curve.faithfulness[1] > 0.6
