@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from mechinterp import cli_interactions
+from mechinterp import cli_interactions, cli_sae
 from mechinterp.errors import MechinterpError
 
 
@@ -23,11 +23,12 @@ def _info_parser(parser: argparse.ArgumentParser) -> None:
 def _info(args: argparse.Namespace) -> int:
     from mechinterp.build import build_info
     from mechinterp.models import FAMILIES
-    from mechinterp.zoo import ZOO
+    from mechinterp.zoo import ZOO, ZOO_SAES
 
     info = build_info()
     info["families"] = sorted(FAMILIES)
     info["shipped_models"] = sorted(ZOO)
+    info["shipped_saes"] = sorted(ZOO_SAES)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -212,6 +213,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                 cli_interactions.shapley_parser, cli_interactions.shapley),
     "interactions": ("Harsanyi (and AND-OR) interactions of a prompt's tokens or of the heads",
                      cli_interactions.interactions_parser, cli_interactions.interactions),
+    "sae": ("SAE features: encode a dataset to disk, top features, steer a latent",
+            cli_sae.sae_parser, cli_sae.sae),
 }
 
 
