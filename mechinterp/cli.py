@@ -1,5 +1,5 @@
 """The ``mechinterp`` command line: ``info``, ``demo``, ``patch``, ``trace``, ``shapley``,
-``interactions``.
+``interactions``, ``sae``, ``circuit``.
 
 Each subcommand is a function ``(args) -> int`` registered in :data:`COMMANDS` with a parser
 builder, so adding one touches nothing else.
@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from mechinterp import cli_interactions, cli_sae
+from mechinterp import cli_circuit, cli_interactions, cli_sae
 from mechinterp.errors import MechinterpError
 
 
@@ -215,6 +215,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                      cli_interactions.interactions_parser, cli_interactions.interactions),
     "sae": ("SAE features: encode a dataset to disk, top features, steer a latent",
             cli_sae.sae_parser, cli_sae.sae),
+    "circuit": ("circuit discovery: EAP / EAP-IG / exact edge scores or ACDC, faithfulness, exports",
+                cli_circuit.circuit_parser, cli_circuit.circuit),
 }
 
 

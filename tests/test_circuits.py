@@ -21,8 +21,9 @@ from mechinterp.circuits import (
     faithfulness,
     roc_auc,
 )
+from mechinterp.circuits.induction import induction_circuit, induction_task
+from mechinterp.cli import main
 from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedModelError
-from mechinterp.heads import induction_pairs
 from mechinterp.patching import KL, LogitDiff
 from tests import families
 
@@ -415,43 +416,47 @@ def test_undefined_faithfulness_is_an_error():
 # -- a known circuit ---------------------------------------------------------------------------------
 
 
-INDUCTION_CIRCUIT = [
-    # The previous-token head (layer 0, head 0) copies each token one position on ...
-    "embed->a0.h0.v",
-    # ... where the induction head's key finds it (K-composition) ...
-    "a0.h0->a1.h3.k",
-    # ... and the induction head copies the token after the earlier occurrence, read from the
-    # embeddings and from MLP 0 (which works on the embeddings alone: an extended embedding) ...
-    "embed->a1.h3.v",
-    "embed->m0",
-    "m0->a1.h3.v",
-    # ... to the logits, directly and through MLP 1.
-    "a1.h3->logits",
-    "a1.h3->m1",
-    "m1->logits",
-]
-
-
 @pytest.fixture(scope="module")
-def induction_task():
-    model = mechinterp.load("induction-2l")
-    data = induction_pairs(model, pairs=32, span=8, k=4, seed=0)
-    clean, corrupt = data.clean.input_ids, data.corrupt.input_ids.clone()
-    # Half the pairs corrupt the earlier occurrence of the answer (the value the induction head
-    # copies), half the token before it (what the previous-token head hands to the key).
-    corrupt[16:] = clean[16:]
-    generator = torch.Generator().manual_seed(5)
-    replacement = torch.randint(5, model.dims.d_vocab, (16,), generator=generator)
-    corrupt[16:, data.changed - 1] = replacement
-    return CircuitTask(model, clean, corrupt, metric=LogitDiff(data.answer, data.wrong),
-                       progress=False)
+def induction():
+    return induction_task(mechinterp.load("induction-2l"), pairs=32, progress=False)
+
+
+def test_induction_circuit_names_the_recorded_heads():
+    edges = induction_circuit({"previous_token_head": {"layer": 0, "head": 2},
+                               "induction_head": {"layer": 1, "head": 1}})
+    assert "a0.h2->a1.h1.k" in edges and "a1.h1->logits" in edges
+    # The shipped model's report names head 0 of layer 0 and head 3 of layer 1.
+    assert "a0.h0->a1.h3.k" in induction_circuit()
 
 
 @pytest.mark.parametrize("method", ["eap-ig", "eap-ig-activations", "exact"])
-def test_induction_circuit_is_recovered(induction_task, method):
-    truth = induction_task.graph.mask_of(INDUCTION_CIRCUIT)
-    scores = attribute_edges(induction_task, method=method)
+def test_induction_circuit_is_recovered(induction, method):
+    truth = induction.graph.mask_of(induction_circuit())
+    scores = attribute_edges(induction, method=method)
     assert roc_auc(scores, truth) >= 0.95
-    curve = faithfulness(induction_task, scores, fractions=(0.0, 0.1, 1.0), bootstrap=0)
+    curve = faithfulness(induction, scores, fractions=(0.0, 0.1, 1.0), bootstrap=0)
     # A tenth of the edges (11 of 110) already carries most of the behaviour.
     assert curve.faithfulness[1] > 0.6
+
+
+def test_acdc_keeps_the_induction_circuit(induction):
+    task = CircuitTask(induction.model, induction.clean, induction.corrupt, metric=KL(),
+                       progress=False)
+    found = acdc(task, threshold=0.1)
+    assert set(induction_circuit()) <= set(found.edges)
+    assert found.n_edges < 0.25 * task.graph.n_edges
+
+
+def test_circuit_command(tmp_path, capsys):
+    out = tmp_path / "circuit"
+    assert main(["circuit", "--pairs", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ROC-AUC vs the known circuit" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["circuit_faithfulness"] >= 0.8 and summary["roc_auc_vs_known_circuit"] >= 0.95
+    saved = Circuit.from_json(out / "circuit.json")
+    assert saved.n_edges == summary["circuit_edges"]
+    for name in ("scores.json", "circuit.dot", "circuit.png", "faithfulness.png"):
+        assert (out / name).stat().st_size > 0
+    assert main(["circuit", "--edges", "100000", "--pairs", "4", "--out", str(out)]) == 2
+    assert "--edges must lie in" in capsys.readouterr().err

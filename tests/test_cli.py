@@ -67,6 +67,9 @@ def test_demo_writes_a_report_that_finds_the_mechanism(tmp_path) -> None:
     restored = [r for r in tracing["records"] if r["kind"] == "hidden"
                 and r["score"] > 0.5 * tracing["base"]]
     assert {(r["subject"], r["layer"]) for r in restored} == {(True, 0), (False, 1)}
+    circuit = report["Circuit discovery"]
+    assert circuit["roc_auc"] >= 0.95 and circuit["cpr"] > 0.8
+    assert {f"a0.h{prev_head[-1]}->a1.h{induction_head[-1]}.k"} <= {e["edge"] for e in circuit["edges"]}
 
 
 def test_patch_command_writes_results_and_resumes(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

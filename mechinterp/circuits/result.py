@@ -241,7 +241,10 @@ class Circuit:
             width = 0.5 + 2.5 * (abs(record["score"]) / top if "score" in record else 0.5)
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
                         arrowprops={"arrowstyle": "->", "color": colours[record["input"]],
-                                    "lw": width, "alpha": 0.7, "shrinkA": 8, "shrinkB": 8})
+                                    "lw": width, "alpha": 0.7, "shrinkA": 8, "shrinkB": 8,
+                                    # Curved, so edges that skip a layer do not run through
+                                    # the nodes between.
+                                    "connectionstyle": "arc3,rad=0.2"})
         for node in self.nodes:
             x, y = position[node]
             ax.text(x, y, node, ha="center", va="center", fontsize=8,
@@ -250,6 +253,9 @@ class Circuit:
         ys = [p[1] for p in position.values()]
         ax.set_xlim(min(xs) - 1, max(xs) + 1)
         ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
+        for part, colour in colours.items():
+            ax.plot([], [], color=colour, label="residual" if part is None else f"{part} input")
+        ax.legend(loc="lower right", fontsize=7, frameon=False)
         ax.axis("off")
         ax.set_title(f"circuit: {self.n_edges} edges, {len(self.nodes)} nodes")
         return ax.figure
