@@ -24,7 +24,7 @@ from mechinterp.errors import SiteError
 from mechinterp.interventions import Intervention, TensorEdit
 from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
 from mechinterp.positions import RowSpans
-from mechinterp.sites import COMPONENT_AXES, Site
+from mechinterp.sites import Site, base_component, component_axes, tower_of
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Resolved:
 
 def resolve(site: Site, table: SiteTable, base: str) -> Resolved:
     """Check a site's indices against the model and find the module path of its place."""
-    dims = table.dims
+    dims = table.dims_for(site.component)
     layer = site.layer
     if layer is not None:
         if not -dims.n_layers <= layer < dims.n_layers:
@@ -55,8 +55,8 @@ def resolve(site: Site, table: SiteTable, base: str) -> Resolved:
 
 def check_indices(site: Site, table: SiteTable) -> None:
     """Check a site's head and neuron indices against the model."""
-    dims = table.dims
-    n_heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
+    dims = table.dims_for(site.component)
+    n_heads = dims.n_kv_heads if base_component(site.component) in ("k", "v") else dims.n_heads
     _check_range(site, "head", site.head, n_heads)
     _check_range(site, "neuron", site.neuron, dims.d_mlp)
 
@@ -75,11 +75,17 @@ class Selection:
 
     def __init__(self, site: Site, spans: Callable[[], RowSpans], rows: tuple[int, ...] | None):
         self.site = site
-        self.axes = COMPONENT_AXES[site.component]
+        self.axes = component_axes(site.component)
         self.rows = rows
-        # Row spans cost a device sync; only positions need them.
-        columns = slice(None) if site.pos is None else spans().columns(
-            site.pos, None if rows is None else torch.tensor(rows))
+        if site.pos is None:
+            columns = slice(None)
+        elif tower_of(site.component) is not None or base_component(site.component) == "projector":
+            # A tower's tokens (image patches) are never padded: positions are the same
+            # columns in every row, negative ones counted from the end by indexing itself.
+            columns = site.pos if isinstance(site.pos, int) else torch.tensor(site.pos)[None, :]
+        else:
+            # Row spans cost a device sync; only positions need them.
+            columns = spans().columns(site.pos, None if rows is None else torch.tensor(rows))
         self.columns = columns
         self.whole = rows is None and site.pos is None and site.head is None and site.neuron is None
         self.basic = (
@@ -121,7 +127,7 @@ class Selection:
                 elif columns.dim() == 1:
                     values = columns[:, None]
                 else:
-                    values = columns
+                    values = columns.expand(len(rows), -1)
                 if isinstance(self.site.pos, int):
                     squeeze.append(slot)
                 # positions differ per row, so this slot shares the batch slot's extent
@@ -417,11 +423,14 @@ def _forward(module, plan, inputs, execution_order, modules, stubs, *, copy: boo
         for boundary in boundaries:
             boundary.calls = 0
             target = _cached_submodule(module, boundary.path, modules)
+            # First in line: transformers records hidden states with hooks of its own (the
+            # vision features LLaVA takes from a middle layer), which must see the edit.
             if boundary.io == "output":
-                handles.append(target.register_forward_hook(_output_hook(boundary, state)))
+                handles.append(target.register_forward_hook(_output_hook(boundary, state),
+                                                            prepend=True))
             elif boundary.io == "input":
                 handles.append(target.register_forward_pre_hook(
-                    _input_hook(boundary, state), with_kwargs=True))
+                    _input_hook(boundary, state), with_kwargs=True, prepend=True))
             else:
                 patterns[id(target)] = lambda probs, b=boundary: b.apply(probs, state)
         if patterns:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from nnsight import NNsight
@@ -18,17 +18,51 @@ from mechinterp.sites import Site, SiteSelector, SiteUnion
 
 @dataclass(frozen=True)
 class Tokens:
-    """A tokenized batch: ids and the mask of real (non-padding) tokens, both ``[batch, pos]``."""
+    """A tokenized batch: ids and the mask of real (non-padding) tokens, both ``[batch, pos]``,
+    and any other per-row inputs of the model (``pixel_values`` of a multimodal model), each
+    with the batch first."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Tokens:
-        return Tokens(self.input_ids.to(device), self.attention_mask.to(device))
+        return Tokens(self.input_ids.to(device), self.attention_mask.to(device),
+                      {name: value.to(device) for name, value in self.extras.items()})
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def rows(self, index: slice | torch.Tensor | Sequence[int]) -> Tokens:
+        """The rows ``index`` of every input."""
+        if not isinstance(index, (slice, torch.Tensor)):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[index] if isinstance(index, slice) else x[index.to(x.device)]
+
+        return Tokens(take(self.input_ids), take(self.attention_mask),
+                      {name: take(value) for name, value in self.extras.items()})
+
+    def repeat(self, times: int) -> Tokens:
+        """The batch repeated ``times`` times along the rows."""
+        def tile(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(times, *([1] * (x.dim() - 1)))
+
+        return Tokens(tile(self.input_ids), tile(self.attention_mask),
+                      {name: tile(value) for name, value in self.extras.items()})
+
+    @staticmethod
+    def cat(parts: Sequence[Tokens]) -> Tokens:
+        """Batches stacked along the rows (they must carry the same inputs)."""
+        names = set(parts[0].extras)
+        if any(set(part.extras) != names for part in parts):
+            msg = "batches to concatenate must carry the same extra inputs"
+            raise InputError(msg)
+        return Tokens(torch.cat([p.input_ids for p in parts]),
+                      torch.cat([p.attention_mask for p in parts]),
+                      {name: torch.cat([p.extras[name] for p in parts]) for name in names})
 
 
 class ActivationCache(Mapping[Site, torch.Tensor]):
@@ -83,6 +117,7 @@ class InterpModel(NNsight):
         prefix = getattr(module, "base_model_prefix", "")
         self.base = f"{prefix}." if prefix and hasattr(module, prefix) else ""
         self._execution_order: tuple[str, ...] | None = None
+        self._order_has_extras = False
         self._order_index: dict[str, int] | None = None
         self._resolved: dict = {}  # Site -> engine.Resolved, memoised across forwards
         self._modules: dict[str, nn.Module] = {}  # path -> submodule, memoised across forwards
@@ -111,10 +146,18 @@ class InterpModel(NNsight):
         """Expand a selector (or pass through sites) with this model's sizes."""
         if isinstance(selection, Site):
             return [selection]
-        if isinstance(selection, (SiteSelector, SiteUnion)):
-            d = self.dims
-            return selection.sites(n_layers=d.n_layers, n_heads=d.n_heads, n_neurons=d.d_mlp,
-                                   n_positions=n_positions)
+        if isinstance(selection, SiteUnion):
+            return [site for part in selection.parts
+                    for site in self.sites(part, n_positions=n_positions)]
+        if isinstance(selection, SiteSelector):
+            sites = []
+            # Each component expands with its own tower's sizes.
+            for component in selection.components:
+                d = self.table.dims_for(component)
+                sites += replace(selection, components=(component,)).sites(
+                    n_layers=d.n_layers, n_heads=d.n_heads, n_neurons=d.d_mlp,
+                    n_positions=n_positions)
+            return sites
         sites = list(selection)
         for site in sites:
             if not isinstance(site, Site):
@@ -170,6 +213,8 @@ class InterpModel(NNsight):
     def _as_tokens(self, inputs: Inputs) -> Tokens:
         if isinstance(inputs, Tokens):
             tokens = inputs
+        elif isinstance(inputs, Mapping) and "input_ids" in inputs:
+            tokens = self._from_features(inputs)
         elif isinstance(inputs, (str, list, tuple)) and (
                 isinstance(inputs, str) or all(isinstance(p, str) for p in inputs)):
             tokens = self.tokenize(inputs)  # type: ignore[arg-type]
@@ -184,8 +229,8 @@ class InterpModel(NNsight):
             tokens = Tokens(ids.long(), torch.ones_like(ids, dtype=torch.long))
         else:
             msg = (
-                f"inputs must be a string, a list of strings, a token-id tensor or Tokens; got "
-                f"{type(inputs).__name__}"
+                f"inputs must be a string, a list of strings, a token-id tensor, Tokens or a "
+                f"processor's output (a mapping with input_ids); got {type(inputs).__name__}"
             )
             raise InputError(msg)
         ids = tokens.input_ids
@@ -204,10 +249,55 @@ class InterpModel(NNsight):
             )
             raise ShapeError(msg)
         device = self.device
-        return tokens if ids.device == device else tokens.to(device)
+        if tokens.extras:
+            dtype = next(self._module.parameters()).dtype
+            floats = {name: value.to(device, dtype) for name, value in tokens.extras.items()
+                      if value.is_floating_point() and value.dtype != dtype}
+            if floats:
+                tokens = Tokens(tokens.input_ids, tokens.attention_mask, {**tokens.extras, **floats})
+        return tokens if ids.device == device and all(
+            v.device == device for v in tokens.extras.values()) else tokens.to(device)
+
+    def _from_features(self, features: Mapping[str, torch.Tensor]) -> Tokens:
+        """Tokens from a processor's output: ids, mask, and the other inputs (pixel values...),
+        which must have one row per prompt."""
+        ids = torch.as_tensor(features["input_ids"])
+        ids = ids[None] if ids.dim() == 1 else ids
+        mask = features.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        extras = {}
+        for name, value in features.items():
+            if name in ("input_ids", "attention_mask"):
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids.shape[0]:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                msg = (f"inputs[{name!r}] must be a tensor with one row per prompt "
+                       f"({ids.shape[0]}); got {got}")
+                raise ShapeError(msg)
+            extras[name] = value
+        return Tokens(ids.long(), mask.long(), extras)
+
+    def image_positions(self, inputs: Inputs) -> tuple[int, ...]:
+        """Positions of the image tokens, counted from each row's first real token (the same
+        in every row), for sites such as ``Site("resid_pre", layer=0, pos=...)``."""
+        image = self.table.image_token_id
+        if image is None:
+            msg = f"this {self.family} model has no image tokens"
+            raise InputError(msg)
+        tokens = self._as_tokens(inputs)
+        mask = tokens.attention_mask.bool().cpu()
+        first = mask.to(torch.int8).argmax(dim=1)
+        found = [tuple(int(c) - int(first[row]) for c in (tokens.input_ids[row].cpu() == image).nonzero().flatten())
+                 for row in range(tokens.shape[0])]
+        if not found[0] or any(row != found[0] for row in found):
+            msg = ("inputs must hold the same image-token positions in every row (counted from "
+                   f"each row's first real token); got {sorted(set(found))[:3]}")
+            raise InputError(msg)
+        return found[0]
 
     def _forward_inputs(self, tokens: Tokens) -> dict[str, torch.Tensor]:
-        inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
+                  **tokens.extras}
         if self.table.position_ids:
             # Count positions from each row's first real token so left padding changes nothing.
             inputs["position_ids"] = (tokens.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -274,6 +364,12 @@ class InterpModel(NNsight):
         ``past`` is a key/value cache holding the first ``start`` positions of every layer, and
         the attention mask still covers the whole sequence.
         """
+        if tokens.extras and not self._order_has_extras:
+            # The probe forward of execution_order has no image; the towers it skipped run
+            # only with one, so the order is recorded again from one row of real inputs.
+            self._execution_order = record_execution_order(
+                self._module, self._forward_inputs(tokens.rows(slice(0, 1))))
+            self._order_has_extras, self._order_index = True, None
         if self._order_index is None:
             self._order_index = {path: i for i, path in enumerate(self.execution_order)}
         inputs = self._forward_inputs(tokens)

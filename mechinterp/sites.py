@@ -36,10 +36,35 @@ COMPONENT_AXES: dict[str, tuple[str, ...]] = {
     "pattern": ("batch", "head", "pos", "key_pos"),
     "neuron": ("batch", "pos", "neuron"),
     "logits": ("batch", "pos", "vocab"),
+    # Image tokens as the language model receives them (a multimodal projector's output); pos
+    # indexes the image's tokens.
+    "projector": ("batch", "pos", "d_model"),
 }
 
 #: Components that exist once per model rather than once per layer.
-GLOBAL_COMPONENTS = frozenset({"embed", "logits"})
+GLOBAL_COMPONENTS = frozenset({"embed", "logits", "projector"})
+
+#: Towers of multimodal models besides the main (language) one. ``"vision.resid_post"`` is the
+#: residual stream of the vision tower, with the same axes as ``resid_post``; its positions
+#: index the tower's tokens (image patches, with any class token first), which are never padded.
+TOWERS = ("vision",)
+
+
+def base_component(component: str) -> str:
+    """``"vision.head"`` -> ``"head"``: the component without its tower prefix."""
+    tower, dot, rest = component.partition(".")
+    return rest if dot and tower in TOWERS else component
+
+
+def tower_of(component: str) -> str | None:
+    """The tower a component belongs to (``"vision"``), or None for the main tower."""
+    tower, dot, _ = component.partition(".")
+    return tower if dot and tower in TOWERS else None
+
+
+def component_axes(component: str) -> tuple[str, ...]:
+    """The axes of a component's tensor, for main-tower and tower components alike."""
+    return COMPONENT_AXES[base_component(component)]
 
 Index = int | tuple[int, ...] | None
 
@@ -70,7 +95,8 @@ class Site:
     """One place in a model: a component, a layer and an optional index.
 
     Args:
-        component: one of :data:`COMPONENT_AXES`.
+        component: one of :data:`COMPONENT_AXES`, or a per-layer one after a tower prefix
+            (``"vision.resid_post"``, see :data:`TOWERS`).
         layer: the block index; ``None`` for ``embed`` and ``logits``. Negative values count from
             the last layer and are resolved against the model.
         pos: token position(s). Non-negative positions count from each row's first real token and
@@ -90,13 +116,15 @@ class Site:
     neuron: Index = None
 
     def __post_init__(self) -> None:
-        if self.component not in COMPONENT_AXES:
+        base = base_component(self.component) if isinstance(self.component, str) else None
+        if base not in COMPONENT_AXES or (base == "projector" and base != self.component):
             msg = (
-                f"component must be one of {sorted(COMPONENT_AXES)}; got {self.component!r}"
+                f"component must be one of {sorted(COMPONENT_AXES)}, or one of them after a "
+                f"tower prefix ({', '.join(t + '.' for t in TOWERS)}); got {self.component!r}"
             )
             raise SiteError(msg)
-        axes = COMPONENT_AXES[self.component]
-        if self.component in GLOBAL_COMPONENTS:
+        axes = COMPONENT_AXES[base]
+        if base in GLOBAL_COMPONENTS:
             if self.layer is not None:
                 msg = f"component {self.component!r} has no layer; got layer={self.layer!r}"
                 raise SiteError(msg)
@@ -133,7 +161,7 @@ class Site:
             axis for axis, value in (("pos", self.pos), ("head", self.head), ("neuron", self.neuron))
             if isinstance(value, int)
         }
-        return tuple(a for a in COMPONENT_AXES[self.component] if a not in dropped)
+        return tuple(a for a in component_axes(self.component) if a not in dropped)
 
     def at(self, **changes: object) -> Site:
         """A copy with some fields changed, e.g. ``site.at(pos=3)``."""
@@ -206,8 +234,8 @@ class SiteSelector:
         """Expand to concrete sites: layer-major, then position, head, neuron."""
         out: list[Site] = []
         for component in self.components:
-            axes = COMPONENT_AXES[component]
-            layers = [None] if component in GLOBAL_COMPONENTS else _expand(
+            axes = component_axes(component)
+            layers = [None] if base_component(component) in GLOBAL_COMPONENTS else _expand(
                 "layers", self.layer_values, n_layers, "n_layers")
             positions = _expand("positions", self.pos_values, n_positions, "n_positions")
             heads = _expand("heads", self.head_values, n_heads, "n_heads") if "head" in axes else [None]
@@ -253,8 +281,9 @@ def select(*components: str) -> SiteSelector:
         msg = f"select() needs at least one component of {sorted(COMPONENT_AXES)}; got none"
         raise SiteError(msg)
     for component in components:
-        if component not in COMPONENT_AXES:
-            msg = f"component must be one of {sorted(COMPONENT_AXES)}; got {component!r}"
+        if not isinstance(component, str) or base_component(component) not in COMPONENT_AXES:
+            msg = (f"component must be one of {sorted(COMPONENT_AXES)}, or one of them after a "
+                   f"tower prefix ({', '.join(t + '.' for t in TOWERS)}); got {component!r}")
             raise SiteError(msg)
     return SiteSelector(tuple(components))
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models import gpt2, gpt_neox, llama
+from mechinterp.models import gpt2, gpt_neox, llama, llava
 from mechinterp.models.table import Dims, SiteTable, Tap
 
 
@@ -40,7 +40,15 @@ class Anatomy:
 
 def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
     """The anatomy of ``model``'s family; UnsupportedModelError for families without one."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in llava.MODEL_TYPES:
+        # The language model's graph; the vision tower and projector feed it through the
+        # image tokens' embeddings (the ``embed`` source).
+        inner = anatomy_of(_TextModel(config.text_config), table)
+        prefix = "{base}language_model."
+        return Anatomy(*(path.replace("{base}", prefix) for path in
+                         (inner.attn_norm, inner.mlp_norm, inner.final_norm)), inner.parallel)
     if model_type in gpt2.MODEL_TYPES:
         return Anatomy("{base}h.{layer}.ln_1", "{base}h.{layer}.ln_2", "{base}ln_f", parallel=False)
     if model_type in llama.MODEL_TYPES:
@@ -54,10 +62,15 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
                        parallel=bool(getattr(model.config, "use_parallel_residual", True)))
     msg = (
         f"circuit discovery needs pre-normalisation residual blocks (families gpt2, llama, "
-        f"mistral, qwen2, gpt_neox); got family {table.family!r}, whose blocks renormalise the "
+        f"mistral, qwen2, gpt_neox, and llava's language model); got family {table.family!r}, whose blocks renormalise the "
         f"residual sum itself, so a destination's input is not a sum of source outputs"
     )
     raise UnsupportedModelError(msg)
+
+
+class _TextModel:
+    def __init__(self, config: object):
+        self.config = config
 
 
 def in_out_weight(module: nn.Module, name: str) -> torch.Tensor:

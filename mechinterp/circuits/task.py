@@ -147,11 +147,9 @@ class CircuitTask:
 
     def _forward(self, tokens, rows: slice | torch.Tensor, state: EdgeState,
                  repeat: int = 1) -> torch.Tensor:
-        ids = tokens.input_ids[rows]
-        mask = tokens.attention_mask[rows]
+        part = tokens.rows(rows)
         if repeat > 1:
-            ids, mask = ids.repeat(repeat, 1), mask.repeat(repeat, 1)
-        part = type(tokens)(ids, mask)
+            part = part.repeat(repeat)
         with self.engine.hooked(state):
             out = self.model._module(**self.model._forward_inputs(part))
         return out.logits

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mechinterp.errors import SiteError
+from mechinterp.sites import tower_of
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class SiteTable:
         position_ids: whether the forward takes ``position_ids`` (so left padding is honoured).
         sequential: each block's input is the previous block's output, so ``resid_pre`` of
             layer ``l > 0`` equals ``resid_post`` of layer ``l - 1``.
+        towers: sizes of the other towers of a multimodal model (``{"vision": Dims(...)}``);
+            their components are the main vocabulary after the tower's prefix.
+        image_token_id: the id that marks image tokens in the main tower's input, if any.
     """
 
     family: str
@@ -114,6 +118,18 @@ class SiteTable:
     position_ids: bool
     unsupported: dict[str, str] = field(default_factory=dict)
     sequential: bool = True
+    towers: dict[str, Dims] = field(default_factory=dict)
+    image_token_id: int | None = None
+
+    def dims_for(self, component: str) -> Dims:
+        """The sizes a component's indices are checked against (its tower's)."""
+        tower = tower_of(component)
+        if tower is None:
+            return self.dims
+        if tower not in self.towers:
+            msg = f"component {component!r}: this {self.family} model has no {tower} tower"
+            raise SiteError(msg)
+        return self.towers[tower]
 
     def place(self, component: str) -> Place:
         """The place of ``component``, or a SiteError saying why there is none."""

@@ -175,8 +175,7 @@ def _check_graddrop(model: InterpModel) -> None:
 
 def _part(sweep: _Sweep, rows: slice) -> tuple[Tokens, Tokens]:
     clean, corrupt = sweep.clean, sweep.corrupt
-    return (Tokens(clean.input_ids[rows], clean.attention_mask[rows]),
-            Tokens(corrupt.input_ids[rows], corrupt.attention_mask[rows]))
+    return clean.rows(rows), corrupt.rows(rows)
 
 
 class _Probe(TensorEdit):

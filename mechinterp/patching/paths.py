@@ -416,8 +416,7 @@ class _Paths:
         corrupted run's block outputs."""
         model, n = self.model, self.n_pairs
         clean, corrupt = self.sweep.clean, self.sweep.corrupt
-        tokens = Tokens(torch.cat([clean.input_ids, corrupt.input_ids]),
-                        torch.cat([clean.attention_mask, corrupt.attention_mask]))
+        tokens = Tokens.cat([clean, corrupt])
         inert = set(self.inert)
         written = sorted({int(g) for c, table in enumerate(self.first_pass) if c not in inert
                           for g in table[:, 1].unique()})
@@ -487,7 +486,7 @@ class _Paths:
         prompts run with ``edits``, the blocks below ``first_layer`` returning the corrupted
         run's output."""
         model, corrupt = self.model, self.sweep.corrupt
-        tokens = Tokens(corrupt.input_ids.repeat(times, 1), corrupt.attention_mask.repeat(times, 1))
+        tokens = corrupt.repeat(times)
         plan = Plan(model.table, model.base, tokens.attention_mask, [], edits, model._resolved)
         with torch.no_grad():
             output, _ = model._forward(tokens, plan, stubs=self.corrupted_blocks.stubs(first_layer, times),

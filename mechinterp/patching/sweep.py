@@ -43,7 +43,7 @@ from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
 from mechinterp.patching.writes import WriteTable, build_writes
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site, SiteSelector, SiteUnion
+from mechinterp.sites import Site, SiteSelector, SiteUnion, tower_of
 
 SOURCES = ("clean", "mean", "resample")
 _UNPATCHABLE = ("logits",)
@@ -215,6 +215,12 @@ class _Sweep:
             for site, origin in cell:
                 group = groups.get((site.component, site.layer))
                 if group is None:
+                    if tower_of(site.component) is not None:
+                        msg = (f"sites: sweeps patch the main tower's components (image tokens "
+                               f"included, by position); {site.component!r} of the "
+                               f"{tower_of(site.component)} tower is not supported in sweeps "
+                               f"yet; edit it with model.run(edits=...)")
+                        raise InputError(msg)
                     if site.component in _UNPATCHABLE:
                         msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
                         raise InputError(msg)
@@ -239,6 +245,10 @@ class _Sweep:
         """Per pair, the first column where the corrupted run can differ from the clean one."""
         differs = self.clean.input_ids.cpu() != self.corrupt.input_ids.cpu()
         columns = torch.where(differs.any(1), differs.int().argmax(1), self.seq_len).tolist()
+        if set(self.clean.extras) != set(self.corrupt.extras) or any(
+                not torch.equal(value, self.corrupt.extras[name]) for name, value in self.clean.extras.items()):
+            # Other inputs (images) differ: any position may, as far as the ids tell.
+            columns = [0] * len(columns)
         if self.corruption is not None:
             start = 0 if self.corrupted_from is None else self.corrupted_from
             columns = [min(c, start) for c in columns]
@@ -492,7 +502,10 @@ class _Sweep:
                 try:
                     if first:
                         # Keys and values are kept only for later forwards that start later.
-                        keep_kv = reuse and any(self.start_of[c] for f in queue[1:] for c in f)
+                        # A forward of a suffix cannot take other inputs (an image) whose
+                        # tokens lie in the skipped prefix: those run every position.
+                        keep_kv = reuse and not self.clean.extras and any(
+                            self.start_of[c] for f in queue[1:] for c in f)
                         keep_blocks = reuse and len(queue) > 1
                         scores = self._first_forward(chunk, extra, keep_kv, keep_blocks)
                     else:
@@ -539,8 +552,7 @@ class _Sweep:
         model, pairs_n = self.model, self.n_pairs
         times = len(chunk)
         clean, corrupt = self.clean, self.corrupt
-        tokens = Tokens(torch.cat([clean.input_ids, corrupt.input_ids.repeat(1 + times, 1)]),
-                        torch.cat([clean.attention_mask, corrupt.attention_mask.repeat(1 + times, 1)]))
+        tokens = Tokens.cat([clean, corrupt.repeat(1 + times)])
         boxes = self._boxes(chunk, first_row=2 * pairs_n)
         self.sources: dict[tuple[str, int], torch.Tensor] = {}
         edits = [_FirstPass(self, group, boxes.get(group)) for group in self.groups]
@@ -575,7 +587,7 @@ class _Sweep:
         times = len(chunk)
         start = min(self.start_of[i] for i in chunk) if reuse and self.prefix_kv else 0
         first_layer = min(self.layer_of[i] for i in chunk) if reuse else 0
-        tokens = Tokens(self.corrupt.input_ids.repeat(times, 1), self.corrupt.attention_mask.repeat(times, 1))
+        tokens = self.corrupt.repeat(times)
         edits = [BoxPatch(self._site(group), self._sources(group, start), boxes, self.alpha)
                  for group, boxes in self._boxes(chunk, first_row=0, start=start).items()]
         if self.corruption is not None:

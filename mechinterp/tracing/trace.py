@@ -148,7 +148,7 @@ def causal_trace(
         draws = mean.to(draws.device) + draws @ factor.to(draws.device).T
     noise_edit = _EmbedNoise((draws * scale).to(dtype), begin, end, seed, scale, uniform,
                              multivariate, replace)
-    repeated = Tokens(tokens.input_ids.repeat(samples, 1), tokens.attention_mask.repeat(samples, 1))
+    repeated = tokens.repeat(samples)
     sweep = _Sweep(model, repeated, repeated, labels, Prob(answer), "clean", 1.0, -1, seed,
                    parts=parts, corruption=noise_edit.from_row, corrupted_from=begin)
     result = sweep.run(batch_size=batch_size, reuse=reuse, progress=progress, results=None)

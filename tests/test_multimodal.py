@@ -1,0 +1,151 @@
+"""Multimodal models (LLaVA): every site of the language model, the vision tower and the
+projector is readable and writable; edits equal hand-written hooks; image tokens are positions
+that sweeps, circuits and caches understand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import mechinterp
+from mechinterp import Set, Site, Zero
+from mechinterp.circuits import CircuitTask
+from mechinterp.errors import InputError, ShapeError, SiteError
+from mechinterp.patching import LogitDiff, activation_patch
+from mechinterp.sites import select
+
+IMAGE = 63
+N_IMAGE = 16  # 32 x 32 pixels in 8 x 8 patches; LLaVA's default drops the class token
+
+
+def _llava(dtype=torch.float64):
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                           intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(config).eval().to(dtype)
+
+
+def _inputs(seed: int, rows: int = 2) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5] + [IMAGE] * N_IMAGE + [7, 8, 9]] * rows)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(rows, 3, 32, 32, generator=generator, dtype=torch.float64)}
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return mechinterp.load(_llava())
+
+
+VISION = ["vision.embed", "vision.resid_pre", "vision.attn_out", "vision.resid_mid",
+          "vision.mlp_out", "vision.resid_post", "vision.head", "vision.q", "vision.k", "vision.v",
+          "vision.pattern", "vision.neuron"]
+LANGUAGE = ["embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "head", "q",
+            "k", "v", "pattern", "neuron", "projector"]
+
+
+def _site(component: str) -> Site:
+    glob = component.rsplit(".", 1)[-1] in ("embed", "projector", "logits")
+    # LLaVA reads the vision tower's second-to-last layer: with two layers, the last one never
+    # reaches the logits.
+    return Site(component, layer=None if glob else 0 if component.startswith("vision.") else 1)
+
+
+@pytest.mark.parametrize("component", VISION + LANGUAGE)
+def test_every_site_reads_and_writing_its_own_value_is_bit_identical(llava, component):
+    inputs = _inputs(1)
+    site = _site(component)
+    base = llava.run(inputs, cache=[site])
+    value = base.cache[site]
+    assert value.shape[0] == 2
+    again = llava.run(inputs, edits=[Set(site, value)])
+    assert torch.equal(again.logits, base.logits)
+    # A random shift (a constant one would vanish in the LayerNorms).
+    noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(0), dtype=value.dtype)
+    changed = llava.run(inputs, edits=[Set(site, value + noise)])
+    assert not torch.equal(changed.logits, base.logits)
+
+
+def test_vision_sites_have_the_towers_shapes(llava):
+    inputs = _inputs(1)
+    sites = [Site("vision.resid_post", layer=0), Site("vision.head", layer=1, head=2),
+             Site("vision.pattern", layer=0), Site("vision.resid_post", layer=1, pos=-1),
+             Site("vision.neuron", layer=0, pos=(0, 3), neuron=5), Site("projector", pos=2)]
+    cache = llava.run(inputs, cache=sites).cache
+    assert [tuple(cache[s].shape) for s in sites] == [
+        (2, 17, 32), (2, 17, 8), (2, 4, 17, 17), (2, 32), (2, 2), (2, 32)]
+    with pytest.raises(SiteError, match=r"head for vision.head.0\[head=4\] must lie in \[0, 4\)"):
+        llava.run(inputs, cache=[Site("vision.head", layer=0, head=4)])
+    with pytest.raises(SiteError, match="tower prefix"):
+        Site("audio.resid_post", layer=0)
+    assert len(llava.sites(select("vision.head").layers().heads())) == 2 * 4
+
+
+def test_vision_head_ablation_equals_a_hand_written_hook(llava):
+    inputs = _inputs(2)
+    module = llava._module.model.vision_tower.encoder.layers[0].self_attn.out_proj
+
+    def zero_head(_module, args):
+        x = args[0].clone()
+        x[..., 2 * 8:3 * 8] = 0  # head 2 of 4, d_head 8
+        return (x,)
+
+    handle = module.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            expected = llava._module(**inputs).logits
+    finally:
+        handle.remove()
+    out = llava.run(inputs, edits=[Zero(Site("vision.head", layer=0, head=2))])
+    torch.testing.assert_close(out.logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_image_positions_and_patching_an_image_token(llava):
+    clean, corrupt = _inputs(3), _inputs(4)
+    positions = llava.image_positions(clean)
+    assert positions == tuple(range(2, 2 + N_IMAGE))
+    # The language model's input at image positions is the projector's output.
+    cache = llava.run(clean, cache=[Site("projector"), Site("resid_pre", layer=0, pos=positions)]).cache
+    torch.testing.assert_close(cache[Site("resid_pre", layer=0, pos=positions)], cache[Site("projector")])
+    # A sweep over image positions equals patching one cell by hand.
+    result = activation_patch(llava, clean, corrupt, select("resid_pre").layers(1).positions(*positions[:3]),
+                              LogitDiff(3, 4), progress=False)
+    site = Site("resid_pre", layer=1, pos=positions[1])
+    value = llava.run(clean, cache=[site]).cache[site]
+    logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+    expected = (logits[:, 3] - logits[:, 4]).mean()
+    cell = [r for r in result.to_records() if r["pos"] == positions[1]][0]
+    assert cell["mean"] == pytest.approx(expected.item(), abs=1e-10)
+    with pytest.raises(InputError, match="not supported in sweeps"):
+        activation_patch(llava, clean, corrupt, select("vision.resid_post").layers(0),
+                         LogitDiff(3, 4), progress=False)
+
+
+def test_inputs_must_have_a_row_per_prompt(llava):
+    bad = _inputs(1)
+    bad["pixel_values"] = bad["pixel_values"][:1]
+    with pytest.raises(ShapeError, match=r"inputs\['pixel_values'\] must be a tensor with one row"):
+        llava.run(bad)
+    mixed = _inputs(1)
+    mixed["input_ids"] = mixed["input_ids"].clone()
+    mixed["input_ids"][1, 2] = 5
+    with pytest.raises(InputError, match="same image-token positions"):
+        llava.image_positions(mixed)
+
+
+def test_edge_patching_runs_on_the_language_model(llava):
+    clean, corrupt = _inputs(5, rows=3), _inputs(6, rows=3)
+    task = CircuitTask(llava, clean, corrupt, metric=lambda logits, pairs: logits[:, 3] - logits[:, 4],
+                       progress=False)
+    graph = task.graph
+    full, empty = task.evaluate(torch.stack([graph.valid, ~graph.valid]))
+    with torch.no_grad():
+        clean_logits = llava._module(**clean).logits[:, -1]
+        corrupt_logits = llava._module(**corrupt).logits[:, -1]
+    torch.testing.assert_close(full, clean_logits[:, 3] - clean_logits[:, 4], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(empty, corrupt_logits[:, 3] - corrupt_logits[:, 4], rtol=1e-10, atol=1e-10)
