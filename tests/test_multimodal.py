@@ -119,7 +119,7 @@ def test_image_positions_and_patching_an_image_token(llava):
     value = llava.run(clean, cache=[site]).cache[site]
     logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
     expected = (logits[:, 3] - logits[:, 4]).mean()
-    cell = [r for r in result.to_records() if r["pos"] == positions[1]][0]
+    cell = next(r for r in result.to_records() if r["pos"] == positions[1])
     assert cell["mean"] == pytest.approx(expected.item(), abs=1e-10)
     with pytest.raises(InputError, match="not supported in sweeps"):
         activation_patch(llava, clean, corrupt, select("vision.resid_post").layers(0),
