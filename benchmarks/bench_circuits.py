@@ -474,8 +474,11 @@ def bench_acdc(args, device: torch.device, ac) -> dict:
     assert abs(float(empty) - float(expected)) < 1e-4 * max(1.0, float(expected)), row
 
     circuit = acdc(task, threshold=threshold)
+    # Edge trials (one per edge, plus the speculative ones discarded after a kept edge) and
+    # the batched forwards that ran them.
     row["ours_edge_forwards"] = circuit.info["forwards"]
     row["ours_forwards_per_edge"] = circuit.info["forwards"] / graph.n_edges
+    row["ours_batched_forwards"] = circuit.info["batches"]
     _, row["ours_forwards_counted"] = count_calls(hf.lm_head, lambda: acdc(make_task(),
                                                                             threshold=threshold))
     row["ours_edges"] = circuit.n_edges
@@ -639,6 +642,9 @@ def table(out: dict) -> str:
                 lines.append(f"  {label:14s} {b[f'{key}_edges']:10d} "
                              f"{_fmt(b[f'{key}_forwards_per_edge'], '8.2f')} "
                              f"{_timing_cells(b, key)}")
+        if "ours_batched_forwards" in b:
+            lines.append(f"  mechinterp ran its {b['ours_edge_forwards']} edge trials in "
+                         f"{b['ours_batched_forwards']} batched forwards")
         if "overlap_edges" in b:
             lines.append(f"  overlap {b['overlap_edges']} edges (Jaccard {b['jaccard']:.3f}); "
                          f"auto-circuit median / mechinterp median = {b['speedup_vs_ac']:.2f}; "

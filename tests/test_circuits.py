@@ -301,13 +301,18 @@ def test_exact_scores_remove_one_edge_each(small_task):
 def test_acdc_thresholds(small_task):
     model = small_task.model
     task = CircuitTask(model, small_task.clean, small_task.corrupt, metric=KL(), progress=False)
-    everything = acdc(task, threshold=math.inf)
+    everything = acdc(task, threshold=math.inf, speculate=16)
     assert everything.n_edges == 0 and everything.info["forwards"] == task.graph.n_edges
+    assert everything.info["batches"] == math.ceil(task.graph.n_edges / 16)
     nothing = acdc(task, threshold=0.0)
     # At threshold 0 only edges whose removal lowers the KL (or leaves it unchanged) go.
     assert nothing.n_edges > 0.8 * task.graph.n_edges
-    middle = acdc(task, threshold=1e-4)
+    middle = acdc(task, threshold=1e-4, speculate=8)
     assert 0 < middle.n_edges < nothing.n_edges
+    # Speculative batches make the sequential algorithm's decisions.
+    sequential = acdc(task, threshold=1e-4, speculate=1)
+    assert torch.equal(sequential.kept, middle.kept)
+    assert sequential.info["forwards"] == task.graph.n_edges <= middle.info["forwards"]
     # The kept circuit's KL is the one ACDC reports.
     assert task.evaluate(middle.kept).mean().item() == pytest.approx(middle.info["final_metric"])
 

@@ -3,10 +3,10 @@ faithfulness evaluation."""
 
 from __future__ import annotations
 
-from mechinterp.circuits.acdc import acdc
 from mechinterp.circuits.attribute import METHODS, attribute_edges
 from mechinterp.circuits.evaluate import MIB_FRACTIONS, FaithfulnessCurve, faithfulness, roc_auc
 from mechinterp.circuits.graph import CircuitGraph
+from mechinterp.circuits.pruning import acdc
 from mechinterp.circuits.result import Circuit, EdgeScores
 from mechinterp.circuits.task import ABLATIONS, CircuitTask
 
