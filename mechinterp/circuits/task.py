@@ -46,8 +46,10 @@ class CircuitTask:
             ``position``.
         ablation: ``"corrupt"``, ``"zero"``, ``"mean"`` or ``"resample"``.
         position: the scored position, counted like ``Site.pos`` (-1: each row's last token).
-        batch_size: rows per forward (default 64); circuits evaluated together share a
-            forward, each on its own copy of the prompts.
+        batch_size: rows per forward; circuits evaluated together share a forward, each on
+            its own copy of the prompts. Default: 64 on the CPU; on a GPU as many as keep the
+            per-row source outputs, their differences and gradients within about 2 GiB (at
+            most 1024).
         seed: seed of the resample permutation.
         progress: show progress bars on long loops.
 
@@ -99,6 +101,7 @@ class CircuitTask:
             msg = f"batch_size must be a positive int; got {batch_size!r}"
             raise InputError(msg)
         self.batch_size = batch_size or 64
+        self._auto_batch = batch_size is None
         self.progress = progress
         self.metric = as_metric(metric).bind(model, self.n_rows)
         if isinstance(position, bool) or not isinstance(position, int):
@@ -108,6 +111,10 @@ class CircuitTask:
         self._columns = torch.full((self.n_rows,), columns) if isinstance(columns, int) else columns
         self._seed = seed
         self.clean_sources, self.clean_logits = self._record(self.clean)
+        if self._auto_batch and self.clean_sources.is_cuda:
+            # Three [rows, source, pos, d_model] tensors live per row of a forward.
+            per_row = 3 * self.clean_sources[0].numel() * self.clean_sources.element_size()
+            self.batch_size = max(1, min(1024, (2 << 30) // per_row))
         self.patched = self._patched_sources()
         self._reference: _Reference | None = None
 
