@@ -149,3 +149,78 @@ def test_edge_patching_runs_on_the_language_model(llava):
         corrupt_logits = llava._module(**corrupt).logits[:, -1]
     torch.testing.assert_close(full, clean_logits[:, 3] - clean_logits[:, 4], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(empty, corrupt_logits[:, 3] - corrupt_logits[:, 4], rtol=1e-10, atol=1e-10)
+
+
+# -- CLIP: the text transformer is the main tower, the vision transformer runs first ----------
+
+
+def _clip():
+    text = transformers.CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=16, eos_token_id=63,
+                                       bos_token_id=1, pad_token_id=0)
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                           intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4)
+    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                     projection_dim=16)
+    torch.manual_seed(0)
+    return transformers.CLIPModel(config).eval().double()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return mechinterp.load(_clip())
+
+
+def _clip_inputs(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1, 5, 6, 7, 63], [1, 9, 8, 7, 63]])
+    return {"input_ids": ids,
+            "pixel_values": torch.randn(2, 3, 32, 32, generator=generator, dtype=torch.float64)}
+
+
+FINAL = [Site("resid_post", layer=1), Site("vision.resid_post", layer=1)]
+
+
+@pytest.mark.parametrize("component", [c for c in VISION + LANGUAGE if c != "projector"])
+def test_clip_sites_read_and_write(clip, component):
+    inputs = _clip_inputs(1)
+    glob = component.rsplit(".", 1)[-1] == "embed"
+    site = Site(component, layer=None if glob else 0)
+    base = clip.run(inputs, cache=[site, *FINAL])
+    assert base.logits is None
+    value = base.cache[site]
+    again = clip.run(inputs, edits=[Set(site, value)], cache=FINAL).cache
+    assert all(torch.equal(again[s], base.cache[s]) for s in FINAL)
+    noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(0), dtype=value.dtype)
+    changed = clip.run(inputs, edits=[Set(site, value + noise)], cache=FINAL).cache
+    # Each tower's edit reaches its own final layer and leaves the other tower alone.
+    own, other = (FINAL[1], FINAL[0]) if component.startswith("vision.") else FINAL
+    assert not torch.equal(changed[own], base.cache[own])
+    assert torch.equal(changed[other], base.cache[other])
+
+
+def test_clip_runs_the_vision_tower_first_and_its_head_ablation_equals_a_hook(clip):
+    inputs = _clip_inputs(2)
+    clip.run(inputs)
+    order = clip.execution_order
+    assert order.index("vision_model.encoder.layers.0") < order.index("text_model.encoder.layers.0")
+    module = clip._module.text_model.encoder.layers[1].self_attn.out_proj
+
+    def zero_head(_module, args):
+        x = args[0].clone()
+        x[..., 8:16] = 0  # head 1 of 4, d_head 8
+        return (x,)
+
+    handle = module.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            expected = clip._module.text_model(input_ids=inputs["input_ids"]).last_hidden_state
+    finally:
+        handle.remove()
+    final = Site("resid_post", layer=1)
+    out = clip.run(inputs, edits=[Zero(Site("head", layer=1, head=1))], cache=[final]).cache[final]
+    # CLIP's final LayerNorm follows the last layer's output.
+    torch.testing.assert_close(clip._module.text_model.final_layer_norm(out), expected,
+                               rtol=1e-12, atol=1e-12)

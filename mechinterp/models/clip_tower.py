@@ -1,4 +1,5 @@
-"""Site places of a CLIP vision transformer, as a tower of a multimodal model.
+"""Site places of a CLIP transformer: the vision tower of a multimodal model, or either tower
+of CLIP itself.
 
 CLIP encoder layers are pre-LayerNorm: ``resid_mid`` is ``resid_pre + attn_out``, first consumed
 by ``layer_norm2``. Positions index the tower's tokens: the class token, then the image patches
@@ -24,12 +25,13 @@ def _with_dims(view, dims: Dims):
     return lambda raw, _table_dims: view(raw, dims)
 
 
-def clip_vision_places(root: str, dims: Dims, tower: str = "vision") -> dict[str, Place]:
-    """Places of the CLIP vision transformer at module path ``root`` (e.g.
-    ``"{base}vision_tower"``), named ``"{tower}.<component>"``."""
+def clip_vision_places(root: str, dims: Dims, tower: str | None = "vision") -> dict[str, Place]:
+    """Places of a CLIP transformer (vision or text) at module path ``root`` (e.g.
+    ``"{base}vision_tower"``), named ``"{tower}.<component>"`` (plain names for the main
+    tower, ``tower=None``)."""
     block = f"{root}.encoder.layers.{{layer}}"
     heads = _with_dims(split_heads(), dims)
-    name = f"{tower}.{{}}".format
+    name = (lambda component: component) if tower is None else f"{tower}.{{}}".format
     return {
         name("embed"): Tap(f"{root}.embeddings"),
         name("resid_pre"): Tap(block, io="input", item=0, kwarg="hidden_states"),
