@@ -224,3 +224,34 @@ def test_clip_runs_the_vision_tower_first_and_its_head_ablation_equals_a_hook(cl
     # CLIP's final LayerNorm follows the last layer's output.
     torch.testing.assert_close(clip._module.text_model.final_layer_norm(out), expected,
                                rtol=1e-12, atol=1e-12)
+
+
+# -- the shipped toy VLM: the answer comes from the image tokens of the asked-about shape ------
+
+
+def test_toy_vlm_answer_flows_from_the_asked_shapes_image_tokens():
+    from mechinterp.zoo import shapes
+    from mechinterp.zoo.train_toy_vlm import answer_ids, sample_mechanism_cases, vlm_inputs
+
+    model = mechinterp.load("toy-vlm")
+    cases = sample_mechanism_cases(torch.Generator().manual_seed(7), 96, ask="colour")
+    rows = [i for i, cell in enumerate(cases.target_cells) if cell == 0][:16]
+    assert len(rows) >= 8
+
+    def inputs(scenes):
+        images = shapes.render_batch([scenes[i] for i in rows])
+        return vlm_inputs(model.tokenizer, images, [cases.questions[i] for i in rows])
+
+    clean, corrupt = inputs(cases.clean), inputs(cases.corrupted)
+    image = model.image_positions(clean)
+    metric = LogitDiff(answer_ids(model.tokenizer, [cases.clean_answers[i] for i in rows]),
+                       answer_ids(model.tokenizer, [cases.corrupt_answers[i] for i in rows]))
+    cells = [Site("resid_pre", layer=0,
+                  pos=tuple(image[p] for p in shapes.cell_patches(cell, patch_size=8)))
+             for cell in range(shapes.N_CELLS)]
+    result = activation_patch(model, clean, corrupt, cells, metric, progress=False)
+    restored = [r["normalized"] for r in result.to_records()]
+    # Restoring the four image tokens of the asked-about shape's cell restores the answer; the
+    # other cells (other shapes, or empty) restore nothing.
+    assert restored[0] > 0.8
+    assert max(abs(v) for v in restored[1:]) < 0.2

@@ -1,8 +1,9 @@
 """Small trained models shipped inside the package, for demos and tests.
 
-``zoo_path(name)`` gives the folder of a model, which loads offline with
-``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``, or
-of a sparse autoencoder trained on one of them, which :func:`zoo_sae` loads.
+``zoo_path(name)`` gives the folder of a model, which :func:`mechinterp.load` loads offline (or
+transformers' ``from_pretrained``: ``AutoModelForCausalLM`` for the language models,
+``AutoModelForImageTextToText`` for the LLaVA toy), or of a sparse autoencoder trained on one of
+them, which :func:`zoo_sae` loads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ ZOO: dict[str, str] = {
     # 2-layer GPT-2 trained on repeated random spans: layer 0 has a previous-token head and
     # layer 1 an induction head (see train_induction.py and the folder's training_report.json).
     "induction-2l": "induction-2l",
+    # Tiny LLaVA (2-layer CLIP vision tower, 8x8 patches -> 16 image tokens; 2-layer Llama)
+    # trained on 32x32 scenes of coloured shapes (mechinterp.zoo.shapes) to answer "what colour
+    # is the square ?" / "what shape is red ?": the answer flows from the image tokens of the
+    # asked-about shape's cell (see train_toy_vlm.py and the folder's training_report.json).
+    # Build its inputs with mechinterp.zoo.train_toy_vlm.vlm_inputs.
+    "toy-vlm": "toy-vlm",
 }
 
 # SAE name -> folder inside this package (SAELens layout; the config's hook_name is the site).
