@@ -291,6 +291,12 @@ def _circuit_section(report: Report, model: InterpModel, *, pairs: int = 32) -> 
     # ACDC prunes on the KL divergence from the clean run, as in its paper.
     kl_task = CircuitTask(model, task.clean, task.corrupt, metric=KL(), progress=False)
     found = acdc(kl_task, threshold=0.1)
+    # The same search with removed edges reading zero, the mean, or another prompt instead.
+    by_ablation = {"corrupt": (curve.cpr, curve.cmd)}
+    for ablation in ("zero", "mean", "resample"):
+        other = induction_task(model, pairs=pairs, ablation=ablation, progress=False)
+        other_curve = faithfulness(other, attribute_edges(other, method="eap-ig"), bootstrap=0)
+        by_ablation[ablation] = (other_curve.cpr, other_curve.cmd)
     figure = circuit.plot()
     name = report.save_figure(figure, "circuit.png")
     curve_name = report.save_figure(curve.plot(), "circuit_faithfulness.png")
@@ -309,6 +315,8 @@ def _circuit_section(report: Report, model: InterpModel, *, pairs: int = 32) -> 
         "their faithfulness": f"{float(kept):.3f}",
         "faithfulness curve (MIB)": f"CPR {curve.cpr:.3f} [{curve.cpr_interval[0]:.3f}, "
                                     f"{curve.cpr_interval[1]:.3f}], CMD {curve.cmd:.3f}",
+        "CPR / CMD by what removed edges read": ", ".join(
+            f"{ablation} {cpr:.3f} / {cmd:.3f}" for ablation, (cpr, cmd) in by_ablation.items()),
         "ACDC (KL, threshold 0.1)": f"{found.n_edges} edges, {overlap} of the "
                                     f"{int(truth.sum())} known ones, {found.info['forwards']} "
                                     f"forwards in {found.info['seconds']:.2f} s",
@@ -322,6 +330,7 @@ def _circuit_section(report: Report, model: InterpModel, *, pairs: int = 32) -> 
                        "the logits.", facts, [name, curve_name]),
                data={"edges": circuit.to_dict()["edges"], "cpr": curve.cpr, "cmd": curve.cmd,
                      "roc_auc": roc_auc(scores, truth), "acdc_edges": found.edges,
+                     "cpr_cmd_by_ablation": by_ablation,
                      "faithfulness": curve.faithfulness.tolist(), "fractions": curve.fractions})
 
 

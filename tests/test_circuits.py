@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import mechinterp
+from mechinterp import Set, Site
 from mechinterp.circuits import (
     Circuit,
     CircuitGraph,
@@ -18,6 +19,7 @@ from mechinterp.circuits import (
     EdgeScores,
     acdc,
     attribute_edges,
+    attribute_nodes,
     faithfulness,
     roc_auc,
 )
@@ -298,6 +300,48 @@ def test_exact_scores_remove_one_edge_each(small_task):
         assert torch.corrcoef(torch.stack([estimate, exact.scores[graph.valid]]))[0, 1] > 0.9
 
 
+def test_eap_is_exact_where_the_metric_is_linear():
+    """A linear toy: with the final LayerNorm made linear (an epsilon so large that it only
+    subtracts the mean), the logit difference is linear in the logits' input, so EAP's scores
+    of the edges into the logits are the exact effects of removing them."""
+    model = _model(families.FAMILIES[0])
+    final = model._module.transformer.ln_f
+    final.eps = 1e12
+    with torch.no_grad():
+        final.weight.fill_(1e6)
+        final.bias.zero_()
+    clean, corrupt = families.token_ids(4, 6, seed=1), families.token_ids(4, 6, seed=2)
+    task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
+    logits = task.graph.logits_destination
+    eap = attribute_edges(task, method="eap").scores[:, logits]
+    exact = attribute_edges(task, method="exact").scores[:, logits]
+    torch.testing.assert_close(eap, exact, rtol=1e-6, atol=1e-9)
+    # Elsewhere (through attention and the MLPs) it is only a first-order estimate.
+    inner = task.graph.mlp_destination(1)
+    assert not torch.allclose(attribute_edges(task, method="eap").scores[:, inner],
+                              attribute_edges(task, method="exact").scores[:, inner],
+                              rtol=1e-6, atol=1e-9)
+
+
+def test_node_scores(small_task):
+    task = small_task
+    model = task.model
+    nodes = attribute_nodes(task, method="exact")
+    assert list(nodes) == list(task.graph.source_names)
+    # Removing every edge out of a head is patching the head's output everywhere: activation
+    # patching of the head site from the corrupted run.
+    for component, layer, head, name in (("head", 1, 2, "a1.h2"), ("mlp_out", 0, None, "m0")):
+        site = Site(component, layer=layer, head=head)
+        corrupt_value = model.run(task.corrupt, cache=[site]).cache[site]
+        logits = model.run(task.clean, edits=[Set(site, corrupt_value)]).logits[:, -1]
+        expected = (logits[:, 3] - logits[:, 4]).mean() - task.clean_metric.mean()
+        assert nodes[name] == pytest.approx(expected.item(), abs=1e-10)
+    # The gradient methods' node scores are their edges' sums.
+    eap = attribute_edges(task, method="eap")
+    summed = attribute_nodes(task, method="eap")
+    assert summed["a0.h1"] == pytest.approx(eap.scores[task.graph.source_index("a0.h1")].sum().item())
+
+
 def test_acdc_thresholds(small_task):
     model = small_task.model
     task = CircuitTask(model, small_task.clean, small_task.corrupt, metric=KL(), progress=False)
@@ -465,3 +509,29 @@ def test_circuit_command(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert main(["circuit", "--edges", "100000", "--pairs", "4", "--out", str(out)]) == 2
     assert "--edges must lie in" in capsys.readouterr().err
+
+
+def test_toy_vlm_circuit_reads_the_image_through_a_heads_value():
+    from mechinterp.patching import LogitDiff as Diff
+    from mechinterp.zoo import shapes
+    from mechinterp.zoo.train_toy_vlm import answer_ids, sample_mechanism_cases, vlm_inputs
+
+    model = mechinterp.load("toy-vlm")
+    cases = sample_mechanism_cases(torch.Generator().manual_seed(7), 32, ask="colour")
+
+    def inputs(scenes):
+        return vlm_inputs(model.tokenizer, shapes.render_batch(scenes), cases.questions)
+
+    metric = Diff(answer_ids(model.tokenizer, cases.clean_answers),
+                  answer_ids(model.tokenizer, cases.corrupt_answers))
+    task = CircuitTask(model, inputs(cases.clean), inputs(cases.corrupted), metric=metric,
+                       progress=False)
+    scores = attribute_edges(task, method="eap-ig")
+    exact = attribute_edges(task, method="exact")
+    valid = task.graph.valid
+    assert torch.corrcoef(torch.stack([scores.scores[valid], exact.scores[valid]]))[0, 1] > 0.95
+    # The colour is copied from the image tokens by the value of a last-layer head.
+    top = scores.ranked()[0][0]
+    assert top.startswith("embed->a1.") and top.endswith(".v")
+    curve = faithfulness(task, scores, fractions=(0.0, 0.05, 1.0), bootstrap=0)
+    assert curve.faithfulness[1] > 0.9  # 6 of 110 edges

@@ -3,7 +3,7 @@ faithfulness evaluation."""
 
 from __future__ import annotations
 
-from mechinterp.circuits.attribute import METHODS, attribute_edges
+from mechinterp.circuits.attribute import METHODS, attribute_edges, attribute_nodes
 from mechinterp.circuits.evaluate import MIB_FRACTIONS, FaithfulnessCurve, faithfulness, roc_auc
 from mechinterp.circuits.graph import CircuitGraph
 from mechinterp.circuits.pruning import acdc
@@ -21,6 +21,7 @@ __all__ = [
     "FaithfulnessCurve",
     "acdc",
     "attribute_edges",
+    "attribute_nodes",
     "faithfulness",
     "roc_auc",
 ]

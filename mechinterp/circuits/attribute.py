@@ -103,3 +103,25 @@ def _exact(task: CircuitTask) -> torch.Tensor:
     out = torch.zeros(graph.n_sources, graph.n_destinations, dtype=torch.float64)
     out[edges[:, 0], edges[:, 1]] = values - task.clean_metric.mean()
     return out
+
+
+def attribute_nodes(task: CircuitTask, *, method: str = "eap-ig", steps: int = 5) -> dict[str, float]:
+    """Score every source node (``embed``, each head, each MLP): the estimated change of the mean
+    metric when the node's output is patched everywhere it is read, i.e. all of its outgoing
+    edges at once.
+
+    The gradient methods are linear in the patched difference, so a node's score is the sum of
+    its edges' scores; ``"exact"`` runs one forward per node with all its edges removed.
+
+    Returns:
+        Node name -> score, in graph order.
+    """
+    graph = task.graph
+    if method != "exact":
+        edges = attribute_edges(task, method=method, steps=steps).scores
+        return dict(zip(graph.source_names, edges.sum(dim=1).tolist()))
+    kept = graph.valid.expand(graph.n_sources, -1, -1).clone()
+    for source in range(graph.n_sources):
+        kept[source, source] = False  # every edge out of the source
+    values = task.evaluate(kept).mean(dim=1) - task.clean_metric.mean()
+    return dict(zip(graph.source_names, values.tolist()))
