@@ -535,3 +535,87 @@ def test_toy_vlm_circuit_reads_the_image_through_a_heads_value():
     assert top.startswith("embed->a1.") and top.endswith(".v")
     curve = faithfulness(task, scores, fractions=(0.0, 0.05, 1.0), bootstrap=0)
     assert curve.faithfulness[1] > 0.9  # 6 of 110 edges
+
+
+# -- tracr-compiled models: circuits known by construction ---------------------------------------
+
+
+def _tracr_truth(graph: CircuitGraph, name: str) -> torch.Tensor:
+    """The compiled circuit's edges, less those that carry only position or constant
+    information (the same in every prompt of a length, so no patching can reveal them)."""
+    from mechinterp.zoo import zoo_path
+
+    truth = json.loads((zoo_path(name) / "ground_truth.json").read_text())
+    hidden = set(truth["input_independent_edges"])
+    return graph.mask_of([edge for edge in truth["edges"] if edge not in hidden])
+
+
+def _tracr_induction_pairs(rows: int, seed: int):
+    """``<bos> t1 t2 t3 t4 q``: four distinct letters (either case), q the letter of t_j, the
+    answer t_{j+1}. A third of the pairs swap the answer's case (the value path), a third move
+    the matching token (the previous-token / key path), a third change the query's letter."""
+    import random
+
+    vocab = {t: i for i, t in enumerate(["<bos>", "<pad>", "<unk>", "A", "B", "C", "D",
+                                         "a", "b", "c", "d"])}
+    rng = random.Random(seed)
+    clean, corrupt, answer, wrong = [], [], [], []
+    while len(clean) < rows:
+        letters = rng.sample("abcd", 4)
+        tokens = [t.upper() if rng.random() < 0.5 else t for t in letters]
+        j = rng.randrange(3)
+        query = letters[j].upper() if rng.random() < 0.5 else letters[j]
+        sequence = [*tokens, query]
+        other = list(sequence)
+        kind = len(clean) % 3
+        if kind == 0:
+            other[j + 1] = other[j + 1].swapcase()
+            new = other[j + 1]
+        elif kind == 1:
+            k = next((i for i in range(3) if i not in (j, j + 1)), None)
+            if k is None:
+                continue
+            other[j], other[k] = other[k], other[j]
+            new = other[k + 1]
+        else:
+            k = rng.choice([i for i in range(3) if i != j])
+            other[4] = letters[k]
+            new = sequence[k + 1]
+        if new == sequence[j + 1]:
+            continue
+        clean.append([0] + [vocab[t] for t in sequence])
+        corrupt.append([0] + [vocab[t] for t in other])
+        answer.append(vocab[sequence[j + 1]])
+        wrong.append(vocab[new])
+    return torch.tensor(clean), torch.tensor(corrupt), answer, wrong
+
+
+@pytest.mark.parametrize("method", ["eap-ig", "exact"])
+def test_tracr_induction_circuit_is_recovered(method):
+    model = mechinterp.load("tracr-induction")
+    clean, corrupt, answer, wrong = _tracr_induction_pairs(36, seed=0)
+    task = CircuitTask(model, clean, corrupt, metric=LogitDiff(answer, wrong), progress=False)
+    scores = attribute_edges(task, method=method)
+    assert roc_auc(scores, _tracr_truth(task.graph, "tracr-induction")) >= 0.95
+
+
+def test_tracr_dyck_circuit_is_recovered():
+    import random
+
+    from tests.test_zoo_tracr import dyck, sample_dyck
+
+    model = mechinterp.load("tracr-dyck")
+    ids = {"(": 3, ")": 4, "{": 5, "}": 6}
+    rng = random.Random(0)
+    clean, corrupt, answer = [], [], []
+    # Pairs of bracket strings with opposite answers ("balanced so far" or not).
+    while len(clean) < 24:
+        a, b = sample_dyck(rng, 8), sample_dyck(rng, 8)
+        if dyck(a)[-1] != dyck(b)[-1]:
+            clean.append([0] + [ids[t] for t in a])
+            corrupt.append([0] + [ids[t] for t in b])
+            answer.append(8 if dyck(a)[-1] else 7)  # True / False
+    task = CircuitTask(model, torch.tensor(clean), torch.tensor(corrupt),
+                       metric=LogitDiff(answer, [15 - a for a in answer]), progress=False)
+    scores = attribute_edges(task, method="eap-ig")
+    assert roc_auc(scores, _tracr_truth(task.graph, "tracr-dyck")) >= 0.95

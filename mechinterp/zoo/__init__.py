@@ -28,6 +28,12 @@ ZOO: dict[str, str] = {
     # asked-about shape's cell (see train_toy_vlm.py and the folder's training_report.json).
     # Build its inputs with mechinterp.zoo.train_toy_vlm.vlm_inputs.
     "toy-vlm": "toy-vlm",
+    # tracr-compiled RASP programs as GPT-2s whose circuits are known by construction; each
+    # folder's ground_truth.json lists the circuit's nodes and edges (see compile_tracr.py).
+    # Is the prefix a balanced shuffle-Dyck-2 word over () and {}: 6 layers, 6 heads, 6 MLPs.
+    "tracr-dyck": "tracr-dyck",
+    # Case-insensitive induction: a previous-token head, two MLPs, an induction head.
+    "tracr-induction": "tracr-induction",
 }
 
 # SAE name -> folder inside this package (SAELens layout; the config's hook_name is the site).
