@@ -619,3 +619,21 @@ def test_tracr_dyck_circuit_is_recovered():
                        metric=LogitDiff(answer, [15 - a for a in answer]), progress=False)
     scores = attribute_edges(task, method="eap-ig")
     assert roc_auc(scores, _tracr_truth(task.graph, "tracr-dyck")) >= 0.95
+
+
+@pytest.mark.cuda
+def test_circuits_on_cuda_equal_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    clean, corrupt = families.token_ids(6, 7, seed=1), families.token_ids(6, 7, seed=2)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = mechinterp.load(families.build(families.FAMILIES[1]).double(), device=device)
+        task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
+        kept = _random_kept(task.graph, 3, seed=5)
+        results[device] = (task.evaluate(kept), attribute_edges(task, method="eap-ig").scores,
+                           acdc(task, threshold=1e-3).kept)
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-7, atol=1e-9)
+    # Speculative batches on the GPU, one trial per forward on the CPU: the same circuit.
+    assert torch.equal(results["cuda"][2], results["cpu"][2])
