@@ -628,7 +628,9 @@ def test_circuits_on_cuda_equal_cpu():
     clean, corrupt = families.token_ids(6, 7, seed=1), families.token_ids(6, 7, seed=2)
     results = {}
     for device in ("cpu", "cuda"):
-        model = mechinterp.load(families.build(families.FAMILIES[1]).double(), device=device)
+        # GPT-2: Llama's rotary tables are float32 even in a float64 model, and CPU and CUDA
+        # round them differently.
+        model = mechinterp.load(families.build(families.FAMILIES[0]).double(), device=device)
         task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
         kept = _random_kept(task.graph, 3, seed=5)
         results[device] = (task.evaluate(kept), attribute_edges(task, method="eap-ig").scores,
