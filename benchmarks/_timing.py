@@ -47,17 +47,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(device: torch.device, fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+def times(device: torch.device, fn, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()``, after one warm-up call."""
     fn()
-    times = []
+    out = []
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median_time(device: torch.device, fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    return statistics.median(times(device, fn, repeats))
+
+
+def peak_extra_gib(device: torch.device, fn) -> float:
+    """GiB allocated by ``fn()`` at its peak above what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak / float(1 << 30)
 
 
 def plain_forward_floor(hf, ids: torch.Tensor, rows: int, device: torch.device, *,

@@ -58,14 +58,14 @@ import math
 import os
 import statistics
 import sys
-import time
 import types
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # auto-circuit draws progress bars unconditionally
 
 import torch
 import transformers
-from _timing import device_name, sync, write_json
+from _timing import device_name, times, write_json
+from _timing import peak_extra_gib as peak_gib
 
 import mechinterp
 from mechinterp.circuits import CircuitTask, acdc, attribute_edges
@@ -240,30 +240,8 @@ def ac_all_patched(ac, patchable, clean, corrupt) -> torch.Tensor:
 
 def timed(device: torch.device, fn, repeats: int) -> dict:
     """Best and median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"best_s": min(times), "median_s": statistics.median(times)}
-
-
-def peak_gib(device: torch.device, fn) -> float:
-    """GiB allocated by ``fn()`` at its peak above what was allocated before (CUDA only)."""
-    if device.type != "cuda":
-        return float("nan")
-    sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del result
-    return peak / GiB
+    seconds = times(device, fn, repeats)
+    return {"best_s": min(seconds), "median_s": statistics.median(seconds)}
 
 
 def count_calls(module: torch.nn.Module, fn) -> tuple[object, int]:

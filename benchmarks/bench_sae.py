@@ -31,7 +31,8 @@ import types
 
 import torch
 
-from benchmarks._timing import device_name, median_time, sync, write_json
+from benchmarks._timing import device_name, median_time, write_json
+from benchmarks._timing import peak_extra_gib as peak_extra
 from mechinterp.sae import SAE, decode_sparse, encode_sparse, save_sae
 
 GiB = float(1 << 30)
@@ -54,21 +55,6 @@ def random_sae(d_in: int, d_sae: int, k: int, arch: str, device, dtype, seed: in
         level = torch.quantile(h.flatten()[: 1 << 24].float(), 1 - k / d_sae)
         fields["threshold"] = torch.full((d_sae,), float(level))
     return SAE(**fields).to(device=device, dtype=dtype)
-
-
-def peak_extra(device, fn) -> float:
-    """GiB allocated by ``fn()`` at its peak above what was allocated before."""
-    if device.type != "cuda":
-        return float("nan")
-    sync(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del result
-    return peak / GiB
 
 
 def dense_encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ _DEFAULT_AXES = {"head": "layer,head", "q": "layer,head", "k": "layer,head", "v"
                  "pattern": "layer,head", "neuron": "layer,neuron", "embed": "pos"}
 
 
-def _patch_parser(parser: argparse.ArgumentParser) -> None:
+def prompt_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and the ``--clean/--corrupt/--answer/--wrong`` prompt pairs."""
     parser.add_argument("--model", default="induction-2l",
                         help="shipped model name or a local model directory (default: induction-2l)")
     parser.add_argument("--clean", action="append",
@@ -67,6 +68,30 @@ def _patch_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corrupt", action="append", help="corrupted prompt, one per --clean")
     parser.add_argument("--answer", action="append", help="right answer token (string or id)")
     parser.add_argument("--wrong", action="append", help="wrong answer token (string or id)")
+
+
+def prompt_pairs(args: argparse.Namespace):
+    """``(clean, corrupt, LogitDiff)`` from explicit ``--clean`` prompts, checked; None when no
+    prompts were given (the command then builds its own default pairs)."""
+    from mechinterp.errors import InputError
+    from mechinterp.patching import LogitDiff
+
+    if args.clean is None:
+        if args.corrupt or args.answer or args.wrong:
+            msg = "--corrupt, --answer and --wrong need --clean prompts"
+            raise InputError(msg)
+        return None
+    for name in ("corrupt", "answer", "wrong"):
+        given = getattr(args, name) or []
+        if len(given) not in ((1, len(args.clean)) if name != "corrupt" else (len(args.clean),)):
+            msg = f"--{name} must be given once per --clean prompt ({len(args.clean)}); got {len(given)}"
+            raise InputError(msg)
+    metric = LogitDiff([_token(t) for t in args.answer], [_token(t) for t in args.wrong])
+    return args.clean, args.corrupt, metric
+
+
+def _patch_parser(parser: argparse.ArgumentParser) -> None:
+    prompt_pair_arguments(parser)
     parser.add_argument("--sites", default="resid_pre",
                         help="COMPONENT[:AXES], AXES from layer,pos,head,neuron (default: "
                              "resid_pre:layer,pos; head:layer,head)")
@@ -108,26 +133,17 @@ def _token(text: str) -> int | str:
 def _patch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mechinterp.errors import InputError
     from mechinterp.heads import induction_pairs
     from mechinterp.loading import load
     from mechinterp.patching import LogitDiff, activation_patch
 
     model = load(args.model, device=args.device)
-    if args.clean is None:
-        if args.corrupt or args.answer or args.wrong:
-            msg = "--corrupt, --answer and --wrong need --clean prompts"
-            raise InputError(msg)
+    pairs = prompt_pairs(args)
+    if pairs is None:
         data = induction_pairs(model, pairs=args.pairs, span=12, k=6, seed=0)
         clean, corrupt, metric = data.clean, data.corrupt, LogitDiff(data.answer, data.wrong)
     else:
-        for name in ("corrupt", "answer", "wrong"):
-            given = getattr(args, name) or []
-            if len(given) not in ((1, len(args.clean)) if name != "corrupt" else (len(args.clean),)):
-                msg = f"--{name} must be given once per --clean prompt ({len(args.clean)}); got {len(given)}"
-                raise InputError(msg)
-        clean, corrupt = args.clean, args.corrupt
-        metric = LogitDiff([_token(t) for t in args.answer], [_token(t) for t in args.wrong])
+        clean, corrupt, metric = pairs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = activation_patch(model, clean, corrupt, _selector(args.sites), metric,

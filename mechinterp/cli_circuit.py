@@ -15,14 +15,9 @@ METHODS = ("eap-ig", "eap", "eap-ig-activations", "exact", "acdc")
 
 
 def circuit_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="induction-2l",
-                        help="shipped model name or a local model directory (default: induction-2l)")
-    parser.add_argument("--clean", action="append",
-                        help="clean prompt (repeat for several pairs); default: induction pairs "
-                             "for the shipped induction model")
-    parser.add_argument("--corrupt", action="append", help="corrupted prompt, one per --clean")
-    parser.add_argument("--answer", action="append", help="right answer token (string or id)")
-    parser.add_argument("--wrong", action="append", help="wrong answer token (string or id)")
+    from mechinterp.cli import prompt_pair_arguments
+
+    prompt_pair_arguments(parser)
     parser.add_argument("--pairs", type=int, default=32, help="induction pairs when no prompts given")
     parser.add_argument("--method", default="eap-ig", choices=METHODS)
     parser.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (default: 5)")
@@ -44,23 +39,14 @@ def circuit_parser(parser: argparse.ArgumentParser) -> None:
 def _task(args: argparse.Namespace, model):
     from mechinterp.circuits import CircuitTask
     from mechinterp.circuits.induction import induction_task
-    from mechinterp.cli import _token
-    from mechinterp.errors import InputError
-    from mechinterp.patching import LogitDiff
+    from mechinterp.cli import prompt_pairs
 
     options = {"ablation": args.ablation, "batch_size": args.batch_size}
-    if args.clean is None:
-        if args.corrupt or args.answer or args.wrong:
-            msg = "--corrupt, --answer and --wrong need --clean prompts"
-            raise InputError(msg)
+    pairs = prompt_pairs(args)
+    if pairs is None:
         return induction_task(model, pairs=args.pairs, **options)
-    for name in ("corrupt", "answer", "wrong"):
-        given = getattr(args, name) or []
-        if len(given) not in ((1, len(args.clean)) if name != "corrupt" else (len(args.clean),)):
-            msg = f"--{name} must be given once per --clean prompt ({len(args.clean)}); got {len(given)}"
-            raise InputError(msg)
-    metric = LogitDiff([_token(t) for t in args.answer], [_token(t) for t in args.wrong])
-    return CircuitTask(model, args.clean, args.corrupt, metric=metric, **options)
+    clean, corrupt, metric = pairs
+    return CircuitTask(model, clean, corrupt, metric=metric, **options)
 
 
 def circuit(args: argparse.Namespace) -> int:

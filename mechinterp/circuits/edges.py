@@ -121,9 +121,10 @@ class EdgeForward:
                     handles.append(module.register_forward_hook(
                         self._projection(state, layer, parts)))
                 handles.append(self.mlp_norms[layer].register_forward_pre_hook(
-                    self._mlp_input(state, layer)))
+                    self._residual_input(state, self.graph.mlp_destination(layer))))
                 handles.append(self.mlps[layer].register_forward_hook(self._mlp_output(state, layer)))
-            handles.append(self.final_norm.register_forward_pre_hook(self._logits_input(state)))
+            handles.append(self.final_norm.register_forward_pre_hook(
+                self._residual_input(state, self.graph.logits_destination)))
             yield state
         finally:
             for handle in handles:
@@ -258,20 +259,9 @@ class EdgeForward:
 
         return hook
 
-    def _mlp_input(self, state: EdgeState, layer: int):
-        destination = self.graph.mlp_destination(layer)
-
-        def hook(_module: nn.Module, args: tuple):
-            x = args[0]
-            shift = self._shift(state, destination, destination + 1, x)
-            if shift is None:
-                return None
-            return (x + shift[:, 0], *args[1:])
-
-        return hook
-
-    def _logits_input(self, state: EdgeState):
-        destination = self.graph.logits_destination
+    def _residual_input(self, state: EdgeState, destination: int):
+        """A pre-hook shifting the input of the normalisation in front of an MLP or the
+        unembedding (one destination each)."""
 
         def hook(_module: nn.Module, args: tuple):
             x = args[0]
