@@ -61,7 +61,12 @@ def load(
 
 def _locate(spec: str | Path) -> tuple[Path, str]:
     if isinstance(spec, str) and spec in ZOO:
-        return zoo_path(spec), spec
+        path = zoo_path(spec)
+        if not (path / "config.json").is_file():
+            msg = (f"{spec!r} is a diffusers U-Net pipeline, which has no site table yet; load it "
+                   f"with mechinterp.zoo.train_toy_unet.load_toy_unet")
+            raise UnsupportedModelError(msg)
+        return path, spec
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         msg = (

@@ -2,8 +2,9 @@
 
 ``zoo_path(name)`` gives the folder of a model, which :func:`mechinterp.load` loads offline (or
 transformers' ``from_pretrained``: ``AutoModelForCausalLM`` for the language models,
-``AutoModelForImageTextToText`` for the LLaVA toy), or of a sparse autoencoder trained on one of
-them, which :func:`zoo_sae` loads.
+``AutoModelForImageTextToText`` for the LLaVA toy; the diffusion toy ``toy-unet`` is a diffusers
+pipeline folder that ``train_toy_unet.load_toy_unet`` loads), or of a sparse autoencoder trained
+on one of them, which :func:`zoo_sae` loads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ ZOO: dict[str, str] = {
     "tracr-dyck": "tracr-dyck",
     # Case-insensitive induction: a previous-token head, two MLPs, an induction head.
     "tracr-induction": "tracr-induction",
+    # Tiny text-conditioned diffusion U-Net (diffusers UNet2DConditionModel on 16 x 16 RGB
+    # pixels, no VAE) with a layer-free CLIPTextModel over "<bos> colour shape <eos>", trained
+    # on single coloured shapes (the shape's cell of a mechinterp.zoo.shapes render): the colour
+    # word (position 1) steers the colour through the cross-attention (attn2) keys and values
+    # (see train_toy_unet.py and the folder's training_report.json). Not a transformers folder:
+    # load it with mechinterp.zoo.train_toy_unet.load_toy_unet.
+    "toy-unet": "toy-unet",
 }
 
 # SAE name -> folder inside this package (SAELens layout; the config's hook_name is the site).
