@@ -39,6 +39,11 @@ def run_demo(out: str | Path, *, model_name: str = "induction-2l", batch: int = 
     report.add(Section("Build", facts=info), data=info)
 
     model = load(model_name, device=device)
+    if model.family == "llava":
+        from mechinterp.demo_vlm import vlm_sections
+
+        vlm_sections(report, model, seed=seed)
+        return report.write()
     data = repeated_tokens(model, batch=batch, span=span, seed=seed)
     _model_section(report, model, data)
     prev, induction = previous_token_scores(model, data), induction_scores(model, data)

@@ -126,3 +126,14 @@ def test_interactions_command(tmp_path, capsys) -> None:
     assert "Harsanyi interactions of 6 players (tokens), 64 coalitions" in printed
     assert "interactions are salient" in printed
     assert (out / "orders.png").stat().st_size > 0
+
+
+def test_demo_of_the_toy_vlm(tmp_path) -> None:
+    assert main(["demo", "--model", "toy-vlm", "--out", str(tmp_path / "vlm")]) == 0
+    report = json.loads((tmp_path / "vlm" / "report.json").read_text())
+    assert report["Model"]["all"] >= 0.95
+    grid = report["Image-token patching"]["grid"]  # [layer][cell]
+    # The asked-about shape sits in cell 0: only its image tokens restore the answer.
+    assert all(row[0] > 0.8 and max(abs(v) for v in row[1:]) < 0.2 for row in grid)
+    assert report["Circuit"]["faithfulness"] > 0.8
+    assert (tmp_path / "vlm" / "vlm_image_patching.png").stat().st_size > 0
