@@ -255,3 +255,27 @@ def test_toy_vlm_answer_flows_from_the_asked_shapes_image_tokens():
     # other cells (other shapes, or empty) restore nothing.
     assert restored[0] > 0.8
     assert max(abs(v) for v in restored[1:]) < 0.2
+
+
+def test_shapley_values_of_image_cells_single_out_the_asked_shape():
+    from mechinterp.interactions import exact
+    from mechinterp.interactions.model_games import ComponentGame
+    from mechinterp.zoo import shapes
+    from mechinterp.zoo.train_toy_vlm import sample_mechanism_cases, vlm_inputs
+
+    model = mechinterp.load("toy-vlm")
+    cases = sample_mechanism_cases(torch.Generator().manual_seed(3), 4, ask="colour")
+    for i in range(2):
+        clean = vlm_inputs(model.tokenizer, shapes.render_batch([cases.clean[i]]), [cases.questions[i]])
+        corrupt = vlm_inputs(model.tokenizer, shapes.render_batch([cases.corrupted[i]]),
+                             [cases.questions[i]])
+        # Players: the four image cells, each its four image tokens; an absent cell takes the
+        # corrupted scene's tokens.
+        cells = [Site("projector", pos=tuple(shapes.cell_patches(c, patch_size=8)))
+                 for c in range(shapes.N_CELLS)]
+        game = ComponentGame(model, clean, cells, ablation="resample", reference=corrupt,
+                             progress=False)
+        result = exact(game, index="SV")
+        values = torch.tensor([result[(c,)] for c in range(shapes.N_CELLS)])
+        target = cases.target_cells[i]
+        assert values[target] > 0.95 * values.abs().sum()

@@ -598,11 +598,11 @@ class TokenGame(ModelGame):
                 ) -> torch.Tensor:
         rows = coalitions.shape[0]
         present = self._present(coalitions.to(self.model.device))
-        ids = self.tokens.input_ids.expand(rows, -1)
+        tokens = self.tokens.repeat(rows)  # other inputs (an image) ride along
         if self.masking == "attention":
-            return self._forward(Tokens(ids, present.long()), [])
+            return self._forward(Tokens(tokens.input_ids, present.long(), tokens.extras), [])
         edit = _BaselineEdit(present[..., None], self.baseline if baseline is None else baseline)
-        return self._forward(Tokens(ids, torch.ones_like(ids)), [edit])
+        return self._forward(tokens, [edit])
 
     # -- learned baselines ----------------------------------------------------------------
 
@@ -857,7 +857,6 @@ class ComponentGame(ModelGame):
 
     def _logits(self, coalitions: torch.Tensor) -> torch.Tensor:
         rows = coalitions.shape[0]
-        ids = self.tokens.input_ids.expand(rows, -1)
         edits = [BoxPatch(self._groups[g].site, self._groups[g].source, boxes)
                  for g, boxes in self._boxes(coalitions).items()]
-        return self._forward(Tokens(ids, torch.ones_like(ids)), edits)
+        return self._forward(self.tokens.repeat(rows), edits)
