@@ -2,7 +2,8 @@
 (or run ACDC), measure faithfulness, and write the circuit (JSON, DOT, figures).
 
 On the shipped ``induction-2l`` model it uses induction prompt pairs by default and reports the
-ROC-AUC of the scores against the induction circuit known from training.
+ROC-AUC of the scores against the induction circuit known from training; on ``toy-vlm``, colour
+questions whose corrupted scene recolours the asked-about shape.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def circuit_parser(parser: argparse.ArgumentParser) -> None:
     from mechinterp.cli import prompt_pair_arguments
 
     prompt_pair_arguments(parser)
-    parser.add_argument("--pairs", type=int, default=32, help="induction pairs when no prompts given")
+    parser.add_argument("--pairs", type=int, default=32,
+                        help="default prompt pairs when none are given: induction pairs, or for "
+                             "toy-vlm colour questions with the asked shape recoloured")
     parser.add_argument("--method", default="eap-ig", choices=METHODS)
     parser.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (default: 5)")
     parser.add_argument("--threshold", type=float, default=0.05,
@@ -43,6 +46,11 @@ def _task(args: argparse.Namespace, model):
 
     options = {"ablation": args.ablation, "batch_size": args.batch_size}
     pairs = prompt_pairs(args)
+    if pairs is None and model.family == "llava":
+        from mechinterp.demo_vlm import recolour_pairs
+
+        clean, corrupt, metric = recolour_pairs(model, pairs=args.pairs)
+        return CircuitTask(model, clean, corrupt, metric=metric, **options)
     if pairs is None:
         return induction_task(model, pairs=args.pairs, **options)
     clean, corrupt, metric = pairs

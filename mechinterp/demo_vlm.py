@@ -18,13 +18,9 @@ from mechinterp.sites import Site
 
 def vlm_sections(report: Report, model, *, seed: int = 1234, cases: int = 64) -> None:
     """Add the toy VLM's sections to ``report``."""
-    from mechinterp.zoo import shapes
     from mechinterp.zoo.train_toy_vlm import (
         accuracy,
-        answer_ids,
-        sample_mechanism_cases,
         sample_qa,
-        vlm_inputs,
     )
 
     batch = sample_qa(torch.Generator().manual_seed(seed), 256)
@@ -36,26 +32,31 @@ def vlm_sections(report: Report, model, *, seed: int = 1234, cases: int = 64) ->
                                           f"{scores['colour_questions']:.3f}, shape questions "
                                           f"{scores['shape_questions']:.3f})"}), data=scores)
 
-    found = sample_mechanism_cases(torch.Generator().manual_seed(seed + 1), 4 * cases, ask="colour")
-    rows = [i for i, cell in enumerate(found.target_cells) if cell == 0][:cases]
+    clean, corrupt, metric = recolour_pairs(model, seed=seed + 1, pairs=cases)
+    _patching_section(report, model, clean, corrupt, metric)
+    _circuit_section(report, model, clean, corrupt, metric)
+
+
+def recolour_pairs(model, *, seed: int = 0, pairs: int = 64):
+    """``(clean, corrupt, LogitDiff)``: colour questions about the shape in image cell 0, the
+    corrupted scene recolouring that shape, scored by the clean answer against the new colour."""
+    from mechinterp.patching import LogitDiff
+    from mechinterp.zoo import shapes
+    from mechinterp.zoo.train_toy_vlm import answer_ids, sample_mechanism_cases, vlm_inputs
+
+    found = sample_mechanism_cases(torch.Generator().manual_seed(seed), 4 * pairs, ask="colour")
+    rows = [i for i, cell in enumerate(found.target_cells) if cell == 0][:pairs]
 
     def inputs(scenes):
         return vlm_inputs(model.tokenizer, shapes.render_batch([scenes[i] for i in rows]),
                           [found.questions[i] for i in rows])
 
-    clean, corrupt = inputs(found.clean), inputs(found.corrupted)
-    _patching_section(report, model, clean, corrupt, rows, found, answer_ids)
-    _circuit_section(report, model, clean, corrupt, rows, found, answer_ids)
+    metric = LogitDiff(answer_ids(model.tokenizer, [found.clean_answers[i] for i in rows]),
+                       answer_ids(model.tokenizer, [found.corrupt_answers[i] for i in rows]))
+    return inputs(found.clean), inputs(found.corrupted), metric
 
 
-def _metric(model, found, rows, answer_ids):
-    from mechinterp.patching import LogitDiff
-
-    return LogitDiff(answer_ids(model.tokenizer, [found.clean_answers[i] for i in rows]),
-                     answer_ids(model.tokenizer, [found.corrupt_answers[i] for i in rows]))
-
-
-def _patching_section(report, model, clean, corrupt, rows, found, answer_ids) -> None:
+def _patching_section(report, model, clean, corrupt, metric) -> None:
     import matplotlib.pyplot as plt
 
     from mechinterp.patching import activation_patch
@@ -67,8 +68,7 @@ def _patching_section(report, model, clean, corrupt, rows, found, answer_ids) ->
                   pos=tuple(image[p] for p in shapes.cell_patches(cell, patch_size=8)))
              for layer in range(layers) for cell in range(shapes.N_CELLS)]
     start = time.perf_counter()
-    result = activation_patch(model, clean, corrupt, sites, _metric(model, found, rows, answer_ids),
-                              progress=False)
+    result = activation_patch(model, clean, corrupt, sites, metric, progress=False)
     seconds = time.perf_counter() - start
     grid = torch.tensor([r["normalized"] for r in result.to_records()]).view(layers, shapes.N_CELLS)
     figure, ax = plt.subplots(figsize=(5, 2.2))
@@ -80,11 +80,11 @@ def _patching_section(report, model, clean, corrupt, rows, found, answer_ids) ->
     figure.colorbar(shown, ax=ax)
     name = report.save_figure(figure, "vlm_image_patching.png")
     facts = {
-        "prompt pairs": f"{len(rows)} colour questions about the shape in cell 0; the corrupted "
+        "prompt pairs": f"{clean['input_ids'].shape[0]} colour questions about the shape in cell 0; the corrupted "
                         f"scene recolours that shape",
         "restoring cell 0's image tokens, per layer": ", ".join(f"{v:.3f}" for v in grid[:, 0].tolist()),
         "largest effect of any other cell": f"{float(grid[:, 1:].abs().max()):.3f}",
-        "cells / time": f"{len(sites)} cells x {len(rows)} pairs in {seconds:.2f} s",
+        "cells / time": f"{len(sites)} cells x {clean['input_ids'].shape[0]} pairs in {seconds:.2f} s",
     }
     report.add(Section("Image-token patching",
                        "Each cell restores the four image tokens of one image cell at one layer "
@@ -92,11 +92,10 @@ def _patching_section(report, model, clean, corrupt, rows, found, answer_ids) ->
                        facts, [name]), data={"grid": grid.tolist()})
 
 
-def _circuit_section(report, model, clean, corrupt, rows, found, answer_ids) -> None:
+def _circuit_section(report, model, clean, corrupt, metric) -> None:
     from mechinterp.circuits import CircuitTask, attribute_edges, faithfulness
 
-    task = CircuitTask(model, clean, corrupt, metric=_metric(model, found, rows, answer_ids),
-                       progress=False)
+    task = CircuitTask(model, clean, corrupt, metric=metric, progress=False)
     scores = attribute_edges(task, method="eap-ig")
     curve = faithfulness(task, scores, bootstrap=100)
     circuit = scores.top(6)

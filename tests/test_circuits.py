@@ -507,6 +507,8 @@ def test_circuit_command(tmp_path, capsys):
     assert saved.n_edges == summary["circuit_edges"]
     for name in ("scores.json", "circuit.dot", "circuit.png", "faithfulness.png"):
         assert (out / name).stat().st_size > 0
+    assert main(["circuit", "--model", "toy-vlm", "--pairs", "8", "--out", str(out / "vlm")]) == 0
+    assert json.loads((out / "vlm" / "summary.json").read_text())["circuit_faithfulness"] >= 0.8
     assert main(["circuit", "--edges", "100000", "--pairs", "4", "--out", str(out)]) == 2
     assert "--edges must lie in" in capsys.readouterr().err
 
