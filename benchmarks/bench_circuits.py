@@ -64,6 +64,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # auto-circuit draws progress bars u
 
 import torch
 import transformers
+from _peers import transformer_lens_gpt2
 from _timing import device_name, times, write_json
 from _timing import peak_extra_gib as peak_gib
 
@@ -150,26 +151,24 @@ def _stub(name: str) -> None:
 def hooked_gpt2(hf, device: torch.device):
     """A TransformerLens HookedTransformer with ``hf``'s weights, set up as auto-circuit's
     ``load_tl_model`` sets it up (head results, split q/k/v inputs, MLP inputs; frozen)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    tl = transformer_lens_gpt2(hf, device, next(hf.parameters()).dtype, use_attn_result=True,
+                               use_split_qkv_input=True, use_hook_mlp_in=True)
+    return tl.requires_grad_(False)
 
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=c.n_positions, d_vocab=c.vocab_size,
-        act_fn=c.activation_function, eps=c.layer_norm_epsilon, normalization_type="LN",
-        positional_embedding_type="standard", use_attn_scale=c.scale_attn_weights,
-        scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-        original_architecture="GPT2LMHeadModel", default_prepend_bos=False, device=str(device),
-        dtype=next(hf.parameters()).dtype, use_attn_result=True, use_split_qkv_input=True,
-        use_hook_mlp_in=True,
-    )
-    tl = HookedTransformer(cfg)
-    # The same weights, unprocessed, so that logits (not only log-probs) agree.
-    tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False,
-                                   center_writing_weights=False, center_unembed=False,
-                                   fold_value_biases=False)
-    return tl.eval().requires_grad_(False)
+
+def peer_graph(ac, hf, clean: torch.Tensor, graph, device: torch.device, row: dict):
+    """auto-circuit's patchable model of ``hf`` and its edge map onto ``graph``, after checking
+    that TransformerLens computes ``hf``'s logits (recorded in ``row``)."""
+    tl = hooked_gpt2(hf, device)
+    with torch.no_grad():
+        reference = hf(clean).logits
+        row["tl_vs_hf_logits_max_abs"] = float((tl(clean) - reference).abs().max())
+    assert row["tl_vs_hf_logits_max_abs"] <= 1e-4 * max(1.0, float(reference.abs().max())), row
+    patchable = ac.patchable_model(tl, factorized=True, slice_output="last_seq",
+                                   separate_qkv=True, device=device)
+    edge_map = EdgeMap(patchable, graph)
+    row.update(edge_map.counts)
+    return tl, patchable, edge_map
 
 
 def node_name(name: str) -> str:
@@ -354,15 +353,7 @@ def bench_eap_ig(args, device: torch.device, ac) -> dict:
     if isinstance(ac, str):
         row["auto_circuit"] = f"unavailable: {ac}"
     else:
-        tl = hooked_gpt2(hf, device)
-        with torch.no_grad():
-            reference = hf(clean).logits
-            row["tl_vs_hf_logits_max_abs"] = float((tl(clean) - reference).abs().max())
-        assert row["tl_vs_hf_logits_max_abs"] <= 1e-4 * max(1.0, float(reference.abs().max())), row
-        patchable = ac.patchable_model(tl, factorized=True, slice_output="last_seq",
-                                       separate_qkv=True, device=device)
-        edge_map = EdgeMap(patchable, graph)
-        row.update(edge_map.counts)
+        tl, patchable, edge_map = peer_graph(ac, hf, clean, graph, device, row)
         with torch.no_grad():
             patched = ac_all_patched(ac, patchable, clean, corrupt)
             row["ac_all_patched_vs_corrupt_max_abs"] = float((patched - tl(corrupt)).abs().max())
@@ -471,15 +462,7 @@ def bench_acdc(args, device: torch.device, ac) -> dict:
     if isinstance(ac, str):
         row["auto_circuit"] = f"unavailable: {ac}"
     else:
-        tl = hooked_gpt2(hf, device)
-        with torch.no_grad():
-            reference = hf(clean).logits
-            row["tl_vs_hf_logits_max_abs"] = float((tl(clean) - reference).abs().max())
-        assert row["tl_vs_hf_logits_max_abs"] <= 1e-4 * max(1.0, float(reference.abs().max())), row
-        patchable = ac.patchable_model(tl, factorized=True, slice_output="last_seq",
-                                       separate_qkv=True, device=device)
-        edge_map = EdgeMap(patchable, graph)
-        row.update(edge_map.counts)
+        tl, patchable, edge_map = peer_graph(ac, hf, clean, graph, device, row)
         if not args.ac_native_order:
             # The same visiting order as mechinterp's: auto-circuit sorts its edge set by the
             # destination's layer with a stable sort, so a list in mechinterp's order stays so.

@@ -31,6 +31,7 @@ import time
 
 import torch
 import transformers
+from _peers import transformer_lens_gpt2
 from _timing import device_name, gpt2_config, plain_forward_floor, write_json
 from _timing import median_time as _median_time
 from _timing import sync as _sync
@@ -45,26 +46,9 @@ ANSWER, WRONG = 1000, 2000
 def _transformer_lens(hf, device, dtype):
     """A HookedTransformer with ``hf``'s weights, or None when TransformerLens is missing."""
     try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+        return transformer_lens_gpt2(hf, device, dtype)
     except ImportError:
         return None
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd, n_ctx=c.n_positions, d_vocab=c.vocab_size,
-        act_fn=c.activation_function, eps=c.layer_norm_epsilon, normalization_type="LN",
-        positional_embedding_type="standard", use_attn_scale=c.scale_attn_weights,
-        scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
-        original_architecture="GPT2LMHeadModel", default_prepend_bos=False, device=str(device),
-        dtype=dtype,
-    )
-    tl = HookedTransformer(cfg)
-    # The same weights, unprocessed, so that logits (not only log-probs) agree.
-    tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False,
-                                   center_writing_weights=False, center_unembed=False,
-                                   fold_value_biases=False)
-    return tl.eval()
 
 
 def measure(device: str, dtypes: list[str], tl_head_layers: int, repeats: int,

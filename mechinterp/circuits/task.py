@@ -172,9 +172,8 @@ class CircuitTask:
                 grad: bool = False) -> torch.Tensor:
         scored = self._scored(logits, rows, repeat)
         pairs = self._pairs(rows, repeat).to(scored.device)
-        if grad:
-            return self.metric.differentiable(scored, pairs, self.clean_logits)
-        return self.metric.differentiable(scored, pairs, self.clean_logits).detach()
+        values = self.metric.differentiable(scored, pairs, self.clean_logits)
+        return values if grad else values.detach()
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -230,8 +229,9 @@ class CircuitTask:
             group = stop - start
             n = rows.stop - rows.start
             weight = patch[start:stop].repeat_interleave(n, dim=0).to(device)
-            patched = self.patched if self.patched.shape[0] == 1 else \
-                self.patched[rows].repeat(group, 1, 1, 1)
+            patched = self._patched_rows(rows)
+            if patched.shape[0] > 1:
+                patched = patched.repeat(group, 1, 1, 1)
             state = EdgeState(weights=weight, patched=patched)
             logits = self._forward(self.clean, rows, state, repeat=group)
             values = self._metric(logits, rows, repeat=group).double().cpu()
@@ -242,7 +242,7 @@ class CircuitTask:
 
     def delta(self, rows: slice) -> torch.Tensor:
         """``[rows, source, pos, d_model]`` patched minus clean source outputs, zero on padding."""
-        patched = self.patched if self.patched.shape[0] == 1 else self.patched[rows]
+        patched = self._patched_rows(rows)
         mask = self.clean.attention_mask[rows].to(self.clean_sources.dtype)[:, None, :, None]
         return (patched - self.clean_sources[rows]) * mask
 
@@ -262,6 +262,7 @@ class CircuitTask:
         return torch.cat(grads, dim=1)
 
     def _patched_rows(self, rows: slice) -> torch.Tensor:
+        """The patched source outputs of ``rows`` (one broadcast row for zero and mean)."""
         return self.patched if self.patched.shape[0] == 1 else self.patched[rows]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from mechinterp.models.clip_tower import clip_vision_places, vision_dims
-from mechinterp.models.table import Dims, SiteTable, config_int
+from mechinterp.models.table import Dims, SiteTable, Tap, config_int
 
 MODEL_TYPES = ("clip",)
 
@@ -26,7 +26,8 @@ def site_table(model: nn.Module) -> SiteTable:
                 n_kv_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
                 d_mlp=config_int(text, "intermediate_size"), d_vocab=config_int(text, "vocab_size"))
     places = clip_vision_places("{base}text_model", dims, tower=None)
-    places["embed"] = places["embed"].__class__("{base}text_model.embeddings.token_embedding")
+    # The token embedding alone (the embeddings module adds the position embedding).
+    places["embed"] = Tap("{base}text_model.embeddings.token_embedding")
     vision = vision_dims(config.vision_config)
     places.update(clip_vision_places("{base}vision_model", vision))
     unsupported = {"logits": "CLIP has no language-model head (it scores image-text pairs)"}

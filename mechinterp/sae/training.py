@@ -22,6 +22,7 @@ On the CPU a run is deterministic given ``seed``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -449,7 +450,7 @@ def _batches(activations: object, batch_size: int, seed: int) -> _Source:
         msg = "activations must yield at least one batch; got an empty iterable"
         raise InputError(msg)
     sample = torch.cat(head).cpu()[:_SAMPLE_ROWS]
-    stream = _rebatched(_chain(head, chunks), batch_size)
+    stream = _rebatched(itertools.chain(head, chunks), batch_size)
     return _Source(sample, stream, sample)
 
 
@@ -459,11 +460,6 @@ def _checked_chunks(chunks: Iterator[object]) -> Iterator[torch.Tensor]:
         checked = _check_rows(chunk, f"activations batch {number}", d_in)
         d_in = checked.shape[1]
         yield checked
-
-
-def _chain(head: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    yield from head
-    yield from rest
 
 
 def _rebatched(chunks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
