@@ -24,6 +24,11 @@ Sections (``--sections``, default all):
 - ``llama``: memory of mechinterp EAP-IG on a 1B-parameter-shaped Llama (hidden 2048, 16 layers,
   32 heads, 8 key/value heads, intermediate 8192, vocab 32000, random bf16), 16 prompt pairs of
   32 tokens, CUDA only (with ``--small``, a tiny Llama on any device, to test the code path).
+- ``bert``: mechinterp EAP-IG on a post-LayerNorm encoder, the BERT-base architecture (12
+  layers, 12 heads, d_model 768, intermediate 3072, vocab 30522, ``BertForMaskedLM``, seeded
+  random weights, fp32), with the ``eap-ig`` section's IOI-style pairs (100 x 15 tokens) scored
+  at the last position. No peer attributes edges of post-LayerNorm models, so this reports time
+  and peak memory (and the cost against the same run on GPT-2 small when both sections run).
 
 Correctness before timing, in every section: TransformerLens's logits equal transformers' on the
 same weights; mechinterp's full graph is the clean run and its empty graph the corrupted run;
@@ -74,7 +79,7 @@ from mechinterp.heads import induction_pairs
 from mechinterp.patching import KL, LogitDiff
 
 GiB = float(1 << 30)
-SECTIONS = ("eap-ig", "acdc", "llama")
+SECTIONS = ("eap-ig", "acdc", "llama", "bert")
 
 
 # -- auto-circuit ------------------------------------------------------------------------------
@@ -550,6 +555,49 @@ def bench_llama(args, device: torch.device) -> dict:
     return row
 
 
+def bench_bert(args, device: torch.device) -> dict:
+    if args.small:
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=1000)
+        pairs = 8
+    else:
+        config = transformers.BertConfig()  # BERT-base
+        pairs = args.pairs
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.BertForMaskedLM(config)
+    hf = hf.eval().requires_grad_(False)
+    model = mechinterp.load(hf)
+    clean, corrupt, answer, wrong = (t.to(device) for t in ioi_pairs(pairs, 15, config.vocab_size))
+    row = {"model": (f"bert {config.num_hidden_layers}L d{config.hidden_size} "
+                     f"h{config.num_attention_heads} ff{config.intermediate_size} "
+                     f"v{config.vocab_size}"),
+           "params": sum(p.numel() for p in hf.parameters()), "dtype": "float32",
+           "pairs": pairs, "seq": 15, "steps": args.steps}
+
+    def make_task():
+        return CircuitTask(model, clean, corrupt, metric=LogitDiff(answer, wrong),
+                           batch_size=args.batch_size or None, progress=False)
+
+    task = make_task()
+    row["n_edges"] = task.graph.n_edges
+    row["batch_size"] = task.batch_size
+    # The empty graph rebuilds every reader's input from the corrupted run's contributions
+    # through twelve pairs of LayerNorms.
+    row.update(_check_task(task, hf, clean, corrupt, answer, wrong, tol=1e-5, empty_tol=1e-3))
+    del task
+
+    def fn():
+        return attribute_edges(make_task(), method="eap-ig", steps=args.steps)
+
+    row.update({f"ours_{k}": v for k, v in timed(device, fn, args.repeats).items()})
+    row["ours_peak_gib"] = peak_gib(device, fn)
+    scores = fn().scores
+    row["scores_finite"] = bool(torch.isfinite(scores).all())
+    assert row["scores_finite"], row
+    return row
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -621,6 +669,18 @@ def table(out: dict) -> str:
         lines.append(f"  eap-ig best {c['ours_best_s']:.3f} s, median {c['ours_median_s']:.3f} s, "
                      f"peak {_fmt(c['ours_peak_gib'], '.2f')} GiB above the weights; "
                      f"full graph - clean {_fmt(c['full_graph_vs_clean_max_abs'])}")
+    d = out.get("bert")
+    if d:
+        lines.append(f"\n[bert] {d['model']} ({d['params'] / 1e6:.0f}M params, {d['dtype']}), "
+                     f"{d['pairs']} pairs x {d['seq']} tokens, {d['n_edges']} edges, batch "
+                     f"{d['batch_size']}, steps {d['steps']}")
+        lines.append(f"  eap-ig best {d['ours_best_s']:.3f} s, median {d['ours_median_s']:.3f} s, "
+                     f"peak {_fmt(d['ours_peak_gib'], '.2f')} GiB; full graph - clean "
+                     f"{_fmt(d['full_graph_vs_clean_max_abs'])}, empty - corrupt "
+                     f"{_fmt(d['empty_graph_vs_corrupt_max_abs'])}")
+        if a and "ours_median_s" in a:
+            lines.append(f"  bert median / gpt-2 small median = "
+                         f"{d['ours_median_s'] / a['ours_median_s']:.2f}")
     return "\n".join(lines)
 
 
@@ -661,7 +721,8 @@ def main() -> None:
     print(described, flush=True)
     runs = {"eap-ig": ("eap_ig", functools.partial(bench_eap_ig, args, device, ac)),
             "acdc": ("acdc", functools.partial(bench_acdc, args, device, ac)),
-            "llama": ("llama", functools.partial(bench_llama, args, device))}
+            "llama": ("llama", functools.partial(bench_llama, args, device)),
+            "bert": ("bert", functools.partial(bench_bert, args, device))}
     for section in SECTIONS:
         if section in sections:
             key, run = runs[section]

@@ -29,7 +29,7 @@ from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedMode
 from mechinterp.patching import KL, LogitDiff
 from tests import families
 
-PRE_NORM = [f for f in families.FAMILIES if f.name not in ("bert", "roberta")]
+POST_NORM = [f for f in families.FAMILIES if f.name in ("bert", "roberta")]
 
 
 def _model(family: families.Family, dtype=torch.float64):
@@ -134,7 +134,61 @@ def _llama_forward(model, ids, weights, patched):
     return model.lm_head(inner.norm(final)), torch.stack(sources, dim=1)
 
 
-HAND_WRITTEN = {"gpt2": _gpt2_forward, "llama": _llama_forward}
+def _bert_forward(model, ids, weights, patched):
+    """BERT with per-destination residual inputs. Every read sums the sources' contributions:
+    their outputs carried through the LayerNorms since, each linearised at this run's scale
+    (the LayerNorm and attention-output biases count as the embeddings'). ``patched`` holds
+    another run's contributions at each read point. Returns logits and this run's."""
+    bert, config = model.bert, model.config
+    n_heads, d_model = config.num_attention_heads, config.hidden_size
+    d_head = d_model // n_heads
+    emb = bert.embeddings
+    positions = torch.arange(ids.shape[1])
+    x0 = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(positions)
+                       + emb.token_type_embeddings(torch.zeros_like(ids)))
+    parts, reads, destination = [x0], [], 0
+
+    def read(destination):
+        point = len(reads) - 1
+        total = torch.zeros_like(x0)
+        for s, current in enumerate(parts):
+            total = total + (patched[point][:, s] if float(weights[s, destination]) else current)
+        return total
+
+    def renormalise(norm):
+        x = sum(parts)
+        sigma = (x.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        for s, part in enumerate(parts):
+            parts[s] = norm.weight * (part - part.mean(-1, keepdim=True)) / sigma
+        parts[0] = parts[0] + norm.bias
+        # The contributions add up to the model's own LayerNorm output.
+        torch.testing.assert_close(sum(parts), norm(x), rtol=1e-10, atol=1e-10)
+        reads.append(torch.stack(parts, dim=1))
+
+    reads.append(torch.stack(parts, dim=1))
+    for layer in bert.encoder.layer:
+        attn = layer.attention.self
+        inputs = {}
+        for part, projection in (("q", attn.query), ("k", attn.key), ("v", attn.value)):
+            for h in range(n_heads):
+                rows = slice(h * d_head, (h + 1) * d_head)
+                inputs[part, h] = read(destination) @ projection.weight[rows].T + projection.bias[rows]
+                destination += 1
+        dense = layer.attention.output.dense
+        for h in range(n_heads):
+            scores = inputs["q", h] @ inputs["k", h].transpose(-1, -2) * d_head ** -0.5
+            z = scores.softmax(-1) @ inputs["v", h]
+            parts.append(z @ dense.weight[:, h * d_head:(h + 1) * d_head].T)
+        parts[0] = parts[0] + dense.bias
+        renormalise(layer.attention.output.LayerNorm)
+        mlp_in = read(destination)
+        destination += 1
+        parts.append(layer.output.dense(layer.intermediate(mlp_in)))
+        renormalise(layer.output.LayerNorm)
+    return model.cls(read(destination)), reads
+
+
+HAND_WRITTEN = {"gpt2": _gpt2_forward, "llama": _llama_forward, "bert": _bert_forward}
 
 
 def _random_kept(graph: CircuitGraph, n: int, seed: int) -> torch.Tensor:
@@ -145,7 +199,7 @@ def _random_kept(graph: CircuitGraph, n: int, seed: int) -> torch.Tensor:
 # -- the edge-patching forward -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", PRE_NORM, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", families.FAMILIES, ids=lambda f: f.name)
 def test_full_graph_is_the_clean_run_bit_for_bit(family):
     model = _model(family, torch.float32)
     clean, corrupt = families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
@@ -156,7 +210,7 @@ def test_full_graph_is_the_clean_run_bit_for_bit(family):
     assert torch.equal(task.evaluate(task.graph.valid)[0], metric(logits, None))
 
 
-@pytest.mark.parametrize("family", PRE_NORM, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", families.FAMILIES, ids=lambda f: f.name)
 def test_empty_graph_is_the_corrupted_run(family):
     model = _model(family)
     clean, corrupt = families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
@@ -168,7 +222,7 @@ def test_empty_graph_is_the_corrupted_run(family):
     torch.testing.assert_close(empty, metric(logits, None), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 @pytest.mark.parametrize("ablation", ["corrupt", "zero", "mean"])
 def test_random_edge_sets_equal_the_hand_written_forward(name, ablation):
     family = next(f for f in families.FAMILIES if f.name == name)
@@ -186,8 +240,13 @@ def test_random_edge_sets_equal_the_hand_written_forward(name, ablation):
         # The hand-written forward with nothing patched is the model itself.
         torch.testing.assert_close(clean_logits, model._module(clean).logits, rtol=1e-10, atol=1e-10)
         _, corrupt_sources = forward(model._module, corrupt, no_patch, None)
-        patched = {"corrupt": corrupt_sources, "zero": torch.zeros_like(clean_sources),
-                   "mean": corrupt_sources.mean(0, keepdim=True).expand_as(clean_sources)}[ablation]
+        if name == "bert":  # contributions at each read point
+            patched = {"corrupt": corrupt_sources,
+                       "zero": [torch.zeros_like(c) for c in clean_sources],
+                       "mean": [c.mean(0, keepdim=True).expand_as(c) for c in corrupt_sources]}[ablation]
+        else:
+            patched = {"corrupt": corrupt_sources, "zero": torch.zeros_like(clean_sources),
+                       "mean": corrupt_sources.mean(0, keepdim=True).expand_as(clean_sources)}[ablation]
         expected = torch.stack([metric(forward(model._module, clean, graph.valid & ~k, patched)[0][:, -1], None)
                                 for k in kept])
     torch.testing.assert_close(task.evaluate(kept), expected, rtol=1e-10, atol=1e-10)
@@ -240,10 +299,60 @@ def test_graph_layout_and_names():
         gpt2.edge_index("embed")
 
 
-def test_post_norm_families_are_refused():
-    bert = mechinterp.load(families.build(next(f for f in families.FAMILIES if f.name == "bert")))
-    with pytest.raises(UnsupportedModelError, match="pre-normalisation"):
-        CircuitGraph.of(bert)
+def test_an_encoder_without_its_head_is_refused():
+    config = families.build(POST_NORM[0]).config
+    with pytest.warns(UserWarning):
+        encoder = mechinterp.load(transformers.BertModel(config))
+    with pytest.raises(UnsupportedModelError, match="BertForMaskedLM"):
+        CircuitGraph.of(encoder)
+
+
+@pytest.mark.parametrize("family", POST_NORM, ids=lambda f: f.name)
+def test_post_norm_gradient_scores_are_their_definitions(family):
+    """In post-LayerNorm models too, EAP is the derivative in the edge weight (the difference
+    of contributions at each read point times the gradient there) and one IG step is EAP.
+
+    (The embeddings' IG scores do not add up to the change of the metric here, as they do in
+    pre-normalisation models: an edge carries the embeddings' contribution at the run's
+    LayerNorm scales, while the gradient along the embeddings also moves those scales.)"""
+    model = _model(family)
+    clean, corrupt = families.token_ids(4, 6, seed=1), families.token_ids(4, 6, seed=2)
+    task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
+    graph = task.graph
+    eap = attribute_edges(task, method="eap")
+    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "embed->m1", "m0->a1.h0.v",
+                 "m1->logits", "a1.h0->logits", "embed->logits"]:
+        edge = graph.edge_index(name)
+        eps = 1e-6
+        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
+        weights[0][edge], weights[1][edge] = eps, -eps
+        plus, minus = task.evaluate(weights, weights=True).mean(1)
+        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / (2 * eps)).item(),
+                                                       rel=1e-5, abs=1e-9)
+    torch.testing.assert_close(attribute_edges(task, method="eap-ig", steps=1).scores, eap.scores)
+    # Activations variant at one step: every edge at weight 0, i.e. EAP.
+    torch.testing.assert_close(attribute_edges(task, method="eap-ig-activations", steps=1).scores,
+                               eap.scores)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
+def test_post_norm_ablations_read_their_contributions(ablation):
+    """The empty graph under each ablation: zero contributions make every reader see zero, the
+    mean reads the same for every prompt, resampling runs each prompt as another."""
+    model = _model(POST_NORM[0])
+    clean = families.token_ids(4, 6, seed=1)
+    metric = _projection_metric(families.VOCAB)
+    task = CircuitTask(model, clean, metric=metric, ablation=ablation, progress=False)
+    empty = task.reference.empty
+    if ablation == "zero":
+        with torch.no_grad():
+            zero = torch.zeros(1, 1, model.table.dims.d_model, dtype=torch.float64)
+            expected = metric(model._module.cls(zero)[:, -1], None)
+        torch.testing.assert_close(empty, expected.expand_as(empty), rtol=1e-9, atol=1e-9)
+    elif ablation == "mean":
+        torch.testing.assert_close(empty, empty[:1].expand_as(empty), rtol=1e-10, atol=1e-10)
+    else:
+        assert sorted(empty.tolist()) == pytest.approx(sorted(task.clean_metric.tolist()), abs=1e-10)
 
 
 # -- edge attribution ------------------------------------------------------------------------------
@@ -642,3 +751,53 @@ def test_circuits_on_cuda_equal_cpu():
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-7, atol=1e-9)
     # Speculative batches on the GPU, one trial per forward on the CPU: the same circuit.
     assert torch.equal(results["cuda"][2], results["cpu"][2])
+
+
+# -- CLIP: the text tower's graph, scored against candidate images -------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_task():
+    from tests.test_multimodal import _clip
+
+    model = mechinterp.load(_clip())
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    clean = torch.tensor([[1, 5, 6, 7, 63], [1, 9, 8, 7, 63], [1, 4, 4, 2, 63]])
+    corrupt = torch.tensor([[1, 5, 2, 7, 63], [1, 9, 3, 7, 63], [1, 11, 4, 2, 63]])
+    return CircuitTask(model, clean, corrupt, metric=LogitDiff(0, 2), images=images,
+                       progress=False), images
+
+
+def test_clip_full_and_empty_graphs_are_its_image_text_logits(clip_task):
+    task, images = clip_task
+    clip = task.model._module
+    with torch.no_grad():
+        clean = clip(input_ids=task.clean.input_ids, pixel_values=images).logits_per_text
+        corrupt = clip(input_ids=task.corrupt.input_ids, pixel_values=images).logits_per_text
+    torch.testing.assert_close(task.reference.full, clean[:, 0] - clean[:, 2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(task.reference.empty, corrupt[:, 0] - corrupt[:, 2], rtol=1e-10, atol=1e-10)
+    assert task.graph.n_layers == 2 and task.graph.edge_index("a0.h1->a1.h3.k")
+
+
+def test_clip_eap_is_the_derivative_in_the_edge_weight(clip_task):
+    task, _ = clip_task
+    graph = task.graph
+    eap = attribute_edges(task, method="eap")
+    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "m0->logits", "a1.h0->logits"]:
+        edge = graph.edge_index(name)
+        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
+        weights[0][edge], weights[1][edge] = 1e-6, -1e-6
+        plus, minus = task.evaluate(weights, weights=True).mean(1)
+        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / 2e-6).item(), rel=1e-5, abs=1e-9)
+
+
+def test_clip_needs_candidate_images(clip_task):
+    task, images = clip_task
+    with pytest.raises(InputError, match="images="):
+        CircuitTask(task.model, task.clean, task.corrupt, metric=LogitDiff(0, 1), progress=False)
+    with pytest.raises(ShapeError, match=r"\[n, 3, height, width\]"):
+        CircuitTask(task.model, task.clean, task.corrupt, metric=LogitDiff(0, 1), images=images[0])
+    gpt2 = _model(families.FAMILIES[0])
+    with pytest.raises(InputError, match="CLIP"):
+        CircuitTask(gpt2, families.token_ids(2, 4, seed=1), families.token_ids(2, 4, seed=2),
+                    metric=LogitDiff(3, 4), images=images)

@@ -3,10 +3,11 @@
 Edge patching gives every destination (each head's query, key and value input, each MLP, the
 logits) its own copy of the residual stream. That needs, beyond the site table, the normalisation
 module in front of each reader and whether a block's MLP reads its attention output (sequential)
-or the block input (parallel residual). Only pre-normalisation blocks qualify: there the residual
-stream is the sum of everything written to it, so a destination's input is the sum of its
-sources' outputs. Post-LayerNorm blocks (BERT) renormalise the sum itself and have no such
-decomposition.
+or the block input (parallel residual). In pre-normalisation blocks the residual stream is the
+sum of everything written to it, so a destination's input is the sum of its sources' outputs.
+Post-LayerNorm blocks (BERT, RoBERTa) renormalise the sum itself after every sublayer; their
+anatomy names those LayerNorms, through which :mod:`mechinterp.circuits.postnorm` carries each
+source's contribution.
 """
 
 from __future__ import annotations
@@ -17,25 +18,32 @@ import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models import gpt2, gpt_neox, llama, llava
+from mechinterp.models import bert, clip, gpt2, gpt_neox, llama, llava
 from mechinterp.models.table import Dims, SiteTable, Tap
 
 
 @dataclass(frozen=True)
 class Anatomy:
-    """Module paths (with ``{base}`` and ``{layer}``) of one pre-normalisation family.
+    """Module paths (with ``{base}`` and ``{layer}``) of where one family reads and renormalises
+    its residual stream.
 
     Attributes:
-        attn_norm: normalisation whose output feeds the query, key and value projections.
-        mlp_norm: normalisation whose output feeds the MLP.
-        final_norm: normalisation in front of the unembedding.
+        attn_norm: normalisation whose output feeds the query, key and value projections
+            (``None``: they read the residual stream itself, as in post-LayerNorm blocks).
+        mlp_norm: the module whose input is the MLP's read of the residual stream (its
+            normalisation; in post-LayerNorm blocks the MLP's first module).
+        final_norm: the module whose input is the unembedding's read (its normalisation; in
+            post-LayerNorm models the language-model head).
         parallel: the MLP reads the block input, not the block input plus the attention output.
+        post_norms: post-LayerNorm blocks only: the LayerNorm after the attention sublayer and
+            the one after the MLP sublayer.
     """
 
-    attn_norm: str
+    attn_norm: str | None
     mlp_norm: str
     final_norm: str
     parallel: bool
+    post_norms: tuple[str, str] | None = None
 
 
 def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
@@ -60,10 +68,24 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
                        "{base}layers.{layer}.post_attention_layernorm",
                        "{base}final_layer_norm",
                        parallel=bool(getattr(model.config, "use_parallel_residual", True)))
+    if model_type in clip.MODEL_TYPES:
+        # The text tower's graph; the images are fixed candidates it is scored against.
+        block = "{base}text_model.encoder.layers.{layer}"
+        return Anatomy(f"{block}.layer_norm1", f"{block}.layer_norm2",
+                       "{base}text_model.final_layer_norm", parallel=False)
+    if model_type in bert.MODEL_TYPES:
+        block = "{base}encoder.layer.{layer}"
+        head = table.place("logits").path if "logits" in table.places else None
+        if head is None:
+            msg = (f"circuit discovery on {model_type} needs its language-model head (a "
+                   f"{model_type.capitalize()}ForMaskedLM), which the logits destination reads")
+            raise UnsupportedModelError(msg)
+        return Anatomy(None, f"{block}.intermediate", head, parallel=False,
+                       post_norms=(f"{block}.attention.output.LayerNorm", f"{block}.output.LayerNorm"))
     msg = (
-        f"circuit discovery needs pre-normalisation residual blocks (families gpt2, llama, "
-        f"mistral, qwen2, gpt_neox, and llava's language model); got family {table.family!r}, whose blocks renormalise the "
-        f"residual sum itself, so a destination's input is not a sum of source outputs"
+        f"circuit discovery has no residual-stream anatomy for family {table.family!r}; "
+        f"supported: gpt2, llama, mistral, qwen2, gpt_neox, bert, roberta, clip's text tower "
+        f"and llava's language model"
     )
     raise UnsupportedModelError(msg)
 

@@ -73,7 +73,6 @@ def _gradient_scores(task: CircuitTask, method: str, steps: int) -> torch.Tensor
     bar = tqdm(total=len(chunks) * steps, desc=method, disable=not task.progress, leave=False)
     all_edges = graph.valid.to(device=device, dtype=task.clean_sources.dtype)
     for rows in chunks:
-        delta = task.delta(rows)
         grads = None
         for k in range(1, steps + 1):
             alpha = k / steps
@@ -88,7 +87,9 @@ def _gradient_scores(task: CircuitTask, method: str, steps: int) -> torch.Tensor
             grads = g if grads is None else grads + g
             bar.update()
         grads = grads / steps
-        total += torch.einsum("bspd,bnpd->sn", delta.to(wide), grads.to(wide))
+        for destinations, delta in task.read_deltas(rows):
+            total[:delta.shape[1], destinations] += torch.einsum(
+                "bspd,bnpd->sn", delta.to(wide), grads[:, destinations].to(wide))
     bar.close()
     return (total / task.n_rows).double().cpu()
 

@@ -14,6 +14,13 @@ projection weight, found by applying the site table's head view to the weight's 
 Layers whose shifts are all zero keep the model's own output, so weights of zero reproduce the
 unpatched forward bit for bit.
 
+Post-LayerNorm models (BERT) renormalise the residual stream after every sublayer, so a
+destination reads its sources' *contributions* (their outputs carried through the LayerNorms in
+between at each run's own scales, :mod:`mechinterp.circuits.postnorm`): the forward keeps a
+ledger of this run's contributions and one of the patched run's, rebuilt from its recorded
+outputs and LayerNorm divisors, and each destination reads
+``x_d + sum_s w[s, d] * (patched contribution_s - current contribution_s)``.
+
 Probes: zero tensors added to every destination's input whose gradients are the gradients of the
 output with respect to each destination's input (what edge attribution patching multiplies).
 """
@@ -29,6 +36,7 @@ from torch import nn
 
 from mechinterp.circuits.anatomy import in_out_weight, per_head_projection
 from mechinterp.circuits.graph import CircuitGraph
+from mechinterp.circuits.postnorm import PostNormStream
 from mechinterp.errors import ShapeError
 from mechinterp.models.table import Tap
 
@@ -44,24 +52,39 @@ class EdgeState:
             ``weights``).
         embed: ``[batch, pos, d_model]`` replacement of the embeddings (the residual stream
             entering layer 0), or None.
+        patched_scales: post-LayerNorm models: ``[batch, norm, pos]`` LayerNorm divisors of the
+            run that ``patched`` comes from.
+        patched_ledgers: post-LayerNorm models: the patched contributions at each read point
+            (``[batch or 1, source, pos, d_model]``), for patched values that are no single run's
+            (zero, the mean); replaces ``patched`` and ``patched_scales``.
         record: keep ``current`` source outputs (for the corrupted or clean reference runs).
         probe: add zero probes with gradients to every destination input.
         current: recorded source outputs, in source order of chunks.
+        scales: recorded LayerNorm divisors ``[batch, pos]`` of a post-LayerNorm model's stream.
         probes: destination slice start -> probe tensor ``[batch, n, pos, d_model]``.
     """
 
     weights: torch.Tensor | None = None
     patched: torch.Tensor | None = None
     embed: torch.Tensor | None = None
+    patched_scales: torch.Tensor | None = None
+    patched_ledgers: list[torch.Tensor] | None = None
     record: bool = False
     probe: bool = False
     current: list[torch.Tensor] = field(default_factory=list)
+    scales: list[torch.Tensor] = field(default_factory=list)
     probes: dict[int, torch.Tensor] = field(default_factory=dict)
     # (first source, [batch, n, pos, d_model] patched - current) for each source chunk so far.
     deltas: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     # (chunk start, destination start, stop) -> whether any weight there is non-zero.
     nonzero: dict[tuple[int, int, int], bool] = field(default_factory=dict)
+    # Post-LayerNorm models: this run's and the patched run's contributions so far, how many
+    # LayerNorms they have passed, and their difference at the current read point.
+    ledger: torch.Tensor | None = None
+    patched_ledger: torch.Tensor | None = None
+    read_point: int = 0
+    read_delta: torch.Tensor | None = None
 
     def recorded(self) -> torch.Tensor:
         """``[batch, source, pos, d_model]`` source outputs recorded by the forward."""
@@ -87,7 +110,8 @@ class EdgeForward:
             return self.module.get_submodule(path.rstrip("."))
 
         self.blocks = [at(table.blocks + ".{layer}", layer) for layer in range(graph.n_layers)]
-        self.attn_norms = [at(anatomy.attn_norm, layer) for layer in range(graph.n_layers)]
+        self.attn_norms = [nn.Identity() if anatomy.attn_norm is None else at(anatomy.attn_norm, layer)
+                           for layer in range(graph.n_layers)]
         self.mlp_norms = [at(anatomy.mlp_norm, layer) for layer in range(graph.n_layers)]
         self.final_norm = at(anatomy.final_norm)
         self.mlps = [at(_tap(table, "mlp_out").path, layer) for layer in range(graph.n_layers)]
@@ -102,6 +126,11 @@ class EdgeForward:
                 by_module.setdefault(at(tap.path, layer), []).append((part, tap))
             self.projections.append(by_module)
         self.dims = dims
+        self.stream: PostNormStream | None = None
+        if anatomy.post_norms is not None:
+            norms = tuple(at(path, layer) for layer in range(graph.n_layers)
+                          for path in anatomy.post_norms)
+            self.stream = PostNormStream(norms, tuple(self.out_projections), graph.n_heads)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -125,6 +154,9 @@ class EdgeForward:
                 handles.append(self.mlps[layer].register_forward_hook(self._mlp_output(state, layer)))
             handles.append(self.final_norm.register_forward_pre_hook(
                 self._residual_input(state, self.graph.logits_destination)))
+            if self.stream is not None:
+                for index, norm in enumerate(self.stream.norms):
+                    handles.append(norm.register_forward_pre_hook(self._renormalise(state, index)))
             yield state
         finally:
             for handle in handles:
@@ -140,6 +172,8 @@ class EdgeForward:
         for layer in range(graph.n_layers):
             heads = graph.head_sources(layer)
             chunks += [(heads.start, heads.stop), (graph.mlp_source(layer), graph.mlp_source(layer) + 1)]
+        if self.stream is not None:
+            chunks = [(0, graph.n_sources)]  # one difference of all contributions per read point
         ranges = []
         for layer in range(graph.n_layers):
             for part in ("q", "k", "v"):
@@ -162,13 +196,61 @@ class EdgeForward:
 
     # -- sources -----------------------------------------------------------------------------
 
-    def _add_source(self, state: EdgeState, start: int, current: torch.Tensor) -> None:
-        """Source outputs ``[batch, n, pos, d_model]`` starting at source ``start``."""
+    def _add_source(self, state: EdgeState, start: int, current: torch.Tensor,
+                    unowned: torch.Tensor | None = None) -> None:
+        """Source outputs ``[batch, n, pos, d_model]`` starting at source ``start``; ``unowned``
+        is a bias written with them that no source owns."""
         if state.record:
             state.current.append(current)
-        if state.weights is not None:
-            patched = state.patched[:, start:start + current.shape[1]]
+        if state.weights is None:
+            return
+        rebuilt = state.patched_ledgers is None
+        patched = state.patched[:, start:start + current.shape[1]] if rebuilt else None
+        if self.stream is None:
             state.deltas.append((start, patched.to(current.dtype) - current))
+            return
+        if state.ledger is None:  # the embeddings open the ledgers
+            state.ledger = current
+            if rebuilt:
+                state.patched_ledger = patched.to(current.dtype).expand_as(current)
+        else:
+            state.ledger = self.stream.write(state.ledger, current, unowned)
+            if rebuilt:
+                state.patched_ledger = self.stream.write(state.patched_ledger, patched, unowned)
+        state.read_delta = None
+
+    def _renormalise(self, state: EdgeState, index: int):
+        """A pre-hook on the stream's LayerNorm ``index``: record its divisor, carry the ledgers
+        through it."""
+        stream = self.stream
+        norm = stream.norms[index]
+
+        def hook(_module: nn.Module, args: tuple):
+            scale = stream.scale(norm, args[0])
+            if state.record:
+                state.scales.append(scale)
+            if state.weights is None:
+                return
+            state.ledger = stream.normalise(state.ledger, norm, scale)
+            if state.patched_ledgers is None:
+                state.patched_ledger = stream.normalise(state.patched_ledger, norm,
+                                                        state.patched_scales[:, index])
+            state.read_point = index + 1
+            state.read_delta = None
+
+        return hook
+
+    def _deltas(self, state: EdgeState) -> list[tuple[int, torch.Tensor]]:
+        """(first source, patched minus current) chunks that the destinations read now."""
+        if self.stream is None:
+            return state.deltas
+        if state.read_delta is None:
+            if state.patched_ledgers is None:
+                patched = state.patched_ledger
+            else:
+                patched = state.patched_ledgers[state.read_point][:, :state.ledger.shape[1]]
+            state.read_delta = patched.to(state.ledger.dtype) - state.ledger
+        return [(0, state.read_delta)]
 
     def _block_input(self, state: EdgeState, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict):
@@ -202,7 +284,8 @@ class EdgeForward:
             w_out = in_out_weight(module, "the attention output projection")
             w_out = w_out.unflatten(0, (graph.n_heads, -1))  # [head, d_head, d_model]
             current = torch.einsum("bphe,hed->bhpd", z, w_out.to(z.dtype))
-            self._add_source(state, graph.head_sources(layer).start, current)
+            self._add_source(state, graph.head_sources(layer).start, current,
+                             getattr(module, "bias", None))
 
         return hook
 
@@ -221,7 +304,7 @@ class EdgeForward:
         when it is zero and nothing probes it."""
         shift = None
         if state.weights is not None:
-            for first, delta in state.deltas:
+            for first, delta in self._deltas(state):
                 if not state.nonzero.get((first, start, stop), False):
                     continue
                 rows = slice(first, first + delta.shape[1])

@@ -50,7 +50,8 @@ class CircuitGraph:
 
     @classmethod
     def of(cls, model: object) -> CircuitGraph:
-        """The graph of an :class:`~mechinterp.InterpModel` (pre-normalisation families)."""
+        """The graph of an :class:`~mechinterp.InterpModel` (decoder families, LLaVA's language
+        model, and the post-LayerNorm encoders BERT and RoBERTa)."""
         table = getattr(model, "table", None)
         module = getattr(model, "_module", None)
         if table is None or module is None:
@@ -104,6 +105,17 @@ class CircuitGraph:
         layer, offset = divmod(destination, self.layer_width)
         reads_own_heads = offset == self.layer_width - 1 and not self.parallel
         return 1 + layer * (self.n_heads + 1) + (self.n_heads if reads_own_heads else 0)
+
+    def read_at(self, point: int) -> slice:
+        """Destinations reading the residual stream at read point ``point`` of a post-LayerNorm
+        model: ``2 * l`` is block ``l``'s input (its queries, keys and values), ``2 * l + 1`` its
+        attention sublayer's output (its MLP), ``2 * n_layers`` the final one (the logits)."""
+        layer, after_attention = divmod(point, 2)
+        if layer == self.n_layers:
+            return slice(self.logits_destination, self.logits_destination + 1)
+        if after_attention:
+            return slice(self.mlp_destination(layer), self.mlp_destination(layer) + 1)
+        return slice(layer * self.layer_width, self.mlp_destination(layer))
 
     @cached_property
     def valid(self) -> torch.Tensor:

@@ -33,11 +33,27 @@ class _Reference:
     empty: torch.Tensor  # [rows]
 
 
+@dataclass(frozen=True)
+class _Patched:
+    """What removed edges read.
+
+    ``sources`` ``[rows or 1, source, pos, d_model]`` are source outputs; in post-LayerNorm
+    models ``scales`` ``[rows, norm, pos]`` are the LayerNorm divisors of the run they come from,
+    or, for values that are no run's (zero, the mean), ``ledgers`` hold the contributions at
+    each read point directly.
+    """
+
+    sources: torch.Tensor
+    scales: torch.Tensor | None = None
+    ledgers: list[torch.Tensor] | None = None
+
+
 class CircuitTask:
     """Binds a model, clean prompts, what removed edges read, and a metric.
 
     Args:
-        model: an :class:`~mechinterp.InterpModel` of a pre-normalisation family.
+        model: an :class:`~mechinterp.InterpModel` of a family with a circuit graph
+            (:meth:`CircuitGraph.of`).
         clean: the prompts whose behaviour the circuit must explain.
         corrupt: prompts of the same shape and padding (needed for ``ablation="corrupt"``; for
             ``"mean"`` the mean is taken over them when given, else over ``clean``).
@@ -46,6 +62,10 @@ class CircuitTask:
             ``position``.
         ablation: ``"corrupt"``, ``"zero"``, ``"mean"`` or ``"resample"``.
         position: the scored position, counted like ``Site.pos`` (-1: each row's last token).
+        images: CLIP only, and needed there: candidate images ``[n, 3, height, width]`` (pixel
+            values) that every prompt is scored against. The graph is the text tower's; the
+            metric sees CLIP's logits of each prompt over the candidates (``logits_per_text``),
+            so ``LogitDiff(0, 1)`` prefers candidate 0 to candidate 1.
         batch_size: rows per forward; circuits evaluated together share a forward, each on
             its own copy of the prompts. Default: 64 on the CPU; on a GPU as many as keep the
             per-row source outputs, their differences and gradients within about 2 GiB (at
@@ -77,10 +97,12 @@ class CircuitTask:
         batch_size: int | None = None,
         seed: int = 0,
         progress: bool = True,
+        images: torch.Tensor | None = None,
     ):
         self.model = model
         self.graph = CircuitGraph.of(model)
         self.engine = EdgeForward(model, self.graph)
+        self._candidates = _candidate_embeddings(model, images)
         if ablation not in ABLATIONS:
             msg = f"ablation must be one of {ABLATIONS}; got {ablation!r}"
             raise InputError(msg)
@@ -110,10 +132,12 @@ class CircuitTask:
         columns = RowSpans.from_mask(self.clean.attention_mask).columns(position)
         self._columns = torch.full((self.n_rows,), columns) if isinstance(columns, int) else columns
         self._seed = seed
-        self.clean_sources, self.clean_logits = self._record(self.clean)
+        self.clean_sources, self.clean_logits, self.clean_scales = self._record(self.clean)
         if self._auto_batch and self.clean_sources.is_cuda:
-            # Three [rows, source, pos, d_model] tensors live per row of a forward.
-            per_row = 3 * self.clean_sources[0].numel() * self.clean_sources.element_size()
+            # Three [rows, source, pos, d_model] tensors live per row of a forward; post-LayerNorm
+            # models keep two ledgers and their difference besides.
+            live = 3 if self.engine.stream is None else 6
+            per_row = live * self.clean_sources[0].numel() * self.clean_sources.element_size()
             self.batch_size = max(1, min(1024, (2 << 30) // per_row))
         self.patched = self._patched_sources()
         self._reference: _Reference | None = None
@@ -126,42 +150,78 @@ class CircuitTask:
             yield slice(start, min(start + self.batch_size, rows))
 
     @torch.no_grad()
-    def _record(self, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source outputs ``[rows, source, pos, d_model]`` and scored logits ``[rows, vocab]``."""
-        sources, logits = [], []
+    def _record(self, tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Source outputs ``[rows, source, pos, d_model]``, scored logits ``[rows, vocab]`` and,
+        for post-LayerNorm models, the stream's LayerNorm divisors ``[rows, norm, pos]``."""
+        sources, logits, scales = [], [], []
         for rows in self._chunks():
             state = EdgeState(record=True)
             out = self._forward(tokens, rows, state)
             sources.append(state.recorded())
             logits.append(self._scored(out, rows))
-        return torch.cat(sources), torch.cat(logits)
+            if state.scales:
+                scales.append(torch.stack(state.scales, dim=1))
+        return torch.cat(sources), torch.cat(logits), torch.cat(scales) if scales else None
 
-    def _patched_sources(self) -> torch.Tensor:
+    def _patched_sources(self) -> _Patched:
+        stream = self.engine.stream
         if self.ablation == "corrupt":
-            return self._record(self.corrupt)[0]
+            sources, _, scales = self._record(self.corrupt)
+            return _Patched(sources, scales)
         if self.ablation == "zero":
-            return torch.zeros(1, self.graph.n_sources, 1, 1, dtype=self.clean_sources.dtype,
+            zero = torch.zeros(1, self.graph.n_sources, 1, 1, dtype=self.clean_sources.dtype,
                                device=self.clean_sources.device)
+            return _Patched(zero, ledgers=None if stream is None else [zero] * stream.n_reads)
         if self.ablation == "mean":
-            sources = self.clean_sources if self.corrupt is None else self._record(self.corrupt)[0]
-            mask = self.clean.attention_mask.to(sources.dtype)[:, None, :, None]
-            # Mean over the real tokens of every prompt at each position.
-            counts = mask.sum(0, keepdim=True).clamp(min=1)
-            return (sources * mask).sum(0, keepdim=True) / counts
+            sources, scales = self.clean_sources, self.clean_scales
+            if self.corrupt is not None:
+                sources, _, scales = self._record(self.corrupt)
+            mean = self._masked_mean([sources])[0]
+            if stream is None:
+                return _Patched(mean)
+            # The mean contribution at each read point, which no single run's divisors give.
+            sums = None
+            for rows in self._chunks():
+                part = self._masked_sums(list(stream.ledgers(sources[rows], scales[rows])), rows)
+                sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+            counts = self._token_counts(sources.dtype)
+            return _Patched(mean, ledgers=[total / counts for total in sums])
         generator = torch.Generator().manual_seed(self._seed)
-        order = _derangement(self.n_rows, generator)
-        return self.clean_sources[order.to(self.clean_sources.device)]
+        order = _derangement(self.n_rows, generator).to(self.clean_sources.device)
+        return _Patched(self.clean_sources[order],
+                        None if self.clean_scales is None else self.clean_scales[order])
+
+    def _token_mask(self, rows: slice | None, dtype: torch.dtype) -> torch.Tensor:
+        """``[rows, 1, pos, 1]``: 1 at real tokens, 0 at padding."""
+        mask = self.clean.attention_mask if rows is None else self.clean.attention_mask[rows]
+        return mask.to(dtype=dtype, device=self.clean_sources.device)[:, None, :, None]
+
+    def _token_counts(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._token_mask(None, dtype).sum(0, keepdim=True).clamp(min=1)
+
+    def _masked_sums(self, tensors: list[torch.Tensor], rows: slice | None) -> list[torch.Tensor]:
+        mask = self._token_mask(rows, tensors[0].dtype)
+        return [(tensor * mask).sum(0, keepdim=True) for tensor in tensors]
+
+    def _masked_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Means over the real tokens of every prompt at each position."""
+        counts = self._token_counts(tensors[0].dtype)
+        return [total / counts for total in self._masked_sums(tensors, None)]
 
     def _forward(self, tokens, rows: slice | torch.Tensor, state: EdgeState,
                  repeat: int = 1) -> torch.Tensor:
         part = tokens.rows(rows)
         if repeat > 1:
             part = part.repeat(repeat)
+        inputs = self.model._forward_inputs(part)
         with self.engine.hooked(state):
-            out = self.model._module(**self.model._forward_inputs(part))
-        return out.logits
+            if self._candidates is not None:
+                return _image_logits(self.model._module, inputs, self._candidates)
+            return self.model._module(**inputs).logits
 
     def _scored(self, logits: torch.Tensor, rows: slice, repeat: int = 1) -> torch.Tensor:
+        if logits.dim() == 2:  # already one score per candidate (CLIP)
+            return logits
         columns = self._columns[rows].repeat(repeat).to(logits.device)
         return logits[torch.arange(logits.shape[0], device=logits.device), columns]
 
@@ -229,10 +289,7 @@ class CircuitTask:
             group = stop - start
             n = rows.stop - rows.start
             weight = patch[start:stop].repeat_interleave(n, dim=0).to(device)
-            patched = self._patched_rows(rows)
-            if patched.shape[0] > 1:
-                patched = patched.repeat(group, 1, 1, 1)
-            state = EdgeState(weights=weight, patched=patched)
+            state = EdgeState(weights=weight, **self._patched_state(rows, group))
             logits = self._forward(self.clean, rows, state, repeat=group)
             values = self._metric(logits, rows, repeat=group).double().cpu()
             out[start:stop, rows] = values.view(group, n)
@@ -240,11 +297,22 @@ class CircuitTask:
 
     # -- gradients ---------------------------------------------------------------------------
 
-    def delta(self, rows: slice) -> torch.Tensor:
-        """``[rows, source, pos, d_model]`` patched minus clean source outputs, zero on padding."""
-        patched = self._patched_rows(rows)
-        mask = self.clean.attention_mask[rows].to(self.clean_sources.dtype)[:, None, :, None]
-        return (patched - self.clean_sources[rows]) * mask
+    def read_deltas(self, rows: slice) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Per group of destinations, ``[rows, source, pos, d_model]`` patched minus clean
+        values of the sources they read (zero on padding): the source outputs themselves in
+        pre-normalisation models (one group: every destination), the contributions at each
+        read point in post-LayerNorm models (only the sources written before it)."""
+        mask = self._token_mask(rows, self.clean_sources.dtype)
+        stream = self.engine.stream
+        if stream is None:
+            yield slice(0, self.graph.n_destinations), (self._patched_rows(rows) - self.clean_sources[rows]) * mask
+            return
+        clean = stream.ledgers(self.clean_sources[rows], self.clean_scales[rows])
+        patched = self.patched.ledgers
+        if patched is None:
+            patched = stream.ledgers(self._patched_rows(rows), self.patched.scales[rows])
+        for point, (current, other) in enumerate(zip(clean, patched)):
+            yield self.graph.read_at(point), (other[:, :current.shape[1]] - current) * mask
 
     def destination_gradients(self, rows: slice, *, embed: torch.Tensor | None = None,
                               weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,7 +320,7 @@ class CircuitTask:
         every destination's input, in a clean forward (with ``embed`` replacing the embeddings,
         and ``weights`` patching edges, when given)."""
         state = EdgeState(probe=True, embed=embed, weights=weights,
-                          patched=None if weights is None else self._patched_rows(rows))
+                          **({} if weights is None else self._patched_state(rows)))
         with torch.enable_grad():
             logits = self._forward(self.clean, rows, state)
             total = self._metric(logits, rows, grad=True).sum()
@@ -263,7 +331,53 @@ class CircuitTask:
 
     def _patched_rows(self, rows: slice) -> torch.Tensor:
         """The patched source outputs of ``rows`` (one broadcast row for zero and mean)."""
-        return self.patched if self.patched.shape[0] == 1 else self.patched[rows]
+        sources = self.patched.sources
+        return sources if sources.shape[0] == 1 else sources[rows]
+
+    def _patched_state(self, rows: slice, repeat: int = 1) -> dict:
+        """What an :class:`EdgeState` reads to patch ``rows``, each row repeated ``repeat``
+        times (one copy per circuit of a forward)."""
+        sources = self._patched_rows(rows)
+        if sources.shape[0] > 1:
+            sources = sources.repeat(repeat, 1, 1, 1)
+        scales = self.patched.scales
+        if scales is not None:
+            scales = scales[rows].repeat(repeat, 1, 1)
+        return {"patched": sources, "patched_scales": scales,
+                "patched_ledgers": self.patched.ledgers}
+
+
+def _candidate_embeddings(model: object, images: torch.Tensor | None) -> torch.Tensor | None:
+    """CLIP's unit-norm embeddings ``[n, d_projection]`` of the candidate images."""
+    is_clip = model.table.family == "clip"
+    if images is None:
+        if is_clip:
+            msg = ("a CLIP circuit task needs images=: candidate images [n, 3, height, width] "
+                   "that every prompt is scored against")
+            raise InputError(msg)
+        return None
+    if not is_clip:
+        msg = f"images= is for CLIP's text-tower circuits; this model is {model.table.family!r}"
+        raise InputError(msg)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        msg = f"images must be pixel values [n, 3, height, width]; got {got}"
+        raise ShapeError(msg)
+    clip = model._module
+    parameter = next(clip.parameters())
+    with torch.no_grad():
+        pooled = clip.vision_model(pixel_values=images.to(parameter.device, parameter.dtype)).pooler_output
+        embeds = clip.visual_projection(pooled)
+    return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
+def _image_logits(clip: torch.nn.Module, inputs: dict, candidates: torch.Tensor) -> torch.Tensor:
+    """CLIP's ``logits_per_text`` ``[rows, candidate]`` from the text tower alone."""
+    text = {name: inputs[name] for name in ("input_ids", "attention_mask", "position_ids")
+            if name in inputs}
+    embeds = clip.text_projection(clip.text_model(**text).pooler_output)
+    embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+    return clip.logit_scale.exp() * embeds @ candidates.to(embeds.dtype).T
 
 
 def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:
