@@ -801,3 +801,19 @@ def test_clip_needs_candidate_images(clip_task):
     with pytest.raises(InputError, match="CLIP"):
         CircuitTask(gpt2, families.token_ids(2, 4, seed=1), families.token_ids(2, 4, seed=2),
                     metric=LogitDiff(3, 4), images=images)
+
+
+@pytest.mark.cuda
+def test_post_norm_circuits_on_cuda_equal_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    clean, corrupt = families.token_ids(6, 7, seed=1), families.token_ids(6, 7, seed=2)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = mechinterp.load(families.build(POST_NORM[0]).double(), device=device)
+        task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), ablation="mean",
+                           progress=False)
+        kept = _random_kept(task.graph, 3, seed=5)
+        results[device] = (task.evaluate(kept), attribute_edges(task, method="eap-ig").scores)
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-7, atol=1e-9)
