@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -122,6 +123,7 @@ class InterpModel(NNsight):
         self._resolved: dict = {}  # Site -> engine.Resolved, memoised across forwards
         self._modules: dict[str, nn.Module] = {}  # path -> submodule, memoised across forwards
         self._read_plans: dict[tuple[Site, ...], Plan] = {}  # reads without positions or edits
+        self._required_inputs = _required_inputs(module)
         module.eval()
 
     # -- description -----------------------------------------------------------------------
@@ -248,6 +250,12 @@ class InterpModel(NNsight):
                 f"{tuple(tokens.attention_mask.shape)}"
             )
             raise ShapeError(msg)
+        missing = [name for name in self._required_inputs if name not in tokens.extras]
+        if missing:
+            msg = (f"inputs must include {', '.join(missing)} for {self.name} (pass the processor's "
+                   f"output, or Tokens with extras); got "
+                   f"{', '.join(['input_ids', 'attention_mask', *tokens.extras])}")
+            raise InputError(msg)
         device = self.device
         if tokens.extras:
             dtype = next(self._module.parameters()).dtype
@@ -260,21 +268,23 @@ class InterpModel(NNsight):
 
     def _from_features(self, features: Mapping[str, torch.Tensor]) -> Tokens:
         """Tokens from a processor's output: ids, mask, and the other inputs (pixel values...),
-        which must have one row per prompt."""
+        which must have one row per prompt once the family has unpacked any it packs."""
         ids = torch.as_tensor(features["input_ids"])
         ids = ids[None] if ids.dim() == 1 else ids
         mask = features.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
-        extras = {}
-        for name, value in features.items():
-            if name in ("input_ids", "attention_mask"):
-                continue
+        extras = {name: value for name, value in features.items()
+                  if name not in ("input_ids", "attention_mask")}
+        if self.table.packing is not None:
+            # Inputs the model takes packed across prompts become per-prompt rows here, so that
+            # Tokens can select, repeat and concatenate them like any other input.
+            extras = self.table.packing.to_rows(ids, extras)
+        for name, value in extras.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != ids.shape[0]:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 msg = (f"inputs[{name!r}] must be a tensor with one row per prompt "
                        f"({ids.shape[0]}); got {got}")
                 raise ShapeError(msg)
-            extras[name] = value
         return Tokens(ids.long(), mask.long(), extras)
 
     def image_positions(self, inputs: Inputs) -> tuple[int, ...]:
@@ -303,6 +313,8 @@ class InterpModel(NNsight):
             inputs["position_ids"] = (tokens.attention_mask.cumsum(-1) - 1).clamp(min=0)
         if self.table.causal:
             inputs["use_cache"] = False
+        if self.table.packing is not None:
+            inputs = self.table.packing.to_model(inputs)
         return inputs
 
     # -- forwards --------------------------------------------------------------------------
@@ -381,6 +393,11 @@ class InterpModel(NNsight):
             inputs["use_cache"] = True
         if extra_inputs:
             inputs.update(extra_inputs)
+        if self.table.packing is not None:
+            # Sites of a packed tensor split it into equal shares per row; the family knows
+            # whether this batch's rows hold equal shares.
+            self.table.packing.check_sites(
+                tokens.input_ids, [site for b in plan.boundaries.values() for site in b.sites])
         return run_plan(self._module, plan, inputs, self._order_index, self._modules, stubs)
 
     def _plan(self, tokens: Tokens, reads: list[Site], edits: Sequence[Intervention]) -> Plan:
@@ -415,3 +432,13 @@ class InterpModel(NNsight):
         return result.logits
 
 
+def _required_inputs(module: nn.Module) -> tuple[str, ...]:
+    """Inputs the module's forward cannot run without besides the token ids and mask, which
+    every forward passes (BLIP-2 needs ``pixel_values`` even for a text-only prompt)."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a forward without a signature to read
+        return ()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in parameters if p.kind in named and p.default is inspect.Parameter.empty
+                 and p.name not in ("input_ids", "attention_mask"))

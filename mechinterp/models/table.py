@@ -19,13 +19,14 @@ position resolvers of their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from mechinterp.errors import SiteError
-from mechinterp.sites import tower_of
+from mechinterp.sites import Site, tower_of
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Tap:
             an input, the positional argument index.
         kwarg: for an input, its keyword name when the caller passes it by keyword.
         view: raw tensor -> tensor with the component's axes (a view of the raw tensor).
+        flat: the module sees batch and position flattened into one axis ``[batch * pos, ...]``
+            (OPT's MLP); edits and reads see the two axes apart, before ``view``.
     """
 
     path: str
@@ -63,6 +66,7 @@ class Tap:
     item: int = 0
     kwarg: str | None = None
     view: View | None = None
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,30 @@ class PatternTap:
 Place = Tap | Sum | PatternTap
 
 
+class InputPacking(Protocol):
+    """Inputs a model takes packed across prompts (no batch axis), carried per prompt.
+
+    ``Tokens`` keep every extra input batch-first, so that rows can be selected, repeated and
+    concatenated whatever the model; a family whose model packs some of them (all images of a
+    batch as one sequence of patches) turns them into padded per-prompt tensors once, and packs
+    them again for each forward.
+    """
+
+    def to_rows(self, input_ids: torch.Tensor, extras: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """A processor's extra inputs with the packed ones as ``[batch, ...]`` tensors."""
+        ...
+
+    def to_model(self, inputs: dict[str, object]) -> dict[str, object]:
+        """The forward's keyword inputs with the per-prompt tensors packed as the model takes
+        them."""
+        ...
+
+    def check_sites(self, input_ids: torch.Tensor, sites: Sequence[Site]) -> None:
+        """Raise a SiteError when ``sites`` of a packed tensor cannot be split per prompt."""
+        ...
+
+
 @dataclass(frozen=True)
 class SiteTable:
     """Everything mechinterp knows about one architecture.
@@ -108,6 +136,8 @@ class SiteTable:
         towers: sizes of the other towers of a multimodal model (``{"vision": Dims(...)}``);
             their components are the main vocabulary after the tower's prefix.
         image_token_id: the id that marks image tokens in the main tower's input, if any.
+        packing: for models that take some inputs packed across prompts, with no batch axis
+            (Qwen2-VL's pixel values), how mechinterp carries them per prompt instead.
     """
 
     family: str
@@ -120,6 +150,7 @@ class SiteTable:
     sequential: bool = True
     towers: dict[str, Dims] = field(default_factory=dict)
     image_token_id: int | None = None
+    packing: InputPacking | None = None
 
     def dims_for(self, component: str) -> Dims:
         """The sizes a component's indices are checked against (its tower's)."""
