@@ -183,6 +183,7 @@ class _Boundary:
     io: str  # "output" | "input" | "pattern"
     item: int = 0
     kwarg: str | None = None
+    flat: bool = False  # the tensor is [batch * pos, ...] (see Tap.flat)
     edits: list[Callable[[torch.Tensor, dict], None]] = field(default_factory=list)
     reads: list[Callable[[torch.Tensor, dict], None]] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
@@ -198,10 +199,12 @@ class _Boundary:
             raise SiteError(msg)
         if self.edits:
             raw = raw.clone()  # never write into a tensor the caller or autograd may hold
-            for edit in self.edits:
-                edit(raw, state)
+        # A view with batch and position apart, so that writes through it reach ``raw``.
+        shaped = raw.unflatten(0, (state["batch"], -1)) if self.flat else raw
+        for edit in self.edits:
+            edit(shaped, state)
         for read in self.reads:
-            read(raw, state)
+            read(shaped, state)
         return raw
 
 
@@ -257,7 +260,8 @@ class Plan:
         if key not in self.boundaries:
             item = getattr(place, "item", 0)
             kwarg = getattr(place, "kwarg", None)
-            self.boundaries[key] = _Boundary(path, io, item, kwarg)
+            flat = getattr(place, "flat", False)
+            self.boundaries[key] = _Boundary(path, io, item, kwarg, flat)
         return self.boundaries[key]
 
     def _view(self, place: Tap | PatternTap) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -411,7 +415,8 @@ class _Stubbed:
 
 
 def _forward(module, plan, inputs, execution_order, modules, stubs, *, copy: bool):
-    state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy}
+    state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy,
+                   "batch": inputs["input_ids"].shape[0]}
     handles = []
     patterns: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
     boundaries = plan.ordered(execution_order)

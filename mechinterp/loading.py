@@ -9,7 +9,7 @@ from torch import nn
 
 from mechinterp.errors import InputError, UnsupportedModelError
 from mechinterp.model import InterpModel
-from mechinterp.models import FAMILIES, bert, clip, llava
+from mechinterp.models import FAMILIES, bert, blip2, clip, llava
 from mechinterp.zoo import ZOO, zoo_path
 
 
@@ -87,10 +87,11 @@ def _from_directory(path: Path) -> tuple[nn.Module, object | None]:
             f"supported: {sorted(FAMILIES)}"
         )
         raise UnsupportedModelError(msg)
-    # Encoders load with their masked-LM head so that `logits` is a site; LLaVA with its
-    # language-model head; CLIP as the pair of towers.
+    # Encoders load with their masked-LM head so that `logits` is a site; LLaVA and BLIP-2 with
+    # their language-model head; CLIP as the pair of towers.
     auto = (transformers.AutoModelForMaskedLM if config.model_type in bert.MODEL_TYPES
-            else transformers.AutoModelForImageTextToText if config.model_type in llava.MODEL_TYPES
+            else transformers.AutoModelForImageTextToText
+            if config.model_type in (*llava.MODEL_TYPES, *blip2.MODEL_TYPES)
             else transformers.AutoModel if config.model_type in clip.MODEL_TYPES
             else transformers.AutoModelForCausalLM)
     module = auto.from_pretrained(path, local_files_only=True, use_safetensors=True)

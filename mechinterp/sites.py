@@ -47,7 +47,8 @@ GLOBAL_COMPONENTS = frozenset({"embed", "logits", "projector"})
 #: Towers of multimodal models besides the main (language) one. ``"vision.resid_post"`` is the
 #: residual stream of the vision tower, with the same axes as ``resid_post``; its positions
 #: index the tower's tokens (image patches, with any class token first), which are never padded.
-TOWERS = ("vision",)
+#: ``"qformer."`` names BLIP-2's Q-Former, whose positions are its learned query tokens.
+TOWERS = ("vision", "qformer")
 
 
 def base_component(component: str) -> str:

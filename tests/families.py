@@ -50,6 +50,16 @@ def _neox(parallel: bool):
     return make
 
 
+def _opt() -> transformers.PreTrainedModel:
+    # ffn_dim = 4 * hidden_size, the MLP width the shared shape checks assume. GELU rather than
+    # OPT's ReLU: gradient checks compare with finite differences, which a ReLU kink breaks.
+    config = transformers.OPTConfig(hidden_size=32, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=VOCAB,
+                                    max_position_embeddings=64, word_embed_proj_dim=32,
+                                    activation_function="gelu")
+    return transformers.OPTForCausalLM(config)
+
+
 def _bert() -> transformers.PreTrainedModel:
     config = transformers.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, vocab_size=VOCAB,
@@ -81,6 +91,11 @@ FAMILIES = [
     Family("roberta", _roberta, "roberta.encoder.layer.{layer}.attention.output.dense",
            "roberta.encoder.layer.{layer}.output.dense", causal=False),
 ]
+
+# Outside FAMILIES: circuit discovery, which every family of FAMILIES supports, has no OPT
+# anatomy. tests/test_opt.py runs the per-family checks on it.
+OPT = Family("opt", _opt, "model.decoder.layers.{layer}.self_attn.out_proj",
+             "model.decoder.layers.{layer}.fc2")
 
 
 def build(family: Family, seed: int = 0) -> transformers.PreTrainedModel:

@@ -114,14 +114,14 @@ def test_rows_out_of_range(gpt2: InterpModel) -> None:
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
-    config = transformers.OPTConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
-                                    ffn_dim=32, vocab_size=50, word_embed_proj_dim=16)
-    model = transformers.OPTForCausalLM(config)
-    with pytest.raises(UnsupportedModelError, match=r"no site table for model_type 'opt'.*'gpt2'"):
+    config = transformers.GPTJConfig(n_embd=16, n_head=2, n_layer=1, rotary_dim=4, vocab_size=50,
+                                     n_positions=32)
+    model = transformers.GPTJForCausalLM(config)
+    with pytest.raises(UnsupportedModelError, match=r"no site table for model_type 'gptj'.*'gpt2'"):
         InterpModel(model)
-    model.save_pretrained(tmp_path / "opt")
-    with pytest.raises(UnsupportedModelError, match="'opt'"):
-        mechinterp.load(tmp_path / "opt")
+    model.save_pretrained(tmp_path / "gptj")
+    with pytest.raises(UnsupportedModelError, match="'gptj'"):
+        mechinterp.load(tmp_path / "gptj")
     with pytest.raises(InputError, match="directory holding config.json or a shipped model"):
         mechinterp.load(tmp_path / "missing")
     with pytest.raises(InputError, match="got int"):

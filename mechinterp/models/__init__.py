@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models import bert, clip, gpt2, gpt_neox, llama, llava
+from mechinterp.models import bert, blip2, clip, gpt2, gpt_neox, llama, llava, opt, qwen2_vl
 from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap
 
-_FAMILIES = (gpt2, llama, gpt_neox, bert, llava, clip)
+_FAMILIES = (gpt2, llama, gpt_neox, opt, bert, llava, blip2, qwen2_vl, clip)
 
 #: model_type (as in ``config.model_type``) -> family module.
 FAMILIES = {model_type: family for family in _FAMILIES for model_type in family.MODEL_TYPES}
