@@ -191,6 +191,21 @@ def _bert_forward(model, ids, weights, patched):
 HAND_WRITTEN = {"gpt2": _gpt2_forward, "llama": _llama_forward, "bert": _bert_forward}
 
 
+def _assert_eap_is_the_derivative(task, eap, names):
+    """Patching an edge with weight eps moves its destination's input by eps times the
+    difference it carries, so EAP's score is the derivative of the metric in that weight at
+    zero: compare it with a central finite difference."""
+    graph = task.graph
+    for name in names:
+        edge = graph.edge_index(name)
+        eps = 1e-6
+        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
+        weights[0][edge], weights[1][edge] = eps, -eps
+        plus, minus = task.evaluate(weights, weights=True).mean(1)
+        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / (2 * eps)).item(),
+                                                       rel=1e-5, abs=1e-9)
+
+
 def _random_kept(graph: CircuitGraph, n: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.rand(n, graph.n_sources, graph.n_destinations, generator=generator) < 0.5) & graph.valid
@@ -318,17 +333,10 @@ def test_post_norm_gradient_scores_are_their_definitions(family):
     model = _model(family)
     clean, corrupt = families.token_ids(4, 6, seed=1), families.token_ids(4, 6, seed=2)
     task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
-    graph = task.graph
     eap = attribute_edges(task, method="eap")
-    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "embed->m1", "m0->a1.h0.v",
-                 "m1->logits", "a1.h0->logits", "embed->logits"]:
-        edge = graph.edge_index(name)
-        eps = 1e-6
-        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
-        weights[0][edge], weights[1][edge] = eps, -eps
-        plus, minus = task.evaluate(weights, weights=True).mean(1)
-        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / (2 * eps)).item(),
-                                                       rel=1e-5, abs=1e-9)
+    _assert_eap_is_the_derivative(task, eap, [
+        "embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "embed->m1", "m0->a1.h0.v",
+        "m1->logits", "a1.h0->logits", "embed->logits"])
     torch.testing.assert_close(attribute_edges(task, method="eap-ig", steps=1).scores, eap.scores)
     # Activations variant at one step: every edge at weight 0, i.e. EAP.
     torch.testing.assert_close(attribute_edges(task, method="eap-ig-activations", steps=1).scores,
@@ -370,16 +378,9 @@ def test_eap_is_the_derivative_in_the_edge_weight(small_task):
     score is the derivative of the metric in that weight at zero."""
     task = small_task
     eap = attribute_edges(task, method="eap")
-    graph = task.graph
-    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "m1->logits", "a1.h0->logits"]:
-        edge = graph.edge_index(name)
-        eps = 1e-6
-        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
-        weights[0][edge], weights[1][edge] = eps, -eps
-        plus, minus = task.evaluate(weights, weights=True).mean(1)
-        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / (2 * eps)).item(),
-                                                       rel=1e-5, abs=1e-9)
-    assert torch.all(eap.scores[~graph.valid] == 0)
+    _assert_eap_is_the_derivative(task, eap, [
+        "embed->a0.h2.q", "a0.h2->a1.h3.k", "a0.h1->m0", "m1->logits", "a1.h0->logits"])
+    assert torch.all(eap.scores[~task.graph.valid] == 0)
 
 
 def test_eap_ig_with_one_step_is_eap_and_with_many_is_complete(small_task):
@@ -781,14 +782,8 @@ def test_clip_full_and_empty_graphs_are_its_image_text_logits(clip_task):
 
 def test_clip_eap_is_the_derivative_in_the_edge_weight(clip_task):
     task, _ = clip_task
-    graph = task.graph
-    eap = attribute_edges(task, method="eap")
-    for name in ["embed->a0.h2.q", "a0.h2->a1.h3.k", "m0->logits", "a1.h0->logits"]:
-        edge = graph.edge_index(name)
-        weights = torch.zeros(2, graph.n_sources, graph.n_destinations, dtype=torch.float64)
-        weights[0][edge], weights[1][edge] = 1e-6, -1e-6
-        plus, minus = task.evaluate(weights, weights=True).mean(1)
-        assert eap.scores[edge].item() == pytest.approx(((plus - minus) / 2e-6).item(), rel=1e-5, abs=1e-9)
+    _assert_eap_is_the_derivative(task, attribute_edges(task, method="eap"), [
+        "embed->a0.h2.q", "a0.h2->a1.h3.k", "m0->logits", "a1.h0->logits"])
 
 
 def test_clip_needs_candidate_images(clip_task):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models.clip_tower import vision_dims
+from mechinterp.models.clip_tower import vision_dims, with_tower_dims
 from mechinterp.models.table import (
     Dims,
     PatternTap,
@@ -44,16 +44,10 @@ from mechinterp.models.table import (
     Sum,
     Tap,
     View,
-    config_int,
     split_heads,
 )
 
 MODEL_TYPES = ("blip-2",)
-
-
-def _in_tower(view: View, dims: Dims) -> View:
-    """A view that splits heads with the tower's sizes, whatever table sizes the engine passes."""
-    return lambda raw, _table_dims: view(raw, dims)
 
 
 def _fused_qkv(part: int) -> View:
@@ -69,7 +63,7 @@ def _fused_qkv(part: int) -> View:
 def vision_places(root: str, dims: Dims) -> dict[str, Place]:
     """``vision.`` places of a BLIP-2 vision transformer at module path ``root``."""
     block = f"{root}.encoder.layers.{{layer}}"
-    heads = _in_tower(split_heads(), dims)
+    heads = with_tower_dims(split_heads(), dims)
     return {
         "vision.embed": Tap(f"{root}.embeddings"),
         "vision.resid_pre": Tap(block, io="input", item=0, kwarg="hidden_states"),
@@ -79,28 +73,19 @@ def vision_places(root: str, dims: Dims) -> dict[str, Place]:
         "vision.mlp_out": Tap(f"{block}.mlp"),
         "vision.resid_post": Tap(block),
         "vision.head": Tap(f"{block}.self_attn.projection", io="input", view=heads),
-        "vision.q": Tap(f"{block}.self_attn.qkv", view=_in_tower(_fused_qkv(0), dims)),
-        "vision.k": Tap(f"{block}.self_attn.qkv", view=_in_tower(_fused_qkv(1), dims)),
-        "vision.v": Tap(f"{block}.self_attn.qkv", view=_in_tower(_fused_qkv(2), dims)),
+        "vision.q": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(0), dims)),
+        "vision.k": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(1), dims)),
+        "vision.v": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(2), dims)),
         "vision.pattern": PatternTap(f"{block}.self_attn"),
         "vision.neuron": Tap(f"{block}.mlp.fc2", io="input"),
     }
-
-
-def qformer_dims(config: object) -> Dims:
-    """Sizes of a Q-Former config (its queries have no vocabulary: d_vocab is 0)."""
-    d_model = config_int(config, "hidden_size")
-    n_heads = config_int(config, "num_attention_heads")
-    return Dims(n_layers=config_int(config, "num_hidden_layers"), n_heads=n_heads,
-                n_kv_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
-                d_mlp=config_int(config, "intermediate_size"), d_vocab=0)
 
 
 def qformer_places(root: str, dims: Dims) -> dict[str, Place]:
     """``qformer.`` places of a Q-Former at module path ``root``: its self-attention and the
     query tokens' MLP (``*_query`` modules; the text MLP never runs in BLIP-2's forward)."""
     block = f"{root}.encoder.layer.{{layer}}"
-    heads = _in_tower(split_heads(), dims)
+    heads = with_tower_dims(split_heads(), dims)
     return {
         "qformer.embed": Tap(f"{root}.layernorm", io="input"),
         "qformer.resid_pre": Tap(block, io="input", item=0, kwarg="hidden_states"),
@@ -172,7 +157,7 @@ def site_table(model: nn.Module) -> SiteTable:
     root = "{base}language_model."
     places = {name: _moved(place, base, root) for name, place in text.places.items()}
     vision = vision_dims(config.vision_config)
-    qformer = qformer_dims(config.qformer_config)
+    qformer = vision_dims(config.qformer_config)
     places.update(vision_places("{base}vision_model", vision))
     places.update(qformer_places("{base}qformer", qformer))
     places["projector"] = Tap("{base}language_projection")

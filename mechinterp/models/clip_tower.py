@@ -12,7 +12,8 @@ from mechinterp.models.table import Dims, PatternTap, Place, Sum, Tap, config_in
 
 
 def vision_dims(config: object) -> Dims:
-    """Sizes of a CLIP vision config (no vocabulary: d_vocab is 0)."""
+    """Sizes of a tower's config (a CLIP or BLIP-2 vision config, a Q-Former config), which has
+    no vocabulary: d_vocab is 0."""
     d_model = config_int(config, "hidden_size")
     n_heads = config_int(config, "num_attention_heads")
     return Dims(n_layers=config_int(config, "num_hidden_layers"), n_heads=n_heads,
@@ -20,7 +21,7 @@ def vision_dims(config: object) -> Dims:
                 d_mlp=config_int(config, "intermediate_size"), d_vocab=0)
 
 
-def _with_dims(view, dims: Dims):
+def with_tower_dims(view, dims: Dims):
     """A view that splits heads with the tower's sizes, whatever table sizes the engine passes."""
     return lambda raw, _table_dims: view(raw, dims)
 
@@ -30,7 +31,7 @@ def clip_vision_places(root: str, dims: Dims, tower: str | None = "vision") -> d
     ``"{base}vision_tower"``), named ``"{tower}.<component>"`` (plain names for the main
     tower, ``tower=None``)."""
     block = f"{root}.encoder.layers.{{layer}}"
-    heads = _with_dims(split_heads(), dims)
+    heads = with_tower_dims(split_heads(), dims)
     name = (lambda component: component) if tower is None else f"{tower}.{{}}".format
     return {
         name("embed"): Tap(f"{root}.embeddings"),
