@@ -92,8 +92,8 @@ FAMILIES = [
            "roberta.encoder.layer.{layer}.output.dense", causal=False),
 ]
 
-# Outside FAMILIES: circuit discovery, which every family of FAMILIES supports, has no OPT
-# anatomy. tests/test_opt.py runs the per-family checks on it.
+# Outside FAMILIES: tests/test_opt.py runs the per-family checks on it, and
+# tests/test_circuits.py its circuit graph (both LayerNorm layouts).
 OPT = Family("opt", _opt, "model.decoder.layers.{layer}.self_attn.out_proj",
              "model.decoder.layers.{layer}.fc2")
 

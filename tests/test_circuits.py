@@ -314,6 +314,61 @@ def test_graph_layout_and_names():
         gpt2.edge_index("embed")
 
 
+def _opt(pre_norm: bool, word_width: int = 32):
+    config = transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=families.VOCAB,
+                                    max_position_embeddings=64, word_embed_proj_dim=word_width,
+                                    do_layer_norm_before=pre_norm, activation_function="gelu")
+    torch.manual_seed(0)
+    return mechinterp.load(transformers.OPTForCausalLM(config).double())
+
+
+def _text_pairs():
+    return families.token_ids(3, 6, seed=1), families.token_ids(3, 6, seed=2)
+
+
+def _qwen2_vl_pairs():
+    from tests import test_qwen2_vl
+
+    return mechinterp.load(test_qwen2_vl._qwen2_vl()), test_qwen2_vl._inputs(1), test_qwen2_vl._inputs(2)
+
+
+def _blip2_pairs():
+    from tests import test_blip2
+
+    return mechinterp.load(test_blip2._blip2()), test_blip2._inputs(1), test_blip2._inputs(2)
+
+
+MORE_FAMILIES = {
+    # OPT flattens batch and position in front of its MLP; 350m is post-LayerNorm with a
+    # narrower word embedding projected in and out.
+    "opt": lambda: (_opt(True), *_text_pairs()),
+    "opt-post-norm": lambda: (_opt(False, word_width=16), *_text_pairs()),
+    "qwen2-vl": _qwen2_vl_pairs,
+    "blip-2": _blip2_pairs,
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_FAMILIES))
+def test_more_families_full_and_empty_graphs_and_eap(name):
+    """The graph of OPT (both layouts) and of the Qwen2-VL and BLIP-2 language models: the full
+    graph is the clean run, the empty graph the corrupted run (images differ), and EAP is the
+    derivative in the edge weight."""
+    model, clean, corrupt = MORE_FAMILIES[name]()
+    task = CircuitTask(model, clean, corrupt, metric=LogitDiff(3, 4), progress=False)
+
+    def plain(inputs):
+        with torch.no_grad():
+            logits = model._module(**model._forward_inputs(model._as_tokens(inputs))).logits[:, -1]
+        return logits[:, 3] - logits[:, 4]
+
+    torch.testing.assert_close(task.reference.full, plain(clean), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(task.reference.empty, plain(corrupt), rtol=1e-10, atol=1e-10)
+    if name != "qwen2-vl":  # its rotary tables are float32: finite differences drown in rounding
+        _assert_eap_is_the_derivative(task, attribute_edges(task, method="eap"), [
+            "embed->a0.h1.q", "a0.h1->m1", "m0->a1.h2.v", "m1->logits", "embed->logits"])
+
+
 def test_an_encoder_without_its_head_is_refused():
     config = families.build(POST_NORM[0]).config
     with pytest.warns(UserWarning):

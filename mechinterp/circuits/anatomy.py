@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models import bert, clip, gpt2, gpt_neox, llama, llava
+from mechinterp.models import bert, blip2, clip, gpt2, gpt_neox, llama, llava, opt, qwen2_vl
 from mechinterp.models.table import Dims, SiteTable, Tap
 
 
@@ -50,16 +50,11 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
     """The anatomy of ``model``'s family; UnsupportedModelError for families without one."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in llava.MODEL_TYPES:
-        # The language model's graph; the vision tower and projector feed it through the
-        # image tokens' embeddings (the ``embed`` source).
-        inner = anatomy_of(_TextModel(config.text_config), table)
-        prefix = "{base}language_model."
-        return Anatomy(*(path.replace("{base}", prefix) for path in
-                         (inner.attn_norm, inner.mlp_norm, inner.final_norm)), inner.parallel)
+    if model_type in (*llava.MODEL_TYPES, *qwen2_vl.MODEL_TYPES, *blip2.MODEL_TYPES):
+        return _language_model_anatomy(config, table)
     if model_type in gpt2.MODEL_TYPES:
         return Anatomy("{base}h.{layer}.ln_1", "{base}h.{layer}.ln_2", "{base}ln_f", parallel=False)
-    if model_type in llama.MODEL_TYPES:
+    if model_type in (*llama.MODEL_TYPES, *_QWEN2_VL_TEXT):
         return Anatomy("{base}layers.{layer}.input_layernorm",
                        "{base}layers.{layer}.post_attention_layernorm", "{base}norm",
                        parallel=False)
@@ -68,6 +63,8 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
                        "{base}layers.{layer}.post_attention_layernorm",
                        "{base}final_layer_norm",
                        parallel=bool(getattr(model.config, "use_parallel_residual", True)))
+    if model_type in opt.MODEL_TYPES:
+        return _opt_anatomy(model, table)
     if model_type in clip.MODEL_TYPES:
         # The text tower's graph; the images are fixed candidates it is scored against.
         block = "{base}text_model.encoder.layers.{layer}"
@@ -90,9 +87,56 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
     raise UnsupportedModelError(msg)
 
 
+# Qwen2-VL's language model is a Qwen2 decoder (with multimodal rotary positions, applied after
+# the projections edge patching recomputes).
+_QWEN2_VL_TEXT = ("qwen2_vl_text", "qwen2_5_vl_text")
+
+
 class _TextModel:
     def __init__(self, config: object):
         self.config = config
+
+
+def _language_model_anatomy(config: object, table: SiteTable) -> Anatomy:
+    """A multimodal model's graph is its language model's; the vision tower and projector feed
+    it through the image tokens' embeddings (the ``embed`` source). The language model's paths
+    move under the prefix at which the table finds its blocks."""
+    inner = anatomy_of(_TextModel(config.text_config), table)
+    inner_blocks = inner.mlp_norm.split(".{layer}")[0][len("{base}"):]
+    prefix = table.blocks[:len(table.blocks) - len(inner_blocks)]
+    if not table.blocks.endswith(inner_blocks):
+        msg = f"cannot place the language model's blocks {inner_blocks!r} under {table.blocks!r}"
+        raise UnsupportedModelError(msg)
+
+    def moved(path: str | None) -> str | None:
+        return None if path is None else path.replace("{base}", prefix)
+
+    return Anatomy(moved(inner.attn_norm), moved(inner.mlp_norm), moved(inner.final_norm),
+                   inner.parallel, None if inner.post_norms is None
+                   else tuple(moved(path) for path in inner.post_norms))
+
+
+def _opt_anatomy(model: object, table: SiteTable) -> Anatomy:
+    """OPT: pre-LayerNorm (most sizes) or post-LayerNorm (350m). Its MLP sees batch and
+    position flattened into one axis, which the edge-patching forward unflattens."""
+    config = model.config
+    block = "{base}decoder.layers.{layer}"
+    # The unembedding's read: the final LayerNorm, else the projection out, else the head.
+    has_final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+    if has_final_norm:
+        final = "{base}decoder.final_layer_norm"
+    elif getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        final = "{base}decoder.project_out"
+    elif "logits" in table.places:
+        final = table.place("logits").path
+    else:
+        msg = "circuit discovery on OPT needs its language-model head (an OPTForCausalLM)"
+        raise UnsupportedModelError(msg)
+    if config.do_layer_norm_before:
+        return Anatomy(f"{block}.self_attn_layer_norm", f"{block}.final_layer_norm", final,
+                       parallel=False)
+    return Anatomy(None, f"{block}.fc1", final, parallel=False,
+                   post_norms=(f"{block}.self_attn_layer_norm", f"{block}.final_layer_norm"))
 
 
 def in_out_weight(module: nn.Module, name: str) -> torch.Tensor:

@@ -226,7 +226,7 @@ class EdgeForward:
         norm = stream.norms[index]
 
         def hook(_module: nn.Module, args: tuple):
-            scale = stream.scale(norm, args[0])
+            scale = stream.scale(norm, _unflat(state, args[0]))
             if state.record:
                 state.scales.append(scale)
             if state.weights is None:
@@ -292,7 +292,7 @@ class EdgeForward:
     def _mlp_output(self, state: EdgeState, layer: int):
         def hook(_module: nn.Module, _args: tuple, output: object):
             out = output[0] if isinstance(output, tuple) else output
-            self._add_source(state, self.graph.mlp_source(layer), out.unsqueeze(1))
+            self._add_source(state, self.graph.mlp_source(layer), _unflat(state, out).unsqueeze(1))
 
         return hook
 
@@ -348,12 +348,20 @@ class EdgeForward:
 
         def hook(_module: nn.Module, args: tuple):
             x = args[0]
-            shift = self._shift(state, destination, destination + 1, x)
+            shift = self._shift(state, destination, destination + 1, _unflat(state, x))
             if shift is None:
                 return None
-            return (x + shift[:, 0], *args[1:])
+            return (x + shift[:, 0].reshape(x.shape), *args[1:])
 
         return hook
+
+
+def _unflat(state: EdgeState, x: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, d_model]`` from a tensor that a module (OPT's MLP) sees flattened to
+    ``[batch * pos, d_model]``."""
+    if x.dim() != 2:
+        return x
+    return x.unflatten(0, (state.block_inputs[0].shape[0], -1))
 
 
 def _tap(table: object, component: str) -> Tap:

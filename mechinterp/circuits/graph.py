@@ -50,8 +50,9 @@ class CircuitGraph:
 
     @classmethod
     def of(cls, model: object) -> CircuitGraph:
-        """The graph of an :class:`~mechinterp.InterpModel` (decoder families, LLaVA's language
-        model, and the post-LayerNorm encoders BERT and RoBERTa)."""
+        """The graph of an :class:`~mechinterp.InterpModel`: decoder families, the language
+        models of LLaVA, Qwen2-VL and BLIP-2, CLIP's text tower, and the post-LayerNorm
+        encoders BERT and RoBERTa (:func:`~mechinterp.circuits.anatomy.anatomy_of`)."""
         table = getattr(model, "table", None)
         module = getattr(model, "_module", None)
         if table is None or module is None:
