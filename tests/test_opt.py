@@ -192,6 +192,6 @@ def test_bad_sites_and_circuits_are_refused_by_name(opt64):
         opt64.cache(ids, [Site("vision.resid_post", layer=0)])
     from mechinterp.circuits import CircuitTask
 
-    with pytest.raises(UnsupportedModelError, match="'opt'"):
-        CircuitTask(opt64, ids, token_ids(seed=2), metric=lambda logits, pairs: logits[:, 3],
-                    progress=False)
+    with pytest.raises(UnsupportedModelError, match="needs the language-model head"):
+        CircuitTask(_opt(head=False), ids, token_ids(seed=2),
+                    metric=lambda logits, pairs: logits[:, 3], progress=False)

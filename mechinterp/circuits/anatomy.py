@@ -50,6 +50,11 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
     """The anatomy of ``model``'s family; UnsupportedModelError for families without one."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type not in clip.MODEL_TYPES and "logits" not in table.places:
+        msg = (f"circuit discovery needs the language-model head, which the logits destination "
+               f"reads; this {table.family} model has none ({table.unsupported.get('logits', '')}). "
+               f"Load the model with its head (e.g. a ...ForCausalLM or ...ForMaskedLM)")
+        raise UnsupportedModelError(msg)
     if model_type in (*llava.MODEL_TYPES, *qwen2_vl.MODEL_TYPES, *blip2.MODEL_TYPES):
         return _language_model_anatomy(config, table)
     if model_type in gpt2.MODEL_TYPES:
@@ -72,12 +77,7 @@ def anatomy_of(model: nn.Module, table: SiteTable) -> Anatomy:
                        "{base}text_model.final_layer_norm", parallel=False)
     if model_type in bert.MODEL_TYPES:
         block = "{base}encoder.layer.{layer}"
-        head = table.place("logits").path if "logits" in table.places else None
-        if head is None:
-            msg = (f"circuit discovery on {model_type} needs its language-model head (a "
-                   f"{model_type.capitalize()}ForMaskedLM), which the logits destination reads")
-            raise UnsupportedModelError(msg)
-        return Anatomy(None, f"{block}.intermediate", head, parallel=False,
+        return Anatomy(None, f"{block}.intermediate", table.place("logits").path, parallel=False,
                        post_norms=(f"{block}.attention.output.LayerNorm", f"{block}.output.LayerNorm"))
     msg = (
         f"circuit discovery has no residual-stream anatomy for family {table.family!r}; "
@@ -127,11 +127,8 @@ def _opt_anatomy(model: object, table: SiteTable) -> Anatomy:
         final = "{base}decoder.final_layer_norm"
     elif getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
         final = "{base}decoder.project_out"
-    elif "logits" in table.places:
-        final = table.place("logits").path
     else:
-        msg = "circuit discovery on OPT needs its language-model head (an OPTForCausalLM)"
-        raise UnsupportedModelError(msg)
+        final = table.place("logits").path
     if config.do_layer_norm_before:
         return Anatomy(f"{block}.self_attn_layer_norm", f"{block}.final_layer_norm", final,
                        parallel=False)
