@@ -168,12 +168,13 @@ class EdgeForward:
         graph = self.graph
         weights = state.weights
         any_row = weights.ne(0) if weights.dim() == 2 else weights.ne(0).any(dim=0)
-        chunks = [(0, 1)]
-        for layer in range(graph.n_layers):
-            heads = graph.head_sources(layer)
-            chunks += [(heads.start, heads.stop), (graph.mlp_source(layer), graph.mlp_source(layer) + 1)]
         if self.stream is not None:
             chunks = [(0, graph.n_sources)]  # one difference of all contributions per read point
+        else:
+            chunks = [(0, 1)]
+            for layer in range(graph.n_layers):
+                heads, mlp = graph.head_sources(layer), graph.mlp_source(layer)
+                chunks += [(heads.start, heads.stop), (mlp, mlp + 1)]
         ranges = []
         for layer in range(graph.n_layers):
             for part in ("q", "k", "v"):

@@ -176,15 +176,17 @@ class CircuitTask:
             sources, scales = self.clean_sources, self.clean_scales
             if self.corrupt is not None:
                 sources, _, scales = self._record(self.corrupt)
-            mean = self._masked_mean([sources])[0]
+            # Means over the real tokens of every prompt at each position.
+            counts = self._token_mask(None, sources.dtype).sum(0, keepdim=True).clamp(min=1)
+            mean = self._masked_sum(sources, None) / counts
             if stream is None:
                 return _Patched(mean)
             # The mean contribution at each read point, which no single run's divisors give.
             sums = None
             for rows in self._chunks():
-                part = self._masked_sums(list(stream.ledgers(sources[rows], scales[rows])), rows)
+                part = [self._masked_sum(ledger, rows)
+                        for ledger in stream.ledgers(sources[rows], scales[rows])]
                 sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-            counts = self._token_counts(sources.dtype)
             return _Patched(mean, ledgers=[total / counts for total in sums])
         generator = torch.Generator().manual_seed(self._seed)
         order = _derangement(self.n_rows, generator).to(self.clean_sources.device)
@@ -196,17 +198,9 @@ class CircuitTask:
         mask = self.clean.attention_mask if rows is None else self.clean.attention_mask[rows]
         return mask.to(dtype=dtype, device=self.clean_sources.device)[:, None, :, None]
 
-    def _token_counts(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._token_mask(None, dtype).sum(0, keepdim=True).clamp(min=1)
-
-    def _masked_sums(self, tensors: list[torch.Tensor], rows: slice | None) -> list[torch.Tensor]:
-        mask = self._token_mask(rows, tensors[0].dtype)
-        return [(tensor * mask).sum(0, keepdim=True) for tensor in tensors]
-
-    def _masked_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Means over the real tokens of every prompt at each position."""
-        counts = self._token_counts(tensors[0].dtype)
-        return [total / counts for total in self._masked_sums(tensors, None)]
+    def _masked_sum(self, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """``[1, ...]`` sum over prompts of ``tensor``'s real tokens at each position."""
+        return (tensor * self._token_mask(rows, tensor.dtype)).sum(0, keepdim=True)
 
     def _forward(self, tokens, rows: slice | torch.Tensor, state: EdgeState,
                  repeat: int = 1) -> torch.Tensor:
