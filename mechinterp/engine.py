@@ -13,6 +13,7 @@ for small models at batch 1 (see ``benchmarks/bench_sites.py``). The model stays
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from mechinterp.attention import exposing_patterns
+from mechinterp.models.processor_attention import exposing_processor_patterns, is_processor_attention
 from mechinterp.errors import SiteError
 from mechinterp.interventions import Intervention, TensorEdit
 from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
@@ -46,16 +48,19 @@ def resolve(site: Site, table: SiteTable, base: str) -> Resolved:
             msg = f"layer for {site} must lie in [{-dims.n_layers}, {dims.n_layers}); got {layer}"
             raise SiteError(msg)
         layer %= dims.n_layers
-    check_indices(site, table)
+    check_indices(site, table, layer)
     place = table.place(site.component)
     if isinstance(place, Sum):
         place = place.read
-    return Resolved(site, layer, place, place.path.format(base=base, layer=layer))
+    return Resolved(site, layer, place, table.module_path(site.component, place.path, base, layer))
 
 
-def check_indices(site: Site, table: SiteTable) -> None:
-    """Check a site's head and neuron indices against the model."""
-    dims = table.dims_for(site.component)
+def check_indices(site: Site, table: SiteTable, layer: int | None = None) -> None:
+    """Check a site's head and neuron indices against the model (against the sizes of unit
+    ``layer`` for components with units of their own, such as a U-Net's)."""
+    if layer is None and site.layer is not None and site.component in table.units:
+        layer = site.layer % table.dims_for(site.component).n_layers
+    dims = table.dims_for(site.component, layer)
     n_heads = dims.n_kv_heads if base_component(site.component) in ("k", "v") else dims.n_heads
     _check_range(site, "head", site.head, n_heads)
     _check_range(site, "neuron", site.neuron, dims.d_mlp)
@@ -73,15 +78,18 @@ def _check_range(site: Site, name: str, value: int | tuple[int, ...] | None, siz
 class Selection:
     """The part of a component's tensor that a site (and optional batch rows) names."""
 
-    def __init__(self, site: Site, spans: Callable[[], RowSpans], rows: tuple[int, ...] | None):
+    def __init__(self, site: Site, spans: Callable[[], RowSpans], rows: tuple[int, ...] | None,
+                 *, padded: bool = True):
         self.site = site
         self.axes = component_axes(site.component)
         self.rows = rows
         if site.pos is None:
             columns = slice(None)
-        elif tower_of(site.component) is not None or base_component(site.component) == "projector":
-            # A tower's tokens (image patches) are never padded: positions are the same
-            # columns in every row, negative ones counted from the end by indexing itself.
+        elif (not padded or tower_of(site.component) is not None
+              or base_component(site.component) == "projector"):
+            # A tower's tokens (image patches) and a U-Net's spatial positions are never padded:
+            # positions are the same columns in every row, negative ones counted from the end
+            # by indexing itself.
             columns = site.pos if isinstance(site.pos, int) else torch.tensor(site.pos)[None, :]
         else:
             # Row spans cost a device sync; only positions need them.
@@ -215,7 +223,7 @@ class Plan:
         self,
         table: SiteTable,
         base: str,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         reads: Sequence[Site],
         edits: Sequence[Intervention],
         resolved: dict[Site, Resolved] | None = None,
@@ -235,6 +243,9 @@ class Plan:
 
     def spans(self) -> RowSpans:
         if self._spans is None:
+            if self._mask is None:
+                msg = "positions of padded tokens need the batch's attention mask; the plan has none"
+                raise SiteError(msg)
             self._spans = RowSpans.from_mask(self._mask)
         return self._spans
 
@@ -264,16 +275,22 @@ class Plan:
             self.boundaries[key] = _Boundary(path, io, item, kwarg, flat)
         return self.boundaries[key]
 
-    def _view(self, place: Tap | PatternTap) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _view(self, place: Tap | PatternTap, component: str,
+              layer: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
         view = getattr(place, "view", None)
-        dims = self.table.dims
+        # Units have sizes of their own (a U-Net's heads differ in width from layer to layer).
+        dims = self.table.dims_for(component, layer) if component in self.table.units \
+            else self.table.dims
         return (lambda raw: view(raw, dims)) if view is not None else (lambda raw: raw)
+
+    def _selection(self, site: Site, rows: tuple[int, ...] | None) -> Selection:
+        return Selection(site, self.spans, rows, padded=self.table.padded)
 
     def _add_read(self, site: Site) -> None:
         resolved = self._resolve(site)
-        selection = Selection(site, self.spans, None)
+        selection = self._selection(site, None)
         place, path = self._read_place(site, resolved)
-        view = self._view(place)
+        view = self._view(place, site.component, resolved.layer)
 
         def read(raw: torch.Tensor, state: dict) -> None:
             value = selection.get(view(raw)).detach()
@@ -296,11 +313,11 @@ class Plan:
         if isinstance(edit, TensorEdit):
             self._add_tensor_edit(edit, place, resolved)
             return
-        selection = Selection(site, self.spans, edit.rows)
+        selection = self._selection(site, edit.rows)
         if isinstance(place, Sum):
             self._add_sum_edit(edit, place, resolved.layer, selection)
             return
-        view = self._view(resolved.place)
+        view = self._view(resolved.place, site.component, resolved.layer)
         boundary = self._boundary(resolved.place, resolved.path)
         boundary.edits.append(lambda raw, state: selection.put(view(raw), edit.apply))
         boundary.sites.append(site)
@@ -310,12 +327,13 @@ class Plan:
         if isinstance(place, Sum):
             base_key = self._capture_sum_base(place, resolved.layer)
             shifted_place = self.table.place(place.shifted)
-            path = shifted_place.path.format(base=self.base, layer=resolved.layer)
+            path = self.table.module_path(place.shifted, shifted_place.path, self.base,
+                                          resolved.layer)
             boundary = self._boundary(shifted_place, path)
             boundary.edits.append(
                 lambda raw, state: edit.write(raw, state["scratch"][base_key] + raw))
         else:
-            view = self._view(resolved.place)
+            view = self._view(resolved.place, edit.site.component, resolved.layer)
             boundary = self._boundary(resolved.place, resolved.path)
             boundary.edits.append(lambda raw, state: edit.write(view(raw), None))
         boundary.sites.append(edit.site)
@@ -331,7 +349,7 @@ class Plan:
 
         if base_key not in self._captured:
             self._captured.add(base_key)
-            path = base_place.path.format(base=self.base, layer=layer)
+            path = self.table.module_path(place.base, base_place.path, self.base, layer)
             self._boundary(base_place, path).reads.append(capture)
         return base_key
 
@@ -351,7 +369,8 @@ class Plan:
             delta = edit.apply(selected) - selected
             selection.put(raw, lambda shifted: shifted + delta)
 
-        boundary = self._boundary(shifted_place, shifted_place.path.format(base=self.base, layer=layer))
+        boundary = self._boundary(shifted_place, self.table.module_path(
+            place.shifted, shifted_place.path, self.base, layer))
         boundary.edits.append(shift)
         boundary.sites.append(edit.site)
 
@@ -415,10 +434,13 @@ class _Stubbed:
 
 
 def _forward(module, plan, inputs, execution_order, modules, stubs, *, copy: bool):
-    state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy,
-                   "batch": inputs["input_ids"].shape[0]}
+    # The batch size, for modules that flatten batch and position (Tap.flat): language models
+    # take token ids, U-Nets a noisy sample.
+    batch = next((inputs[name].shape[0] for name in ("input_ids", "sample") if name in inputs), 0)
+    state: dict = {"reads": {}, "scratch": {}, "shared": [], "copy": copy, "batch": batch}
     handles = []
     patterns: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    processor_patterns: list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = []
     boundaries = plan.ordered(execution_order)
     modules = {} if modules is None else modules
     stubbed = _Stubbed([(_cached_submodule(module, path, modules), output)
@@ -436,12 +458,15 @@ def _forward(module, plan, inputs, execution_order, modules, stubs, *, copy: boo
             elif boundary.io == "input":
                 handles.append(target.register_forward_pre_hook(
                     _input_hook(boundary, state), with_kwargs=True, prepend=True))
+            elif is_processor_attention(target):
+                processor_patterns.append((target, lambda probs, b=boundary: b.apply(probs, state)))
             else:
                 patterns[id(target)] = lambda probs, b=boundary: b.apply(probs, state)
-        if patterns:
-            with exposing_patterns(module, patterns):
-                output = module(**inputs)
-        else:
+        with contextlib.ExitStack() as exposed:
+            if patterns:
+                exposed.enter_context(exposing_patterns(module, patterns))
+            if processor_patterns:
+                exposed.enter_context(exposing_processor_patterns(processor_patterns))
             output = module(**inputs)
     finally:
         for handle in handles:
@@ -475,11 +500,23 @@ def _output_hook(boundary: _Boundary, state: dict):
     def hook(_module: nn.Module, _args: tuple, output: object) -> object:
         if isinstance(output, tuple):
             item = boundary.item
-            new = boundary.apply(output[item], state)
-            return output[:item] + (new,) + output[item + 1:]
+            old = output[item]
+            new = boundary.apply(old, state)
+            if new is old:
+                return output
+            # A tensor a module returns twice is one value: a U-Net down block's hidden state
+            # is also its last skip connection, and an edit must reach both.
+            return tuple(new if part is old else _replaced_in(part, old, new) for part in output)
         return boundary.apply(output, state)
 
     return hook
+
+
+def _replaced_in(part: object, old: torch.Tensor, new: torch.Tensor) -> object:
+    """``part`` with ``old`` replaced by ``new`` where it holds it in a tuple."""
+    if isinstance(part, tuple) and any(x is old for x in part):
+        return tuple(new if x is old else x for x in part)
+    return part
 
 
 def _input_hook(boundary: _Boundary, state: dict):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -146,26 +146,7 @@ class InterpModel(NNsight):
 
     def sites(self, selection: Sites, *, n_positions: int | None = None) -> list[Site]:
         """Expand a selector (or pass through sites) with this model's sizes."""
-        if isinstance(selection, Site):
-            return [selection]
-        if isinstance(selection, SiteUnion):
-            return [site for part in selection.parts
-                    for site in self.sites(part, n_positions=n_positions)]
-        if isinstance(selection, SiteSelector):
-            sites = []
-            # Each component expands with its own tower's sizes.
-            for component in selection.components:
-                d = self.table.dims_for(component)
-                sites += replace(selection, components=(component,)).sites(
-                    n_layers=d.n_layers, n_heads=d.n_heads, n_neurons=d.d_mlp,
-                    n_positions=n_positions)
-            return sites
-        sites = list(selection)
-        for site in sites:
-            if not isinstance(site, Site):
-                msg = f"sites must be Site objects or a selector; got {type(site).__name__}"
-                raise InputError(msg)
-        return sites
+        return expand_sites(self.table, selection, n_positions=n_positions)
 
     @property
     def execution_order(self) -> tuple[str, ...]:
@@ -430,6 +411,35 @@ class InterpModel(NNsight):
         if result.logits is None:
             self.table.place("logits")  # raises, naming why there is no head
         return result.logits
+
+
+def expand_sites(table: SiteTable, selection: Sites, *, n_positions: int | None = None
+                 ) -> list[Site]:
+    """Expand a selector (or pass through sites) with the sizes of ``table``'s model."""
+    if isinstance(selection, Site):
+        return [selection]
+    if isinstance(selection, SiteUnion):
+        return [site for part in selection.parts
+                for site in expand_sites(table, part, n_positions=n_positions)]
+    if isinstance(selection, SiteSelector):
+        sites = []
+        # Each component expands with its own tower's (or units') sizes.
+        for component in selection.components:
+            d = table.dims_for(component)
+            sites += replace(selection, components=(component,)).sites(
+                n_layers=d.n_layers, n_heads=d.n_heads, n_neurons=d.d_mlp,
+                n_positions=n_positions)
+        return sites
+    if isinstance(selection, (str, bytes)) or not isinstance(selection, Iterable):
+        msg = (f"sites must be a Site, a sequence of Sites or a selector; got "
+               f"{type(selection).__name__}")
+        raise InputError(msg)
+    sites = list(selection)
+    for site in sites:
+        if not isinstance(site, Site):
+            msg = f"sites must be Site objects or a selector; got {type(site).__name__}"
+            raise InputError(msg)
+    return sites
 
 
 def _required_inputs(module: nn.Module) -> tuple[str, ...]:

@@ -39,7 +39,24 @@ COMPONENT_AXES: dict[str, tuple[str, ...]] = {
     # Image tokens as the language model receives them (a multimodal projector's output); pos
     # indexes the image's tokens.
     "projector": ("batch", "pos", "d_model"),
+    # Diffusion U-Nets (``mechinterp.models.unet``). Positions index the feature map's spatial
+    # locations row-major (``h * width + w``) at that layer's resolution, and d_model its
+    # channels. ``resnet`` is a ResNet block's output, ``block`` a down, mid or up block's;
+    # ``cross_*`` are the cross-attention (``attn2``) counterparts of ``attn_out``, ``head``,
+    # ``q``, ``k``, ``v`` and ``pattern``, whose keys and values index the text tokens.
+    "resnet": ("batch", "pos", "d_model"),
+    "block": ("batch", "pos", "d_model"),
+    "cross_attn": ("batch", "pos", "d_model"),
+    "cross_head": ("batch", "pos", "head", "d_head"),
+    "cross_q": ("batch", "pos", "head", "d_head"),
+    "cross_k": ("batch", "pos", "head", "d_head"),
+    "cross_v": ("batch", "pos", "head", "d_head"),
+    "cross_pattern": ("batch", "head", "pos", "key_pos"),
 }
+
+#: Components only diffusion U-Nets have.
+UNET_COMPONENTS = frozenset({"resnet", "block", "cross_attn", "cross_head", "cross_q", "cross_k",
+                             "cross_v", "cross_pattern"})
 
 #: Components that exist once per model rather than once per layer.
 GLOBAL_COMPONENTS = frozenset({"embed", "logits", "projector"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models import bert, blip2, clip, gpt2, gpt_neox, llama, llava, opt, qwen2_vl
+from mechinterp.models import bert, blip2, clip, gpt2, gpt_neox, llama, llava, opt, qwen2_vl, unet
 from mechinterp.models.table import Dims, PatternTap, SiteTable, Sum, Tap
 
 _FAMILIES = (gpt2, llama, gpt_neox, opt, bert, llava, blip2, qwen2_vl, clip)
@@ -15,7 +15,10 @@ FAMILIES = {model_type: family for family in _FAMILIES for model_type in family.
 
 
 def site_table(model: nn.Module) -> SiteTable:
-    """Detect the family of a transformers model and build its site table."""
+    """Detect the family of a transformers model (or a diffusers U-Net) and build its site
+    table."""
+    if unet.is_unet(model):
+        return unet.site_table(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:

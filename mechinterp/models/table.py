@@ -14,13 +14,16 @@ Each component maps to one of three kinds of place:
   own eager attention function (``mechinterp.attention``) because no module boundary holds them.
 
 Multimodal towers and U-Net blocks use the same three kinds; their families add components and
-position resolvers of their own.
+position resolvers of their own. A U-Net's layers are not numbered uniformly (a transformer
+layer sits at ``down_blocks.1.attentions.0.transformer_blocks.0``) and differ in size, so its
+components name their layers through :class:`Units`: a place's ``{unit}`` expands to the
+layer's module path, and each layer has sizes of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -94,6 +97,21 @@ class PatternTap:
 Place = Tap | Sum | PatternTap
 
 
+@dataclass(frozen=True)
+class Units:
+    """The layers of components that are not the table's numbered blocks (a U-Net's ResNets,
+    transformer layers or down/mid/up blocks): one module path and one set of sizes each.
+
+    Args:
+        paths: the module path of each layer, in forward order; a place's ``{unit}`` expands to
+            it.
+        dims: the sizes of each layer (``n_layers`` is the number of units).
+    """
+
+    paths: tuple[str, ...]
+    dims: tuple[Dims, ...]
+
+
 class InputPacking(Protocol):
     """Inputs a model takes packed across prompts (no batch axis), carried per prompt.
 
@@ -138,6 +156,10 @@ class SiteTable:
         image_token_id: the id that marks image tokens in the main tower's input, if any.
         packing: for models that take some inputs packed across prompts, with no batch axis
             (Qwen2-VL's pixel values), how mechinterp carries them per prompt instead.
+        units: component -> its layers, for components whose layers are not ``blocks`` (see
+            :class:`Units`).
+        padded: whether positions index tokens of a padded batch, counted from each row's first
+            real token; a U-Net's spatial positions are the same columns in every row.
     """
 
     family: str
@@ -151,9 +173,16 @@ class SiteTable:
     towers: dict[str, Dims] = field(default_factory=dict)
     image_token_id: int | None = None
     packing: InputPacking | None = None
+    units: dict[str, Units] = field(default_factory=dict)
+    padded: bool = True
 
-    def dims_for(self, component: str) -> Dims:
-        """The sizes a component's indices are checked against (its tower's)."""
+    def dims_for(self, component: str, layer: int | None = None) -> Dims:
+        """The sizes a component's indices are checked against: its tower's, or those of its
+        unit ``layer`` (the first unit's, with the number of units, when ``layer`` is None)."""
+        units = self.units.get(component)
+        if units is not None:
+            own = units.dims[0 if layer is None else layer]
+            return replace(own, n_layers=len(units.paths))
         tower = tower_of(component)
         if tower is None:
             return self.dims
@@ -161,6 +190,12 @@ class SiteTable:
             msg = f"component {component!r}: this {self.family} model has no {tower} tower"
             raise SiteError(msg)
         return self.towers[tower]
+
+    def module_path(self, component: str, path: str, base: str, layer: int | None) -> str:
+        """The module path of ``path`` (a place of ``component``) at ``layer``."""
+        units = self.units.get(component)
+        unit = units.paths[layer] if units is not None and layer is not None else None
+        return path.format(base=base, layer=layer, unit=unit)
 
     def place(self, component: str) -> Place:
         """The place of ``component``, or a SiteError saying why there is none."""
