@@ -241,6 +241,42 @@ def classify_colour(images: torch.Tensor, *, min_fraction: float = 0.05) -> list
     return result
 
 
+class ColourShift:
+    """A patching metric: per image, the fraction of its pixels in the ``wanted`` colour minus
+    the fraction in the ``other`` colour (both palette names, one per image); 1 is an image
+    painted all in ``wanted``, and a shape drawn in ``wanted`` on black scores its area.
+
+    Examples:
+        >>> import torch
+        >>> red = torch.zeros(1, 3, 16, 16)
+        >>> red[0, 0, :8] = 1.0  # the top half pure red
+        >>> ColourShift(["red"], ["blue"])(red)
+        tensor([0.5000])
+    """
+
+    __name__ = "colour shift"
+
+    def __init__(self, wanted: list[str], other: list[str]):
+        unknown = sorted({c for c in [*wanted, *other] if c not in shapes.COLOUR_NAMES})
+        if unknown or len(wanted) != len(other):
+            msg = (f"wanted and other must be equally long lists of {shapes.COLOUR_NAMES}; got "
+                   f"{len(wanted)} and {len(other)} names, unknown {unknown}")
+            raise ValueError(msg)
+        self.wanted = torch.tensor([shapes.COLOUR_NAMES.index(c) for c in wanted])
+        self.other = torch.tensor([shapes.COLOUR_NAMES.index(c) for c in other])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        rows = len(self.wanted)
+        if images.shape[0] % rows:
+            msg = f"images must hold a multiple of {rows} rows (one colour pair each); got {images.shape[0]}"
+            raise ValueError(msg)
+        labels = torch.stack([shapes.pixel_colours(image.cpu()) for image in images]).flatten(1)
+        wanted = self.wanted.repeat(images.shape[0] // rows)[:, None]
+        other = self.other.repeat(images.shape[0] // rows)[:, None]
+        return (labels == wanted).float().mean(1) - (labels == other).float().mean(1)
+
+
 def _templates() -> tuple[list[str], torch.Tensor]:
     steps = torch.linspace(-shapes.MAX_JITTER, shapes.MAX_JITTER, shapes.JITTER_STEPS).tolist()
     kinds, masks = [], []

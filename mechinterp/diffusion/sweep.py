@@ -1,0 +1,228 @@
+"""Site x timestep patching: restore one site's clean value at one denoising step.
+
+For each cell (site, step) the corrupted prompts are generated again from the same noise, with
+the site's value at that step taken from the clean prompts' generation, and the finished
+images are scored. Cells are batched, and each cell starts where it first differs from the
+corrupted generation: every cell patched at step ``s`` goes on from the corrupted sample
+entering step ``s`` (and the scheduler's state there, widened to the cells' rows), so steps
+before ``s`` are never recomputed. A per-cell loop runs all ``steps`` for every cell.
+
+Examples:
+    >>> import mechinterp
+    >>> from mechinterp.diffusion.sweep import timestep_patch
+    >>> from mechinterp.zoo.train_toy_unet import ColourShift
+    >>> model = mechinterp.load("toy-unet")
+    >>> result = timestep_patch(model, ["red circle"], ["blue circle"],
+    ...                         metric=ColourShift(["red"], ["blue"]), steps=4, progress=False)
+    >>> tuple(result.values.shape), [str(s) for s in result.sites][:2]  # [row, site, step]
+    ((1, 5, 4), ['block.0', 'block.1'])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mechinterp.diffusion.denoise import Denoiser, _noise, _states, _step_set, generate, to_images
+from mechinterp.errors import InputError, ShapeError
+from mechinterp.interventions import Set
+from mechinterp.patching.result import _site_dict, _site_from_dict
+from mechinterp.sites import Site, select
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TimestepPatchResult:
+    """Metric values of generations with one site restored at one step.
+
+    Attributes:
+        sites: the patched sites.
+        steps: the patched step indices (0 is the noisiest).
+        timesteps: the scheduler's timestep at each of ``steps``.
+        values: ``[row, site, step]`` metric of each patched generation.
+        clean: ``[row]`` metric of the clean generations.
+        corrupt: ``[row]`` metric of the corrupted generations.
+        metric: description of the metric.
+    """
+
+    sites: list[Site]
+    steps: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    values: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    metric: str
+
+    def normalized(self) -> torch.Tensor:
+        """``[site, step]``: 0 is the corrupted generations' mean metric, 1 the clean ones'."""
+        clean, corrupt = self.clean.mean(), self.corrupt.mean()
+        return (self.values.mean(0) - corrupt) / (clean - corrupt)
+
+    def to_frame(self):
+        """A long pandas frame: row, site, component, layer, step, timestep, value, normalized."""
+        import pandas as pd
+
+        normalized = self.normalized()
+        records = [
+            {"row": row, "site": str(site), "component": site.component, "layer": site.layer,
+             "step": step, "timestep": timestep, "value": float(self.values[row, j, k]),
+             "normalized": float(normalized[j, k])}
+            for row in range(self.values.shape[0]) for j, site in enumerate(self.sites)
+            for k, (step, timestep) in enumerate(zip(self.steps, self.timesteps))
+        ]
+        return pd.DataFrame.from_records(records)
+
+    def plot(self):
+        """A matplotlib figure: the normalized effect, sites down, steps across."""
+        import matplotlib.pyplot as plt
+
+        grid = self.normalized()
+        figure, ax = plt.subplots(figsize=(1.2 + 0.45 * len(self.steps), 0.9 + 0.3 * len(self.sites)))
+        shown = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(self.steps)), [str(t) for t in self.timesteps], rotation=90)
+        ax.set_yticks(range(len(self.sites)), [str(s) for s in self.sites])
+        ax.set_xlabel("timestep (step order, noisiest first)")
+        figure.colorbar(shown, ax=ax, label="restored fraction")
+        figure.tight_layout()
+        return figure
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (safetensors tensors) and ``path.json`` (labels)."""
+        path = Path(path)
+        save_file({"values": self.values.contiguous(), "clean": self.clean.contiguous(),
+                   "corrupt": self.corrupt.contiguous()}, str(path))
+        meta = {"sites": [_site_dict(s) for s in self.sites], "steps": list(self.steps),
+                "timesteps": list(self.timesteps), "metric": self.metric}
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TimestepPatchResult:
+        path = Path(path)
+        tensors = load_file(str(path))
+        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        return cls([_site_from_dict(s) for s in meta["sites"]], tuple(meta["steps"]),
+                   tuple(meta["timesteps"]), tensors["values"], tensors["clean"],
+                   tensors["corrupt"], meta["metric"])
+
+
+def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
+                   corrupt: str | Sequence[str] | torch.Tensor, *, metric: Metric,
+                   sites: object = None, at_steps: Iterable[int] | None = None, steps: int = 50,
+                   seed: int = 0, noise: torch.Tensor | None = None,
+                   guidance_scale: float | None = None, negative_prompt: str = "",
+                   max_rows: int | None = None, progress: bool = True) -> TimestepPatchResult:
+    """Restore each site's clean value at each step of the corrupted generation.
+
+    Args:
+        model: a :class:`~mechinterp.diffusion.DiffusionModel`.
+        clean, corrupt: prompts (or encoder hidden states), one corrupted per clean row.
+        metric: finished images ``[rows, 3, height, width]`` in [0, 1] (the final sample for a
+            latent model without a VAE) -> ``[rows]`` scores.
+        sites: U-Net sites to restore (a selector or sites; default every down, mid and up
+            block, ``select("block")``).
+        at_steps: step indices to patch at (default every step).
+        steps, seed, noise, guidance_scale, negative_prompt: the generation's, as in
+            ``model.generate``; clean and corrupted generations share the noise.
+        max_rows: most generations per U-Net forward (default: every site of a step at once);
+            halved on a CUDA out-of-memory error without losing finished cells.
+        progress: show a progress bar over the cells.
+    """
+    sites = model.sites(select("block") if sites is None else sites)
+    if not sites:
+        msg = "sites must name at least one U-Net site; got none"
+        raise InputError(msg)
+    clean_states = _states(model, clean, "clean")
+    corrupt_states = _states(model, corrupt, "corrupt")
+    batch = clean_states.shape[0]
+    if corrupt_states.shape[0] != batch:
+        msg = (f"clean and corrupt must have as many rows; got {batch} and "
+               f"{corrupt_states.shape[0]}")
+        raise ShapeError(msg)
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                 or max_rows < batch):
+        msg = f"max_rows must be an int of at least the batch ({batch}); got {max_rows!r}"
+        raise InputError(msg)
+    chosen = sorted(_step_set(at_steps, steps, "at_steps"))
+    noise = _noise(model, noise, batch, seed)
+    guided = guidance_scale is not None
+    run = dict(steps=steps, seed=seed, noise=noise, guidance_scale=guidance_scale,
+               negative_prompt=negative_prompt)
+
+    source = generate(model, clean_states, cache=sites, cache_steps=chosen, **run)
+    unet_states = corrupt_states
+    if guided:
+        uncond = _states(model, negative_prompt, "negative_prompt", batch=batch)
+        unet_states = torch.cat([uncond.expand(batch, *uncond.shape[1:]), corrupt_states])
+    loop = Denoiser(model, unet_states, steps, seed=seed, guidance_scale=guidance_scale)
+    unedited = model._plan([], [])
+    sample = loop.start(noise)
+    entering: dict[int, tuple[torch.Tensor, Denoiser]] = {}
+    for i in range(steps):
+        if i in chosen:
+            entering[i] = (sample, loop.widened(sample, 1, unet_states))
+        sample, _ = loop.step(i, sample, unedited)
+
+    def score(final: torch.Tensor) -> torch.Tensor:
+        images = to_images(model, final)
+        out = metric(final if images is None else images)
+        if not isinstance(out, torch.Tensor) or out.shape != (final.shape[0],):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            msg = f"metric must return one score per generation, [{final.shape[0]}]; got {got}"
+            raise ShapeError(msg)
+        return out.detach().float().cpu()
+
+    values = torch.full((batch, len(sites), len(chosen)), float("nan"))
+    per_forward = len(sites) if max_rows is None else max(1, max_rows // batch)
+    bar = tqdm(total=len(sites) * len(chosen), desc="site x step", disable=not progress)
+    for k, step in enumerate(chosen):
+        start_sample, snapshot = entering[step]
+        first = 0
+        while first < len(sites):
+            group = list(range(first, min(first + per_forward, len(sites))))
+            try:
+                finals = _patched_generations(model, snapshot, start_sample, step, steps,
+                                              [sites[j] for j in group], source.cache[step],
+                                              unet_states, guided, unedited)
+            except torch.cuda.OutOfMemoryError:
+                if per_forward == 1:
+                    raise
+                per_forward = max(1, per_forward // 2)
+                torch.cuda.empty_cache()
+                continue
+            values[:, group, k] = score(finals).view(len(group), batch).T
+            bar.update(len(group))
+            first += len(group)
+    bar.close()
+    timesteps = tuple(int(source.timesteps[i]) for i in chosen)
+    name = getattr(metric, "__name__", None) or type(metric).__name__
+    return TimestepPatchResult(sites, tuple(chosen), timesteps, values, score(source.sample),
+                               score(sample), name)
+
+
+def _patched_generations(model, snapshot: Denoiser, start: torch.Tensor, step: int, steps: int,
+                         sites: list[Site], clean_cache, unet_states: torch.Tensor, guided: bool,
+                         unedited) -> torch.Tensor:
+    """The finished samples of ``sites`` each restored at ``step``, ``len(sites) * batch`` rows
+    (site-major), going on from the corrupted sample ``start`` entering that step."""
+    batch, n = start.shape[0], len(sites)
+    halves = unet_states.chunk(2) if guided else (unet_states,)
+    states = torch.cat([half.repeat(n, 1, 1) for half in halves])
+    loop = snapshot.widened(start, n, states)
+    edits = []
+    for j, site in enumerate(sites):
+        value = clean_cache[site]
+        for h in range(len(halves)):
+            rows = range(h * n * batch + j * batch, h * n * batch + (j + 1) * batch)
+            edits.append(Set(site, value[h * batch:(h + 1) * batch], rows=rows))
+    sample = start.repeat(n, 1, 1, 1)
+    sample, _ = loop.step(step, sample, model._plan([], edits))
+    for i in range(step + 1, steps):
+        sample, _ = loop.step(i, sample, unedited)
+    return sample
