@@ -39,6 +39,11 @@ def run_demo(out: str | Path, *, model_name: str = "induction-2l", batch: int = 
     report.add(Section("Build", facts=info), data=info)
 
     model = load(model_name, device=device)
+    if model.family == "unet":
+        from mechinterp.demo_unet import unet_sections
+
+        unet_sections(report, model, seed=seed)
+        return report.write()
     if model.family == "llava":
         from mechinterp.demo_vlm import vlm_sections
 

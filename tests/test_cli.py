@@ -137,3 +137,20 @@ def test_demo_of_the_toy_vlm(tmp_path) -> None:
     assert all(row[0] > 0.8 and max(abs(v) for v in row[1:]) < 0.2 for row in grid)
     assert report["Circuit"]["faithfulness"] > 0.8
     assert (tmp_path / "vlm" / "vlm_image_patching.png").stat().st_size > 0
+
+
+def test_demo_of_the_toy_unet(tmp_path) -> None:
+    pytest.importorskip("diffusers")
+    assert main(["demo", "--model", "toy-unet", "--out", str(tmp_path / "unet")]) == 0
+    report = json.loads((tmp_path / "unet" / "report.json").read_text())
+    assert report["Diffusion model"]["colour"] >= 0.9
+    maps = report["Cross-attention maps"]
+    assert maps["inside"] > 1.5 * maps["outside"]
+    mechanism = report["Cross-attention carries the colour"]
+    assert mechanism["colour_word_patched_source_colour"] >= 0.9
+    assert mechanism["shape_word_patched_base_colour"] >= 0.9
+    assert mechanism["cross_attention_zeroed_colour"] <= 0.4
+    sweep = report["Site x timestep patching"]
+    grid = sweep["grid"]  # [site][step], restored from that step on
+    assert sweep["sites"][-1] == "block.4" and grid[-1][0] > 0.9
+    assert (tmp_path / "unet" / "unet_timestep_patching.png").stat().st_size > 0

@@ -352,8 +352,9 @@ def test_the_colour_word_attends_to_the_shape(toy: DiffusionModel) -> None:
 # -- site x timestep patching ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm-multistep"])
-def test_the_sweep_equals_a_per_cell_loop(toy: DiffusionModel, scheduler: str) -> None:
+@pytest.mark.parametrize(("scheduler", "window"), [("ddim", "step"), ("dpm-multistep", "step"),
+                                                  ("ddim", "onward")])
+def test_the_sweep_equals_a_per_cell_loop(toy: DiffusionModel, scheduler: str, window: str) -> None:
     model = toy
     if scheduler == "dpm-multistep":
         model = DiffusionModel(toy._module, text_encoder=toy.text_encoder, tokenizer=toy.tokenizer,
@@ -363,13 +364,14 @@ def test_the_sweep_equals_a_per_cell_loop(toy: DiffusionModel, scheduler: str) -
     metric = ColourShift([c.split()[0] for c in clean], [c.split()[0] for c in corrupt])
     sites = [Site("block", layer=1), Site("cross_attn", layer=2)]
     result = timestep_patch(model, clean, corrupt, metric=metric, sites=sites, steps=5,
-                            at_steps=[1, 3], max_rows=2, progress=False)
-    assert result.values.shape == (2, 2, 2)
-    source = model.generate(clean, steps=5, cache=sites, cache_steps=[1, 3])
+                            at_steps=[1, 3], max_rows=2, window=window, progress=False)
+    assert result.values.shape == (2, 2, 2) and result.window == window
+    source = model.generate(clean, steps=5, cache=sites)
     for j, site in enumerate(sites):
         for k, step in enumerate((1, 3)):
-            images = model.generate(corrupt, steps=5,
-                                    edits={step: [Set(site, source.cache[step][site])]}).images
+            restored = [step] if window == "step" else range(step, 5)
+            edits = {i: [Set(site, source.cache[i][site])] for i in restored}
+            images = model.generate(corrupt, steps=5, edits=edits).images
             torch.testing.assert_close(result.values[:, j, k], metric(images), rtol=0, atol=0)
     torch.testing.assert_close(result.clean, metric(source.images), rtol=0, atol=0)
     torch.testing.assert_close(result.corrupt, metric(model.generate(corrupt, steps=5).images),
@@ -398,16 +400,19 @@ def test_the_guided_sweep_restores_both_halves(toy: DiffusionModel) -> None:
     torch.testing.assert_close(result.values[:, 0, 0], expected, rtol=0, atol=0)
 
 
-def test_restoring_the_colour_at_every_cross_attention_recolours(toy: DiffusionModel,
+def test_restoring_the_last_block_onward_restores_the_colour(toy: DiffusionModel,
                                                                    tmp_path) -> None:
     clean, corrupt = CAPTIONS, SOURCES
     metric = ColourShift([c.split()[0] for c in clean], [c.split()[0] for c in corrupt])
     result = timestep_patch(toy, clean, corrupt, metric=metric, steps=4, progress=False,
-                            sites=toy.sites(select("cross_attn", "block")))
+                            sites=toy.sites(select("cross_attn", "block")), window="onward")
     assert result.clean.mean() > 0.1 > -0.1 > result.corrupt.mean()
     grid = result.normalized()
     assert grid.shape == (4 + 5, 4)
-    assert torch.isfinite(grid).all()
+    # The last up block's output is (nearly) the U-Net's prediction: restoring it from the
+    # first step on restores the clean colour; one cross-attention layer alone does less.
+    assert grid[-1, 0] > 0.9
+    assert (grid[:4, 0] < grid[-1, 0]).all()
     result.save(tmp_path / "sweep.safetensors")
     loaded = TimestepPatchResult.load(tmp_path / "sweep.safetensors")
     assert loaded.sites == result.sites and torch.equal(loaded.values, result.values)
@@ -468,3 +473,30 @@ def test_cuda_agrees_with_the_cpu(toy: DiffusionModel) -> None:
     on_cpu = timestep_patch(toy, CAPTIONS, SOURCES, metric=metric, steps=4, progress=False)
     # Colour labels of pixels can flip at a palette boundary under float noise: compare means.
     torch.testing.assert_close(on_gpu.normalized(), on_cpu.normalized(), rtol=0, atol=0.05)
+
+
+# -- SAEs at U-Net sites --------------------------------------------------------------------
+
+
+def test_sae_feature_edits_at_unet_sites(toy: DiffusionModel) -> None:
+    from mechinterp.sae import SAEEdit
+    from mechinterp.sae.training import train_sae
+
+    site = Site("block", layer=2)  # the mid block's [batch, 64 pixels, 64 channels] output
+    run = toy.generate(CAPTIONS, steps=4, cache=[site])
+    rows = torch.cat([cache[site].flatten(0, 1) for cache in run.cache.values()])
+    sae, _ = train_sae(rows, d_sae=128, k=8, steps=60, batch_size=256, progress=False,
+                       hook_name=str(site))
+    # An SAE that edits nothing leaves every step bit-identical (the error term is kept).
+    untouched = toy.generate(CAPTIONS, steps=4, edits=[SAEEdit(site, sae)])
+    assert torch.equal(untouched.sample, run.sample)
+    # Ablating a feature writes x - f(x) W_dec[f] into the (non-contiguous) spatial view.
+    sample, t, states = torch.randn(4, 3, 16, 16), torch.tensor(700), toy.encode(CAPTIONS)
+    x = toy.run(sample, t, states, cache=[site]).cache[site]
+    feature = int(sae.encode(x.flatten(0, 1)).count_nonzero(0).argmax())
+    acts = sae.encode(x)[..., feature]
+    expected = x - acts[..., None] * sae.W_dec[feature]
+    by_sae = toy.run(sample, t, states, edits=[SAEEdit(site, sae, ablate=[feature])])
+    by_set = toy.run(sample, t, states, edits=[Set(site, expected)])
+    torch.testing.assert_close(by_sae.prediction, by_set.prediction, rtol=0, atol=1e-5)
+    assert not torch.equal(by_sae.prediction, toy.run(sample, t, states).prediction)

@@ -1,8 +1,10 @@
-"""Site x timestep patching: restore one site's clean value at one denoising step.
+"""Site x timestep patching: restore one site's clean value at one denoising step, or at that
+step and every later one.
 
 For each cell (site, step) the corrupted prompts are generated again from the same noise, with
-the site's value at that step taken from the clean prompts' generation, and the finished
-images are scored. Cells are batched, and each cell starts where it first differs from the
+the site's value at that step (``window="step"``), or at it and every later step
+(``window="onward"``), taken from the clean prompts' generation, and the finished images are
+scored. Cells are batched, and each cell starts where it first differs from the
 corrupted generation: every cell patched at step ``s`` goes on from the corrupted sample
 entering step ``s`` (and the scheduler's state there, widened to the cells' rows), so steps
 before ``s`` are never recomputed. A per-cell loop runs all ``steps`` for every cell.
@@ -36,6 +38,7 @@ from mechinterp.patching.result import _site_dict, _site_from_dict
 from mechinterp.sites import Site, select
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
+WINDOWS = ("step", "onward")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class TimestepPatchResult:
     Attributes:
         sites: the patched sites.
         steps: the patched step indices (0 is the noisiest).
+        window: ``"step"`` (each cell restores its step only) or ``"onward"`` (its step and
+            every later one).
         timesteps: the scheduler's timestep at each of ``steps``.
         values: ``[row, site, step]`` metric of each patched generation.
         clean: ``[row]`` metric of the clean generations.
@@ -59,6 +64,7 @@ class TimestepPatchResult:
     clean: torch.Tensor
     corrupt: torch.Tensor
     metric: str
+    window: str = "step"
 
     def normalized(self) -> torch.Tensor:
         """``[site, step]``: 0 is the corrupted generations' mean metric, 1 the clean ones'."""
@@ -88,7 +94,8 @@ class TimestepPatchResult:
         shown = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
         ax.set_xticks(range(len(self.steps)), [str(t) for t in self.timesteps], rotation=90)
         ax.set_yticks(range(len(self.sites)), [str(s) for s in self.sites])
-        ax.set_xlabel("timestep (step order, noisiest first)")
+        ax.set_xlabel("timestep restored" + (" and every later one" if self.window == "onward"
+                                              else "") + " (noisiest first)")
         figure.colorbar(shown, ax=ax, label="restored fraction")
         figure.tight_layout()
         return figure
@@ -99,7 +106,7 @@ class TimestepPatchResult:
         save_file({"values": self.values.contiguous(), "clean": self.clean.contiguous(),
                    "corrupt": self.corrupt.contiguous()}, str(path))
         meta = {"sites": [_site_dict(s) for s in self.sites], "steps": list(self.steps),
-                "timesteps": list(self.timesteps), "metric": self.metric}
+                "timesteps": list(self.timesteps), "metric": self.metric, "window": self.window}
         path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
 
     @classmethod
@@ -109,7 +116,7 @@ class TimestepPatchResult:
         meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
         return cls([_site_from_dict(s) for s in meta["sites"]], tuple(meta["steps"]),
                    tuple(meta["timesteps"]), tensors["values"], tensors["clean"],
-                   tensors["corrupt"], meta["metric"])
+                   tensors["corrupt"], meta["metric"], meta.get("window", "step"))
 
 
 def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
@@ -117,7 +124,8 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
                    sites: object = None, at_steps: Iterable[int] | None = None, steps: int = 50,
                    seed: int = 0, noise: torch.Tensor | None = None,
                    guidance_scale: float | None = None, negative_prompt: str = "",
-                   max_rows: int | None = None, progress: bool = True) -> TimestepPatchResult:
+                   window: str = "step", max_rows: int | None = None,
+                   progress: bool = True) -> TimestepPatchResult:
     """Restore each site's clean value at each step of the corrupted generation.
 
     Args:
@@ -128,6 +136,8 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
         sites: U-Net sites to restore (a selector or sites; default every down, mid and up
             block, ``select("block")``).
         at_steps: step indices to patch at (default every step).
+        window: ``"step"`` restores each cell's step only; ``"onward"`` restores its step and
+            every later one (where in the loop a site's information is committed).
         steps, seed, noise, guidance_scale, negative_prompt: the generation's, as in
             ``model.generate``; clean and corrupted generations share the noise.
         max_rows: most generations per U-Net forward (default: every site of a step at once);
@@ -149,13 +159,17 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
                                  or max_rows < batch):
         msg = f"max_rows must be an int of at least the batch ({batch}); got {max_rows!r}"
         raise InputError(msg)
+    if window not in WINDOWS:
+        msg = f"window must be one of {WINDOWS}; got {window!r}"
+        raise InputError(msg)
     chosen = sorted(_step_set(at_steps, steps, "at_steps"))
     noise = _noise(model, noise, batch, seed)
     guided = guidance_scale is not None
     run = dict(steps=steps, seed=seed, noise=noise, guidance_scale=guidance_scale,
                negative_prompt=negative_prompt)
 
-    source = generate(model, clean_states, cache=sites, cache_steps=chosen, **run)
+    restored = chosen if window == "step" else range(chosen[0], steps)
+    source = generate(model, clean_states, cache=sites, cache_steps=restored, **run)
     unet_states = corrupt_states
     if guided:
         uncond = _states(model, negative_prompt, "negative_prompt", batch=batch)
@@ -188,8 +202,8 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
             group = list(range(first, min(first + per_forward, len(sites))))
             try:
                 finals = _patched_generations(model, snapshot, start_sample, step, steps,
-                                              [sites[j] for j in group], source.cache[step],
-                                              unet_states, guided, unedited)
+                                              [sites[j] for j in group], source.cache,
+                                              unet_states, guided, window == "onward")
             except torch.cuda.OutOfMemoryError:
                 if per_forward == 1:
                     raise
@@ -203,26 +217,31 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
     timesteps = tuple(int(source.timesteps[i]) for i in chosen)
     name = getattr(metric, "__name__", None) or type(metric).__name__
     return TimestepPatchResult(sites, tuple(chosen), timesteps, values, score(source.sample),
-                               score(sample), name)
+                               score(sample), name, window)
 
 
 def _patched_generations(model, snapshot: Denoiser, start: torch.Tensor, step: int, steps: int,
-                         sites: list[Site], clean_cache, unet_states: torch.Tensor, guided: bool,
-                         unedited) -> torch.Tensor:
-    """The finished samples of ``sites`` each restored at ``step``, ``len(sites) * batch`` rows
-    (site-major), going on from the corrupted sample ``start`` entering that step."""
+                         sites: list[Site], clean_caches, unet_states: torch.Tensor, guided: bool,
+                         onward: bool) -> torch.Tensor:
+    """The finished samples of ``sites`` each restored at ``step`` (and every later step when
+    ``onward``), ``len(sites) * batch`` rows (site-major), going on from the corrupted sample
+    ``start`` entering that step."""
     batch, n = start.shape[0], len(sites)
     halves = unet_states.chunk(2) if guided else (unet_states,)
     states = torch.cat([half.repeat(n, 1, 1) for half in halves])
     loop = snapshot.widened(start, n, states)
-    edits = []
-    for j, site in enumerate(sites):
-        value = clean_cache[site]
-        for h in range(len(halves)):
-            rows = range(h * n * batch + j * batch, h * n * batch + (j + 1) * batch)
-            edits.append(Set(site, value[h * batch:(h + 1) * batch], rows=rows))
+
+    def restoring(i: int):
+        edits = []
+        for j, site in enumerate(sites):
+            value = clean_caches[i][site]
+            for h in range(len(halves)):
+                rows = range(h * n * batch + j * batch, h * n * batch + (j + 1) * batch)
+                edits.append(Set(site, value[h * batch:(h + 1) * batch], rows=rows))
+        return model._plan([], edits)
+
     sample = start.repeat(n, 1, 1, 1)
-    sample, _ = loop.step(step, sample, model._plan([], edits))
-    for i in range(step + 1, steps):
-        sample, _ = loop.step(i, sample, unedited)
+    unedited = model._plan([], [])
+    for i in range(step, steps):
+        sample, _ = loop.step(i, sample, restoring(i) if i == step or onward else unedited)
     return sample
