@@ -327,7 +327,8 @@ def test_cross_attention_maps_average_the_patterns(toy: DiffusionModel, tmp_path
             run.cache[step][site].mean(1).transpose(1, 2).unflatten(2, (8, 8)), size=(16, 16),
             mode="bilinear", align_corners=False)
         for step in (1, 2) for site in sites) / 4
-    torch.testing.assert_close(maps.maps, expected, rtol=0, atol=1e-6)
+    # float32 averages in another order: equal to rounding.
+    torch.testing.assert_close(maps.maps, expected, rtol=0, atol=2e-5)
     assert maps.tokens == [["<bos>", "red", "circle", "<eos>"], ["<bos>", "blue", "square", "<eos>"]]
     assert maps.layers == (0, 3) and maps.steps == (1, 2)
     torch.testing.assert_close(maps.token_map(1, "blue"), maps.maps[1, 1])
@@ -455,24 +456,26 @@ def test_pipeline_folders_and_unets_load_as_diffusion_models(tmp_path) -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_agrees_with_the_cpu(toy: DiffusionModel) -> None:
+def test_cuda_agrees_with_the_cpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    gpu = mechinterp.load("toy-unet", device="cuda")
+    # float64, so that neither TF32 convolutions nor reduction order hide a wrong row or step.
+    toy = mechinterp.load("toy-unet", dtype=torch.float64)
+    gpu = mechinterp.load("toy-unet", device="cuda", dtype=torch.float64)
     sites = [Site("block", layer=2), Site("cross_pattern", layer=1), Site("resnet", layer=0, pos=5)]
     edits = {2: [Zero(Site("cross_head", layer=0, head=1))]}
     cpu_run = toy.generate(CAPTIONS, steps=4, cache=sites, edits=edits, guidance_scale=2.0)
     gpu_run = gpu.generate(CAPTIONS, steps=4, cache=sites, edits=edits, guidance_scale=2.0)
-    torch.testing.assert_close(gpu_run.sample.cpu(), cpu_run.sample, rtol=0, atol=1e-4)
+    torch.testing.assert_close(gpu_run.sample.cpu(), cpu_run.sample, rtol=0, atol=1e-9)
     for step in range(4):
         for site in sites:
             torch.testing.assert_close(gpu_run.cache[step][site].cpu(), cpu_run.cache[step][site],
-                                       rtol=0, atol=1e-4)
+                                       rtol=0, atol=1e-9)
     metric = ColourShift([c.split()[0] for c in CAPTIONS], [c.split()[0] for c in SOURCES])
     on_gpu = timestep_patch(gpu, CAPTIONS, SOURCES, metric=metric, steps=4, progress=False)
     on_cpu = timestep_patch(toy, CAPTIONS, SOURCES, metric=metric, steps=4, progress=False)
-    # Colour labels of pixels can flip at a palette boundary under float noise: compare means.
-    torch.testing.assert_close(on_gpu.normalized(), on_cpu.normalized(), rtol=0, atol=0.05)
+    torch.testing.assert_close(on_gpu.values, on_cpu.values, rtol=0, atol=0)
+    assert on_cpu.clean.mean() > on_cpu.corrupt.mean()
 
 
 # -- SAEs at U-Net sites --------------------------------------------------------------------
