@@ -64,13 +64,15 @@ def blip2():
 
 PER_TOWER = ["embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "head", "q",
              "k", "v", "pattern", "neuron"]
-COMPONENTS = ([f"vision.{c}" for c in PER_TOWER] + [f"qformer.{c}" for c in PER_TOWER]
+CROSS = ["cross_attn", "cross_head", "cross_q", "cross_k", "cross_v", "cross_pattern"]
+COMPONENTS = ([f"vision.{c}" for c in PER_TOWER] + [f"qformer.{c}" for c in PER_TOWER + CROSS]
               + PER_TOWER + ["projector", "logits"])
 
 
 def _site(component: str) -> Site:
     glob = component.rsplit(".", 1)[-1] in ("embed", "projector", "logits")
-    return Site(component, layer=None if glob else 1)
+    # Q-Former layer 1 has no cross-attention (frequency 2).
+    return Site(component, layer=None if glob else 2 if ".cross_" in component else 1)
 
 
 def test_the_table_names_every_component(blip2):
@@ -91,7 +93,7 @@ def test_every_site_reads_and_writing_its_own_value_is_bit_identical(blip2, comp
     assert value.shape[0] == 2
     again = blip2.run(inputs, edits=[Set(site, value)])
     assert torch.equal(again.logits, base.logits)
-    if component != "pattern" and not component.endswith(".pattern"):
+    if not component.endswith("pattern"):  # patterns run eager attention, which rounds apart
         with torch.no_grad():
             assert torch.equal(base.logits, blip2._module(**inputs).logits)
     # A random shift (a constant one would vanish in the LayerNorms).
@@ -177,6 +179,44 @@ def test_qformer_head_ablation_equals_a_hand_written_hook(blip2):
     out = blip2.run(inputs, edits=[Zero(Site("qformer.head", layer=2, head=0))])
     torch.testing.assert_close(out.logits, expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out.logits, blip2.logits(inputs))
+
+
+def test_qformer_cross_attention_sites(blip2):
+    """Layers 0 and 2 of the 3 cross-attend (frequency 2); keys and values index the vision
+    tower's tokens (a class token and 16 patches)."""
+    inputs = _inputs(11)
+    sites = [Site(f"qformer.{c}", layer=layer) for layer in (0, 2) for c in CROSS]
+    read = blip2.run(inputs, cache=sites)
+    shapes = {"cross_attn": (2, N_QUERY, 24), "cross_head": (2, N_QUERY, 3, 8),
+              "cross_q": (2, N_QUERY, 3, 8), "cross_k": (2, 17, 3, 8), "cross_v": (2, 17, 3, 8),
+              "cross_pattern": (2, 3, N_QUERY, 17)}
+    for site in sites:
+        assert tuple(read.cache[site].shape) == shapes[site.component.split(".")[1]], site
+    pattern = read.cache[Site("qformer.cross_pattern", layer=2)]
+    q = read.cache[Site("qformer.cross_q", layer=2)].transpose(1, 2)
+    k = read.cache[Site("qformer.cross_k", layer=2)].transpose(1, 2)
+    torch.testing.assert_close(pattern, torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1),
+                               rtol=0, atol=1e-12)
+    plain = blip2.logits(inputs)
+    # Read without the patterns, whose eager attention rounds differently from the model's.
+    unexposed = [site for site in sites if site.component != "qformer.cross_pattern"]
+    values = blip2.cache(inputs, unexposed)
+    for site in unexposed:
+        edited = blip2.run(inputs, edits=[Set(site, values[site])]).logits
+        assert torch.equal(edited, plain), site
+    # Zeroing one head of the cross-attention is a hook on the input of its output projection.
+    dense = blip2._module.qformer.encoder.layer[2].crossattention.output.dense
+    expected = _reference(blip2, inputs, dense, slice(8, 16))
+    out = blip2.run(inputs, edits=[Zero(Site("qformer.cross_head", layer=2, head=1))])
+    torch.testing.assert_close(out.logits, expected, rtol=1e-12, atol=1e-12)
+    # Without the image's keys at every position, the queries cannot see the image.
+    blind = [Zero(Site("qformer.cross_attn", layer=layer)) for layer in (0, 2)]
+    one, other = (blip2.run(_inputs(seed), edits=blind, cache=[Site("projector")])
+                  for seed in (12, 13))
+    assert torch.equal(one.cache[Site("projector")], other.cache[Site("projector")])
+    with pytest.raises(SiteError, match="has no layer 1 in this model: only Q-Former layers "
+                                        "whose index is a multiple of 2"):
+        blip2.run(inputs, cache=[Site("qformer.cross_attn", layer=1)])
 
 
 def test_the_qformer_reads_the_image_after_its_self_attention(blip2):

@@ -13,9 +13,11 @@ Three towers, run in this order:
   self-attention sublayer's normalised output). Positions are the learned query tokens;
   ``embed`` is those tokens, before the Q-Former's input LayerNorm. Every
   ``cross_attention_frequency``-th layer (from layer 0) then attends to the vision tower's
-  output, after ``resid_mid`` and before the MLP; the site vocabulary does not name that
-  cross-attention sublayer, whose modules (``qformer.encoder.layer[l].crossattention``) a trace
-  reaches directly.
+  output, after ``resid_mid`` and before the MLP: ``qformer.cross_attn`` (its dense projection,
+  before the residual add and LayerNorm), ``qformer.cross_head``, ``qformer.cross_q`` and
+  ``qformer.cross_k``/``qformer.cross_v``, whose positions are the vision tower's tokens, and
+  ``qformer.cross_pattern``. Layers are the Q-Former's; one without cross-attention is refused
+  by name.
 - The language model's components keep their usual names. ``projector`` is the language
   projection's output, one row per query token; the forward writes those rows over the
   embeddings of the prompt's image tokens.
@@ -43,6 +45,7 @@ from mechinterp.models.table import (
     SiteTable,
     Sum,
     Tap,
+    Units,
     View,
     split_heads,
 )
@@ -100,6 +103,29 @@ def qformer_places(root: str, dims: Dims) -> dict[str, Place]:
         "qformer.pattern": PatternTap(f"{block}.attention.attention"),
         "qformer.neuron": Tap(f"{block}.output_query.dense", io="input"),
     }
+
+
+def qformer_cross_places(root: str, dims: Dims, frequency: int) -> tuple[dict[str, Place],
+                                                                        dict[str, Units]]:
+    """``qformer.cross_*`` places of the Q-Former's cross-attention at ``root``, and their units:
+    the Q-Former's layers, of which every ``frequency``-th (from 0) has the sublayer."""
+    heads = with_tower_dims(split_heads(), dims)
+    attention = "{unit}.crossattention"
+    places: dict[str, Place] = {
+        "qformer.cross_attn": Tap(f"{attention}.output.dense"),
+        "qformer.cross_head": Tap(f"{attention}.output.dense", io="input", view=heads),
+        "qformer.cross_q": Tap(f"{attention}.attention.query", view=heads),
+        "qformer.cross_k": Tap(f"{attention}.attention.key", view=heads),
+        "qformer.cross_v": Tap(f"{attention}.attention.value", view=heads),
+        "qformer.cross_pattern": PatternTap(f"{attention}.attention"),
+    }
+    layers = Units(
+        tuple(f"{root}.encoder.layer.{layer}" if layer % frequency == 0 else None
+              for layer in range(dims.n_layers)),
+        (dims,) * dims.n_layers,
+        missing=f"only Q-Former layers whose index is a multiple of {frequency} "
+                f"(cross_attention_frequency) cross-attend to the image")
+    return places, dict.fromkeys(places, layers)
 
 
 def _moved(place: Place, base: str, root: str) -> Place:
@@ -160,8 +186,11 @@ def site_table(model: nn.Module) -> SiteTable:
     qformer = vision_dims(config.qformer_config)
     places.update(vision_places("{base}vision_model", vision))
     places.update(qformer_places("{base}qformer", qformer))
+    cross, units = qformer_cross_places("{base}qformer", qformer,
+                                        config.qformer_config.cross_attention_frequency)
+    places.update(cross)
     places["projector"] = Tap("{base}language_projection")
-    return replace(text, family="blip-2", places=places,
+    return replace(text, family="blip-2", places=places, units={**text.units, **units},
                    blocks=base + text.blocks[len("{base}"):],
                    towers={"vision": vision, "qformer": qformer},
                    image_token_id=int(image_token))

@@ -104,12 +104,15 @@ class Units:
 
     Args:
         paths: the module path of each layer, in forward order; a place's ``{unit}`` expands to
-            it.
+            it. None for a layer without the component (BLIP-2's Q-Former cross-attends in
+            every other layer only).
         dims: the sizes of each layer (``n_layers`` is the number of units).
+        missing: why a layer whose path is None lacks the component.
     """
 
-    paths: tuple[str, ...]
+    paths: tuple[str | None, ...]
     dims: tuple[Dims, ...]
+    missing: str = ""
 
 
 class InputPacking(Protocol):
@@ -194,7 +197,13 @@ class SiteTable:
     def module_path(self, component: str, path: str, base: str, layer: int | None) -> str:
         """The module path of ``path`` (a place of ``component``) at ``layer``."""
         units = self.units.get(component)
-        unit = units.paths[layer] if units is not None and layer is not None else None
+        unit = None
+        if units is not None and layer is not None:
+            unit = units.paths[layer]
+            if unit is None:
+                msg = f"component {component!r} has no layer {layer} in this model: {units.missing}"
+                raise SiteError(msg)
+            unit = unit.format(base=base, layer=layer)
         return path.format(base=base, layer=layer, unit=unit)
 
     def place(self, component: str) -> Place:
