@@ -350,12 +350,15 @@ class InterpModel(NNsight):
         extra_inputs: Mapping[str, object] | None = None,
         start: int = 0,
         past: object | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> tuple[object, dict[Site, torch.Tensor]]:
         """One forward of checked ``tokens`` under ``plan``; see :func:`engine.run_plan`.
 
         With ``start > 0`` (causal models only), only the positions from ``start`` on run:
         ``past`` is a key/value cache holding the first ``start`` positions of every layer, and
-        the attention mask still covers the whole sequence.
+        the attention mask still covers the whole sequence. ``embeds`` then gives the language
+        model's input embeddings of those positions instead of the token ids and the other
+        inputs: a multimodal model's image has already been merged into them, so no tower runs.
         """
         if tokens.extras and not self._order_has_extras:
             # The probe forward of execution_order has no image; the towers it skipped run
@@ -372,6 +375,10 @@ class InterpModel(NNsight):
                 inputs["position_ids"] = inputs["position_ids"][:, start:]
             inputs["past_key_values"] = past
             inputs["use_cache"] = True
+        if embeds is not None:
+            for name in ("input_ids", *tokens.extras):
+                inputs.pop(name, None)
+            inputs["inputs_embeds"] = embeds
         if extra_inputs:
             inputs.update(extra_inputs)
         if self.table.packing is not None:

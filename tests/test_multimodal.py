@@ -126,6 +126,26 @@ def test_image_positions_and_patching_an_image_token(llava):
                          LogitDiff(3, 4), progress=False)
 
 
+def test_sweeps_over_image_tokens_reuse_the_corrupted_prefix(llava):
+    """Forwards that start at a later image token take the corrupted run's merged input
+    embeddings and keys/values for the positions before it: the values equal a sweep that
+    recomputes everything, and patching by hand."""
+    clean, corrupt = _inputs(21, rows=3), _inputs(22, rows=3)
+    positions = llava.image_positions(clean)
+    sites = select("resid_pre", "attn_out").layers().positions(*positions[::3], positions[-1] + 2)
+    reused = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False,
+                              batch_size=4)
+    plain = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False,
+                             reuse=False)
+    torch.testing.assert_close(reused.values, plain.values, rtol=0, atol=1e-12)
+    site = Site("attn_out", layer=1, pos=positions[9])
+    value = llava.run(clean, cache=[site]).cache[site]
+    logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+    cell = reused.sites.index(site)
+    torch.testing.assert_close(reused.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                               atol=1e-12)
+
+
 def test_inputs_must_have_a_row_per_prompt(llava):
     bad = _inputs(1)
     bad["pixel_values"] = bad["pixel_values"][:1]

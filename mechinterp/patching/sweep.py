@@ -503,9 +503,10 @@ class _Sweep:
                     if first:
                         # Keys and values are kept only for later forwards that start later.
                         # A forward of a suffix cannot take other inputs (an image) whose
-                        # tokens lie in the skipped prefix: those run every position.
-                        keep_kv = reuse and not self.clean.extras and any(
-                            self.start_of[c] for f in queue[1:] for c in f)
+                        # tokens lie in the skipped prefix, unless it takes the language
+                        # model's merged input embeddings instead (LLaVA).
+                        keep_kv = reuse and (not self.clean.extras or self._embeds_reusable()) \
+                            and any(self.start_of[c] for f in queue[1:] for c in f)
                         keep_blocks = reuse and len(queue) > 1
                         scores = self._first_forward(chunk, extra, keep_kv, keep_blocks)
                     else:
@@ -562,7 +563,10 @@ class _Sweep:
         self.corrupted_blocks = CorruptedBlocks(model) if keep_blocks else None
         keeping = (self.corrupted_blocks.keeping(pairs_n, 2 * pairs_n) if keep_blocks
                    else contextlib.nullcontext())
-        with keeping, torch.no_grad():
+        self.prefix_embeds = None
+        capture = (self._capturing_embeds(pairs_n, 2 * pairs_n) if keep_kv and tokens.extras
+                   else contextlib.nullcontext())
+        with keeping, capture, torch.no_grad():
             output, _ = model._forward(tokens, plan, extra_inputs={
                 **extra, **({"use_cache": True} if keep_kv else {})})
         self.prefix_kv = None
@@ -581,6 +585,31 @@ class _Sweep:
         self.corrupt_metric = scores[pairs_n:2 * pairs_n]
         return scores[2 * pairs_n:]
 
+    def _embeds_reusable(self) -> bool:
+        """Whether forwards of a suffix can take the corrupted run's merged input embeddings in
+        place of the token ids and the image: LLaVA, whose language model receives them as its
+        input, when no cell writes where they are made (``embed``, ``projector``) and no noise is
+        added there."""
+        return (self.model.family == "llava" and self.corruption is None
+                and not any(component in ("embed", "projector") for component, _ in self.groups))
+
+    @contextlib.contextmanager
+    def _capturing_embeds(self, begin: int, end: int):
+        """Keep rows ``[begin, end)`` of the language model's input embeddings of the enclosed
+        forward as ``prefix_embeds``."""
+        model = self.model
+        path = model.table.blocks.format(base=model.base).rsplit(".", 1)[0]  # its layers' parent
+        language = model._module.get_submodule(path)
+
+        def keep(_module, _args, kwargs):
+            self.prefix_embeds = kwargs["inputs_embeds"][begin:end].clone()
+
+        handle = language.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def _patched(self, chunk: Sequence[int], reuse: bool, extra: dict) -> torch.Tensor:
         """Scores ``[len(chunk) * n_pairs]`` of the chunk's patched runs."""
         model = self.model
@@ -596,9 +625,12 @@ class _Sweep:
         blocks = self.corrupted_blocks
         stubs = None if blocks is None else blocks.stubs(first_layer, times, start)
         past = prefix_cache(self.prefix_kv, start, times, first_layer) if start else None
+        embeds = None
+        if start and tokens.extras:
+            embeds = self.prefix_embeds[:, start:].repeat(times, 1, 1)
         with torch.no_grad():
             output, _ = model._forward(tokens, plan, stubs=stubs, extra_inputs=extra, start=start,
-                                       past=past)
+                                       past=past, embeds=embeds)
         rows = times * self.n_pairs
         logits = self._scored(output.logits, rows, start)
         pairs = torch.arange(rows) % self.n_pairs
