@@ -47,6 +47,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+GiB = float(1 << 30)
+
+
+def timed(device: torch.device, fn):
+    """``fn()`` and its seconds, with the device synchronised around it."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a fresh peak-memory count (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """GiB allocated at the peak since :func:`reset_peak`, weights included (CUDA only)."""
+    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+
+
 def times(device: torch.device, fn, repeats: int) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``fn()``, after one warm-up call."""
     fn()

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from _timing import device_name, sync, write_json
+from _timing import device_name, peak_gib, reset_peak, sync, timed, write_json
 from nnsight import NNsight
 
 import mechinterp
@@ -239,26 +239,6 @@ def _spread(items: list, n: int | None) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def _timed(device: torch.device, fn):
-    """``fn()`` and its seconds, with the device synchronised around it."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    """GiB allocated at the peak since :func:`_reset_peak`, weights included (CUDA only)."""
-    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-
-
 def measure(case: Case, device: torch.device, *, image_tokens: int | None, nnsight_cells: int,
             repeats: int) -> dict:
     model = case.model
@@ -278,17 +258,17 @@ def measure(case: Case, device: torch.device, *, image_tokens: int | None, nnsig
            "seq": int(case.clean["input_ids"].shape[1]), "image_tokens": len(image),
            "swept_image_tokens": len(positions), **case.sizes}
 
-    ours, row["mechinterp_first_s"] = _timed(device, sweep)
+    ours, row["mechinterp_first_s"] = timed(device, sweep)
     row["cells"] = len(ours.sites)
     chosen = _spread(list(range(row["cells"])), nnsight_cells)
     cells = [(ours.sites[i].layer, ours.sites[i].pos) for i in chosen]
 
     peer = NNsight(model._module)
     nnsight_sweep(peer, case, cells[:1], device)  # warm-up
-    _reset_peak(device)
+    reset_peak(device)
     theirs, row["nnsight_clean_s"], row["nnsight_per_cell_s"] = nnsight_sweep(
         peer, case, cells, device)
-    row["nnsight_peak_gib"] = _peak_gib(device)
+    row["nnsight_peak_gib"] = peak_gib(device)
     row["nnsight_cells"] = len(cells)
     row["nnsight_scaled"] = len(cells) < row["cells"]
     row["nnsight_s"] = row["nnsight_clean_s"] + row["nnsight_per_cell_s"] * row["cells"]
@@ -311,9 +291,9 @@ def measure(case: Case, device: torch.device, *, image_tokens: int | None, nnsig
                              for k in _spread(list(range(len(cells))), 3)]})
     torch.testing.assert_close(theirs, expected, rtol=rtol, atol=atol)
 
-    _reset_peak(device)
-    seconds = [_timed(device, sweep)[1] for _ in range(repeats)]
-    row["mechinterp_peak_gib"] = _peak_gib(device)
+    reset_peak(device)
+    seconds = [timed(device, sweep)[1] for _ in range(repeats)]
+    row["mechinterp_peak_gib"] = peak_gib(device)
     row["mechinterp_s"] = statistics.median(seconds)
     row["speedup_vs_nnsight"] = row["nnsight_s"] / row["mechinterp_s"]
     return row

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import diffusers
 import nnsight
 import torch
-from _timing import device_name, sync, write_json
+from _timing import device_name, peak_gib, reset_peak, sync, timed, write_json
 from nnsight import NNsight
 
 from mechinterp import Site, select
@@ -274,26 +274,6 @@ def nnsight_sweep(loop: BlockLoop, cells: list[tuple[int, int]], device: torch.d
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def _timed(device: torch.device, fn):
-    """``fn()`` and its seconds, with the device synchronised around it."""
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    """GiB allocated at the peak since :func:`_reset_peak`, weights included (CUDA only)."""
-    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-
-
 def matched_values(model: DiffusionModel, inputs: Inputs, cells: list[tuple[int, int]], *,
                    steps: int, guidance: float | None) -> torch.Tensor:
     """``[row, cell]``: mechinterp's values of ``cells``, each swept on its own with one cell per
@@ -338,9 +318,9 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     cells = loop_cells(n_blocks, steps, args.loop_cells)
     with torch.no_grad():
         loop.warm_up()
-    _reset_peak(device)
+    reset_peak(device)
     theirs, row["nnsight_clean_s"], row["nnsight_per_cell_s"] = nnsight_sweep(loop, cells, device)
-    row["nnsight_peak_gib"] = _peak_gib(device)
+    row["nnsight_peak_gib"] = peak_gib(device)
     row["nnsight_cells"] = len(cells)
     row["nnsight_scaled"] = len(cells) < row["cells"]
     row["nnsight_s"] = row["nnsight_clean_s"] + row["nnsight_per_cell_s"] * row["cells"]
@@ -349,10 +329,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     # correctness check (this also warms it up).
     with torch.no_grad():
         matched = matched_values(model, inputs, cells, steps=steps, guidance=guidance)
-        _reset_peak(device)
-        ours, row["mechinterp_s"] = _timed(device, lambda: mechinterp_sweep(
+        reset_peak(device)
+        ours, row["mechinterp_s"] = timed(device, lambda: mechinterp_sweep(
             model, inputs, steps=steps, guidance=guidance, max_rows=args.max_rows))
-        row["mechinterp_peak_gib"] = _peak_gib(device)
+        row["mechinterp_peak_gib"] = peak_gib(device)
     row["speedup_vs_nnsight"] = row["nnsight_s"] / row["mechinterp_s"]
 
     batched = torch.stack([ours.values[:, block, step] for block, step in cells], dim=1)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from mechinterp.report import Report, Section
 from mechinterp.sites import Site, select
 

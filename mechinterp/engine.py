@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from mechinterp.attention import exposing_patterns
-from mechinterp.models.processor_attention import exposing_processor_patterns, is_processor_attention
 from mechinterp.errors import SiteError
 from mechinterp.interventions import Intervention, TensorEdit
+from mechinterp.models.processor_attention import (
+    exposing_processor_patterns,
+    is_processor_attention,
+)
 from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site, base_component, component_axes, tower_of

@@ -72,6 +72,17 @@ class Intervention:
             raise ShapeError(msg) from None
 
 
+def checked_edits(edits: object) -> tuple[Intervention, ...]:
+    """``edits`` as a tuple, after checking that each is an :class:`Intervention`."""
+    edits = tuple(edits)
+    for edit in edits:
+        if not isinstance(edit, Intervention):
+            msg = (f"edits must be Intervention objects (Set, Add, Zero, Scale); got "
+                   f"{type(edit).__name__}")
+            raise InputError(msg)
+    return edits
+
+
 def _describe(name: str, value: torch.Tensor | float) -> str:
     """Repr fragment: a number as itself, a tensor by its shape."""
     if isinstance(value, torch.Tensor):

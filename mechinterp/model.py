@@ -12,7 +12,7 @@ from torch import nn
 
 from mechinterp.engine import Plan, record_execution_order, run_plan
 from mechinterp.errors import InputError, ShapeError, SiteError
-from mechinterp.interventions import Intervention
+from mechinterp.interventions import Intervention, checked_edits
 from mechinterp.models import SiteTable, site_table
 from mechinterp.sites import Site, SiteSelector, SiteUnion
 
@@ -330,10 +330,7 @@ class InterpModel(NNsight):
             >>> tuple(out.cache[Site("resid_post", layer=1)].shape)  # <bos> is prepended
             (1, 4, 64)
         """
-        for edit in edits:
-            if not isinstance(edit, Intervention):
-                msg = f"edits must be Intervention objects (Set, Add, Zero, Scale); got {type(edit).__name__}"
-                raise InputError(msg)
+        edits = checked_edits(edits)
         tokens = self._as_tokens(inputs)
         reads = self.sites(cache, n_positions=tokens.shape[1])
         with torch.set_grad_enabled(grad):

@@ -30,9 +30,9 @@ from test_patching import (  # noqa: F401
 )
 
 from mechinterp import COMPONENT_AXES, Set, Site, Zero, select
-from mechinterp.sites import UNET_COMPONENTS
 from mechinterp.errors import SiteError, UnsupportedModelError
 from mechinterp.model import InterpModel, Tokens
+from mechinterp.sites import UNET_COMPONENTS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -13,15 +13,15 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import mechinterp  # noqa: E402
-from mechinterp import Set, Site, SiteError, Zero, select  # noqa: E402
-from mechinterp.diffusion import DiffusionModel  # noqa: E402
-from mechinterp.diffusion.daam import AttentionMaps, cross_attention_maps  # noqa: E402
-from mechinterp.diffusion.sweep import TimestepPatchResult, timestep_patch  # noqa: E402
-from mechinterp.errors import InputError, ShapeError  # noqa: E402
-from mechinterp.sites import UNET_COMPONENTS  # noqa: E402
-from mechinterp.zoo import zoo_path  # noqa: E402
-from mechinterp.zoo.train_toy_unet import (  # noqa: E402
+import mechinterp
+from mechinterp import Set, Site, SiteError, Zero, select
+from mechinterp.diffusion import DiffusionModel
+from mechinterp.diffusion.daam import AttentionMaps, cross_attention_maps
+from mechinterp.diffusion.sweep import TimestepPatchResult, timestep_patch
+from mechinterp.errors import InputError, ShapeError
+from mechinterp.sites import UNET_COMPONENTS
+from mechinterp.zoo import zoo_path
+from mechinterp.zoo.train_toy_unet import (
     ColourShift,
     classify_colour,
     encode_captions,
@@ -167,7 +167,7 @@ def test_edits_match_plain_torch_hooks(tiny: DiffusionModel) -> None:
 
     # One spatial location of a ResNet's feature map (row 1, column 2 of a 4 x 4 map).
     resnet = unet.get_submodule(tiny.layer_names("resnet")[2])
-    rows, cols = tiny.grid("resnet", 2)
+    _, cols = tiny.grid("resnet", 2)
 
     def zero_pixel(_m, _a, out):
         out = out.clone()

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechinterp.errors import InputError, ShapeError
-from mechinterp.interventions import Intervention, Set, TensorEdit
+from mechinterp.interventions import Intervention, Set, TensorEdit, checked_edits
 from mechinterp.model import ActivationCache, Sites
 
 EDIT_ROWS = ("both", "cond", "uncond")
@@ -246,12 +246,7 @@ def _checked(edits: object) -> tuple[Intervention, ...]:
         msg = (f"edits must be a sequence of interventions, or a mapping from step index to "
                f"one; got {type(edits).__name__}")
         raise InputError(msg)
-    edits = tuple(edits)
-    for edit in edits:
-        if not isinstance(edit, Intervention):
-            msg = f"edits must be Intervention objects (Set, Add, Zero, Scale); got {type(edit).__name__}"
-            raise InputError(msg)
-    return edits
+    return checked_edits(edits)
 
 
 def _for_guidance(edits: tuple[Intervention, ...], batch: int,

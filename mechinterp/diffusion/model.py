@@ -17,7 +17,7 @@ from torch import nn
 
 from mechinterp.engine import Plan, record_execution_order, resolve, run_plan
 from mechinterp.errors import InputError, ShapeError, SiteError
-from mechinterp.interventions import Intervention
+from mechinterp.interventions import Intervention, checked_edits
 from mechinterp.model import ActivationCache, Sites, expand_sites
 from mechinterp.models import SiteTable, site_table
 from mechinterp.models.unet import is_unet
@@ -318,7 +318,7 @@ class DiffusionModel(NNsight):
 
     # -- one forward -------------------------------------------------------------------------
 
-    def run(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor | float,
             encoder_hidden_states: torch.Tensor, *, edits: Sequence[Intervention] = (),
             cache: Sites = (), grad: bool = False) -> UNetRun:
         """One U-Net forward with ``edits`` applied and ``cache`` sites read.
@@ -351,19 +351,14 @@ class DiffusionModel(NNsight):
         return UNetRun(output.sample, ActivationCache(values, reads))
 
     def _plan(self, reads: Sequence[Site], edits: Sequence[Intervention]) -> Plan:
-        for edit in edits:
-            if not isinstance(edit, Intervention):
-                msg = (f"edits must be Intervention objects (Set, Add, Zero, Scale); got "
-                       f"{type(edit).__name__}")
-                raise InputError(msg)
-        return Plan(self.table, "", None, reads, edits, self._resolved)
+        return Plan(self.table, "", None, reads, checked_edits(edits), self._resolved)
 
     def _forward(self, inputs: dict[str, torch.Tensor], plan: Plan):
         if self._order_index is None:
             self._record_probe()
         return run_plan(self._module, plan, inputs, self._order_index, self._modules)
 
-    def _inputs(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+    def _inputs(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                 states: torch.Tensor) -> dict[str, torch.Tensor]:
         channels = self.sample_shape[0]
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4 \

@@ -165,8 +165,8 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
     chosen = sorted(_step_set(at_steps, steps, "at_steps"))
     noise = _noise(model, noise, batch, seed)
     guided = guidance_scale is not None
-    run = dict(steps=steps, seed=seed, noise=noise, guidance_scale=guidance_scale,
-               negative_prompt=negative_prompt)
+    run = {"steps": steps, "seed": seed, "noise": noise, "guidance_scale": guidance_scale,
+           "negative_prompt": negative_prompt}
 
     restored = chosen if window == "step" else range(chosen[0], steps)
     source = generate(model, clean_states, cache=sites, cache_steps=restored, **run)
