@@ -281,9 +281,8 @@ class Plan:
     def _view(self, place: Tap | PatternTap, component: str,
               layer: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
         view = getattr(place, "view", None)
-        # Units have sizes of their own (a U-Net's heads differ in width from layer to layer).
-        dims = self.table.dims_for(component, layer) if component in self.table.units \
-            else self.table.dims
+        # The component's own sizes: a tower's, or its layer's where layers differ (a U-Net).
+        dims = self.table.dims_for(component, layer)
         return (lambda raw: view(raw, dims)) if view is not None else (lambda raw: raw)
 
     def _selection(self, site: Site, rows: tuple[int, ...] | None) -> Selection:

@@ -70,13 +70,11 @@ def generate(model, prompts: str | Sequence[str] | torch.Tensor, *, steps: int =
     if edit_rows not in EDIT_ROWS:
         msg = f"edit_rows must be one of {EDIT_ROWS}; got {edit_rows!r}"
         raise InputError(msg)
-    states = _states(model, prompts, "prompts")
-    batch = states.shape[0]
+    prompt_states = _states(model, prompts, "prompts")
+    batch = prompt_states.shape[0]
     guided = guidance_scale is not None
-    if guided:
-        uncond = _states(model, negative_prompt, "negative_prompt", batch=batch)
-        states = torch.cat([uncond.expand(batch, *uncond.shape[1:]), states])
-    elif edit_rows != "both":
+    states = unet_states(model, prompt_states, guidance_scale, negative_prompt)
+    if not guided and edit_rows != "both":
         msg = f"edit_rows={edit_rows!r} needs classifier-free guidance (guidance_scale)"
         raise InputError(msg)
     at_step = _edits_by_step(edits, steps)
@@ -167,6 +165,17 @@ class Denoiser:
         return wide
 
 
+def unet_states(model, states: torch.Tensor, guidance_scale: float | None,
+                negative_prompt: str | torch.Tensor) -> torch.Tensor:
+    """The text states the U-Net sees: ``states``, or under guidance the negative prompt's
+    states for every row first, then ``states``."""
+    if guidance_scale is None:
+        return states
+    batch = states.shape[0]
+    uncond = _states(model, negative_prompt, "negative_prompt", batch=batch)
+    return torch.cat([uncond.expand(batch, *uncond.shape[1:]), states])
+
+
 def to_images(model, sample: torch.Tensor) -> torch.Tensor | None:
     """``float32 [batch, 3, height, width]`` in [0, 1] on the CPU from a final sample."""
     if model.vae is not None:
@@ -186,7 +195,7 @@ def _states(model, prompts: object, name: str, *, batch: int | None = None) -> t
             msg = f"{name} as a tensor must be encoder hidden states [batch, tokens, width]" \
                   f"{rows}; got shape {tuple(prompts.shape)}"
             raise ShapeError(msg)
-        return prompts.to(model.device, next(model._module.parameters()).dtype)
+        return prompts.to(model.device, model.dtype)
     if batch is not None and isinstance(prompts, str):
         return model.encode([prompts])
     return model.encode(prompts)
@@ -205,7 +214,7 @@ def _noise(model, noise: torch.Tensor | None, batch: int, seed: int) -> torch.Te
         got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         msg = f"noise must be [batch={batch}, {shape[1]}, height, width]; got {got}"
         raise ShapeError(msg)
-    return noise.to(model.device, next(model._module.parameters()).dtype)
+    return noise.to(model.device, model.dtype)
 
 
 def _step_kwargs(scheduler: object, seed: int) -> dict[str, object]:

@@ -188,7 +188,7 @@ class DiffusionModel(NNsight):
     def _record_probe(self) -> None:
         """Execution order and each unit's feature-map grid, from one forward at batch 1."""
         channels, height, width = self.sample_shape
-        device, dtype = self.device, next(self._module.parameters()).dtype
+        device, dtype = self.device, self.dtype
         inputs = {"sample": torch.zeros(1, channels, height, width, device=device, dtype=dtype),
                   "timestep": torch.tensor(0, device=device),
                   "encoder_hidden_states": torch.zeros(1, 1, self._context_width(), device=device,
@@ -200,20 +200,16 @@ class DiffusionModel(NNsight):
         layers = {path: path.rsplit(".transformer_blocks.", 1)[0]
                   for path in self.table.units["resid_post"].paths}
         shapes: dict[str, tuple[int, int]] = {}
-        handles = []
 
-        def note(path: str):
-            def hook(_module, args, output):
-                x = output[0] if isinstance(output, tuple) else (args[0] if output is None else output)
-                shapes[path] = (int(x.shape[2]), int(x.shape[3]))
-            return hook
+        def note(path: str, x: torch.Tensor) -> None:
+            shapes[path] = (int(x.shape[2]), int(x.shape[3]))
 
-        for path in maps:
-            handles.append(self._module.get_submodule(path).register_forward_hook(note(path)))
-        for parent in set(layers.values()):
-            hook = note(parent)
-            handles.append(self._module.get_submodule(parent).register_forward_pre_hook(
-                lambda module, args, hook=hook: hook(module, args, None)))
+        handles = [self._module.get_submodule(path).register_forward_hook(
+            lambda _m, _a, out, path=path: note(path, out[0] if isinstance(out, tuple) else out))
+            for path in maps]
+        handles += [self._module.get_submodule(parent).register_forward_pre_hook(
+            lambda _m, args, parent=parent: note(parent, args[0]))
+            for parent in set(layers.values())]
         try:
             order = record_execution_order(self._module, inputs)
         finally:
@@ -260,7 +256,7 @@ class DiffusionModel(NNsight):
         device = next(self.text_encoder.parameters()).device
         with torch.no_grad():
             states = self.text_encoder(ids.to(device))[0]
-        return states.to(self.device, next(self._module.parameters()).dtype)
+        return states.to(self.device, self.dtype)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -374,7 +370,7 @@ class DiffusionModel(NNsight):
             msg = (f"encoder_hidden_states must be [batch, tokens, {width}] with the sample's "
                    f"batch {sample.shape[0]}; got {got}")
             raise ShapeError(msg)
-        device, dtype = self.device, next(self._module.parameters()).dtype
+        device, dtype = self.device, self.dtype
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep)
         return {"sample": sample.to(device, dtype), "timestep": timestep.to(device),
@@ -383,3 +379,8 @@ class DiffusionModel(NNsight):
     @property
     def device(self) -> torch.device:
         return next(self._module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The U-Net's dtype, which its inputs are cast to."""
+        return next(self._module.parameters()).dtype

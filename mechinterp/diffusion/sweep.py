@@ -31,7 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mechinterp.diffusion.denoise import Denoiser, _noise, _states, _step_set, generate, to_images
+from mechinterp.diffusion.denoise import (
+    Denoiser,
+    _noise,
+    _states,
+    _step_set,
+    generate,
+    to_images,
+    unet_states,
+)
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.interventions import Set
 from mechinterp.patching.result import _site_dict, _site_from_dict
@@ -170,21 +178,18 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
 
     restored = chosen if window == "step" else range(chosen[0], steps)
     source = generate(model, clean_states, cache=sites, cache_steps=restored, **run)
-    unet_states = corrupt_states
-    if guided:
-        uncond = _states(model, negative_prompt, "negative_prompt", batch=batch)
-        unet_states = torch.cat([uncond.expand(batch, *uncond.shape[1:]), corrupt_states])
-    loop = Denoiser(model, unet_states, steps, seed=seed, guidance_scale=guidance_scale)
+    corrupt_unet = unet_states(model, corrupt_states, guidance_scale, negative_prompt)
+    loop = Denoiser(model, corrupt_unet, steps, seed=seed, guidance_scale=guidance_scale)
     unedited = model._plan([], [])
     sample = loop.start(noise)
     entering: dict[int, tuple[torch.Tensor, Denoiser]] = {}
     for i in range(steps):
         if i in chosen:
-            entering[i] = (sample, loop.widened(sample, 1, unet_states))
+            entering[i] = (sample, loop.widened(sample, 1, corrupt_unet))  # a snapshot
         sample, _ = loop.step(i, sample, unedited)
 
-    def score(final: torch.Tensor) -> torch.Tensor:
-        images = to_images(model, final)
+    def score(final: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        images = to_images(model, final) if images is None else images
         out = metric(final if images is None else images)
         if not isinstance(out, torch.Tensor) or out.shape != (final.shape[0],):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -203,7 +208,7 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
             try:
                 finals = _patched_generations(model, snapshot, start_sample, step, steps,
                                               [sites[j] for j in group], source.cache,
-                                              unet_states, guided, window == "onward")
+                                              corrupt_unet, guided, window == "onward")
             except torch.cuda.OutOfMemoryError:
                 if per_forward == 1:
                     raise
@@ -216,18 +221,18 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
     bar.close()
     timesteps = tuple(int(source.timesteps[i]) for i in chosen)
     name = getattr(metric, "__name__", None) or type(metric).__name__
-    return TimestepPatchResult(sites, tuple(chosen), timesteps, values, score(source.sample),
-                               score(sample), name, window)
+    return TimestepPatchResult(sites, tuple(chosen), timesteps, values,
+                               score(source.sample, source.images), score(sample), name, window)
 
 
 def _patched_generations(model, snapshot: Denoiser, start: torch.Tensor, step: int, steps: int,
-                         sites: list[Site], clean_caches, unet_states: torch.Tensor, guided: bool,
+                         sites: list[Site], clean_caches, corrupt_unet: torch.Tensor, guided: bool,
                          onward: bool) -> torch.Tensor:
     """The finished samples of ``sites`` each restored at ``step`` (and every later step when
     ``onward``), ``len(sites) * batch`` rows (site-major), going on from the corrupted sample
     ``start`` entering that step."""
     batch, n = start.shape[0], len(sites)
-    halves = unet_states.chunk(2) if guided else (unet_states,)
+    halves = corrupt_unet.chunk(2) if guided else (corrupt_unet,)
     states = torch.cat([half.repeat(n, 1, 1) for half in halves])
     loop = snapshot.widened(start, n, states)
 

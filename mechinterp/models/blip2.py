@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
-from mechinterp.models.clip_tower import vision_dims, with_tower_dims
+from mechinterp.models.clip_tower import vision_dims
 from mechinterp.models.table import (
     Dims,
     PatternTap,
@@ -63,10 +63,10 @@ def _fused_qkv(part: int) -> View:
     return view
 
 
-def vision_places(root: str, dims: Dims) -> dict[str, Place]:
+def vision_places(root: str) -> dict[str, Place]:
     """``vision.`` places of a BLIP-2 vision transformer at module path ``root``."""
     block = f"{root}.encoder.layers.{{layer}}"
-    heads = with_tower_dims(split_heads(), dims)
+    heads = split_heads()
     return {
         "vision.embed": Tap(f"{root}.embeddings"),
         "vision.resid_pre": Tap(block, io="input", item=0, kwarg="hidden_states"),
@@ -76,19 +76,19 @@ def vision_places(root: str, dims: Dims) -> dict[str, Place]:
         "vision.mlp_out": Tap(f"{block}.mlp"),
         "vision.resid_post": Tap(block),
         "vision.head": Tap(f"{block}.self_attn.projection", io="input", view=heads),
-        "vision.q": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(0), dims)),
-        "vision.k": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(1), dims)),
-        "vision.v": Tap(f"{block}.self_attn.qkv", view=with_tower_dims(_fused_qkv(2), dims)),
+        "vision.q": Tap(f"{block}.self_attn.qkv", view=_fused_qkv(0)),
+        "vision.k": Tap(f"{block}.self_attn.qkv", view=_fused_qkv(1)),
+        "vision.v": Tap(f"{block}.self_attn.qkv", view=_fused_qkv(2)),
         "vision.pattern": PatternTap(f"{block}.self_attn"),
         "vision.neuron": Tap(f"{block}.mlp.fc2", io="input"),
     }
 
 
-def qformer_places(root: str, dims: Dims) -> dict[str, Place]:
+def qformer_places(root: str) -> dict[str, Place]:
     """``qformer.`` places of a Q-Former at module path ``root``: its self-attention and the
     query tokens' MLP (``*_query`` modules; the text MLP never runs in BLIP-2's forward)."""
     block = f"{root}.encoder.layer.{{layer}}"
-    heads = with_tower_dims(split_heads(), dims)
+    heads = split_heads()
     return {
         "qformer.embed": Tap(f"{root}.layernorm", io="input"),
         "qformer.resid_pre": Tap(block, io="input", item=0, kwarg="hidden_states"),
@@ -109,7 +109,7 @@ def qformer_cross_places(root: str, dims: Dims, frequency: int) -> tuple[dict[st
                                                                         dict[str, Units]]:
     """``qformer.cross_*`` places of the Q-Former's cross-attention at ``root``, and their units:
     the Q-Former's layers, of which every ``frequency``-th (from 0) has the sublayer."""
-    heads = with_tower_dims(split_heads(), dims)
+    heads = split_heads()
     attention = "{unit}.crossattention"
     places: dict[str, Place] = {
         "qformer.cross_attn": Tap(f"{attention}.output.dense"),
@@ -184,8 +184,8 @@ def site_table(model: nn.Module) -> SiteTable:
     places = {name: _moved(place, base, root) for name, place in text.places.items()}
     vision = vision_dims(config.vision_config)
     qformer = vision_dims(config.qformer_config)
-    places.update(vision_places("{base}vision_model", vision))
-    places.update(qformer_places("{base}qformer", qformer))
+    places.update(vision_places("{base}vision_model"))
+    places.update(qformer_places("{base}qformer"))
     cross, units = qformer_cross_places("{base}qformer", qformer,
                                         config.qformer_config.cross_attention_frequency)
     places.update(cross)

@@ -25,11 +25,11 @@ def site_table(model: nn.Module) -> SiteTable:
     dims = Dims(n_layers=config_int(text, "num_hidden_layers"), n_heads=n_heads,
                 n_kv_heads=n_heads, d_model=d_model, d_head=d_model // n_heads,
                 d_mlp=config_int(text, "intermediate_size"), d_vocab=config_int(text, "vocab_size"))
-    places = clip_vision_places("{base}text_model", dims, tower=None)
+    places = clip_vision_places("{base}text_model", tower=None)
     # The token embedding alone (the embeddings module adds the position embedding).
     places["embed"] = Tap("{base}text_model.embeddings.token_embedding")
     vision = vision_dims(config.vision_config)
-    places.update(clip_vision_places("{base}vision_model", vision))
+    places.update(clip_vision_places("{base}vision_model"))
     unsupported = {"logits": "CLIP has no language-model head (it scores image-text pairs)"}
     return SiteTable("clip", dims, places, blocks="{base}text_model.encoder.layers", causal=True,
                      position_ids=True, unsupported=unsupported, towers={"vision": vision})

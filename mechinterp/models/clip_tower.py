@@ -21,17 +21,12 @@ def vision_dims(config: object) -> Dims:
                 d_mlp=config_int(config, "intermediate_size"), d_vocab=0)
 
 
-def with_tower_dims(view, dims: Dims):
-    """A view that splits heads with the tower's sizes, whatever table sizes the engine passes."""
-    return lambda raw, _table_dims: view(raw, dims)
-
-
-def clip_vision_places(root: str, dims: Dims, tower: str | None = "vision") -> dict[str, Place]:
+def clip_vision_places(root: str, tower: str | None = "vision") -> dict[str, Place]:
     """Places of a CLIP transformer (vision or text) at module path ``root`` (e.g.
     ``"{base}vision_tower"``), named ``"{tower}.<component>"`` (plain names for the main
     tower, ``tower=None``)."""
     block = f"{root}.encoder.layers.{{layer}}"
-    heads = with_tower_dims(split_heads(), dims)
+    heads = split_heads()
     name = (lambda component: component) if tower is None else f"{tower}.{{}}".format
     return {
         name("embed"): Tap(f"{root}.embeddings"),

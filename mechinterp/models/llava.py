@@ -58,7 +58,7 @@ def site_table(model: nn.Module) -> SiteTable:
     places = {name: place if name == "logits" else _rebase(place, "language_model.")
               for name, place in text.places.items()}
     dims = vision_dims(config.vision_config)
-    places.update(clip_vision_places("{base}vision_tower", dims))
+    places.update(clip_vision_places("{base}vision_tower"))
     places["projector"] = Tap("{base}multi_modal_projector")
     assert all(isinstance(p, (Tap, Sum, PatternTap)) for p in places.values())
     return replace(text, family="llava", places=places,

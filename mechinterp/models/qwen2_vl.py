@@ -49,6 +49,7 @@ from mechinterp.models.table import (
     Tap,
     View,
     config_int,
+    split_heads,
 )
 from mechinterp.sites import Site, base_component, tower_of
 
@@ -188,17 +189,12 @@ def vision_dims(config: object, model_type: str) -> Dims:
                 d_model=d_model, d_head=d_model // n_heads, d_mlp=d_mlp, d_vocab=0)
 
 
-def _heads(dims: Dims) -> View:
-    # The tower's sizes, whatever table sizes the engine passes.
-    return lambda raw, _table_dims: raw.unflatten(-1, (dims.n_heads, dims.d_head))
-
-
-def _qkv(dims: Dims, third: int) -> View:
+def _qkv(third: int) -> View:
     """One third of the fused projection, laid out ``[..., 3, head, d_head]`` by the model."""
-    return lambda raw, _table_dims: raw.unflatten(-1, (3, dims.n_heads, dims.d_head)).select(-3, third)
+    return lambda raw, dims: raw.unflatten(-1, (3, dims.n_heads, dims.d_head)).select(-3, third)
 
 
-def vision_places(dims: Dims, mlp_in: str) -> dict[str, Place]:
+def vision_places(mlp_in: str) -> dict[str, Place]:
     """Places of the vision tower; every tensor is packed (see the module's docstring).
 
     ``q`` and ``k`` are read at the fused projection, before the rotary embedding.
@@ -213,10 +209,10 @@ def vision_places(dims: Dims, mlp_in: str) -> dict[str, Place]:
                                 base="vision.resid_pre", shifted="vision.attn_out"),
         "vision.mlp_out": Tap(f"{block}.mlp", flat=True),
         "vision.resid_post": Tap(block, flat=True),
-        "vision.head": Tap(f"{block}.attn.proj", io="input", view=_heads(dims), flat=True),
-        "vision.q": Tap(f"{block}.attn.qkv", view=_qkv(dims, 0), flat=True),
-        "vision.k": Tap(f"{block}.attn.qkv", view=_qkv(dims, 1), flat=True),
-        "vision.v": Tap(f"{block}.attn.qkv", view=_qkv(dims, 2), flat=True),
+        "vision.head": Tap(f"{block}.attn.proj", io="input", view=split_heads(), flat=True),
+        "vision.q": Tap(f"{block}.attn.qkv", view=_qkv(0), flat=True),
+        "vision.k": Tap(f"{block}.attn.qkv", view=_qkv(1), flat=True),
+        "vision.v": Tap(f"{block}.attn.qkv", view=_qkv(2), flat=True),
         "vision.pattern": PatternTap(f"{block}.attn"),
         "vision.neuron": Tap(f"{block}.mlp.{mlp_in}", io="input", flat=True),
     }
@@ -232,7 +228,7 @@ def site_table(model: nn.Module) -> SiteTable:
     places = {name: place if name == "logits" else _rebase(place, "language_model.")
               for name, place in text.places.items()}
     dims = vision_dims(config.vision_config, model_type)
-    places.update(vision_places(dims, "fc2" if model_type == "qwen2_vl" else "down_proj"))
+    places.update(vision_places("fc2" if model_type == "qwen2_vl" else "down_proj"))
     unsupported = dict(text.unsupported)
     if model_type == "qwen2_vl":
         places["projector"] = Tap("{base}visual.merger", flat=True)
