@@ -46,24 +46,41 @@ def prefix_cache(kv: KeysValues, start: int, times: int, live_from: int) -> obje
     """A cache holding the first ``start`` positions of ``kv`` for ``times`` repeats of its rows
     (row ``c * pairs + p`` is pair ``p``), ready for the positions from ``start`` on.
 
-    Layers below ``live_from`` are skipped by the forward (their blocks are stubbed), so they get
-    a broadcast view of one row instead of a copy: only their length is ever read.
+    The prefix is never repeated in memory: each live layer joins its one copy of the prefix to
+    the new positions when its attention asks for them, and keeps nothing, so that a forward
+    holds one layer's joined keys and values at a time rather than every layer's. Layers below
+    ``live_from`` are skipped by the forward (their blocks are stubbed): only their length is
+    ever read.
     """
     cache = DynamicCache()
     for index, (keys, values) in enumerate(kv):
-        pairs = keys.shape[0]
         keys, values = keys[:, :, :start], values[:, :, :start]
-        if index < live_from or pairs == 1:
-            keys = keys[:1].expand(pairs * times, -1, -1, -1)
-            values = values[:1].expand(pairs * times, -1, -1, -1)
-        else:
-            keys, values = keys.repeat(times, 1, 1, 1), values.repeat(times, 1, 1, 1)
-        layer = DynamicLayer()
+        layer = DynamicLayer() if index < live_from else _PrefixLayer()
         layer.lazy_initialization(keys, values)
-        # Set directly rather than through update(), which would copy a broadcast view.
+        # Set directly rather than through update(), which would copy.
         layer.keys, layer.values = keys, values
         cache.layers.append(layer)
     return cache
+
+
+class _PrefixLayer(DynamicLayer if DynamicLayer is not None else object):
+    """A cache layer whose ``update`` returns the shared prefix joined to the new positions
+    without storing the result: a forward of a suffix reads each layer's cache once."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _joined(self.keys, key_states), _joined(self.values, value_states)
+
+
+def _joined(prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``[rows, heads, start + n, d]``: the prefix ``[pairs, heads, start, d]`` repeated over
+    the rows (row ``c * pairs + p`` takes pair ``p``'s), then ``new`` ``[rows, heads, n, d]``."""
+    rows, heads, length, width = new.shape
+    pairs, _, start, _ = prefix.shape
+    out = new.new_empty(rows, heads, start + length, width)
+    out[:, :, :start].view(rows // pairs, pairs, heads, start, width).copy_(prefix)
+    out[:, :, start:].copy_(new)
+    return out
 
 
 def from_position(output: object, start: int) -> object:

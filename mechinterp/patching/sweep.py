@@ -447,11 +447,13 @@ class _Sweep:
     def _overhead_rows(self) -> float:
         """The fixed cost of one forward, in rows of compute. A GPU runs small batches at the
         cost of their kernel launches, up to roughly 2,048 tokens in float32 and 16,384 in 16-bit
-        floats (tensor cores do each row's work several times faster); a CPU pays per row."""
+        floats (tensor cores do each row's work several times faster) at GPT-2-small's width; a
+        wider model fills the GPU with proportionally fewer tokens (its matrix products have
+        more output tiles per token). A CPU pays per row."""
         if self.clean.input_ids.device.type != "cuda":
             return 1.0
         itemsize = next(self.model._module.parameters()).element_size()
-        tokens = 16384 if itemsize <= 2 else 2048
+        tokens = (16384 if itemsize <= 2 else 2048) * min(1.0, 768 / self.model.dims.d_model)
         return max(1.0, tokens / self.seq_len)
 
     def _forwards(self, pending: list[int], budget: int, first: bool, reuse: bool
