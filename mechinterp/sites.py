@@ -181,6 +181,24 @@ class Site:
         }
         return tuple(a for a in component_axes(self.component) if a not in dropped)
 
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        """A whole component from its string form: ``"block.1"`` -> ``Site("block", layer=1)``,
+        ``"embed"`` -> ``Site("embed")`` (the inverse of ``str`` for sites without indices).
+
+        Examples:
+            >>> Site.parse("vision.resid_post.3")
+            Site('vision.resid_post', layer=3)
+        """
+        if not isinstance(text, str) or "[" in text:
+            msg = (f"site must be a Site or a component name with an optional layer, such as "
+                   f"'block.1'; got {text!r}")
+            raise InputError(msg)
+        component, _, layer = text.rpartition(".")
+        if component and layer.lstrip("-").isdigit():
+            return cls(component, layer=int(layer))
+        return cls(text)
+
     def at(self, **changes: object) -> Site:
         """A copy with some fields changed, e.g. ``site.at(pos=3)``."""
         return replace(self, **changes)

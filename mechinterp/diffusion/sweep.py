@@ -56,8 +56,8 @@ class TimestepPatchResult:
     Attributes:
         sites: the patched sites.
         steps: the patched step indices (0 is the noisiest).
-        window: ``"step"`` (each cell restores its step only) or ``"onward"`` (its step and
-            every later one).
+        window: ``"step"`` (each cell restores its step only), ``"onward"`` (its step and
+            every later one) or ``"all"`` (every step: causal tracing's restores).
         timesteps: the scheduler's timestep at each of ``steps``.
         values: ``[row, site, step]`` metric of each patched generation.
         clean: ``[row]`` metric of the clean generations.
@@ -102,8 +102,9 @@ class TimestepPatchResult:
         shown = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
         ax.set_xticks(range(len(self.steps)), [str(t) for t in self.timesteps], rotation=90)
         ax.set_yticks(range(len(self.sites)), [str(s) for s in self.sites])
-        ax.set_xlabel("timestep restored" + (" and every later one" if self.window == "onward"
-                                              else "") + " (noisiest first)")
+        ax.set_xlabel("restored at every step" if self.window == "all" else
+                      "timestep restored" + (" and every later one" if self.window == "onward"
+                                             else "") + " (noisiest first)")
         figure.colorbar(shown, ax=ax, label="restored fraction")
         figure.tight_layout()
         return figure

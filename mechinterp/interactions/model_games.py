@@ -416,7 +416,7 @@ class _BaselineEdit(TensorEdit):
         tensor.copy_(torch.where(self.present, tensor, self.baseline.to(tensor.dtype)))
 
 
-def _position_players(players: object, length: int, default: list[list[int]]) -> list[list[int]]:
+def position_players(players: object, length: int, default: list[list[int]]) -> list[list[int]]:
     """Players as lists of prompt columns: positions, or groups of positions (disjoint)."""
     if players is None:
         return default
@@ -537,7 +537,7 @@ class TokenGame(ModelGame):
         tokenizer = model.tokenizer
         special = set(getattr(tokenizer, "all_special_ids", None) or [])
         default = [[c] for c in range(length) if ids[c] not in special]
-        self.columns = _position_players(self._players_arg, length, default)
+        self.columns = position_players(self._players_arg, length, default)
         if not self.columns:
             msg = "players must name at least one position; every token of the prompt is special"
             raise InputError(msg)
