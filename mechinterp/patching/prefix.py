@@ -26,20 +26,61 @@ except ImportError:  # pragma: no cover - transformers without the layered cache
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def keys_values(cache: object, begin: int, end: int, seq_len: int) -> KeysValues | None:
-    """Copies of rows ``[begin, end)`` of every layer's keys and values ``[rows, heads, pos,
-    d_head]`` in a filled cache, or None when the cache is not a plain full-length one (a
-    sliding window, say), so that positions cannot be reused."""
+def keys_values(cache: object, rows: int, seq_len: int) -> KeysValues | None:
+    """Every layer's keys and values ``[rows, heads, pos, d_head]`` in a cache that
+    :func:`keeping_rows` cut to ``rows`` rows, or None when the cache is not a plain
+    full-length one (a sliding window, say), so that positions cannot be reused."""
     layers = getattr(cache, "layers", None)
     if DynamicLayer is None or not layers:
         return None
     out = []
     for layer in layers:
         if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4 \
-                or layer.keys.shape[-2] != seq_len:
+                or layer.keys.shape[-2] != seq_len or layer.keys.shape[0] != rows:
             return None
-        out.append((layer.keys[begin:end].clone(), layer.values[begin:end].clone()))
+        out.append((layer.keys, layer.values))
     return out
+
+
+def new_cache(model: InterpModel) -> object | None:
+    """An empty key/value cache laid out for ``model`` (None without transformers' layered
+    cache)."""
+    if DynamicCache is None:
+        return None
+    try:
+        return DynamicCache(config=model._module.config)
+    except (TypeError, AttributeError, ValueError):  # older signatures, configs without layers
+        return DynamicCache()
+
+
+@contextlib.contextmanager
+def keeping_rows(model: InterpModel, cache: object, begin: int, end: int) -> Iterator[None]:
+    """In the enclosed forward, cut every layer of ``cache`` to rows ``[begin, end)`` (the
+    corrupted runs) as soon as its block has run: the forward then holds one layer's keys and
+    values for all its rows at a time, not every layer's."""
+    blocks = model.table.blocks.format(base=model.base)
+
+    def trim(layer: int):
+        def hook(_module, _args, _output) -> None:
+            layers = getattr(cache, "layers", None)
+            if layers is None or layer >= len(layers):
+                return
+            kept = layers[layer]
+            if type(kept) is DynamicLayer and kept.keys is not None and kept.keys.dim() == 4 \
+                    and kept.keys.shape[0] > end - begin:
+                kept.keys = kept.keys[begin:end].clone()
+                kept.values = kept.values[begin:end].clone()
+
+        return hook
+
+    module = model._module
+    handles = [module.get_submodule(f"{blocks}.{layer}").register_forward_hook(trim(layer))
+               for layer in range(model.dims.n_layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def prefix_cache(kv: KeysValues, start: int, times: int, live_from: int) -> object:

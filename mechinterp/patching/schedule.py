@@ -22,8 +22,11 @@ def depth(layer: int, n_layers: int) -> float:
     return (n_layers - max(layer, 0) + 1) / (n_layers + 1)
 
 
-#: Most candidate cuts between starting positions that :func:`plan_forwards` weighs.
+#: Most candidate cuts between starting positions that :func:`plan_forwards` weighs, for small
+#: sweeps and for large ones (whose forwards cost far more than the planning's quadratic loop).
 MAX_BANDS = 10
+MAX_BANDS_LARGE = 40
+LARGE_ROWS = 4096
 
 
 def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int, n_layers: int,
@@ -37,7 +40,8 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
     cache). A forward starting at position ``s`` and layer ``l`` then costs
     ``overhead + rows * depth(l) * (seq_len - s) / seq_len``. Cells are first cut into bands of
     starts, then each band along layers (:func:`plan_chunks`'s programme), choosing the cheapest
-    band cuts by a second programme over at most :data:`MAX_BANDS` candidate cuts.
+    band cuts by a second programme over at most :data:`MAX_BANDS` candidate cuts
+    (:data:`MAX_BANDS_LARGE` for sweeps of :data:`LARGE_ROWS` rows or more).
 
     With ``first_extra_rows``, the first forward also carries that many rows (the unpatched
     runs) and runs every position and layer, whatever its cells' starts; it then comes first in
@@ -60,8 +64,9 @@ def plan_forwards(starts: Sequence[int], layers: Sequence[int], *, seq_len: int,
         # A second forward would cost more than all the rows it could shorten.
         return [sorted(range(n), key=lambda c: layers[c])]
     distinct = sorted(set(starts))
-    if len(distinct) > MAX_BANDS:  # candidate cuts at quantiles of the starts
-        picks = {distinct[round(i * (len(distinct) - 1) / (MAX_BANDS - 1))] for i in range(MAX_BANDS)}
+    bands = MAX_BANDS_LARGE if rows >= LARGE_ROWS else MAX_BANDS
+    if len(distinct) > bands:  # candidate cuts at quantiles of the starts
+        picks = {distinct[round(i * (len(distinct) - 1) / (bands - 1))] for i in range(bands)}
         distinct = sorted(picks | {distinct[0]})
     band_of = [bisect.bisect_right(distinct, s) - 1 for s in starts]
     # counts[b][l + 1]: cells of band candidate b whose first patched layer is l (l = -1 too)
