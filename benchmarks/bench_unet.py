@@ -45,8 +45,19 @@ smallest of every cell, clean and corrupted value) as the scale:
 
 Peak GPU memory (weights included) is recorded for each.
 
+``--attribution`` also measures attribution patching
+(``mechinterp.diffusion.attribution.attribution_patch``), the first-order estimate of the same
+sweep from one clean generation, one corrupted generation with gradients and one backward pass,
+with every step's U-Net activations kept and with them recomputed in the backward pass
+(``checkpoint=True``): wall time and peak memory of each against the timed exact sweep, how the
+two estimates differ (they compute the same gradients), and how the estimated effects (value
+minus corrupted metric, averaged over rows) correlate with the exact ones: Pearson and Spearman
+over every cell and over the cells after the first (noisiest) step, where a linear estimate is
+weakest, and the fraction of the cells with an exact effect over a tenth of the largest whose
+sign the estimate gets. A configuration that runs out of GPU memory is recorded as such.
+
 Run: ``python benchmarks/bench_unet.py --json unet.json``
-(on a CPU: ``python benchmarks/bench_unet.py --small --device cpu``).
+(on a CPU: ``python benchmarks/bench_unet.py --small --device cpu``; add ``--attribution``).
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ from _timing import device_name, peak_gib, reset_peak, sync, timed, write_json
 from nnsight import NNsight
 
 from mechinterp import Site, select
+from mechinterp.diffusion.attribution import attribution_patch
 from mechinterp.diffusion.model import DiffusionModel
 from mechinterp.diffusion.sweep import timestep_patch
 
@@ -354,6 +366,77 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
                      for k, (block, step) in enumerate(cells)],
     })
     row["passed"] = row["matched_passed"] and row["batched_passed"] is not False
+    if args.attribution:
+        row.update(measure_attribution(model, inputs, ours, steps=steps, guidance=guidance,
+                                       device=device))
+    return row
+
+
+# -- attribution patching --------------------------------------------------------------------
+
+
+def attribution_sweep(model: DiffusionModel, inputs: Inputs, *, steps: int,
+                      guidance: float | None, checkpoint: bool, **only):
+    """``attribution_patch`` over every block at every step (``only`` narrows it)."""
+    return attribution_patch(model, inputs.clean, inputs.corrupt, metric=metric, steps=steps,
+                             noise=inputs.noise, guidance_scale=guidance,
+                             negative_prompt=inputs.negative, checkpoint=checkpoint,
+                             progress=False, **only)
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(torch.argsort(x)).double()
+
+
+def agreement(exact, estimate) -> dict:
+    """How the estimated effects ``[block, step]`` (value minus corrupted metric, mean over rows)
+    track the exact ones."""
+    x = (exact.values - exact.corrupt[:, None, None]).double().mean(0)
+    y = (estimate.values - estimate.corrupt[:, None, None].double()).mean(0)
+    large = x.abs() > 0.1 * x.abs().max()
+    out = {"pearson": _pearson(x.flatten(), y.flatten()),
+           "spearman": _pearson(_ranks(x.flatten()), _ranks(y.flatten())),
+           "large_cells": int(large.sum()),
+           "large_sign_agreement": float((x[large].sign() == y[large].sign()).double().mean())}
+    if x.shape[1] > 2:
+        later_x, later_y = x[:, 1:].flatten(), y[:, 1:].flatten()
+        out.update({"pearson_after_step0": _pearson(later_x, later_y),
+                    "spearman_after_step0": _pearson(_ranks(later_x), _ranks(later_y))})
+    return out
+
+
+def measure_attribution(model: DiffusionModel, inputs: Inputs, exact, *, steps: int,
+                        guidance: float | None, device: torch.device) -> dict:
+    """Attribution patching with and without checkpointing against the exact sweep ``exact``."""
+    row: dict = {}
+    # Warm-up at one step (the backward pass's kernels included), so that first-call costs
+    # are not timed.
+    attribution_sweep(model, inputs, steps=steps, guidance=guidance, checkpoint=False,
+                      at_steps=[steps - 1])
+    results = {}
+    for name, checkpoint in (("atp", False), ("atp_checkpoint", True)):
+        reset_peak(device)
+        try:
+            results[name], row[f"{name}_s"] = timed(device, lambda c=checkpoint: attribution_sweep(
+                model, inputs, steps=steps, guidance=guidance, checkpoint=c))
+        except torch.cuda.OutOfMemoryError:
+            row[f"{name}_s"] = None
+            row[f"{name}_out_of_memory"] = True
+            torch.cuda.empty_cache()
+            continue
+        row[f"{name}_peak_gib"] = peak_gib(device)
+        row[f"{name}_agreement"] = agreement(exact, results[name])
+        row[f"{name}_corrupt_max_abs_diff"] = float(
+            (results[name].corrupt - exact.corrupt).abs().max())
+    if len(results) == 2:
+        row["atp_checkpoint_max_abs_diff"] = float(
+            (results["atp"].values - results["atp_checkpoint"].values).abs().max())
     return row
 
 
@@ -408,8 +491,35 @@ def describe(row: dict) -> str:
                                    f"({row['nnsight_cells']} cells; metric spread "
                                    f"{row['metric_spread']:.3g})")),
     ]
+    if "atp_s" in row:
+        table += describe_attribution(row)
     width = max(len(name) for name, _ in table)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in table)
+
+
+def describe_attribution(row: dict) -> list[tuple[str, str]]:
+    lines = []
+    for name, label in (("atp", "AtP"), ("atp_checkpoint", "AtP, checkpointed")):
+        if row[f"{name}_s"] is None:
+            lines.append((label, "out of GPU memory"))
+            continue
+        agree = row[f"{name}_agreement"]
+        later = ""
+        if "pearson_after_step0" in agree:
+            later = (f"; after step 0: Pearson {agree['pearson_after_step0']:.3f}, Spearman "
+                     f"{agree['spearman_after_step0']:.3f}")
+        lines += [
+            (label, (f"{row[f'{name}_s']:.3f} s ({row['mechinterp_s'] / row[f'{name}_s']:.2f}x "
+                     f"faster than the exact sweep), peak {_gib(row[f'{name}_peak_gib'])}")),
+            (f"{label} vs exact", (f"Pearson {agree['pearson']:.3f}, Spearman "
+                                   f"{agree['spearman']:.3f}{later}; sign right in "
+                                   f"{agree['large_sign_agreement']:.0%} of the "
+                                   f"{agree['large_cells']} cells over a tenth of the largest")),
+        ]
+    if "atp_checkpoint_max_abs_diff" in row:
+        lines.append(("AtP checkpointed vs kept", (
+            f"max |diff| {row['atp_checkpoint_max_abs_diff']:.3g}")))
+    return lines
 
 
 def main() -> None:
@@ -432,6 +542,9 @@ def main() -> None:
                         help="timestep_patch's max_rows: most generations per U-Net forward "
                              "(default: every block of a step at once)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+    parser.add_argument("--attribution", action="store_true",
+                        help="also time attribution patching (with and without checkpointing) "
+                             "against the exact sweep, with its peak memory and correlation")
     parser.add_argument("--json", help="also write the row to this file")
     args = parser.parse_args()
     for name in ("batch", "steps", "loop_cells"):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from mechinterp.errors import InputError, ShapeError
@@ -112,13 +113,20 @@ class Denoiser:
     :meth:`step` runs one step under a plan. The scheduler's state can be copied at any step
     and widened to more rows (:meth:`widened`), so that runs which share their first steps
     can go on from one of them.
+
+    The U-Net runs without gradients unless ``grad`` (attribution patching differentiates the
+    whole loop); with ``checkpoint`` too, each step's U-Net forward keeps only its inputs and is
+    recomputed in the backward pass, so that a backward through many steps holds about one
+    step's activations. Both are attributes a caller may change between steps.
     """
 
     def __init__(self, model, states: torch.Tensor, steps: int, *, seed: int,
-                 guidance_scale: float | None):
+                 guidance_scale: float | None, grad: bool = False, checkpoint: bool = False):
         self.model = model
         self.states = states
         self.guidance_scale = guidance_scale
+        self.grad = grad
+        self.checkpoint = checkpoint
         # A fresh scheduler: set_timesteps and multistep samplers' history mutate it.
         self.scheduler = type(model.scheduler).from_config(model.scheduler.config)
         self.scheduler.set_timesteps(steps, device=model.device)
@@ -134,9 +142,15 @@ class Denoiser:
         guided = self.guidance_scale is not None
         model_input = torch.cat([sample, sample]) if guided else sample
         model_input = self.scheduler.scale_model_input(model_input, t)
-        with torch.no_grad():
-            output, values = self.model._forward(
-                self.model._inputs(model_input, t, self.states), plan)
+        with torch.set_grad_enabled(self.grad):
+            inputs = self.model._inputs(model_input, t, self.states)
+            if self.grad and self.checkpoint:
+                # Non-reentrant: gradients reach tensors the plan's edits hold (probes), not
+                # only the explicit inputs, and torch.autograd.grad works through it.
+                output, values = torch.utils.checkpoint.checkpoint(
+                    self.model._forward, inputs, plan, use_reentrant=False)
+            else:
+                output, values = self.model._forward(inputs, plan)
         prediction = output.sample
         if guided:
             uncond_pred, cond_pred = prediction.chunk(2)
