@@ -287,9 +287,24 @@ def test_bad_inputs_are_named(blip2):
     mixed["input_ids"][1, PREFIX] = 5
     with pytest.raises(InputError, match="same image-token positions"):
         blip2.image_positions(mixed)
-    with pytest.raises(InputError, match="not supported in sweeps"):
-        activation_patch(blip2, inputs, _inputs(2), select("qformer.resid_post").layers(0),
+    with pytest.raises(InputError, match="tower's attention patterns"):
+        activation_patch(blip2, inputs, _inputs(2), select("qformer.pattern").layers(0),
                          LogitDiff(3, 4), progress=False)
+
+
+def test_sweeps_patch_qformer_and_vision_sites(blip2):
+    """Q-Former and vision-tower cells sweep like language-model cells: each equals patching
+    that site by hand."""
+    clean, corrupt = _inputs(1), _inputs(2)
+    sites = [Site("qformer.resid_post", layer=0, pos=1), Site("qformer.cross_attn", layer=0),
+             Site("vision.resid_post", layer=0, pos=2), Site("qformer.head", layer=1, head=0)]
+    swept = activation_patch(blip2, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
+    for cell, site in enumerate(sites):
+        value = blip2.run(clean, cache=[site]).cache[site]
+        logits = blip2.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                                   atol=1e-12)
+    assert bool((swept.values != swept.corrupt[:, None]).any())
 
 
 def test_models_without_a_site_table_are_refused_by_name():

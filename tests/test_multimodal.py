@@ -121,9 +121,6 @@ def test_image_positions_and_patching_an_image_token(llava):
     expected = (logits[:, 3] - logits[:, 4]).mean()
     cell = next(r for r in result.to_records() if r["pos"] == positions[1])
     assert cell["mean"] == pytest.approx(expected.item(), abs=1e-10)
-    with pytest.raises(InputError, match="not supported in sweeps"):
-        activation_patch(llava, clean, corrupt, select("vision.resid_post").layers(0),
-                         LogitDiff(3, 4), progress=False)
 
 
 def test_sweeps_over_image_tokens_reuse_the_corrupted_prefix(llava):
@@ -144,6 +141,37 @@ def test_sweeps_over_image_tokens_reuse_the_corrupted_prefix(llava):
     cell = reused.sites.index(site)
     torch.testing.assert_close(reused.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
                                atol=1e-12)
+
+
+def test_sweeps_patch_vision_tower_sites(llava):
+    """Vision-tower cells (patches of the image encoder, by patch and by head) sweep together
+    with language-model cells; each equals patching that site by hand, and a tower layer's
+    patch runs every language-model layer after it."""
+    clean, corrupt = _inputs(31, rows=2), _inputs(32, rows=2)
+    image_position = llava.image_positions(clean)[4]
+    sites = [Site("vision.resid_post", layer=0, pos=3), Site("vision.resid_post", layer=1),
+             Site("vision.head", layer=1, pos=(0, 5), head=2), Site("vision.mlp_out", layer=0, pos=-1),
+             Site("resid_pre", layer=1, pos=image_position)]
+    swept = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False,
+                             batch_size=3)
+    for cell, site in enumerate(sites):
+        value = llava.run(clean, cache=[site]).cache[site]
+        logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                                   atol=1e-12)
+    assert bool((swept.values[:, :4] != swept.corrupt[:, None]).any())  # the patches mattered
+    mean = activation_patch(llava, clean, corrupt, sites[:2], LogitDiff(3, 4), source="mean",
+                            progress=False)
+    site = sites[0]
+    value = llava.run(clean, cache=[site]).cache[site].mean(0, keepdim=True).expand(2, -1)
+    logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+    torch.testing.assert_close(mean.values[:, 0], logits[:, 3] - logits[:, 4], rtol=0, atol=1e-12)
+    with pytest.raises(InputError, match="tower's attention patterns"):
+        activation_patch(llava, clean, corrupt, [Site("vision.pattern", layer=0)],
+                         LogitDiff(3, 4), progress=False)
+    with pytest.raises(SiteError):
+        activation_patch(llava, clean, corrupt, [Site("vision.resid_post", layer=0, pos=10**4)],
+                         LogitDiff(3, 4), progress=False)
 
 
 def test_inputs_must_have_a_row_per_prompt(llava):

@@ -312,3 +312,19 @@ def test_qwen2_5_vl_sites_read_and_write(one_thread):
         assert not torch.equal(model.run(inputs, edits=[Set(site, value + noise)]).logits, base.logits)
     with pytest.raises(SiteError, match="attention windows"):
         model.run(inputs, cache=[Site("projector")])
+
+
+def test_sweeps_patch_vision_sites_of_the_packed_tower(qwen):
+    """The packed vision tower's sites sweep like any other: each cell equals patching that
+    site by hand."""
+    clean, corrupt = _inputs(5), _inputs(6)
+    sites = [Site("vision.resid_post", layer=0, pos=3), Site("vision.head", layer=1, head=1),
+             Site("vision.mlp_out", layer=1, pos=(0, 5)), Site("resid_pre", layer=1, pos=-1)]
+    swept = activation_patch(qwen, clean, corrupt, sites, LogitDiff(3, 4), progress=False,
+                             batch_size=3)
+    for cell, site in enumerate(sites):
+        value = qwen.run(clean, cache=[site]).cache[site]
+        logits = qwen.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                                   atol=1e-10)
+    assert bool((swept.values[:, :3] != swept.corrupt[:, None]).any())

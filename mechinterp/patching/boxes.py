@@ -13,7 +13,7 @@ import torch
 from mechinterp import _ops
 from mechinterp.interventions import TensorEdit
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site
+from mechinterp.sites import Site, base_component
 
 Rect = tuple[int, int, int, int]  # a_begin, a_end, f_begin, f_end
 
@@ -67,21 +67,22 @@ def site_rects(site: Site, spans: RowSpans, n_pairs: int, shape: tuple[int, int]
     extent_a, extent_f = shape
     columns = _columns(site, spans, n_pairs, memo)
     heads = _as_list(site.head)
+    component = base_component(site.component)  # a tower's components have the same layout
     out: list[list[Rect]] = []
     for pair in range(n_pairs):
         rects: list[Rect] = []
         cols = None if columns is None else columns[pair]
-        if site.component == "pattern":
+        if component == "pattern":
             keys = extent_f // spans.seq_len
             head_ranges = [(0, extent_a)] if heads is None else [(h, h + 1) for h in heads]
             query_ranges = [(0, extent_f)] if cols is None else [(c * keys, (c + 1) * keys) for c in cols]
             rects = [(a0, a1, f0, f1) for a0, a1 in head_ranges for f0, f1 in query_ranges]
         else:
             pos_ranges = [(0, extent_a)] if cols is None else [(c, c + 1) for c in cols]
-            if site.component in ("head", "q", "k", "v") and heads is not None:
+            if component in ("head", "q", "k", "v") and heads is not None:
                 width = extent_f // n_heads
                 feature_ranges = [(h * width, (h + 1) * width) for h in heads]
-            elif site.component == "neuron" and site.neuron is not None:
+            elif component == "neuron" and site.neuron is not None:
                 feature_ranges = [(n, n + 1) for n in _as_list(site.neuron) or []]
             else:
                 feature_ranges = [(0, extent_f)]

@@ -49,7 +49,7 @@ from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
 from mechinterp.patching.writes import WriteTable, build_writes
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site, SiteSelector, SiteUnion, tower_of
+from mechinterp.sites import Site, SiteSelector, SiteUnion, base_component, tower_of
 
 SOURCES = ("clean", "mean", "resample")
 _UNPATCHABLE = ("logits",)
@@ -81,7 +81,10 @@ def activation_patch(
             ``clean``.
         sites: the cells of the sweep: a selector such as
             ``select("resid_pre").layers().positions()`` or a list of sites. A site without a
-            position patches every position; with heads or neurons, only those slices.
+            position patches every position; with heads or neurons, only those slices. Sites
+            of a multimodal model's towers (``vision.*``, ``qformer.*``) count positions over
+            the tower's own tokens (image patches, queries); their runs recompute everything
+            after the tower.
         metric: :class:`LogitDiff`, :class:`LogProb`, :class:`Prob`, :class:`KL`, or a callable
             ``(logits [rows, vocab], pairs [rows]) -> [rows]``.
         source: ``"clean"`` (the pair's clean value), ``"mean"`` (the mean over clean prompts)
@@ -221,11 +224,10 @@ class _Sweep:
             for site, origin in cell:
                 group = groups.get((site.component, site.layer))
                 if group is None:
-                    if tower_of(site.component) is not None:
-                        msg = (f"sites: sweeps patch the main tower's components (image tokens "
-                               f"included, by position); {site.component!r} of the "
-                               f"{tower_of(site.component)} tower is not supported in sweeps "
-                               f"yet; edit it with model.run(edits=...)")
+                    if tower_of(site.component) is not None and \
+                            base_component(site.component) == "pattern":
+                        msg = (f"sites: a tower's attention patterns cannot be swept; got "
+                               f"{site}; edit them with model.run(edits=...)")
                         raise InputError(msg)
                     if site.component in _UNPATCHABLE:
                         msg = f"sites: {site.component!r} cannot be patched (it is the output); got {site}"
@@ -237,15 +239,46 @@ class _Sweep:
                     check_indices(site, model.table)
                 if origin == "corrupt":
                     frozen_groups.add(group)
-                first_layer = group[1] if first_layer is None else min(first_layer, group[1])
+                # A tower runs before the main layers: a patch there changes all of them.
+                layer = -1 if tower_of(group[0]) is not None else group[1]
+                first_layer = layer if first_layer is None else min(first_layer, layer)
             layer_of.append(first_layer)
         ordered = sorted(set(groups.values()), key=lambda g: (g[1], g[0]))
-        dims = model.dims
         table = build_writes(parts, spans=self.spans, n_pairs=self.n_pairs,
                              group_index={group: i for i, group in enumerate(ordered)},
-                             group_of=self._group, extent=self._extent,
-                             heads_of=lambda c: dims.n_kv_heads if c in ("k", "v") else dims.n_heads)
+                             group_of=self._group, extent=self._extent, heads_of=self._heads,
+                             tower_spans=self._tower_spans)
         return _Layout(cells, parts, ordered, layer_of, frozen_groups, table)
+
+    # -- towers (image encoders that run before the main layers) ---------------------------
+
+    def _tower_tokens(self, tower: str) -> int:
+        """How many tokens the tower's layers see, read once from the clean input's first pair
+        (a tower's token count depends on the image and the model, not on the prompt)."""
+        counts = self.__dict__.setdefault("_tower_counts", {})
+        if tower not in counts:
+            site = Site(f"{tower}.resid_post", layer=0)
+            with torch.no_grad():
+                run = self.model.run(self.clean.rows(slice(0, 1)), cache=[site])
+            value = run.cache[site]
+            if value.dim() != 3 or value.shape[0] != 1:
+                msg = (f"sites: the {tower} tower of this {self.model.family} model does not "
+                       f"hold one row per prompt (one prompt's tower tensor has shape "
+                       f"{tuple(value.shape)}: packed patches or image crops), so sweeps cannot "
+                       f"give each run its own patch; edit it with model.run(edits=...)")
+                raise InputError(msg)
+            counts[tower] = value.shape[1]
+        return counts[tower]
+
+    def _tower_spans(self, tower: str) -> RowSpans:
+        """Every pair's tower tokens, unpadded."""
+        return RowSpans.from_mask(torch.ones(self.n_pairs, self._tower_tokens(tower),
+                                             dtype=torch.bool))
+
+    def _heads(self, component: str) -> int:
+        """Heads a component's features hold (key/value heads for ``k`` and ``v``)."""
+        dims = self.model.table.dims_for(component)
+        return dims.n_kv_heads if base_component(component) in ("k", "v") else dims.n_heads
 
     def _first_difference(self) -> list[int]:
         """Per pair, the first column where the corrupted run can differ from the clean one."""
@@ -289,7 +322,8 @@ class _Sweep:
         return columns.tolist()
 
     def _layer(self, site: Site) -> int:
-        return -1 if site.layer is None else site.layer % self.model.dims.n_layers
+        layers = self.model.table.dims_for(site.component).n_layers
+        return -1 if site.layer is None else site.layer % layers
 
     def _group(self, site: Site) -> tuple[str, int]:
         return site.component, self._layer(site)
@@ -330,19 +364,23 @@ class _Sweep:
 
     def _extent(self, component: str) -> tuple[int, int]:
         """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
-        return component_extent(self.model.dims, component, self.seq_len)
+        tower = tower_of(component)
+        if tower is None:
+            return component_extent(self.model.dims, component, self.seq_len)
+        return component_extent(self.model.table.dims_for(component), base_component(component),
+                                self._tower_tokens(tower))
 
     def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
         """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""
-        dims = self.model.dims
         memo: dict = {}
         out = []
         for cell in self.parts:
             per_pair: list[list] = [[] for _ in range(self.n_pairs)]
             for site, origin in cell:
-                rects = site_rects(site, self.spans, self.n_pairs, self._extent(site.component),
-                                   dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads,
-                                   memo)
+                tower = tower_of(site.component)
+                spans = self.spans if tower is None else self._tower_spans(tower)
+                rects = site_rects(site, spans, self.n_pairs, self._extent(site.component),
+                                   self._heads(site.component), memo if tower is None else {})
                 for pair, pair_rects in enumerate(rects):
                     per_pair[pair].extend((self._group(site), origin, r) for r in pair_rects)
             out.append(per_pair)

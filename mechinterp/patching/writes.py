@@ -20,7 +20,7 @@ import numpy as np
 
 from mechinterp.patching.boxes import site_rects
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site
+from mechinterp.sites import Site, base_component, tower_of
 
 Group = tuple[str, int]
 
@@ -70,16 +70,23 @@ class WriteTable:
 
 def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans, n_pairs: int,
                  group_index: dict[Group, int], group_of: Callable[[Site], Group],
-                 extent: Callable[[str], tuple[int, int]], heads_of: Callable[[str], int]
-                 ) -> WriteTable:
+                 extent: Callable[[str], tuple[int, int]], heads_of: Callable[[str], int],
+                 tower_spans: Callable[[str], RowSpans] | None = None) -> WriteTable:
     """The write table of cells ``parts`` (each a list of ``(site, origin)``).
 
     ``extent(component)`` is ``(a, f)`` of the component's ``[rows, a, f]`` view and
     ``heads_of(component)`` how many heads its features hold. Positions are checked against
-    ``spans`` (raising for positions outside a prompt) before anything is written.
+    ``spans`` (raising for positions outside a prompt) before anything is written; a tower's
+    components (``vision.*``) count theirs over ``tower_spans(tower)``, the tower's own tokens.
+    A tower runs before the main sequence, so its writes span every main position.
     """
     seq_len = spans.seq_len
-    positions: dict[int, int] = {}  # distinct int positions -> row of `columns`
+
+    def spans_of(component: str) -> RowSpans:
+        tower = tower_of(component)
+        return spans if tower is None or tower_spans is None else tower_spans(tower)
+
+    positions: dict[tuple[str | None, int], int] = {}  # distinct (tower, position) -> row of `columns`
     simple: list[tuple[int, int, int, int, int, int, int]] = []
     odd: list[np.ndarray] = []  # rows of sites with several positions, heads or neurons
     odd_cells: list[np.ndarray] = []
@@ -94,17 +101,23 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
                 group = group_ids[component, layer] = group_index[group_of(site)]
             frozen = int(origin != "clean")
             if type(pos) is tuple or type(head) is tuple or type(neuron) is tuple:
-                rects = site_rects(site, spans, n_pairs, extent(component), heads_of(component),
-                                   memo)
+                tower = tower_of(component)
+                rects = site_rects(site, spans_of(component), n_pairs, extent(component),
+                                   heads_of(component), memo if tower is None else {})
                 rows = [(p, group, frozen, *r) for p, pair_rects in enumerate(rects) for r in pair_rects]
                 odd.append(np.asarray(rows, dtype=np.int64).reshape(-1, 7))
                 odd_cells.append(np.full(len(rows), c, dtype=np.int64))
                 continue
-            slot = -1 if pos is None else positions.setdefault(pos, len(positions))
-            simple.append((c, group, frozen, _KIND.get(component, _PLAIN), slot,
+            slot = -1 if pos is None else positions.setdefault((tower_of(component), pos),
+                                                               len(positions))
+            simple.append((c, group, frozen, _KIND.get(base_component(component), _PLAIN), slot,
                            -1 if head is None else head, -1 if neuron is None else neuron))
-    # Raises for positions outside a prompt; dicts keep insertion order, so rows match slots.
-    columns = spans.int_columns(list(positions)) if positions else np.zeros((1, n_pairs), np.int64)
+    # Raises for positions outside a prompt (or a tower's tokens); rows match slots.
+    columns = np.zeros((max(1, len(positions)), n_pairs), np.int64)
+    for tower in {tower for tower, _ in positions}:
+        slots = [(slot, pos) for (t, pos), slot in positions.items() if t == tower]
+        own = spans if tower is None or tower_spans is None else tower_spans(tower)
+        columns[[slot for slot, _ in slots]] = own.int_columns([pos for _, pos in slots])
 
     entries = np.asarray(simple, dtype=np.int64).reshape(-1, 7)
     cell, group, frozen, kind, slot, head, neuron = entries.T
@@ -115,7 +128,7 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     width = np.ones_like(extent_a)
     for g, component in components.items():
         extent_a[g], extent_f[g] = extent(component)
-        if _KIND.get(component) == _PER_HEAD:
+        if _KIND.get(base_component(component)) == _PER_HEAD:
             width[g] = extent_f[g] // heads_of(component)
     has_pos = slot >= 0
     col = columns[np.where(has_pos, slot, 0)]  # [entries, pairs]
@@ -154,5 +167,8 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     a0, a1, f0, f1 = table[:, 3], table[:, 4], table[:, 5], table[:, 6]
     first = np.where(pattern_rows, f0 // seq_len, a0)
     last = np.where(pattern_rows, (f1 - 1) // seq_len, a1 - 1)
+    in_tower = np.asarray([tower_of(components[g]) is not None for g in range(len(components))]
+                          or [False])[table[:, 1]]
+    first[in_tower], last[in_tower] = 0, seq_len - 1
     last[(a1 <= a0) | (f1 <= f0)] = -1
     return WriteTable(table, offsets, cells, first, last)
