@@ -64,15 +64,14 @@ from tqdm.auto import tqdm
 from mechinterp.diffusion.denoise import (
     Denoiser,
     _noise,
-    _states,
     _step_set,
     generate,
     unet_states,
 )
-from mechinterp.diffusion.sweep import Metric, TimestepPatchResult
+from mechinterp.diffusion.sweep import Metric, TimestepPatchResult, checked_pair
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.interventions import Intervention
-from mechinterp.sites import Site, select
+from mechinterp.sites import Site
 
 
 def attribution_patch(model, clean: str | Sequence[str] | torch.Tensor,
@@ -114,17 +113,8 @@ def attribution_patch(model, clean: str | Sequence[str] | torch.Tensor,
             score per row.
     """
     name = getattr(metric, "__name__", None) or type(metric).__name__
-    sites = model.sites(select("block") if sites is None else sites)
-    if not sites:
-        msg = "sites must name at least one U-Net site; got none"
-        raise InputError(msg)
-    clean_states = _states(model, clean, "clean")
-    corrupt_states = _states(model, corrupt, "corrupt")
+    sites, clean_states, corrupt_states = checked_pair(model, sites, clean, corrupt)
     batch = clean_states.shape[0]
-    if corrupt_states.shape[0] != batch:
-        msg = (f"clean and corrupt must have as many rows; got {batch} and "
-               f"{corrupt_states.shape[0]}")
-        raise ShapeError(msg)
     chosen = sorted(_step_set(at_steps, steps, "at_steps"))
     if not chosen:
         msg = f"at_steps must name at least one step in [{-steps}, {steps}); got none"

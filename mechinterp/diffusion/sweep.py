@@ -153,17 +153,8 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
             halved on a CUDA out-of-memory error without losing finished cells.
         progress: show a progress bar over the cells.
     """
-    sites = model.sites(select("block") if sites is None else sites)
-    if not sites:
-        msg = "sites must name at least one U-Net site; got none"
-        raise InputError(msg)
-    clean_states = _states(model, clean, "clean")
-    corrupt_states = _states(model, corrupt, "corrupt")
+    sites, clean_states, corrupt_states = checked_pair(model, sites, clean, corrupt)
     batch = clean_states.shape[0]
-    if corrupt_states.shape[0] != batch:
-        msg = (f"clean and corrupt must have as many rows; got {batch} and "
-               f"{corrupt_states.shape[0]}")
-        raise ShapeError(msg)
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
                                  or max_rows < batch):
         msg = f"max_rows must be an int of at least the batch ({batch}); got {max_rows!r}"
@@ -224,6 +215,23 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
     name = getattr(metric, "__name__", None) or type(metric).__name__
     return TimestepPatchResult(sites, tuple(chosen), timesteps, values,
                                score(source.sample, source.images), score(sample), name, window)
+
+
+def checked_pair(model, sites: object, clean: object, corrupt: object
+                 ) -> tuple[list[Site], torch.Tensor, torch.Tensor]:
+    """The sites (default every block) and the clean and corrupted text states of a
+    site x step sweep, checked: at least one site, as many corrupted rows as clean ones."""
+    sites = model.sites(select("block") if sites is None else sites)
+    if not sites:
+        msg = "sites must name at least one U-Net site; got none"
+        raise InputError(msg)
+    clean_states = _states(model, clean, "clean")
+    corrupt_states = _states(model, corrupt, "corrupt")
+    if corrupt_states.shape[0] != clean_states.shape[0]:
+        msg = (f"clean and corrupt must have as many rows; got {clean_states.shape[0]} and "
+               f"{corrupt_states.shape[0]}")
+        raise ShapeError(msg)
+    return sites, clean_states, corrupt_states
 
 
 def _patched_generations(model, snapshot: Denoiser, start: torch.Tensor, step: int, steps: int,

@@ -37,6 +37,7 @@ import torch
 from mechinterp.diffusion.denoise import _noise, _states, generate
 from mechinterp.diffusion.sweep import TimestepPatchResult, timestep_patch
 from mechinterp.errors import InputError, ShapeError
+from mechinterp.tracing.trace import subject_range
 
 WINDOWS = ("all", "step", "onward")
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -61,35 +62,14 @@ def subject_positions(model, prompt: str | torch.Tensor, subject: str | tuple[in
     """The noised token positions ``[begin, end)`` of the prompt's text states: the first
     occurrence of ``subject``'s tokens, or a range given directly (negative ends count from the
     last position)."""
-    length = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
-    if isinstance(subject, str):
-        if not isinstance(prompt, str):
+    if isinstance(prompt, torch.Tensor):
+        if isinstance(subject, str):
             msg = "subject as a string needs a text prompt; pass a range of positions (begin, end)"
             raise InputError(msg)
+        ids = [0] * prompt.shape[1]  # only the length counts for a range
+    else:
         ids = model.token_ids(prompt)[0].tolist()
-        tokenizer = model.tokenizer
-        if tokenizer is None:
-            msg = "subject as a string needs the model's tokenizer; pass a range (begin, end)"
-            raise InputError(msg)
-        for text in (subject, " " + subject):
-            wanted = tokenizer(text, add_special_tokens=False)["input_ids"]
-            for start in range(len(ids) - len(wanted) + 1):
-                if wanted and ids[start:start + len(wanted)] == wanted:
-                    return start, start + len(wanted)
-        shown = [tokenizer.decode([i]) for i in ids if i not in set(tokenizer.all_special_ids)]
-        msg = f"subject {subject!r} does not occur in the prompt's tokens {shown}"
-        raise InputError(msg)
-    if (not isinstance(subject, tuple) or len(subject) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in subject)):
-        msg = f"subject must be a substring of the prompt or a (begin, end) range; got {subject!r}"
-        raise InputError(msg)
-    if length is None:
-        length = model.token_ids(prompt).shape[1]
-    begin, end = (v + length if v < 0 else v for v in subject)
-    if not 0 <= begin < end <= length:
-        msg = f"subject range must select at least one of the prompt's {length} positions; got {subject}"
-        raise InputError(msg)
-    return begin, end
+    return subject_range(ids, subject, model.tokenizer)
 
 
 def causal_trace(model, prompt: str | torch.Tensor, subject: str | tuple[int, int], *,

@@ -1,8 +1,10 @@
 """Causal tracing (Meng et al., ROME): which hidden states carry a fact about the subject.
 
 The subject tokens' embeddings get Gaussian noise (the same ``samples`` noise draws for every
-run); then, one (token, layer) at a time, a state is restored to its clean value and the
-probability of the clean answer at the last position is measured, averaged over the draws.
+run; in a multimodal model, the language model's input embeddings, so that a subject of image
+tokens is noised after the image features replace them); then, one (token, layer) at a time, a
+state is restored to its clean value and the probability of the clean answer at the last
+position is measured, averaged over the draws.
 
 Kinds of state, per (token, layer):
 - ``hidden``: the block output (``resid_post``);
@@ -49,6 +51,16 @@ def embedding_noise_scale(model: InterpModel, factor: float = 3.0) -> float:
         msg = f"the embedding module {path!r} has no weight; pass noise= explicitly"
         raise InputError(msg)
     return factor * float(weight.detach().float().std())
+
+
+def noised_site(model: InterpModel) -> Site:
+    """Where the subject's noise goes: the token embeddings (ROME's choice), or, in a
+    multimodal model whose image features replace the image tokens' embeddings
+    (``projector``), the language model's input after that merge, so that image tokens can be
+    noised too."""
+    if "projector" in model.table.places:
+        return Site("resid_pre", layer=0)
+    return Site("embed")
 
 
 def causal_trace(
@@ -147,7 +159,7 @@ def causal_trace(
         mean, factor = _embedding_gaussian(model)
         draws = mean.to(draws.device) + draws @ factor.to(draws.device).T
     noise_edit = _EmbedNoise((draws * scale).to(dtype), begin, end, seed, scale, uniform,
-                             multivariate, replace)
+                             multivariate, replace, noised_site(model))
     repeated = tokens.repeat(samples)
     sweep = _Sweep(model, repeated, repeated, labels, Prob(answer), "clean", 1.0, -1, seed,
                    parts=parts, corruption=noise_edit.from_row, corrupted_from=begin)
@@ -188,10 +200,16 @@ def _parts(kind: str, layer: int, pos: int, n_layers: int, window: int) -> list[
 
 def _subject_columns(model: InterpModel, tokens: Tokens, subject: str | tuple[int, int]
                      ) -> tuple[int, int]:
-    ids = tokens.input_ids[0].tolist()
+    return subject_range(tokens.input_ids[0].tolist(), subject, model.tokenizer)
+
+
+def subject_range(ids: list[int], subject: str | tuple[int, int], tokenizer: object
+                  ) -> tuple[int, int]:
+    """Positions ``[begin, end)`` of a subject in a prompt's token ids: the first occurrence of
+    ``subject``'s tokens (with or without a leading space), or a range given directly
+    (negative ends count from the last position)."""
     seq = len(ids)
     if isinstance(subject, str):
-        tokenizer = model.tokenizer
         if tokenizer is None:
             msg = "subject as a string needs a tokenizer; pass a range of positions (begin, end)"
             raise InputError(msg)
@@ -200,7 +218,8 @@ def _subject_columns(model: InterpModel, tokens: Tokens, subject: str | tuple[in
             for start in range(seq - len(wanted) + 1):
                 if wanted and ids[start:start + len(wanted)] == wanted:
                     return start, start + len(wanted)
-        shown = [tokenizer.decode([i]) for i in ids]
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        shown = [tokenizer.decode([i]) for i in ids if i not in special]
         msg = f"subject {subject!r} does not occur in the prompt's tokens {shown}"
         raise InputError(msg)
     if (not isinstance(subject, tuple) or len(subject) != 2
@@ -219,8 +238,9 @@ class _EmbedNoise:
     embeddings."""
 
     def __init__(self, noise: torch.Tensor, begin: int, end: int, seed: int, scale: float,
-                 uniform: bool, multivariate: bool, replace: bool):
+                 uniform: bool, multivariate: bool, replace: bool, site: Site):
         self.noise, self.begin, self.end, self.replace = noise, begin, end, replace
+        self.site = site
         self.description = (f"EmbedNoise(samples={noise.shape[0]}, subject=[{begin}, {end}), "
                             f"seed={seed}, scale={scale!r}, uniform={uniform}, "
                             f"multivariate={multivariate}, replace={replace})")
@@ -236,7 +256,7 @@ class _EmbedNoise:
 
 class _AddNoise(TensorEdit):
     def __init__(self, noise: _EmbedNoise, first_row: int, start: int):
-        super().__init__(Site("embed"))
+        super().__init__(noise.site)
         self.source, self.first_row, self.start = noise, first_row, start
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
