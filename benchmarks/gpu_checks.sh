@@ -18,7 +18,8 @@ python3 benchmarks/bench_patching.py --json "$out/bench_patching.json" 2>&1 \
 python3 benchmarks/bench_tracing.py --json "$out/bench_tracing.json" 2>&1 \
   | grep -v -E '^\[transformers\]|it/s\]|Warning|warn\('
 python3 benchmarks/bench_multimodal.py --json "$out/bench_multimodal.json" 2>&1 | grep -v 'it/s\]'
-python3 benchmarks/bench_unet.py --json "$out/bench_unet.json" 2>&1 | grep -v 'it/s\]'
+python3 benchmarks/bench_unet.py --attribution --json "$out/bench_unet.json" 2>&1 | grep -v 'it/s\]'
+python3 benchmarks/bench_unet_games.py --json "$out/bench_unet_games.json" 2>&1 | grep -v 'it/s\]'
 python3 benchmarks/bench_sites.py --device cuda --json "$out/bench_sites.json" 2>&1 \
   | grep -v '^\[transformers\]'
 python3 benchmarks/bench_interactions.py --device cuda --json "$out/bench_interactions.json" 2>&1
