@@ -77,6 +77,7 @@ from mechinterp import Site, select
 from mechinterp.diffusion.attribution import attribution_patch
 from mechinterp.diffusion.model import DiffusionModel
 from mechinterp.diffusion.sweep import timestep_patch
+from mechinterp.patching.attribution import pearson, spearman
 
 GiB = float(1 << 30)
 TOKENS = 77  # CLIP's padded prompt length
@@ -384,30 +385,19 @@ def attribution_sweep(model: DiffusionModel, inputs: Inputs, *, steps: int,
                              progress=False, **only)
 
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denominator = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(torch.argsort(x)).double()
-
-
 def agreement(exact, estimate) -> dict:
     """How the estimated effects ``[block, step]`` (value minus corrupted metric, mean over rows)
     track the exact ones."""
     x = (exact.values - exact.corrupt[:, None, None]).double().mean(0)
     y = (estimate.values - estimate.corrupt[:, None, None].double()).mean(0)
     large = x.abs() > 0.1 * x.abs().max()
-    out = {"pearson": _pearson(x.flatten(), y.flatten()),
-           "spearman": _pearson(_ranks(x.flatten()), _ranks(y.flatten())),
+    out = {"pearson": pearson(x, y), "spearman": spearman(x, y),
            "large_cells": int(large.sum()),
            "large_sign_agreement": float((x[large].sign() == y[large].sign()).double().mean())}
     if x.shape[1] > 2:
         later_x, later_y = x[:, 1:].flatten(), y[:, 1:].flatten()
-        out.update({"pearson_after_step0": _pearson(later_x, later_y),
-                    "spearman_after_step0": _pearson(_ranks(later_x), _ranks(later_y))})
+        out.update({"pearson_after_step0": pearson(later_x, later_y),
+                    "spearman_after_step0": spearman(later_x, later_y)})
     return out
 
 
@@ -443,11 +433,11 @@ def measure_attribution(model: DiffusionModel, inputs: Inputs, exact, *, steps: 
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def _gib(value: float | None) -> str:
+def gib_text(value: float | None) -> str:
     return "n/a (CPU)" if value is None else f"{value:.2f} GiB"
 
 
-def _verdict(row: dict, name: str) -> str:
+def verdict(row: dict, name: str) -> str:
     if row[f"{name}_passed"] is None:
         return f"max |diff| {row[f'{name}_max_abs_diff']:.3g} (not checked in {row['dtype']})"
     return (f"max |diff| {row[f'{name}_max_abs_diff']:.3g} vs tolerance "
@@ -460,8 +450,8 @@ def describe_check(row: dict) -> str:
     lines += [f"  block {c['block']} step {c['step']}: nnsight {c['nnsight'][0]:+.6f}  "
               f"mechinterp matched {c['mechinterp_matched'][0]:+.6f}  "
               f"batched {c['mechinterp_batched'][0]:+.6f}" for c in row["compared"]]
-    lines.append(f"  matched shapes (one cell per forward): {_verdict(row, 'matched')}")
-    lines.append(f"  timed sweep (a step's cells batched):  {_verdict(row, 'batched')}")
+    lines.append(f"  matched shapes (one cell per forward): {verdict(row, 'matched')}")
+    lines.append(f"  timed sweep (a step's cells batched):  {verdict(row, 'batched')}")
     return "\n".join(lines)
 
 
@@ -481,10 +471,10 @@ def describe(row: dict) -> str:
         ("generation", f"DDIM, {row['steps']} steps, batch {row['batch']}, guidance {guidance}"),
         ("cells", f"{row['blocks']} blocks x {row['steps']} steps = {row['cells']}"),
         ("mechinterp", (f"{row['mechinterp_s']:.3f} s (timestep_patch, whole call), peak "
-                        f"{_gib(row['mechinterp_peak_gib'])}")),
+                        f"{gib_text(row['mechinterp_peak_gib'])}")),
         ("nnsight loop", (f"{row['nnsight_s']:.3f} s ({scaled}): clean cache "
                           f"{row['nnsight_clean_s']:.3f} s + {row['nnsight_per_cell_s']:.3f} s "
-                          f"per cell; peak {_gib(row['nnsight_peak_gib'])}")),
+                          f"per cell; peak {gib_text(row['nnsight_peak_gib'])}")),
         ("nnsight / mechinterp", f"{row['speedup_vs_nnsight']:.2f}x"),
         ("max |diff| vs nnsight", (f"{row['matched_max_abs_diff']:.3g} at matched shapes, "
                                    f"{row['batched_max_abs_diff']:.3g} for the timed sweep "
@@ -510,7 +500,7 @@ def describe_attribution(row: dict) -> list[tuple[str, str]]:
                      f"{agree['spearman_after_step0']:.3f}")
         lines += [
             (label, (f"{row[f'{name}_s']:.3f} s ({row['mechinterp_s'] / row[f'{name}_s']:.2f}x "
-                     f"faster than the exact sweep), peak {_gib(row[f'{name}_peak_gib'])}")),
+                     f"faster than the exact sweep), peak {gib_text(row[f'{name}_peak_gib'])}")),
             (f"{label} vs exact", (f"Pearson {agree['pearson']:.3f}, Spearman "
                                    f"{agree['spearman']:.3f}{later}; sign right in "
                                    f"{agree['large_sign_agreement']:.0%} of the "

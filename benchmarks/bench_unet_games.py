@@ -46,7 +46,7 @@ import time
 import diffusers
 import torch
 from _timing import device_name, peak_gib, reset_peak, sync, timed, write_json
-from bench_unet import DTYPES, TOKENS, build_unet, metric, unet_config
+from bench_unet import DTYPES, TOKENS, build_unet, check, gib_text, metric, unet_config, verdict
 
 import mechinterp
 from mechinterp.diffusion.games import TextTokenGame
@@ -91,15 +91,6 @@ def loop_values(model: DiffusionModel, game: TextTokenGame, coalitions: torch.Te
             final = run.images if run.images is not None else run.sample
             out.append(metric(final).double().cpu())
     return torch.cat(out)
-
-
-def check(row: dict, name: str, ours: torch.Tensor, theirs: torch.Tensor, rtol: float | None,
-          spread: float) -> None:
-    """Record the largest difference under ``name`` and whether it is within ``rtol`` x
-    ``spread`` (None: reported, not checked)."""
-    row[f"{name}_max_abs_diff"] = float((ours - theirs).abs().max())
-    row[f"{name}_tolerance"] = None if rtol is None else rtol * spread
-    row[f"{name}_passed"] = None if rtol is None else row[f"{name}_max_abs_diff"] <= rtol * spread
 
 
 def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -157,25 +148,14 @@ def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     return row
 
 
-def _gib(value: float | None) -> str:
-    return "n/a (CPU)" if value is None else f"{value:.2f} GiB"
-
-
-def _verdict(row: dict, name: str) -> str:
-    if row[f"{name}_passed"] is None:
-        return f"max |diff| {row[f'{name}_max_abs_diff']:.3g} (not checked in {row['dtype']})"
-    return (f"max |diff| {row[f'{name}_max_abs_diff']:.3g} vs tolerance "
-            f"{row[f'{name}_tolerance']:.3g}: {'ok' if row[f'{name}_passed'] else 'FAILED'}")
-
-
 def describe_check(row: dict) -> str:
     lines = [(f"correctness on {row['loop_coalitions']} coalitions, metric spread "
               f"{row['metric_spread']:.3g}:")]
     lines += [f"  {''.join(str(b) for b in c['coalition'])}: loop {c['loop']:+.6f}  "
               f"game, one per generation {c['matched']:+.6f}  batched {c['batched']:+.6f}"
               for c in row["compared"]]
-    lines.append(f"  one coalition per generation: {_verdict(row, 'matched')}")
-    lines.append(f"  batched:                      {_verdict(row, 'batched')}")
+    lines.append(f"  one coalition per generation: {verdict(row, 'matched')}")
+    lines.append(f"  batched:                      {verdict(row, 'batched')}")
     return "\n".join(lines)
 
 
@@ -190,9 +170,9 @@ def describe(row: dict) -> str:
         ("game", f"TextTokenGame, {row['players']} players, {row['coalitions']} coalitions"),
         ("batched", (f"{row['batched_coalitions_per_s']:.3f} coalitions/s ({row['batched_s']:.3f} s,"
                      f" game batch_size {row['batch_size']}; peak "
-                     f"{_gib(row['batched_peak_gib'])})")),
+                     f"{gib_text(row['batched_peak_gib'])})")),
         ("loop", (f"{row['loop_coalitions_per_s']:.3f} coalitions/s ({row['loop_s']:.3f} s, "
-                  f"{scaled}; peak {_gib(row['loop_peak_gib'])})")),
+                  f"{scaled}; peak {gib_text(row['loop_peak_gib'])})")),
         ("batched / loop", f"{row['speedup_vs_loop']:.2f}x"),
     ]
     width = max(len(name) for name, _ in table)

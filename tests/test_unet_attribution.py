@@ -21,6 +21,7 @@ from mechinterp.diffusion.attribution import _differentiable_images, attribution
 from mechinterp.diffusion.denoise import Denoiser, _noise, to_images, unet_states
 from mechinterp.diffusion.sweep import timestep_patch
 from mechinterp.errors import InputError, ShapeError
+from mechinterp.patching.attribution import pearson
 from mechinterp.zoo.train_toy_unet import ColourShift, SoftColourShift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -276,11 +277,6 @@ def test_differentiable_images_equal_the_generations_and_pass_clamped_gradients(
 
 
 # -- against exact patching -----------------------------------------------------------------
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
 
 
 def effects_against_exact(toy: DiffusionModel, **run) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,12 +45,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from mechinterp.diffusion.denoise import EDIT_ROWS, Generation, _noise, _states, _step_set, generate
 from mechinterp.diffusion.model import DiffusionModel
 from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
-from mechinterp.interactions.games import _TABLE_PLAYERS, Game
+from mechinterp.interactions.games import BatchedGame
 from mechinterp.interactions.model_games import position_players
 from mechinterp.interventions import TensorEdit
 from mechinterp.sites import Site
@@ -129,7 +128,7 @@ def parse_site(site: object) -> Site:
 # -- the shared machinery ---------------------------------------------------------------------
 
 
-class DiffusionGame(Game):
+class DiffusionGame(BatchedGame):
     """A game whose value is a metric of images generated one coalition per row.
 
     Subclasses resolve their players in :meth:`_setup` and generate a batch of coalitions in
@@ -180,14 +179,8 @@ class DiffusionGame(Game):
             batch_size = _default_batch_size(self.model, guidance_scale is not None)
         super().__init__(len(labels), players=labels, batch_size=batch_size,
                          device=self.model.device)
-        self.progress = bool(progress)
-        self.subtract_empty = bool(subtract_empty)
-        self._bar = None
-        self._offset = 0.0
-        if self.subtract_empty:
-            empty = torch.zeros(1, self.n_players, dtype=torch.bool, device=self.device)
-            with torch.no_grad():
-                self._offset = float(self._raw_values(empty)[0])
+        self._start_batching(progress=progress, subtract_empty=subtract_empty)
+        self._refresh_offset()
 
     # -- for subclasses -------------------------------------------------------------------
 
@@ -230,51 +223,8 @@ class DiffusionGame(Game):
             raise DTypeError(msg)
         return values
 
-    def _raw_values(self, coalitions: torch.Tensor) -> torch.Tensor:
-        """Values before ``v(empty)`` is subtracted; halves the batch on CUDA out-of-memory."""
-        try:
-            return self._score(self._generate(coalitions), coalitions.shape[0])
-        except torch.cuda.OutOfMemoryError:
-            rows = coalitions.shape[0]
-            if rows == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = (rows + 1) // 2
-            self.batch_size = min(self.batch_size, half)  # later calls start at the size that fit
-            return torch.cat([self._raw_values(coalitions[:half]),
-                              self._raw_values(coalitions[half:])])
-
-    def value_function(self, coalitions: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            values = self._raw_values(coalitions).detach().to("cpu", torch.float64) - self._offset
-        if self._bar is not None:
-            self._bar.update(coalitions.shape[0])
-        return values
-
-    def __call__(self, coalitions: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-        rows = coalitions.shape[0] if isinstance(coalitions, torch.Tensor) and coalitions.dim() else 0
-        step = batch_size if isinstance(batch_size, int) else self.batch_size
-        if self._bar is not None or not self.progress or rows <= step:
-            return super().__call__(coalitions, batch_size=batch_size)
-        self._bar = tqdm(total=rows, desc=type(self).__name__, unit="coalition", leave=False)
-        try:
-            return super().__call__(coalitions, batch_size=batch_size)
-        finally:
-            self._bar.close()
-            self._bar = None
-
-    def table(self, *, max_players: int = _TABLE_PLAYERS, batch_size: int | None = None) -> torch.Tensor:
-        """Values of all ``2**n`` coalitions, indexed by bitmask; see :meth:`Game.table`."""
-        step = batch_size if isinstance(batch_size, int) else self.batch_size
-        total = 1 << self.n_players
-        if self._bar is not None or not self.progress or total <= step or self.n_players > max_players:
-            return super().table(max_players=max_players, batch_size=batch_size)
-        self._bar = tqdm(total=total, desc=type(self).__name__, unit="coalition", leave=False)
-        try:
-            return super().table(max_players=max_players, batch_size=batch_size)
-        finally:
-            self._bar.close()
-            self._bar = None
+    def _batch_values(self, coalitions: torch.Tensor) -> torch.Tensor:
+        return self._score(self._generate(coalitions), coalitions.shape[0])
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_players={self.n_players}, steps={self.steps}, "

@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from mechinterp.errors import DTypeError, InputError, ShapeError
 from mechinterp.interactions.result import InteractionResult, check_players
@@ -34,6 +35,7 @@ from mechinterp.interactions.subsets import subsets_up_to
 from mechinterp.interactions.weights import index_weights
 
 __all__ = [
+    "BatchedGame",
     "CallableGame",
     "Game",
     "SumOfUnanimityGame",
@@ -175,6 +177,84 @@ class Game(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_players={self.n_players})"
+
+
+class BatchedGame(Game):
+    """A game whose value function runs a model, many coalitions per call: the shared part of
+    the model games (:mod:`mechinterp.interactions.model_games`) and the diffusion games
+    (:mod:`mechinterp.diffusion.games`).
+
+    Subclasses compute one batch in :meth:`_batch_values` and call :meth:`_start_batching` once
+    :meth:`Game.__init__` has run. This class subtracts ``v(empty)`` when asked, halves the
+    batch on out-of-memory (later calls start at the size that fit) and shows a progress bar
+    when a call takes more than one batch.
+    """
+
+    def _start_batching(self, *, progress: bool, subtract_empty: bool) -> None:
+        self.progress = bool(progress)
+        self.subtract_empty = bool(subtract_empty)
+        self._bar = None
+        self._offset = 0.0
+
+    def _batch_values(self, coalitions: torch.Tensor) -> torch.Tensor:
+        """Values ``[rows]`` of one batch of coalitions, before ``v(empty)`` is subtracted."""
+        raise NotImplementedError
+
+    def _raw_values(self, coalitions: torch.Tensor) -> torch.Tensor:
+        """:meth:`_batch_values`, halving the batch on out-of-memory."""
+        try:
+            return self._batch_values(coalitions)
+        except torch.OutOfMemoryError:
+            rows = coalitions.shape[0]
+            if rows == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (rows + 1) // 2
+            self.batch_size = min(self.batch_size, half)
+            return torch.cat([self._raw_values(coalitions[:half]),
+                              self._raw_values(coalitions[half:])])
+
+    def _refresh_offset(self) -> None:
+        """``v(empty)`` to subtract (computed again when the game's masking changes)."""
+        self._empty = self._full = None
+        self._offset = 0.0
+        if self.subtract_empty:
+            empty = torch.zeros(1, self.n_players, dtype=torch.bool, device=self.device)
+            with torch.no_grad():
+                self._offset = float(self._raw_values(empty)[0])
+
+    def value_function(self, coalitions: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            values = self._raw_values(coalitions).detach().to("cpu", torch.float64) - self._offset
+        if self._bar is not None:
+            self._bar.update(coalitions.shape[0])
+        return values
+
+    def _with_bar(self, total: int, step: int, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()``, under a progress bar over ``total`` coalitions when they take more than
+        one batch of ``step`` (and no bar is already shown)."""
+        if self._bar is not None or not self.progress or total <= step:
+            return run()
+        self._bar = tqdm(total=total, desc=type(self).__name__, unit="coalition", leave=False)
+        try:
+            return run()
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def __call__(self, coalitions: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        rows = coalitions.shape[0] if isinstance(coalitions, torch.Tensor) and coalitions.dim() else 0
+        step = batch_size if isinstance(batch_size, int) else self.batch_size
+        return self._with_bar(rows, step,
+                              lambda: Game.__call__(self, coalitions, batch_size=batch_size))
+
+    def table(self, *, max_players: int = _TABLE_PLAYERS, batch_size: int | None = None) -> torch.Tensor:
+        """Values of all ``2**n`` coalitions, indexed by bitmask; see :meth:`Game.table`."""
+        step = batch_size if isinstance(batch_size, int) else self.batch_size
+        total = 1 << self.n_players if self.n_players <= max_players else 0
+        return self._with_bar(total, step, lambda: Game.table(
+            self, max_players=max_players, batch_size=batch_size))
 
 
 class TabularGame(Game):

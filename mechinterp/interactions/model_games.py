@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mechinterp import _ops
 from mechinterp.engine import Plan, check_indices, resolve
 from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
-from mechinterp.interactions.games import _TABLE_PLAYERS, Game
+from mechinterp.interactions.games import BatchedGame
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
 from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, site_rects
@@ -224,7 +223,7 @@ def _default_batch_size(model: InterpModel, seq_len: int, kept: int) -> int:
     return int(max(1, min(512, 2**30 // per_row)))
 
 
-class ModelGame(Game):
+class ModelGame(BatchedGame):
     """A game whose value function runs a model on many coalitions per forward pass.
 
     Subclasses set up their players in :meth:`_setup` and run a batch of coalitions in
@@ -270,10 +269,7 @@ class ModelGame(Game):
             batch_size = _default_batch_size(self.model, seq_len, self._scorer.keep or seq_len)
         super().__init__(len(labels), players=labels, batch_size=batch_size,
                          device=self.model.device)
-        self.progress = bool(progress)
-        self.subtract_empty = bool(subtract_empty)
-        self._bar = None
-        self._offset = 0.0
+        self._start_batching(progress=progress, subtract_empty=subtract_empty)
         if self._scorer.needs_target:
             with torch.no_grad():
                 full = torch.ones(1, self.n_players, dtype=torch.bool, device=self.device)
@@ -303,61 +299,8 @@ class ModelGame(Game):
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def _raw_values(self, coalitions: torch.Tensor) -> torch.Tensor:
-        """Values before ``v(empty)`` is subtracted; halves the batch on out-of-memory."""
-        try:
-            return self._scorer(self._logits(coalitions))
-        except torch.OutOfMemoryError:
-            rows = coalitions.shape[0]
-            if rows == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = (rows + 1) // 2
-            self.batch_size = min(self.batch_size, half)
-            return torch.cat([self._raw_values(coalitions[:half]),
-                              self._raw_values(coalitions[half:])])
-
-    def _refresh_offset(self) -> None:
-        """``v(empty)`` to subtract (it changes when a baseline is learned)."""
-        self._empty = self._full = None
-        self._offset = 0.0
-        if self.subtract_empty:
-            empty = torch.zeros(1, self.n_players, dtype=torch.bool, device=self.device)
-            with torch.no_grad():
-                self._offset = float(self._raw_values(empty)[0])
-
-    def value_function(self, coalitions: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            values = self._raw_values(coalitions).double() - self._offset
-        if self._bar is not None:
-            self._bar.update(coalitions.shape[0])
-        return values
-
-    def __call__(self, coalitions: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-        rows = coalitions.shape[0] if isinstance(coalitions, torch.Tensor) and coalitions.dim() else 0
-        step = batch_size if isinstance(batch_size, int) else self.batch_size
-        if self._bar is not None or not self.progress or rows <= step:
-            return super().__call__(coalitions, batch_size=batch_size)
-        self._bar = tqdm(total=rows, desc=type(self).__name__, unit="coalition", leave=False)
-        try:
-            return super().__call__(coalitions, batch_size=batch_size)
-        finally:
-            self._bar.close()
-            self._bar = None
-
-    def table(self, *, max_players: int = _TABLE_PLAYERS, batch_size: int | None = None) -> torch.Tensor:
-        """Values of all ``2**n`` coalitions, indexed by bitmask; see :meth:`Game.table`."""
-        step = batch_size if isinstance(batch_size, int) else self.batch_size
-        total = 1 << self.n_players
-        if self._bar is not None or not self.progress or total <= step or self.n_players > max_players:
-            return super().table(max_players=max_players, batch_size=batch_size)
-        self._bar = tqdm(total=total, desc=type(self).__name__, unit="coalition", leave=False)
-        try:
-            return super().table(max_players=max_players, batch_size=batch_size)
-        finally:
-            self._bar.close()
-            self._bar = None
+    def _batch_values(self, coalitions: torch.Tensor) -> torch.Tensor:
+        return self._scorer(self._logits(coalitions))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_players={self.n_players}, output={self._scorer.kind!r}, "

@@ -622,20 +622,28 @@ def agreement(exact: PatchingResult, estimate: PatchingResult) -> dict[str, floa
         raise ValueError(msg)
     x = (exact.mean() - exact.corrupt.mean()).double()
     y = (estimate.mean() - estimate.corrupt.mean()).double()
-
-    def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-        a, b = a - a.mean(), b - b.mean()
-        denominator = float(a.norm() * b.norm())
-        return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
-
-    def ranks(a: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(torch.argsort(a)).double()
-
     k = max(1, len(x) // 10)
     top_exact = set(torch.topk(x.abs(), k).indices.tolist())
     top_estimate = set(torch.topk(y.abs(), k).indices.tolist())
-    return {"pearson": pearson(x, y), "spearman": pearson(ranks(x), ranks(y)),
+    return {"pearson": pearson(x, y), "spearman": spearman(x, y),
             "top10_overlap": len(top_exact & top_estimate) / k}
 
 
-__all__ = ["agreement", "attribution_patch"]
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two equally long vectors (NaN when either is constant)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation (ties broken by position)."""
+
+    def ranks(a: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(torch.argsort(a.flatten())).double()
+
+    return pearson(ranks(x), ranks(y))
+
+
+__all__ = ["agreement", "attribution_patch", "pearson", "spearman"]

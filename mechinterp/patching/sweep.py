@@ -181,6 +181,7 @@ class _Sweep:
             raise ShapeError(msg)
         self.n_pairs, self.seq_len = self.clean.shape
         self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
+        self.tower_spans: dict[str, RowSpans] = {}  # filled as tower sites ask
         layout = self._layout(sites, parts)
         self.cells, self.parts, self.groups = list(layout.cells), layout.parts, layout.groups
         self.layer_of, self.frozen_groups = layout.layer_of, layout.frozen_groups
@@ -252,11 +253,10 @@ class _Sweep:
 
     # -- towers (image encoders that run before the main layers) ---------------------------
 
-    def _tower_tokens(self, tower: str) -> int:
-        """How many tokens the tower's layers see, read once from the clean input's first pair
-        (a tower's token count depends on the image and the model, not on the prompt)."""
-        counts = self.__dict__.setdefault("_tower_counts", {})
-        if tower not in counts:
+    def _tower_spans(self, tower: str) -> RowSpans:
+        """Every pair's tower tokens, unpadded; their count is read once from the clean input's
+        first pair (it depends on the image and the model, not on the prompt)."""
+        if tower not in self.tower_spans:
             site = Site(f"{tower}.resid_post", layer=0)
             with torch.no_grad():
                 run = self.model.run(self.clean.rows(slice(0, 1)), cache=[site])
@@ -267,13 +267,9 @@ class _Sweep:
                        f"{tuple(value.shape)}: packed patches or image crops), so sweeps cannot "
                        f"give each run its own patch; edit it with model.run(edits=...)")
                 raise InputError(msg)
-            counts[tower] = value.shape[1]
-        return counts[tower]
-
-    def _tower_spans(self, tower: str) -> RowSpans:
-        """Every pair's tower tokens, unpadded."""
-        return RowSpans.from_mask(torch.ones(self.n_pairs, self._tower_tokens(tower),
-                                             dtype=torch.bool))
+            self.tower_spans[tower] = RowSpans.from_mask(
+                torch.ones(self.n_pairs, value.shape[1], dtype=torch.bool))
+        return self.tower_spans[tower]
 
     def _heads(self, component: str) -> int:
         """Heads a component's features hold (key/value heads for ``k`` and ``v``)."""
@@ -368,7 +364,7 @@ class _Sweep:
         if tower is None:
             return component_extent(self.model.dims, component, self.seq_len)
         return component_extent(self.model.table.dims_for(component), base_component(component),
-                                self._tower_tokens(tower))
+                                self._tower_spans(tower).seq_len)
 
     def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
         """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""

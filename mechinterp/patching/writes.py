@@ -82,8 +82,7 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     """
     seq_len = spans.seq_len
 
-    def spans_of(component: str) -> RowSpans:
-        tower = tower_of(component)
+    def spans_of(tower: str | None) -> RowSpans:
         return spans if tower is None or tower_spans is None else tower_spans(tower)
 
     positions: dict[tuple[str | None, int], int] = {}  # distinct (tower, position) -> row of `columns`
@@ -102,7 +101,7 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
             frozen = int(origin != "clean")
             if type(pos) is tuple or type(head) is tuple or type(neuron) is tuple:
                 tower = tower_of(component)
-                rects = site_rects(site, spans_of(component), n_pairs, extent(component),
+                rects = site_rects(site, spans_of(tower), n_pairs, extent(component),
                                    heads_of(component), memo if tower is None else {})
                 rows = [(p, group, frozen, *r) for p, pair_rects in enumerate(rects) for r in pair_rects]
                 odd.append(np.asarray(rows, dtype=np.int64).reshape(-1, 7))
@@ -116,8 +115,7 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     columns = np.zeros((max(1, len(positions)), n_pairs), np.int64)
     for tower in {tower for tower, _ in positions}:
         slots = [(slot, pos) for (t, pos), slot in positions.items() if t == tower]
-        own = spans if tower is None or tower_spans is None else tower_spans(tower)
-        columns[[slot for slot, _ in slots]] = own.int_columns([pos for _, pos in slots])
+        columns[[slot for slot, _ in slots]] = spans_of(tower).int_columns([pos for _, pos in slots])
 
     entries = np.asarray(simple, dtype=np.int64).reshape(-1, 7)
     cell, group, frozen, kind, slot, head, neuron = entries.T
