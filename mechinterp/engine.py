@@ -29,7 +29,7 @@ from mechinterp.models.processor_attention import (
 )
 from mechinterp.models.table import PatternTap, SiteTable, Sum, Tap
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site, base_component, component_axes, tower_of
+from mechinterp.sites import Site, base_component, component_axes, token_axis
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,7 @@ class Selection:
         self.rows = rows
         if site.pos is None:
             columns = slice(None)
-        elif (not padded or tower_of(site.component) is not None
-              or base_component(site.component) == "projector"):
+        elif not padded or token_axis(site.component) is not None:
             # A tower's tokens (image patches) and a U-Net's spatial positions are never padded:
             # positions are the same columns in every row, negative ones counted from the end
             # by indexing itself.

@@ -80,6 +80,16 @@ def tower_of(component: str) -> str | None:
     return tower if dot and tower in TOWERS else None
 
 
+def token_axis(component: str) -> str | None:
+    """Whose tokens a component's positions count: a tower's (its name) for the tower's
+    components, the projector's own rows (``"projector"``: one per image token, or per Q-Former
+    query) for ``projector``, or None for the prompt's tokens. Only the prompt's are padded."""
+    tower = tower_of(component)
+    if tower is not None:
+        return tower
+    return "projector" if component == "projector" else None
+
+
 def component_axes(component: str) -> tuple[str, ...]:
     """The axes of a component's tensor, for main-tower and tower components alike."""
     return COMPONENT_AXES[base_component(component)]

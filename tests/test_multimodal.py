@@ -174,6 +174,49 @@ def test_sweeps_patch_vision_tower_sites(llava):
                          LogitDiff(3, 4), progress=False)
 
 
+def test_projector_positions_count_its_own_rows_in_sweeps_and_games(llava):
+    """``projector[pos=p]`` is the projector's ``p``-th row (the ``p``-th image token), also
+    for negative positions and in padded batches: sweeps and component games write there, not
+    at the prompt's ``p``-th token."""
+    from mechinterp.interactions import exact
+    from mechinterp.interactions.model_games import ComponentGame
+
+    clean, corrupt = _inputs(41, rows=2), _inputs(42, rows=2)
+    for batch in (clean, corrupt):  # left-pad the second prompt by two tokens
+        ids = batch["input_ids"]
+        batch["input_ids"] = torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids], 1)
+        batch["attention_mask"] = torch.cat([torch.tensor([[1, 1], [0, 0]]), batch["attention_mask"]], 1)
+    sites = [Site("projector", pos=-1), Site("projector", pos=(0, -3)), Site("projector", pos=5)]
+    swept = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
+    full = llava.cache(clean, [Site("projector")])[Site("projector")]
+    assert full.shape[1] == N_IMAGE
+    for cell, site in enumerate(sites):
+        rows = [site.pos] if isinstance(site.pos, int) else list(site.pos)
+        value = full[:, rows].squeeze(1) if isinstance(site.pos, int) else full[:, rows]
+        logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                                   atol=1e-12)
+    with pytest.raises(SiteError):
+        activation_patch(llava, clean, corrupt, [Site("projector", pos=N_IMAGE)], LogitDiff(3, 4),
+                         progress=False)
+
+    # Players: the last projector row, two rows, and a head of the vision tower (with the
+    # tower's four heads, not the language model's; LLaVA takes the features of layer 0 of 2).
+    prompt = {name: value[:1] for name, value in _inputs(43, rows=1).items()}
+    players = [Site("projector", pos=-1), Site("projector", pos=(1, 2)),
+               Site("vision.head", layer=0, head=3)]
+    game = ComponentGame(llava, prompt, players, output=lambda logits: logits[:, 3] - logits[:, 4],
+                         progress=False)
+    values = game.table()
+    for mask in range(1 << len(players)):  # bit i: player i present
+        absent = [p for i, p in enumerate(players) if not mask >> i & 1]
+        logits = llava.run(prompt, edits=[Zero(p) for p in absent]).logits[:, -1]
+        torch.testing.assert_close(values[mask], logits[0, 3] - logits[0, 4], rtol=0, atol=1e-12)
+    assert len(set(values.tolist())) == len(values)  # every player moves the output
+    shapley = exact(game, index="SV")
+    assert abs(sum(shapley[(i,)] for i in range(len(players))) - float(values[-1] - values[0])) < 1e-10
+
+
 def test_inputs_must_have_a_row_per_prompt(llava):
     bad = _inputs(1)
     bad["pixel_values"] = bad["pixel_values"][:1]

@@ -34,10 +34,10 @@ from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
 from mechinterp.interactions.games import BatchedGame
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, site_rects
+from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, own_token_count, site_rects
 from mechinterp.patching.metrics import token_id
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site
+from mechinterp.sites import Site, base_component, token_axis
 
 __all__ = [
     "ABLATIONS",
@@ -637,7 +637,8 @@ class ComponentGame(ModelGame):
         prompt: one prompt: text, token ids, or one row of :class:`~mechinterp.model.Tokens`.
         players: a list of sites or a selector such as ``select("head").layers().heads()``.
             Positions count in the row the game runs (the prompt, with the continuation of
-            ``"logprob"`` appended).
+            ``"logprob"`` appended); a tower's sites (``vision.*``) and ``projector`` count
+            their own tokens (image patches, or one projector row per image token).
         ablation: ``"zero"``, ``"mean"`` or ``"resample"``.
         reference: for ``"mean"``, prompts whose activations are averaged (per position when
             they are unpadded and as long as the game's row, else over every real token); for
@@ -682,6 +683,7 @@ class ComponentGame(ModelGame):
             raise InputError(msg)
         self.ablation = ablation
         self._players_arg, self._reference_arg = players, reference
+        self._own_counts: dict[str, int] = {}  # tokens of each tower (or the projector) it uses
         super().__init__(model, prompt, output=output, target=target, position=position,
                          subtract_empty=subtract_empty, batch_size=batch_size, progress=progress)
 
@@ -698,8 +700,7 @@ class ComponentGame(ModelGame):
             msg = "players must name at least one site; got none"
             raise InputError(msg)
         self.sites = sites
-        spans = RowSpans.from_mask(self.tokens.attention_mask.cpu())
-        dims = model.dims
+        prompt_spans = RowSpans.from_mask(self.tokens.attention_mask.cpu())
         groups: dict[tuple[str, int], int] = {}
         self._groups: list[_Group] = []
         rects: list[list[tuple[int, int, int, int, int]]] = []
@@ -707,6 +708,7 @@ class ComponentGame(ModelGame):
             if site.component == "logits":
                 msg = f"players: 'logits' is the output and cannot be ablated; got {site}"
                 raise SiteError(msg)
+            dims = model.table.dims_for(site.component)  # a tower's components have its sizes
             key = (site.component, -1 if site.layer is None else site.layer % dims.n_layers)
             if key not in groups:
                 resolve(site, model.table, model.base)  # the component and layer, once per group
@@ -715,7 +717,10 @@ class ComponentGame(ModelGame):
             else:
                 check_indices(site, model.table)
             group = self._groups[groups[key]]
-            heads = dims.n_kv_heads if site.component in ("k", "v") else dims.n_heads
+            heads = dims.n_kv_heads if base_component(site.component) in ("k", "v") else dims.n_heads
+            # Towers and the projector count positions over their own tokens, never padded.
+            spans = prompt_spans if token_axis(site.component) is None else \
+                RowSpans.from_mask(torch.ones(1, group.extent[0], dtype=torch.bool))
             found = site_rects(site, spans, 1, group.extent, heads)[0]
             rects.append([(groups[key], *rect) for rect in found])
         self._check_disjoint(rects)
@@ -729,7 +734,13 @@ class ComponentGame(ModelGame):
 
     def _extent(self, component: str) -> tuple[int, int]:
         """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
-        return component_extent(self.model.dims, component, self.tokens.shape[1])
+        axis = token_axis(component)
+        if axis is None:
+            return component_extent(self.model.dims, component, self.tokens.shape[1])
+        if axis not in self._own_counts:
+            self._own_counts[axis] = own_token_count(self.model, self.tokens, axis)
+        return component_extent(self.model.table.dims_for(component), base_component(component),
+                                self._own_counts[axis])
 
     def _check_disjoint(self, rects: list[list[tuple[int, int, int, int, int]]]) -> None:
         """Players must not write the same element: the kernel refuses overlapping boxes."""
@@ -766,7 +777,14 @@ class ComponentGame(ModelGame):
         mask = reference.attention_mask.to(model.device, dtype)
         for group in self._groups:
             values = as_rows(cache[group.site])  # [reference rows, a, f]
-            if aligned:
+            if token_axis(group.component) is not None:
+                # A tower's or the projector's tokens are the image's, whatever the prompt.
+                if values.shape[1:] != group.extent:
+                    msg = (f"reference for {group.site} must hold as many of its tokens as the "
+                           f"prompt's ({group.extent[0]}); got {values.shape[1]}")
+                    raise ShapeError(msg)
+                source = values.mean(0, keepdim=True)
+            elif aligned:
                 source = values.mean(0, keepdim=True)
             elif group.component == "pattern":
                 msg = (f"reference for mean-ablating attention patterns must be unpadded prompts "

@@ -8,12 +8,18 @@ rectangles in its row: one per (position, head) it names.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from mechinterp import _ops
+from mechinterp.errors import InputError
 from mechinterp.interventions import TensorEdit
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site, base_component
+
+if TYPE_CHECKING:
+    from mechinterp.model import InterpModel, Tokens
 
 Rect = tuple[int, int, int, int]  # a_begin, a_end, f_begin, f_end
 
@@ -30,6 +36,23 @@ def component_extent(dims: object, component: str, seq_len: int) -> tuple[int, i
     if component == "neuron":
         return t, dims.d_mlp
     return t, dims.d_model
+
+
+def own_token_count(model: InterpModel, tokens: Tokens, axis: str) -> int:
+    """How many tokens one prompt's ``axis`` holds (see :func:`~mechinterp.sites.token_axis`):
+    a tower's patches or queries, or the projector's rows. It depends on the image and the
+    model, not on the prompt, so it is read once from the first prompt of ``tokens``."""
+    site = Site("projector") if axis == "projector" else Site(f"{axis}.resid_post", layer=0)
+    with torch.no_grad():
+        value = model.run(tokens.rows(slice(0, 1)), cache=[site]).cache[site]
+    if value.dim() != 3 or value.shape[0] != 1:
+        name = "projector" if axis == "projector" else f"{axis} tower"
+        msg = (f"sites: the {name} of this {model.family} model does not hold one row per "
+               f"prompt (one prompt's tensor has shape {tuple(value.shape)}: packed patches or "
+               f"image crops), so each run cannot take its own patch there; edit it with "
+               f"model.run(edits=...)")
+        raise InputError(msg)
+    return int(value.shape[1])
 
 
 def _as_list(index: int | tuple[int, ...] | None) -> list[int] | None:

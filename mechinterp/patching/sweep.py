@@ -36,7 +36,7 @@ from mechinterp.engine import Plan, check_indices, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, site_rects
+from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, own_token_count, site_rects
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.prefix import (
     CorruptedBlocks,
@@ -49,7 +49,7 @@ from mechinterp.patching.result import PatchingResult
 from mechinterp.patching.schedule import plan_forwards
 from mechinterp.patching.writes import WriteTable, build_writes
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site, SiteSelector, SiteUnion, base_component, tower_of
+from mechinterp.sites import Site, SiteSelector, SiteUnion, base_component, token_axis, tower_of
 
 SOURCES = ("clean", "mean", "resample")
 _UNPATCHABLE = ("logits",)
@@ -181,7 +181,7 @@ class _Sweep:
             raise ShapeError(msg)
         self.n_pairs, self.seq_len = self.clean.shape
         self.spans = RowSpans.from_mask(self.corrupt.attention_mask)
-        self.tower_spans: dict[str, RowSpans] = {}  # filled as tower sites ask
+        self.own_spans: dict[str, RowSpans] = {}  # filled as tower and projector sites ask
         layout = self._layout(sites, parts)
         self.cells, self.parts, self.groups = list(layout.cells), layout.parts, layout.groups
         self.layer_of, self.frozen_groups = layout.layer_of, layout.frozen_groups
@@ -248,28 +248,17 @@ class _Sweep:
         table = build_writes(parts, spans=self.spans, n_pairs=self.n_pairs,
                              group_index={group: i for i, group in enumerate(ordered)},
                              group_of=self._group, extent=self._extent, heads_of=self._heads,
-                             tower_spans=self._tower_spans)
+                             own_spans=self._own_spans)
         return _Layout(cells, parts, ordered, layer_of, frozen_groups, table)
 
     # -- towers (image encoders that run before the main layers) ---------------------------
 
-    def _tower_spans(self, tower: str) -> RowSpans:
-        """Every pair's tower tokens, unpadded; their count is read once from the clean input's
-        first pair (it depends on the image and the model, not on the prompt)."""
-        if tower not in self.tower_spans:
-            site = Site(f"{tower}.resid_post", layer=0)
-            with torch.no_grad():
-                run = self.model.run(self.clean.rows(slice(0, 1)), cache=[site])
-            value = run.cache[site]
-            if value.dim() != 3 or value.shape[0] != 1:
-                msg = (f"sites: the {tower} tower of this {self.model.family} model does not "
-                       f"hold one row per prompt (one prompt's tower tensor has shape "
-                       f"{tuple(value.shape)}: packed patches or image crops), so sweeps cannot "
-                       f"give each run its own patch; edit it with model.run(edits=...)")
-                raise InputError(msg)
-            self.tower_spans[tower] = RowSpans.from_mask(
-                torch.ones(self.n_pairs, value.shape[1], dtype=torch.bool))
-        return self.tower_spans[tower]
+    def _own_spans(self, axis: str) -> RowSpans:
+        """Every pair's tokens of ``axis`` (a tower's, or the projector's rows), unpadded."""
+        if axis not in self.own_spans:
+            count = own_token_count(self.model, self.clean, axis)
+            self.own_spans[axis] = RowSpans.from_mask(torch.ones(self.n_pairs, count, dtype=torch.bool))
+        return self.own_spans[axis]
 
     def _heads(self, component: str) -> int:
         """Heads a component's features hold (key/value heads for ``k`` and ``v``)."""
@@ -360,11 +349,11 @@ class _Sweep:
 
     def _extent(self, component: str) -> tuple[int, int]:
         """``(a, f)`` of a component's tensor seen as ``[rows, a, f]``."""
-        tower = tower_of(component)
-        if tower is None:
+        axis = token_axis(component)
+        if axis is None:
             return component_extent(self.model.dims, component, self.seq_len)
         return component_extent(self.model.table.dims_for(component), base_component(component),
-                                self._tower_spans(tower).seq_len)
+                                self._own_spans(axis).seq_len)
 
     def _rects(self) -> list[list[list[tuple[tuple[str, int], str, tuple[int, int, int, int]]]]]:
         """Per cell, per pair: ``(group, origin, rectangle)`` of every write (checks positions)."""
@@ -373,10 +362,10 @@ class _Sweep:
         for cell in self.parts:
             per_pair: list[list] = [[] for _ in range(self.n_pairs)]
             for site, origin in cell:
-                tower = tower_of(site.component)
-                spans = self.spans if tower is None else self._tower_spans(tower)
+                axis = token_axis(site.component)
+                spans = self.spans if axis is None else self._own_spans(axis)
                 rects = site_rects(site, spans, self.n_pairs, self._extent(site.component),
-                                   self._heads(site.component), memo if tower is None else {})
+                                   self._heads(site.component), memo if axis is None else {})
                 for pair, pair_rects in enumerate(rects):
                     per_pair[pair].extend((self._group(site), origin, r) for r in pair_rects)
             out.append(per_pair)

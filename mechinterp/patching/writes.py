@@ -20,7 +20,7 @@ import numpy as np
 
 from mechinterp.patching.boxes import site_rects
 from mechinterp.positions import RowSpans
-from mechinterp.sites import Site, base_component, tower_of
+from mechinterp.sites import Site, base_component, token_axis
 
 Group = tuple[str, int]
 
@@ -71,21 +71,22 @@ class WriteTable:
 def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans, n_pairs: int,
                  group_index: dict[Group, int], group_of: Callable[[Site], Group],
                  extent: Callable[[str], tuple[int, int]], heads_of: Callable[[str], int],
-                 tower_spans: Callable[[str], RowSpans] | None = None) -> WriteTable:
+                 own_spans: Callable[[str], RowSpans] | None = None) -> WriteTable:
     """The write table of cells ``parts`` (each a list of ``(site, origin)``).
 
     ``extent(component)`` is ``(a, f)`` of the component's ``[rows, a, f]`` view and
     ``heads_of(component)`` how many heads its features hold. Positions are checked against
     ``spans`` (raising for positions outside a prompt) before anything is written; a tower's
-    components (``vision.*``) count theirs over ``tower_spans(tower)``, the tower's own tokens.
-    A tower runs before the main sequence, so its writes span every main position.
+    components (``vision.*``) and the projector count theirs over ``own_spans(axis)``, their own
+    tokens (:func:`~mechinterp.sites.token_axis`). Both run before the main sequence, so their
+    writes span every main position.
     """
     seq_len = spans.seq_len
 
-    def spans_of(tower: str | None) -> RowSpans:
-        return spans if tower is None or tower_spans is None else tower_spans(tower)
+    def spans_of(axis: str | None) -> RowSpans:
+        return spans if axis is None or own_spans is None else own_spans(axis)
 
-    positions: dict[tuple[str | None, int], int] = {}  # distinct (tower, position) -> row of `columns`
+    positions: dict[tuple[str | None, int], int] = {}  # distinct (axis, position) -> row of `columns`
     simple: list[tuple[int, int, int, int, int, int, int]] = []
     odd: list[np.ndarray] = []  # rows of sites with several positions, heads or neurons
     odd_cells: list[np.ndarray] = []
@@ -100,22 +101,22 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
                 group = group_ids[component, layer] = group_index[group_of(site)]
             frozen = int(origin != "clean")
             if type(pos) is tuple or type(head) is tuple or type(neuron) is tuple:
-                tower = tower_of(component)
-                rects = site_rects(site, spans_of(tower), n_pairs, extent(component),
-                                   heads_of(component), memo if tower is None else {})
+                axis = token_axis(component)
+                rects = site_rects(site, spans_of(axis), n_pairs, extent(component),
+                                   heads_of(component), memo if axis is None else {})
                 rows = [(p, group, frozen, *r) for p, pair_rects in enumerate(rects) for r in pair_rects]
                 odd.append(np.asarray(rows, dtype=np.int64).reshape(-1, 7))
                 odd_cells.append(np.full(len(rows), c, dtype=np.int64))
                 continue
-            slot = -1 if pos is None else positions.setdefault((tower_of(component), pos),
+            slot = -1 if pos is None else positions.setdefault((token_axis(component), pos),
                                                                len(positions))
             simple.append((c, group, frozen, _KIND.get(base_component(component), _PLAIN), slot,
                            -1 if head is None else head, -1 if neuron is None else neuron))
     # Raises for positions outside a prompt (or a tower's tokens); rows match slots.
     columns = np.zeros((max(1, len(positions)), n_pairs), np.int64)
-    for tower in {tower for tower, _ in positions}:
-        slots = [(slot, pos) for (t, pos), slot in positions.items() if t == tower]
-        columns[[slot for slot, _ in slots]] = spans_of(tower).int_columns([pos for _, pos in slots])
+    for axis in {axis for axis, _ in positions}:
+        slots = [(slot, pos) for (a, pos), slot in positions.items() if a == axis]
+        columns[[slot for slot, _ in slots]] = spans_of(axis).int_columns([pos for _, pos in slots])
 
     entries = np.asarray(simple, dtype=np.int64).reshape(-1, 7)
     cell, group, frozen, kind, slot, head, neuron = entries.T
@@ -165,8 +166,8 @@ def build_writes(parts: Sequence[Sequence[tuple[Site, str]]], *, spans: RowSpans
     a0, a1, f0, f1 = table[:, 3], table[:, 4], table[:, 5], table[:, 6]
     first = np.where(pattern_rows, f0 // seq_len, a0)
     last = np.where(pattern_rows, (f1 - 1) // seq_len, a1 - 1)
-    in_tower = np.asarray([tower_of(components[g]) is not None for g in range(len(components))]
-                          or [False])[table[:, 1]]
-    first[in_tower], last[in_tower] = 0, seq_len - 1
+    before_main = np.asarray([token_axis(components[g]) is not None for g in range(len(components))]
+                             or [False])[table[:, 1]]
+    first[before_main], last[before_main] = 0, seq_len - 1
     last[(a1 <= a0) | (f1 <= f0)] = -1
     return WriteTable(table, offsets, cells, first, last)
