@@ -331,8 +331,13 @@ class Plan:
             path = self.table.module_path(place.shifted, shifted_place.path, self.base,
                                           resolved.layer)
             boundary = self._boundary(shifted_place, path)
-            boundary.edits.append(
-                lambda raw, state: edit.write(raw, state["scratch"][base_key] + raw))
+            shifted_view = self._view(shifted_place, place.shifted, resolved.layer)
+
+            def write(raw: torch.Tensor, state: dict) -> None:
+                shifted = shifted_view(raw)
+                edit.write(shifted, state["scratch"][base_key] + shifted)
+
+            boundary.edits.append(write)
         else:
             view = self._view(resolved.place, edit.site.component, resolved.layer)
             boundary = self._boundary(resolved.place, resolved.path)
@@ -344,9 +349,10 @@ class Plan:
         base_place = self.table.place(place.base)
         assert isinstance(base_place, Tap)
         base_key = ("sum_base", place.base, layer)
+        view = self._view(base_place, place.base, layer)
 
         def capture(raw: torch.Tensor, state: dict) -> None:
-            state["scratch"][base_key] = raw
+            state["scratch"][base_key] = view(raw)
 
         if base_key not in self._captured:
             self._captured.add(base_key)
@@ -364,11 +370,14 @@ class Plan:
         assert isinstance(shifted_place, Tap)
         base_key = self._capture_sum_base(place, layer)
 
+        view = self._view(shifted_place, place.shifted, layer)
+
         def shift(raw: torch.Tensor, state: dict) -> None:
-            current = state["scratch"][base_key] + raw
+            shifted = view(raw)  # the summands' views (crops side by side) see the sum's axes
+            current = state["scratch"][base_key] + shifted
             selected = selection.get(current)
             delta = edit.apply(selected) - selected
-            selection.put(raw, lambda shifted: shifted + delta)
+            selection.put(shifted, lambda value: value + delta)
 
         boundary = self._boundary(shifted_place, self.table.module_path(
             place.shifted, shifted_place.path, self.base, layer))

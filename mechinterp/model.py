@@ -12,6 +12,7 @@ from torch import nn
 
 from mechinterp.engine import Plan, record_execution_order, run_plan
 from mechinterp.errors import InputError, ShapeError, SiteError
+from mechinterp.image_tokens import ImageTokens
 from mechinterp.interventions import Intervention, checked_edits
 from mechinterp.models import SiteTable, site_table
 from mechinterp.sites import Site, SiteSelector, SiteUnion
@@ -56,14 +57,35 @@ class Tokens:
 
     @staticmethod
     def cat(parts: Sequence[Tokens]) -> Tokens:
-        """Batches stacked along the rows (they must carry the same inputs)."""
+        """Batches stacked along the rows (they must carry the same inputs).
+
+        Extra inputs of different sizes past the batch axis (the image crops or packed patches
+        of prompts with images of different sizes) are padded with zeros, which the families
+        that carry them read as absent (see ``InputPacking``)."""
         names = set(parts[0].extras)
         if any(set(part.extras) != names for part in parts):
             msg = "batches to concatenate must carry the same extra inputs"
             raise InputError(msg)
+        widths = [part.input_ids.shape[1] for part in parts]
+        if len(set(widths)) > 1:
+            msg = f"batches to concatenate must have the same number of positions; got {widths}"
+            raise ShapeError(msg)
         return Tokens(torch.cat([p.input_ids for p in parts]),
                       torch.cat([p.attention_mask for p in parts]),
-                      {name: torch.cat([p.extras[name] for p in parts]) for name in names})
+                      {name: _cat_padded([p.extras[name] for p in parts]) for name in names})
+
+
+def _cat_padded(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``values`` stacked along the rows, each zero-padded at the end of its other axes."""
+    shape = [max(v.shape[axis] for v in values) for axis in range(1, values[0].dim())]
+    if all(list(v.shape[1:]) == shape for v in values):
+        return torch.cat(list(values))
+    out = values[0].new_zeros(sum(v.shape[0] for v in values), *shape)
+    row = 0
+    for value in values:
+        out[(slice(row, row + value.shape[0]), *(slice(0, n) for n in value.shape[1:]))] = value
+        row += value.shape[0]
+    return out
 
 
 class ActivationCache(Mapping[Site, torch.Tensor]):
@@ -286,6 +308,49 @@ class InterpModel(NNsight):
             raise InputError(msg)
         return found[0]
 
+    def modality_positions(self, inputs: Inputs) -> dict[str, tuple[int, ...]]:
+        """Positions of all image tokens and of all other real tokens: ``{"image": ...,
+        "text": ...}``, counted as :meth:`image_positions` counts them, for sites over a whole
+        modality (``Site("resid_pre", layer=3, pos=groups["text"])``) and as groups of players
+        (``TokenGame(model, prompt, players=list(groups.values()))``)."""
+        image = self.image_positions(inputs)
+        tokens = self._as_tokens(inputs)
+        length = int(tokens.attention_mask[0].sum())
+        taken = set(image)
+        return {"image": image, "text": tuple(p for p in range(length) if p not in taken)}
+
+    def _language_model(self) -> nn.Module:
+        """The module that runs the main tower's layers (their parent): a multimodal model
+        calls it with the input embeddings after the image features were merged in."""
+        return self._module.get_submodule(self.table.blocks.format(base=self.base).rsplit(".", 1)[0])
+
+    def image_tokens(self, inputs: Inputs) -> ImageTokens:
+        """What each image token shows (its image, crop, grid cell and projector row), for
+        choosing positions by what they cover; see :class:`~mechinterp.image_tokens.ImageTokens`.
+
+        Raises:
+            InputError: the model has no image tokens, the rows hold them at different
+                positions or from images of different layouts, or the image does not fill them.
+        """
+        positions = self.image_positions(inputs)
+        layout_of = self.table.image_layout
+        if layout_of is None:
+            msg = f"this {self.family} model does not say what its image tokens show; use image_positions"
+            raise InputError(msg)
+        tokens = self._as_tokens(inputs)
+        layouts = [layout_of(self._module, tokens.rows([row])) for row in range(tokens.shape[0])]
+        if any(layout != layouts[0] for layout in layouts[1:]):
+            msg = ("inputs: the rows' images fill their image tokens differently (images of "
+                   "different sizes); pass rows with images of one size")
+            raise InputError(msg)
+        layout = layouts[0]
+        if len(layout.feature) != len(positions):
+            msg = (f"inputs: the image fills {len(layout.feature)} image tokens, but a prompt "
+                   f"holds {len(positions)}")
+            raise InputError(msg)
+        return ImageTokens(positions, tuple(layout.image), tuple(layout.crop), tuple(layout.row),
+                           tuple(layout.col), tuple(layout.feature))
+
     def _forward_inputs(self, tokens: Tokens) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask,
                   **tokens.extras}
@@ -382,7 +447,7 @@ class InterpModel(NNsight):
             # Sites of a packed tensor split it into equal shares per row; the family knows
             # whether this batch's rows hold equal shares.
             self.table.packing.check_sites(
-                tokens.input_ids, [site for b in plan.boundaries.values() for site in b.sites])
+                tokens, [site for b in plan.boundaries.values() for site in b.sites])
         return run_plan(self._module, plan, inputs, self._order_index, self._modules, stubs)
 
     def _plan(self, tokens: Tokens, reads: list[Site], edits: Sequence[Intervention]) -> Plan:

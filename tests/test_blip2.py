@@ -342,3 +342,32 @@ def test_a_saved_blip2_loads_from_its_directory(blip2, tmp_path):
     inputs = _inputs(12)
     loaded._module.to(torch.float64)
     torch.testing.assert_close(loaded.logits(inputs), blip2.logits(inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_image_tokens_are_the_queries_in_order(blip2):
+    inputs = _inputs(13)
+    tokens = blip2.image_tokens(inputs)
+    assert tokens.positions == blip2.image_positions(inputs)
+    assert tokens.feature == tuple(range(N_QUERY))
+    assert set(tokens.row) == set(tokens.col) == {-1}  # queries are not patches
+    assert tokens.at(rows=0) == ()
+
+
+def test_token_games_mask_the_queries_before_opts_position_embeddings(blip2):
+    """OPT adds learned position embeddings to its input: a masked token (a query's image
+    token included) takes the baseline embedding plus its position's, as a hand-masked input."""
+    from mechinterp.interactions.model_games import TokenGame
+    from tests.test_multimodal_capabilities import _masked_by_hand
+
+    prompt = {name: value[:1] for name, value in _inputs(14).items()}
+    image = list(blip2.image_positions(prompt))
+    players = [image[:2], image[2:], [0, 1]]
+    game = TokenGame(blip2, prompt, players=players, baseline=7,
+                     output=lambda logits: logits[:, 3] - logits[:, 4], progress=False)
+    values = game.table()
+    baseline = blip2._module.get_input_embeddings().weight[7]
+    for mask in range(1 << len(players)):
+        absent = [c for i, group in enumerate(players) if not mask >> i & 1 for c in group]
+        logits = _masked_by_hand(blip2, prompt, absent, baseline)
+        torch.testing.assert_close(values[mask], logits[3] - logits[4], rtol=0, atol=1e-10)
+    assert len(set(values.tolist())) == len(values)

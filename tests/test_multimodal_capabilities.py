@@ -133,3 +133,71 @@ def test_saes_attach_at_image_tokens(llava):
     by_hand = x - acts[..., feature:feature + 1] * sae.W_dec[feature]
     expected = llava.run(prompt, edits=[Set(site, by_hand)]).logits
     torch.testing.assert_close(ablated, expected, rtol=1e-10, atol=1e-10)
+
+
+def _masked_by_hand(model, prompt, absent: list[int], baseline: torch.Tensor) -> torch.Tensor:
+    """Logits with the language model's input embeddings at ``absent`` replaced by
+    ``baseline``: a hook on the language model's own input, after the image was merged in."""
+    language = model._language_model()
+
+    def mask(_module, args, kwargs):
+        embeds = kwargs["inputs_embeds"].clone()
+        embeds[:, absent] = baseline
+        return args, {**kwargs, "inputs_embeds": embeds}
+
+    handle = language.register_forward_pre_hook(mask, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model._module(**prompt).logits[0, -1]
+    finally:
+        handle.remove()
+
+
+def test_token_games_mask_image_tokens_at_the_language_models_input(llava):
+    """A TokenGame player made of image tokens is masked after the image features replace
+    the token embeddings (masking ``embed`` would not reach them): every coalition equals
+    the hand-masked input."""
+    from mechinterp.interactions.model_games import TokenGame
+
+    prompt = _one(_inputs(51))
+    image = list(llava.image_positions(prompt))
+    players = [image[:8], image[8:], [0, 1], [image[-1] + 1, image[-1] + 2]]
+    game = TokenGame(llava, prompt, players=players, output=lambda logits: logits[:, 3] - logits[:, 4],
+                     progress=False)
+    values = game.table()
+    baseline = llava._module.get_input_embeddings().weight.mean(0)
+    for mask in range(1 << len(players)):
+        absent = [c for i, group in enumerate(players) if not mask >> i & 1 for c in group]
+        logits = _masked_by_hand(llava, prompt, absent, baseline)
+        torch.testing.assert_close(values[mask], logits[3] - logits[4], rtol=0, atol=1e-12)
+    assert values[0b1110] != values[0b1111]  # the image's first half matters
+
+
+def test_modalities_are_sites_and_players(llava):
+    """All image tokens and all text tokens, as one site each in a sweep and as the two players
+    of a token game, equal the hand-written patch and masks."""
+    from mechinterp.interactions import exact
+    from mechinterp.interactions.model_games import TokenGame
+
+    clean, corrupt = _inputs(53), _inputs(54)
+    groups = llava.modality_positions(clean)
+    assert groups["image"] == llava.image_positions(clean)
+    assert sorted(groups["image"] + groups["text"]) == list(range(clean["input_ids"].shape[1]))
+    sites = [Site("resid_pre", layer=1, pos=groups[name]) for name in ("image", "text")]
+    swept = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
+    for cell, site in enumerate(sites):
+        value = llava.run(clean, cache=[site]).cache[site]
+        logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
+        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
+                                   atol=1e-12)
+    prompt = _one(clean)
+    game = TokenGame(llava, prompt, players=[list(groups["image"]), list(groups["text"])],
+                     output=lambda logits: logits[:, 3] - logits[:, 4], progress=False)
+    values = game.table()
+    baseline = llava._module.get_input_embeddings().weight.mean(0)
+    for mask, absent in ((0, groups["image"] + groups["text"]), (1, groups["text"]),
+                         (2, groups["image"]), (3, ())):
+        logits = _masked_by_hand(llava, prompt, list(absent), baseline)
+        torch.testing.assert_close(values[mask], logits[3] - logits[4], rtol=0, atol=1e-12)
+    shapley = exact(game, index="SV")
+    assert shapley[(0,)] + shapley[(1,)] == pytest.approx(float(values[3] - values[0]), abs=1e-10)

@@ -328,3 +328,19 @@ def test_sweeps_patch_vision_sites_of_the_packed_tower(qwen):
         torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
                                    atol=1e-10)
     assert bool((swept.values[:, :3] != swept.corrupt[:, None]).any())
+
+
+def test_image_tokens_are_the_merged_grid_row_by_row(qwen):
+    """Image token ``(row, col)`` of the 2 x 2 merged grid is filled by the projector row its
+    layout names: the merger's output for patches ``2 row + {0, 1}`` x ``2 col + {0, 1}``."""
+    inputs = _inputs(12)
+    tokens = qwen.image_tokens(inputs)
+    assert tokens.positions == POSITIONS
+    assert (tokens.row, tokens.col, tokens.feature) == ((0, 0, 1, 1), (0, 1, 0, 1), (0, 1, 2, 3))
+    assert tokens.grid == (2, 2)
+    assert tokens.at(rows=1) == POSITIONS[2:]
+    site = Site("resid_pre", layer=0, pos=tokens.positions)
+    cache = qwen.run(inputs, cache=[Site("projector"), site]).cache
+    # The image tokens' input embeddings are the projector's rows, in the layout's order.
+    torch.testing.assert_close(cache[site], cache[Site("projector")][:, list(tokens.feature)],
+                               rtol=0, atol=0)

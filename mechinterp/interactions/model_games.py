@@ -30,11 +30,17 @@ import torch
 
 from mechinterp import _ops
 from mechinterp.engine import Plan, check_indices, resolve
-from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
+from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError, UnsupportedModelError
 from mechinterp.interactions.games import BatchedGame
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, own_token_count, site_rects
+from mechinterp.patching.boxes import (
+    BoxPatch,
+    as_rows,
+    component_extent,
+    own_token_count,
+    site_rects,
+)
 from mechinterp.patching.metrics import token_id
 from mechinterp.positions import RowSpans
 from mechinterp.sites import Site, base_component, token_axis
@@ -349,10 +355,11 @@ class BaselineLearning:
 
 
 class _BaselineEdit(TensorEdit):
-    """Token embeddings of absent positions replaced by baseline embeddings, every row at once."""
+    """Token embeddings of absent positions replaced by baseline embeddings, every row at once
+    (at ``embed``, or at the input of a multimodal model's language model)."""
 
-    def __init__(self, present: torch.Tensor, baseline: torch.Tensor):
-        super().__init__(Site("embed"))
+    def __init__(self, site: Site, present: torch.Tensor, baseline: torch.Tensor):
+        super().__init__(site)
         self.present, self.baseline = present, baseline  # [rows, pos, 1] bool, [pos, d_model]
 
     def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
@@ -402,7 +409,9 @@ class TokenGame(ModelGame):
 
     A coalition runs the prompt with its players' tokens as they are and every other player's
     tokens masked. ``masking="baseline"`` replaces an absent token's embedding (before position
-    embeddings are added) with a baseline embedding; ``"attention"`` removes absent tokens from
+    embeddings are added) with a baseline embedding (in a multimodal model, the language
+    model's input embedding, so that image tokens, whose image features replace their token
+    embeddings, are masked too); ``"attention"`` removes absent tokens from
     the context through the attention mask, which in models that take position ids is the same
     as deleting them from the prompt (later tokens move up); ``"learned"`` uses baseline
     embeddings learned to make the interactions sparse (:class:`BaselineLearning`).
@@ -499,7 +508,38 @@ class TokenGame(ModelGame):
         self._owner = owner.to(model.device)
         self._fixed = (self._owner < 0)[None]
         self.baseline = None if self.masking == "attention" else self._initial_baseline()
+        self._site, self._input_shift = Site("embed"), None
+        if self.baseline is not None and "projector" in model.table.places:
+            # Image features replace the image tokens' embeddings after ``embed``: write the
+            # language model's input instead, so that image tokens can be masked too.
+            self._site = Site("resid_pre", layer=0)
+            self._input_shift = self._added_to_inputs()
         return [self._label(columns, ids) for columns in self.columns]
+
+    def _added_to_inputs(self) -> torch.Tensor:
+        """``[positions, d_model]``: what the language model adds to its input embeddings
+        before its first layer (learned position embeddings; zero with rotary ones), so that a
+        baseline embedding written at ``resid_pre.0`` is masked as it would be at the input."""
+        model, site = self.model, Site("resid_pre", layer=0)
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, kwargs):
+            seen["embeds"] = kwargs.get("inputs_embeds")
+
+        handle = model._language_model().register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                state = model.cache(self.tokens, [site])[site]
+        finally:
+            handle.remove()
+        embeds = seen.get("embeds")
+        if embeds is None or embeds.shape != state.shape:
+            msg = (f"masking={self.masking!r} on this {model.family} model needs its language "
+                   f"model's input embeddings as wide as its residual stream; got "
+                   f"{None if embeds is None else tuple(embeds.shape)} and {tuple(state.shape)}; "
+                   f"use masking='attention' or a ComponentGame at resid_pre")
+            raise UnsupportedModelError(msg)
+        return (state - embeds)[0]
 
     def _label(self, columns: list[int], ids: list[int]) -> str:
         tokenizer = self.model.tokenizer
@@ -544,7 +584,9 @@ class TokenGame(ModelGame):
         tokens = self.tokens.repeat(rows)  # other inputs (an image) ride along
         if self.masking == "attention":
             return self._forward(Tokens(tokens.input_ids, present.long(), tokens.extras), [])
-        edit = _BaselineEdit(present[..., None], self.baseline if baseline is None else baseline)
+        rows = self.baseline if baseline is None else baseline
+        edit = _BaselineEdit(self._site, present[..., None],
+                             rows if self._input_shift is None else rows + self._input_shift)
         return self._forward(tokens, [edit])
 
     # -- learned baselines ----------------------------------------------------------------

@@ -32,11 +32,13 @@ Older releases prepended the query embeddings to the prompt instead, when a conf
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mechinterp.errors import UnsupportedModelError
+from mechinterp.image_tokens import TokenLayout
 from mechinterp.models.clip_tower import vision_dims
 from mechinterp.models.table import (
     Dims,
@@ -49,6 +51,9 @@ from mechinterp.models.table import (
     View,
     split_heads,
 )
+
+if TYPE_CHECKING:
+    from mechinterp.model import Tokens
 
 MODEL_TYPES = ("blip-2",)
 
@@ -165,6 +170,14 @@ def _language_table(model: nn.Module) -> tuple[SiteTable, str]:
     return table, "{base}language_model." + inner
 
 
+def query_layout(module: nn.Module, tokens: Tokens) -> TokenLayout:
+    """BLIP-2: the image tokens take the Q-Former's query outputs in order; queries are not
+    patches, so they have no grid cell."""
+    count = int((tokens.input_ids[0] == module.config.image_token_index).sum())
+    return TokenLayout(image=[0] * count, crop=[0] * count, row=[-1] * count, col=[-1] * count,
+                       feature=list(range(count)))
+
+
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
     missing = [part for part in ("vision_model", "qformer", "language_projection", "language_model")
@@ -193,4 +206,4 @@ def site_table(model: nn.Module) -> SiteTable:
     return replace(text, family="blip-2", places=places, units={**text.units, **units},
                    blocks=base + text.blocks[len("{base}"):],
                    towers={"vision": vision, "qformer": qformer},
-                   image_token_id=int(image_token))
+                   image_token_id=int(image_token), image_layout=query_layout)

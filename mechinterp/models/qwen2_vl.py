@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedModelError
+from mechinterp.image_tokens import TokenLayout
 from mechinterp.models import llama
 from mechinterp.models.llava import _rebase, _TextModel
 from mechinterp.models.table import (
@@ -51,7 +53,10 @@ from mechinterp.models.table import (
     config_int,
     split_heads,
 )
-from mechinterp.sites import Site, base_component, tower_of
+from mechinterp.sites import Site, token_axis
+
+if TYPE_CHECKING:
+    from mechinterp.model import Tokens
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -153,12 +158,11 @@ class PackedImages:
         inputs.pop("position_ids", None)
         return inputs
 
-    def check_sites(self, input_ids: torch.Tensor, sites: Sequence[Site]) -> None:
-        split = [str(s) for s in sites
-                 if tower_of(s.component) is not None or base_component(s.component) == "projector"]
+    def check_sites(self, tokens: Tokens, sites: Sequence[Site]) -> None:
+        split = [str(s) for s in sites if token_axis(s.component) is not None]
         if not split:
             return
-        counts = (input_ids == self.image_token_id).sum(dim=1).tolist()
+        counts = (tokens.input_ids == self.image_token_id).sum(dim=1).tolist()
         if len(set(counts)) > 1:
             msg = (f"sites {split[:4]} split the images of the batch into one equal share per "
                    f"prompt, so every prompt must hold the same number of image tokens; got "
@@ -218,6 +222,23 @@ def vision_places(mlp_in: str) -> dict[str, Place]:
     }
 
 
+def merged_grid_layout(module: nn.Module, tokens: Tokens) -> TokenLayout:
+    """Qwen2-VL: each image's tokens are its merged patches, row by row over
+    ``(height, width) / spatial_merge_size`` (the model restores Qwen2.5-VL's window order)."""
+    grids = tokens.extras.get("image_grid_thw")
+    merge = config_int(module.config.vision_config, "spatial_merge_size")
+    layout = TokenLayout([], [], [], [], [])
+    for image, (frames, height, width) in enumerate([] if grids is None else grids[0].tolist()):
+        cells = [(r, c) for _ in range(frames) for r in range(height // merge)
+                 for c in range(width // merge)]
+        layout.image.extend([image] * len(cells))
+        layout.crop.extend([0] * len(cells))
+        layout.row.extend(r for r, _ in cells)
+        layout.col.extend(c for _, c in cells)
+    layout.feature.extend(range(len(layout.image)))
+    return layout
+
+
 def site_table(model: nn.Module) -> SiteTable:
     config = model.config
     model_type = config.model_type
@@ -240,5 +261,6 @@ def site_table(model: nn.Module) -> SiteTable:
     return replace(text, family=model_type, places=places, unsupported=unsupported,
                    blocks="{base}language_model." + text.blocks[len("{base}"):],
                    towers={"vision": dims}, image_token_id=int(config.image_token_id),
+                   image_layout=merged_grid_layout,
                    packing=PackedImages(int(config.image_token_id),
                                         config_int(config.vision_config, "spatial_merge_size")))

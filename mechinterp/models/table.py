@@ -24,12 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from mechinterp.errors import SiteError
+from mechinterp.image_tokens import LayoutOf
 from mechinterp.sites import Site, tower_of
+
+if TYPE_CHECKING:
+    from mechinterp.model import Tokens
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class InputPacking(Protocol):
         them."""
         ...
 
-    def check_sites(self, input_ids: torch.Tensor, sites: Sequence[Site]) -> None:
+    def check_sites(self, tokens: Tokens, sites: Sequence[Site]) -> None:
         """Raise a SiteError when ``sites`` of a packed tensor cannot be split per prompt."""
         ...
 
@@ -157,6 +161,8 @@ class SiteTable:
         towers: sizes of the other towers of a multimodal model (``{"vision": Dims(...)}``);
             their components are the main vocabulary after the tower's prefix.
         image_token_id: the id that marks image tokens in the main tower's input, if any.
+        image_layout: what each image token of a prompt shows (its image, crop, grid cell and
+            projector row; see :mod:`mechinterp.image_tokens`), where the family knows it.
         packing: for models that take some inputs packed across prompts, with no batch axis
             (Qwen2-VL's pixel values), how mechinterp carries them per prompt instead.
         units: component -> its layers, for components whose layers are not ``blocks`` (see
@@ -175,6 +181,7 @@ class SiteTable:
     sequential: bool = True
     towers: dict[str, Dims] = field(default_factory=dict)
     image_token_id: int | None = None
+    image_layout: LayoutOf | None = None
     packing: InputPacking | None = None
     units: dict[str, Units] = field(default_factory=dict)
     padded: bool = True

@@ -36,7 +36,13 @@ from mechinterp.engine import Plan, check_indices, resolve
 from mechinterp.errors import InputError, MechinterpError, ShapeError
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
-from mechinterp.patching.boxes import BoxPatch, as_rows, component_extent, own_token_count, site_rects
+from mechinterp.patching.boxes import (
+    BoxPatch,
+    as_rows,
+    component_extent,
+    own_token_count,
+    site_rects,
+)
 from mechinterp.patching.metrics import Metric, as_metric
 from mechinterp.patching.prefix import (
     CorruptedBlocks,
@@ -627,8 +633,8 @@ class _Sweep:
         """Whether forwards of a suffix can take the corrupted run's merged input embeddings in
         place of the token ids and the image: LLaVA, whose language model receives them as its
         input, when no cell writes where they are made (``embed``, ``projector``) and no noise is
-        added there."""
-        return (self.model.family == "llava" and self.corruption is None
+        added there. (Qwen2-VL's rotary positions come from the image grids as well.)"""
+        return (self.model.family in ("llava", "llava_next") and self.corruption is None
                 and not any(component in ("embed", "projector") for component, _ in self.groups))
 
     @contextlib.contextmanager
@@ -636,8 +642,7 @@ class _Sweep:
         """Keep rows ``[begin, end)`` of the language model's input embeddings of the enclosed
         forward as ``prefix_embeds``."""
         model = self.model
-        path = model.table.blocks.format(base=model.base).rsplit(".", 1)[0]  # its layers' parent
-        language = model._module.get_submodule(path)
+        language = model._language_model()
 
         def keep(_module, _args, kwargs):
             self.prefix_embeds = kwargs["inputs_embeds"][begin:end].clone()
