@@ -228,3 +228,29 @@ def test_games_and_tracing_over_crops(model):
     assert trace.low != pytest.approx(trace.base, rel=1e-3)  # the noise reached the answer
     # Restoring the last token's final state restores the clean answer.
     assert float(trace.scores[0, -1, 1]) == pytest.approx(trace.base, rel=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sweeps_and_games_agree_with_cpu(model):
+    """In float64, a sweep over image tokens, newlines and crop tokens of the tower, and a
+    game over the crops' projector rows, give the CPU's values on the GPU (to float32
+    rounding: Llama's RMSNorm computes in float32 whatever the model's dtype)."""
+    from mechinterp.interactions.model_games import ComponentGame
+
+    gpu = mechinterp.load(_llava_next().cuda())
+    clean, corrupt = _inputs(model._module, 10), _inputs(model._module, 11)
+    tokens = model.image_tokens(clean)
+    sites = [*model.sites(select("resid_pre").layers().positions(*tokens.newlines, *tokens.at(rows=1))),
+             Site("vision.resid_post", layer=0, pos=2 * 17 + 3), Site("projector", pos=-1)]
+    on_cpu = activation_patch(model, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
+    on_gpu = activation_patch(gpu, {k: v.cuda() for k, v in clean.items()},
+                              {k: v.cuda() for k, v in corrupt.items()}, sites, LogitDiff(3, 4),
+                              progress=False)
+    torch.testing.assert_close(on_gpu.values.cpu(), on_cpu.values, rtol=1e-6, atol=1e-7)
+    prompt = _inputs(model._module, 12, rows=1)
+    players = [Site("projector", pos=tuple(range(c * 16, (c + 1) * 16))) for c in range(3)]
+    values = [ComponentGame(m, {k: v.to(device) for k, v in prompt.items()}, players,
+                            output=lambda logits: logits[:, 3] - logits[:, 4], progress=False).table()
+              for m, device in ((model, "cpu"), (gpu, "cuda"))]
+    torch.testing.assert_close(values[1].cpu(), values[0], rtol=1e-6, atol=1e-7)
