@@ -12,6 +12,7 @@ import mechinterp
 from mechinterp import Add, Set, Site, Zero, select
 from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedModelError
 from mechinterp.patching import LogitDiff, activation_patch
+from tests.hand_patches import assert_cells_equal_hand_patches
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -299,11 +300,7 @@ def test_sweeps_patch_qformer_and_vision_sites(blip2):
     sites = [Site("qformer.resid_post", layer=0, pos=1), Site("qformer.cross_attn", layer=0),
              Site("vision.resid_post", layer=0, pos=2), Site("qformer.head", layer=1, head=0)]
     swept = activation_patch(blip2, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
-    for cell, site in enumerate(sites):
-        value = blip2.run(clean, cache=[site]).cache[site]
-        logits = blip2.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
-        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
-                                   atol=1e-12)
+    assert_cells_equal_hand_patches(blip2, clean, corrupt, sites, swept)
     assert bool((swept.values != swept.corrupt[:, None]).any())
 
 

@@ -14,6 +14,7 @@ from mechinterp import Set, Site, Tokens, Zero
 from mechinterp.errors import InputError, ShapeError, SiteError
 from mechinterp.patching import LogitDiff, activation_patch
 from mechinterp.sites import select
+from tests.hand_patches import assert_cells_equal_hand_patches
 
 IMAGE = 63
 SIDE = 4  # 32 x 32 pixel crops in 8 x 8 patches
@@ -193,11 +194,7 @@ def test_sweeps_over_image_tokens_and_tower_sites_equal_hand_patches(model):
     tower = [Site("vision.resid_post", layer=0, pos=2 * 17 + 4), Site("vision.head", layer=0, head=1),
              Site("projector", pos=-1), Site("resid_pre", layer=1, pos=tokens.newlines[0])]
     swept = activation_patch(model, clean, corrupt, tower, LogitDiff(3, 4), progress=False)
-    for cell, site in enumerate(tower):
-        value = model.run(clean, cache=[site]).cache[site]
-        logits = model.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
-        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
-                                   atol=1e-12)
+    assert_cells_equal_hand_patches(model, clean, corrupt, tower, swept)
     assert bool((swept.values != swept.corrupt[:, None]).all())
 
 

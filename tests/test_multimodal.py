@@ -14,6 +14,7 @@ from mechinterp.circuits import CircuitTask
 from mechinterp.errors import InputError, ShapeError, SiteError
 from mechinterp.patching import LogitDiff, activation_patch
 from mechinterp.sites import select
+from tests.hand_patches import assert_cells_equal_hand_patches
 
 IMAGE = 63
 N_IMAGE = 16  # 32 x 32 pixels in 8 x 8 patches; LLaVA's default drops the class token
@@ -154,11 +155,7 @@ def test_sweeps_patch_vision_tower_sites(llava):
              Site("resid_pre", layer=1, pos=image_position)]
     swept = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False,
                              batch_size=3)
-    for cell, site in enumerate(sites):
-        value = llava.run(clean, cache=[site]).cache[site]
-        logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
-        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
-                                   atol=1e-12)
+    assert_cells_equal_hand_patches(llava, clean, corrupt, sites, swept)
     assert bool((swept.values[:, :4] != swept.corrupt[:, None]).any())  # the patches mattered
     mean = activation_patch(llava, clean, corrupt, sites[:2], LogitDiff(3, 4), source="mean",
                             progress=False)

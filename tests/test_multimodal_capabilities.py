@@ -17,6 +17,7 @@ from mechinterp.patching.attribution import attribution_patch
 from mechinterp.sae import SAE
 from mechinterp.sae.interventions import SAEEdit
 from mechinterp.tracing.trace import causal_trace
+from tests.hand_patches import assert_cells_equal_hand_patches
 from tests.test_multimodal import N_IMAGE, _inputs, _llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,11 +186,7 @@ def test_modalities_are_sites_and_players(llava):
     assert sorted(groups["image"] + groups["text"]) == list(range(clean["input_ids"].shape[1]))
     sites = [Site("resid_pre", layer=1, pos=groups[name]) for name in ("image", "text")]
     swept = activation_patch(llava, clean, corrupt, sites, LogitDiff(3, 4), progress=False)
-    for cell, site in enumerate(sites):
-        value = llava.run(clean, cache=[site]).cache[site]
-        logits = llava.run(corrupt, edits=[Set(site, value)]).logits[:, -1]
-        torch.testing.assert_close(swept.values[:, cell], logits[:, 3] - logits[:, 4], rtol=0,
-                                   atol=1e-12)
+    assert_cells_equal_hand_patches(llava, clean, corrupt, sites, swept)
     prompt = _one(clean)
     game = TokenGame(llava, prompt, players=[list(groups["image"]), list(groups["text"])],
                      output=lambda logits: logits[:, 3] - logits[:, 4], progress=False)
