@@ -73,6 +73,8 @@ _RIDGES = (1e-6, 1e-2, 1e-1, 1.0)
 # The surrogate's order is chosen by variance among orders with at most this many dividends
 # per evaluated coalition (more only adds cost: the leave-one-out residuals then blow up).
 _FEATURES_PER_ROW = 4
+# A relaxed surrogate refits at most one dividend per this many evaluated coalitions.
+_REFIT_ROWS_PER_FEATURE = 8
 # Targets used to compare candidate surrogates (all of them when fewer).
 _SELECTION_TARGETS = 128
 
@@ -166,6 +168,15 @@ class _Features:
         step = max(1, _CHUNK // max(1, self.z.shape[0]))
         return torch.cat([scaled @ _contains(self.z, t[start:start + step])
                           for t in self.terms for start in range(0, t.shape[0], step)])
+
+    def restricted(self, keep: torch.Tensor) -> _Features:
+        """The same design with only the features ``keep`` (``[feature]`` bool)."""
+        out = _Features.__new__(_Features)
+        out.z, out.root, out.order = self.z, self.root, self.order
+        chunks = keep.split([t.shape[0] for t in self.terms])
+        out.terms = [t[chunk] for t, chunk in zip(self.terms, chunks, strict=True)]
+        out.width = int(keep.sum())
+        return out
 
     def masks(self) -> torch.Tensor:
         """``[feature, player]`` bool: the players of each feature's coalition."""
@@ -383,7 +394,8 @@ class RegressionAdjustedKSII(Approximator):
 
     def _candidates(self, design: StratifiedDesign, z: torch.Tensor, y: torch.Tensor,
                     weight: torch.Tensor, sampled: torch.Tensor, delta: float):
-        """Yield the candidate surrogates, one per (order, ridge strength).
+        """Yield the candidate surrogates, one per (order, ridge strength), and for orders of
+        2 and more a relaxed refit on the order-one dividends and the largest higher ones.
 
         Each is fitted by Shapley-kernel weighted ridge regression with its dividends summing
         to ``v(N) - v(∅)``, so that it is exact on ``∅`` and ``N``; with dividends of order 1
@@ -397,12 +409,42 @@ class RegressionAdjustedKSII(Approximator):
                 yield _Candidate(0, None, y, y, lambda: torch.zeros(0, dtype=torch.float64))
                 continue
             features = _Features(z, root, k)
+            screen = None
             for ridge in _RIDGES if self.surrogate_order is None else _RIDGES[:1]:
                 fit = _ridge(features, root * y, ridge, delta, sampled, cost)
                 if fit is not None:
                     residual, honest, dividends = fit
+                    if ridge == _RIDGES[1]:
+                        screen = dividends
                     yield _Candidate(k, features, residual / unweight, honest / unweight,
                                      dividends)
+            if k >= 2 and screen is not None and self.surrogate_order is None:
+                # Ridge pulls every dividend towards zero, the large ones too. Refit with only
+                # the order-one dividends and the largest higher ones, less regularised: the
+                # relaxed fit keeps the large interactions' size.
+                yield from self._relaxed(features, screen(), root * y, unweight, delta, sampled,
+                                         cost)
+
+    @staticmethod
+    def _relaxed(features: _Features, dividends: torch.Tensor, target: torch.Tensor,
+                 unweight: torch.Tensor, delta: float, sampled: torch.Tensor, cost: int):
+        """Candidates on the order-one dividends and the higher ones largest in ``dividends``
+        (one feature per ``_REFIT_ROWS_PER_FEATURE`` evaluated coalitions), lightly
+        regularised."""
+        singles = features.terms[0].shape[0]
+        room = min(target.shape[0] // _REFIT_ROWS_PER_FEATURE, features.width) - singles
+        if room <= 0:
+            return
+        keep = torch.zeros(features.width, dtype=torch.bool)
+        keep[:singles] = True
+        keep[singles + dividends[singles:].abs().topk(room).indices] = True
+        relaxed = features.restricted(keep)
+        for ridge in _RIDGES[:2]:
+            fit = _ridge(relaxed, target, ridge, delta, sampled, cost)
+            if fit is not None:
+                residual, honest, coefficients = fit
+                yield _Candidate(relaxed.order, relaxed, residual / unweight, honest / unweight,
+                                 coefficients)
 
     def _credits(self, n: int, z: torch.Tensor, sizes: torch.Tensor, s: int,
                  block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
