@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from mechinterp.errors import InputError
+from mechinterp.saved import read_result, write_result
 from mechinterp.sites import Site
+
+_FORMAT = "mechinterp.AttentionMaps/1"
 
 
 @dataclass
@@ -97,20 +99,19 @@ class AttentionMaps:
         return figure
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (safetensors tensors) and ``path.json`` (labels)."""
-        path = Path(path)
-        tensors = {"maps": self.maps.contiguous()}
+        """Write ``path`` (safetensors: the maps and images, the labels as JSON metadata),
+        atomically."""
+        tensors = {"maps": self.maps}
         if self.images is not None:
-            tensors["images"] = self.images.contiguous()
-        save_file(tensors, str(path))
+            tensors["images"] = self.images
         meta = {"tokens": self.tokens, "layers": list(self.layers), "steps": list(self.steps)}
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
+        write_result(path, tensors, {"labels": json.dumps(meta)}, format=_FORMAT)
 
     @classmethod
     def load(cls, path: str | Path) -> AttentionMaps:
-        path = Path(path)
-        tensors = load_file(str(path))
-        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        """Read maps written by :meth:`save`."""
+        tensors, metadata = read_result(path, format=_FORMAT)
+        meta = json.loads(metadata["labels"])
         return cls(tensors["maps"], meta["tokens"], tuple(meta["layers"]), tuple(meta["steps"]),
                    tensors.get("images"))
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mechinterp.diffusion.denoise import (
@@ -43,10 +42,12 @@ from mechinterp.diffusion.denoise import (
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.interventions import Set
 from mechinterp.patching.result import _site_dict, _site_from_dict
+from mechinterp.saved import read_result, write_result
 from mechinterp.sites import Site, select
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 WINDOWS = ("step", "onward")
+_FORMAT = "mechinterp.TimestepPatchResult/1"
 
 
 @dataclass
@@ -110,19 +111,17 @@ class TimestepPatchResult:
         return figure
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (safetensors tensors) and ``path.json`` (labels)."""
-        path = Path(path)
-        save_file({"values": self.values.contiguous(), "clean": self.clean.contiguous(),
-                   "corrupt": self.corrupt.contiguous()}, str(path))
+        """Write ``path`` (safetensors: the scores, the labels as JSON metadata), atomically."""
         meta = {"sites": [_site_dict(s) for s in self.sites], "steps": list(self.steps),
                 "timesteps": list(self.timesteps), "metric": self.metric, "window": self.window}
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
+        write_result(path, {"values": self.values, "clean": self.clean, "corrupt": self.corrupt},
+                     {"labels": json.dumps(meta)}, format=_FORMAT)
 
     @classmethod
     def load(cls, path: str | Path) -> TimestepPatchResult:
-        path = Path(path)
-        tensors = load_file(str(path))
-        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        """Read a result written by :meth:`save`."""
+        tensors, metadata = read_result(path, format=_FORMAT)
+        meta = json.loads(metadata["labels"])
         return cls([_site_from_dict(s) for s in meta["sites"]], tuple(meta["steps"]),
                    tuple(meta["timesteps"]), tensors["values"], tensors["clean"],
                    tensors["corrupt"], meta["metric"], meta.get("window", "step"))

@@ -30,6 +30,7 @@ import torch
 
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.interactions.subsets import count_up_to, subset_masks, subsets_up_to
+from mechinterp.saved import read_result, write_result
 
 __all__ = ["InteractionResult", "check_players"]
 
@@ -371,16 +372,10 @@ class InteractionResult:
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (safetensors: the values and standard errors, the rest as JSON),
         atomically, so an interrupted write never leaves a broken file."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {"values": self.values.contiguous()}
+        tensors = {"values": self.values}
         if self.stderr is not None:
-            tensors["stderr"] = self.stderr.contiguous()
-        meta = {"format": _FORMAT, "result": json.dumps(self._metadata())}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+            tensors["stderr"] = self.stderr
+        write_result(path, tensors, {"result": json.dumps(self._metadata())}, format=_FORMAT)
 
     @staticmethod
     def load(path: str | Path) -> InteractionResult:
@@ -390,18 +385,7 @@ class InteractionResult:
             InputError: the file is missing, is not safetensors, or is not a well-formed
                 interaction result.
         """
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except (FileNotFoundError, SafetensorError, OSError) as error:
-            msg = f"path must name a safetensors file written by InteractionResult.save: {error}"
-            raise InputError(msg) from None
-        if meta.get("format") != _FORMAT:
-            msg = f"{path} is not a mechinterp interaction result (format {meta.get('format')!r})"
-            raise InputError(msg)
+        tensors, meta = read_result(path, format=_FORMAT)
         try:
             data = json.loads(meta["result"])
             fields = {key: data[key] for key in (

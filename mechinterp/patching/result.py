@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 
 from mechinterp.errors import InputError
+from mechinterp.saved import read_result, write_result
 from mechinterp.sites import Site
+
+_FORMAT = "mechinterp.PatchingResult/1"
 
 _FIELDS = ("component", "layer", "pos", "head", "neuron")
 
@@ -166,19 +169,14 @@ class PatchingResult:
     def save(self, path: str | Path, *, fingerprint: str = "") -> None:
         """Write to ``path`` (safetensors: the tensors plus the sites and settings as JSON),
         atomically, so an interrupted write never leaves a broken file."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         meta = {
             "sites": json.dumps([_site_dict(s) for s in self.sites]),
             "metric": self.metric, "source": self.source, "alpha": repr(self.alpha),
-            "fingerprint": fingerprint, "format": "mechinterp.PatchingResult/1",
+            "fingerprint": fingerprint,
         }
         tensors = {"values": self.values, "clean": self.clean, "corrupt": self.corrupt,
                    "done": self.done}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_result(path, tensors, meta, format=_FORMAT)
 
     @staticmethod
     def load(path: str | Path) -> PatchingResult:
@@ -188,14 +186,7 @@ class PatchingResult:
 
     @staticmethod
     def _load_with_fingerprint(path: str | Path) -> tuple[PatchingResult, str]:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("format") != "mechinterp.PatchingResult/1":
-                msg = f"{path} is not a mechinterp patching result (format {meta.get('format')!r})"
-                raise InputError(msg)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        tensors, meta = read_result(path, format=_FORMAT)
         sites = [_site_from_dict(d) for d in json.loads(meta["sites"])]
         result = PatchingResult(sites, tensors["values"], tensors["clean"], tensors["corrupt"],
                                 meta["metric"], meta["source"], float(meta["alpha"]), tensors["done"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mechinterp.errors import InputError
+from mechinterp.saved import read_result, write_result
 
 _FORMAT = "mechinterp.TraceResult/1"
 
@@ -95,23 +96,13 @@ class TraceResult:
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (safetensors: the tables, with the rest as JSON metadata)."""
-        from safetensors.torch import save_file
-
         fields = {k: v for k, v in asdict(self).items() if k not in ("scores", "stderr")}
-        meta = {"format": _FORMAT, "fields": json.dumps(fields)}
-        save_file({"scores": self.scores.contiguous(), "stderr": self.stderr.contiguous()},
-                  str(path), metadata=meta)
+        write_result(path, {"scores": self.scores, "stderr": self.stderr},
+                     {"fields": json.dumps(fields)}, format=_FORMAT)
 
     @staticmethod
     def load(path: str | Path) -> TraceResult:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                msg = f"{path} is not a mechinterp trace result (format {meta.get('format')!r})"
-                raise InputError(msg)
-            scores, stderr = handle.get_tensor("scores"), handle.get_tensor("stderr")
+        tensors, meta = read_result(path, format=_FORMAT)
         fields = json.loads(meta["fields"])
         fields["kinds"], fields["subject"] = tuple(fields["kinds"]), tuple(fields["subject"])
-        return TraceResult(scores=scores, stderr=stderr, **fields)
+        return TraceResult(scores=tensors["scores"], stderr=tensors["stderr"], **fields)
