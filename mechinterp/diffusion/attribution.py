@@ -69,8 +69,9 @@ from mechinterp.diffusion.denoise import (
     unet_states,
 )
 from mechinterp.diffusion.sweep import Metric, TimestepPatchResult, checked_pair
-from mechinterp.errors import InputError, ShapeError
+from mechinterp.errors import InputError
 from mechinterp.interventions import Intervention
+from mechinterp.scores import checked_scores
 from mechinterp.sites import Site
 
 
@@ -236,12 +237,8 @@ def _differentiable_images(model, sample: torch.Tensor, *,
 def _scores(metric: Metric, final: torch.Tensor, images: torch.Tensor | None,
             batch: int) -> torch.Tensor:
     """The metric of finished generations (of the final sample where there are no images)."""
-    out = metric(final if images is None else images)
-    if not isinstance(out, torch.Tensor) or out.shape != (batch,):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        msg = f"metric must return one score per generation, [{batch}]; got {got}"
-        raise ShapeError(msg)
-    return out
+    return checked_scores(metric(final if images is None else images), batch, name="metric",
+                          given=f"finished generations [{batch}, ...]", each="generation")
 
 
 __all__ = ["attribution_patch"]

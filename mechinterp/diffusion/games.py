@@ -52,6 +52,7 @@ from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError
 from mechinterp.interactions.games import BatchedGame
 from mechinterp.interactions.model_games import position_players
 from mechinterp.interventions import TensorEdit
+from mechinterp.scores import checked_scores
 from mechinterp.sites import Site
 
 __all__ = ["ABLATIONS", "BASELINES", "SPATIAL_COMPONENTS", "DiffusionGame", "RegionGame",
@@ -212,16 +213,8 @@ class DiffusionGame(BatchedGame):
 
     def _score(self, generation: Generation, rows: int) -> torch.Tensor:
         images = generation.images if generation.images is not None else generation.sample
-        values = self.metric(images)
-        if not isinstance(values, torch.Tensor) or values.shape != (rows,):
-            got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            msg = (f"metric must map images [{rows}, ...] to a tensor of shape [{rows}] (one "
-                   f"score per coalition); got {got}")
-            raise ShapeError(msg)
-        if not values.is_floating_point():
-            msg = f"metric must return floating scores; got {values.dtype}"
-            raise DTypeError(msg)
-        return values
+        return checked_scores(self.metric(images), rows, name="metric",
+                              given=f"images [{rows}, ...]", each="coalition", floating=True)
 
     def _batch_values(self, coalitions: torch.Tensor) -> torch.Tensor:
         return self._score(self._generate(coalitions), coalitions.shape[0])

@@ -43,6 +43,7 @@ from mechinterp.errors import InputError, ShapeError
 from mechinterp.interventions import Set
 from mechinterp.patching.result import _site_dict, _site_from_dict
 from mechinterp.saved import read_result, write_result
+from mechinterp.scores import checked_scores
 from mechinterp.sites import Site, select
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -181,11 +182,9 @@ def timestep_patch(model, clean: str | Sequence[str] | torch.Tensor,
 
     def score(final: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         images = to_images(model, final) if images is None else images
-        out = metric(final if images is None else images)
-        if not isinstance(out, torch.Tensor) or out.shape != (final.shape[0],):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            msg = f"metric must return one score per generation, [{final.shape[0]}]; got {got}"
-            raise ShapeError(msg)
+        out = checked_scores(metric(final if images is None else images), final.shape[0],
+                             name="metric", given=f"finished generations [{final.shape[0]}, ...]",
+                             each="generation")
         return out.detach().float().cpu()
 
     values = torch.full((batch, len(sites), len(chosen)), float("nan"))

@@ -30,7 +30,7 @@ import torch
 
 from mechinterp import _ops
 from mechinterp.engine import Plan, check_indices, resolve
-from mechinterp.errors import DTypeError, InputError, ShapeError, SiteError, UnsupportedModelError
+from mechinterp.errors import InputError, ShapeError, SiteError, UnsupportedModelError
 from mechinterp.interactions.games import BatchedGame
 from mechinterp.interventions import TensorEdit
 from mechinterp.model import Inputs, InterpModel, Sites, Tokens
@@ -43,6 +43,7 @@ from mechinterp.patching.boxes import (
 )
 from mechinterp.patching.metrics import token_id
 from mechinterp.positions import RowSpans
+from mechinterp.scores import checked_scores
 from mechinterp.sites import Site, base_component, token_axis
 
 __all__ = [
@@ -187,16 +188,8 @@ class _Scorer:
             return picked[..., 0].sum(1)
         z = self.scored(logits)
         if self.kind == "callable":
-            values = self.fn(z)
-            if not isinstance(values, torch.Tensor) or values.shape != (rows,):
-                got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-                msg = (f"output (a callable) must map logits [{rows}, vocab] to a tensor of shape "
-                       f"[{rows}]; got {got}")
-                raise ShapeError(msg)
-            if not values.is_floating_point():
-                msg = f"output (a callable) must return floating values; got {values.dtype}"
-                raise DTypeError(msg)
-            return values
+            return checked_scores(self.fn(z), rows, name="output (a callable)",
+                                  given=f"logits [{rows}, vocab]", each="coalition", floating=True)
         z = z.float()
         if self.kind == "logit-diff":
             return z[:, self.answer] - z[:, self.wrong]
