@@ -313,8 +313,8 @@ class InterpModel(NNsight):
         "text": ...}``, counted as :meth:`image_positions` counts them, for sites over a whole
         modality (``Site("resid_pre", layer=3, pos=groups["text"])``) and as groups of players
         (``TokenGame(model, prompt, players=list(groups.values()))``)."""
-        image = self.image_positions(inputs)
         tokens = self._as_tokens(inputs)
+        image = self.image_positions(tokens)
         length = int(tokens.attention_mask[0].sum())
         taken = set(image)
         return {"image": image, "text": tuple(p for p in range(length) if p not in taken)}
@@ -332,12 +332,12 @@ class InterpModel(NNsight):
             InputError: the model has no image tokens, the rows hold them at different
                 positions or from images of different layouts, or the image does not fill them.
         """
-        positions = self.image_positions(inputs)
+        tokens = self._as_tokens(inputs)
+        positions = self.image_positions(tokens)
         layout_of = self.table.image_layout
         if layout_of is None:
             msg = f"this {self.family} model does not say what its image tokens show; use image_positions"
             raise InputError(msg)
-        tokens = self._as_tokens(inputs)
         layouts = [layout_of(self._module, tokens.rows([row])) for row in range(tokens.shape[0])]
         if any(layout != layouts[0] for layout in layouts[1:]):
             msg = ("inputs: the rows' images fill their image tokens differently (images of "

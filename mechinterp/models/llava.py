@@ -23,6 +23,7 @@ grid); ``vision.pattern`` is not available, since each crop attends only to itse
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -84,6 +85,15 @@ def _over_crops(place: Place) -> Place:
     return replace(place, flat=True, view=_crops_as_tokens(place.view))
 
 
+@functools.cache
+def _crop_count(image_size: tuple[int, int], grid_pinpoints: tuple[tuple[int, int], ...],
+                crop_size: int) -> int:
+    # Asked per prompt of every forward with tower sites: the grid search runs once per size.
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(list(image_size), [list(p) for p in grid_pinpoints], crop_size)
+
+
 @dataclass(frozen=True)
 class CroppedImages:
     """LLaVA-NeXT's images: ``pixel_values`` ``[batch, crops, channels, height, width]`` (zero
@@ -94,10 +104,8 @@ class CroppedImages:
     crop_size: int
 
     def crops(self, image_size: Sequence[int]) -> int:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        return image_size_to_num_patches([int(v) for v in image_size],
-                                         [list(p) for p in self.grid_pinpoints], self.crop_size)
+        """Crops of an image of ``image_size`` (height, width): the base view and its grid."""
+        return _crop_count(tuple(int(v) for v in image_size), self.grid_pinpoints, self.crop_size)
 
     def to_rows(self, input_ids: torch.Tensor, extras: dict[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
@@ -171,7 +179,7 @@ def llava_next_layout(module: nn.Module, tokens: Tokens) -> TokenLayout:
         msg = "inputs must hold image_sizes for LLaVA-NeXT's image tokens; got none"
         raise InputError(msg)
     side, per_crop = _patch_grid(config)
-    crops = CroppedImages.crops(_packing(config), sizes[0].tolist())
+    crops = _packing(config).crops(sizes[0].tolist())
     index = torch.arange(crops * per_crop, dtype=torch.float64).reshape(crops, per_crop, 1)
     packed, _ = module.pack_image_features([index], sizes[:1].cpu(), "default",
                                            image_newline=torch.tensor([-1.0], dtype=torch.float64))

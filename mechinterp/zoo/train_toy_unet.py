@@ -265,15 +265,20 @@ class ColourShift:
         self.wanted = torch.tensor([shapes.COLOUR_NAMES.index(c) for c in wanted])
         self.other = torch.tensor([shapes.COLOUR_NAMES.index(c) for c in other])
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def _repeats(self, images: torch.Tensor) -> int:
+        """How many times the colour pairs repeat over ``images`` (checked)."""
         _check_images(images)
         rows = len(self.wanted)
         if images.shape[0] % rows:
             msg = f"images must hold a multiple of {rows} rows (one colour pair each); got {images.shape[0]}"
             raise ValueError(msg)
+        return images.shape[0] // rows
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        repeats = self._repeats(images)
         labels = torch.stack([shapes.pixel_colours(image.cpu()) for image in images]).flatten(1)
-        wanted = self.wanted.repeat(images.shape[0] // rows)[:, None]
-        other = self.other.repeat(images.shape[0] // rows)[:, None]
+        wanted = self.wanted.repeat(repeats)[:, None]
+        other = self.other.repeat(repeats)[:, None]
         return (labels == wanted).float().mean(1) - (labels == other).float().mean(1)
 
 
@@ -313,18 +318,13 @@ class SoftColourShift(ColourShift):
         self.temperature = float(temperature)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        _check_images(images)
-        rows = len(self.wanted)
-        if images.shape[0] % rows:
-            msg = f"images must hold a multiple of {rows} rows (one colour pair each); got {images.shape[0]}"
-            raise ValueError(msg)
+        repeats = self._repeats(images)
         pixels = images if images.is_floating_point() else images.float() / 255
         # Index 0 is the background, so palette colour c sits at c + 1.
         palette = torch.tensor([shapes.BACKGROUND, *shapes.COLOURS.values()],
                                dtype=pixels.dtype, device=pixels.device) / 255
         distances = ((pixels[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)
         assigned = torch.softmax(-distances / self.temperature, dim=1).flatten(2).mean(2)
-        repeats = images.shape[0] // rows
         index = torch.arange(images.shape[0], device=pixels.device)
         wanted = self.wanted.repeat(repeats).to(pixels.device) + 1
         other = self.other.repeat(repeats).to(pixels.device) + 1
