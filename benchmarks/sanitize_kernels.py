@@ -143,7 +143,25 @@ def sae_cases() -> int:
                 checked += 1
             got = _ops.select_threshold(values.cuda(), cap=4)
             assert got[2].sum(1).cpu().tolist() == _ops.select_threshold(values, cap=4)[2][:, 0].tolist()
-            checked += 1
+            columns = {"bias": torch.randn(cols, generator=g), "mag_scale": torch.rand(cols, generator=g),
+                       "mag_bias": torch.randn(cols, generator=g)}
+            got = _ops.select_threshold(values.cuda(), cap=4, **{n: t.cuda() for n, t in columns.items()})
+            assert got[2].sum(1).cpu().tolist() == _ops.select_threshold(values, cap=4, **columns)[2][:, 0].tolist()
+            checked += 2
+            for k in sorted({1, min(cols, 5), 64}):
+                # The running top-k over two chunks (the second one cut short).
+                top_v = torch.full((rows, k), float("-inf"), device="cuda")
+                top_i = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
+                bar = torch.zeros(rows, dtype=torch.int32, device="cuda")
+                half = max(1, cols // 2)
+                for c0, c1 in ((0, half), (half, cols)):
+                    if c1 > c0:
+                        part = _ops.topk_candidates(values[:, c0:c1].cuda(), k, row_bar=bar, col_offset=c0)
+                        _ops.topk_merge(top_v, top_i, part, bar)
+                want = values.float().sort(dim=1, descending=True, stable=True)
+                n = min(k, cols)
+                assert torch.equal(top_i[:, :n].long().cpu(), want.indices[:, :n]), (dtype, rows, cols, k)
+                checked += 1
     for dtype in DTYPES:
         weight = torch.randn(50, 37, generator=g).to(dtype)
         index = torch.randint(-1, 50, (6, 5), generator=g)

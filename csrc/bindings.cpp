@@ -146,6 +146,7 @@ PYBIND11_MODULE(_C, m) {
         "Segments the SAE selectors split cols columns into: one per SAE_CUDA_SEGMENT on CUDA, "
         "one on the CPU.");
   m.attr("SAE_CUDA_SEGMENT") = mechinterp::sae::kCudaSegment;
+  m.attr("SAE_CUDA_CANDIDATES") = mechinterp::sae::kCudaCandidates;
 
   m.def(
       "select_topk",
@@ -193,6 +194,49 @@ PYBIND11_MODULE(_C, m) {
       "column order per row and segment, into slots [rows, segments, cap]; the value kept is "
       "values + bias, or relu(values * mag_scale + mag_bias) (gated). out_count [rows, "
       "segments] holds the true count.");
+
+  m.def(
+      "topk_candidates",
+      [](py::handle values, py::object bias, py::object scale, std::int64_t k,
+         std::int64_t col_offset, py::handle out_values, py::handle out_index,
+         py::handle out_count, py::handle row_bar, std::uintptr_t stream) {
+        const auto values_view = mechinterp::view_from_py(values, "values");
+        const auto bias_view = mechinterp::optional_view_from_py(bias, "bias");
+        const auto scale_view = mechinterp::optional_view_from_py(scale, "scale");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        const auto out_count_view = mechinterp::view_from_py(out_count, "out_count");
+        const auto row_bar_view = mechinterp::view_from_py(row_bar, "row_bar");
+        py::gil_scoped_release release;
+        mechinterp::sae::topk_candidates(values_view, bias_view, scale_view, k, col_offset,
+                                         out_values_view, out_index_view, out_count_view,
+                                         row_bar_view, stream);
+      },
+      py::arg("values"), py::arg("bias"), py::arg("scale"), py::arg("k"), py::arg("col_offset"),
+      py::arg("out_values"), py::arg("out_index"), py::arg("out_count"), py::arg("row_bar"),
+      py::arg("stream"),
+      "CUDA: per row and segment of values [rows, cols], the columns that can still be among the "
+      "row's k largest (values + bias) * scale, unordered, into slots [rows, segments, cap] "
+      "with counts [rows, segments]; raises row_bar (order keys) to each segment's bound.");
+
+  m.def(
+      "topk_merge",
+      [](py::handle top_values, py::handle top_index, py::handle cand_values,
+         py::handle cand_index, py::handle cand_count, py::handle row_bar, std::uintptr_t stream) {
+        const auto top_values_view = mechinterp::view_from_py(top_values, "top_values");
+        const auto top_index_view = mechinterp::view_from_py(top_index, "top_index");
+        const auto cand_values_view = mechinterp::view_from_py(cand_values, "cand_values");
+        const auto cand_index_view = mechinterp::view_from_py(cand_index, "cand_index");
+        const auto cand_count_view = mechinterp::view_from_py(cand_count, "cand_count");
+        const auto row_bar_view = mechinterp::view_from_py(row_bar, "row_bar");
+        py::gil_scoped_release release;
+        mechinterp::sae::topk_merge(top_values_view, top_index_view, cand_values_view,
+                                    cand_index_view, cand_count_view, row_bar_view, stream);
+      },
+      py::arg("top_values"), py::arg("top_index"), py::arg("cand_values"), py::arg("cand_index"),
+      py::arg("cand_count"), py::arg("row_bar"), py::arg("stream"),
+      "CUDA: folds topk_candidates' slots into the running top-k [rows, k] (descending, ties to "
+      "the lower index) and raises row_bar to its k-th key.");
 
   m.def(
       "sparse_decode",

@@ -794,6 +794,77 @@ def select_threshold(
     return kept, index, count
 
 
+def topk_candidate_cap(k: int) -> int:
+    """Slots per (row, segment) :func:`topk_candidates` gives a running top-k of ``k``.
+
+    Room for about six times k: a segment's bound lets through about twice k on smooth data, and
+    a segment with more (heavy ties) keeps its exact top k instead.
+    """
+    return min(max(6 * k, 64), _C.SAE_CUDA_CANDIDATES - k)
+
+
+def topk_candidates(
+    values: torch.Tensor,
+    k: int,
+    *,
+    row_bar: torch.Tensor,
+    col_offset: int = 0,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    cap: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of a running top-k on CUDA: what can still be among each row's ``k`` largest.
+
+    Per row and segment of ``values`` (``SAE_CUDA_SEGMENT`` columns), every column whose
+    ``(values + bias) * scale`` reaches a lower bound of the row's k-th largest, unordered, as
+    ``(values float32, index int32)`` slots ``[rows, segments, cap]`` (indices ``col_offset +
+    column``) and counts int32 ``[rows, segments]``. The bound is the larger of ``row_bar``
+    (int32 ``[rows]`` order keys, zeros to start; :func:`topk_merge` raises it to the running
+    k-th value) and the segment's own, which is written into ``row_bar``. Fold the result into
+    the running top-k with :func:`topk_merge`.
+    """
+    op = "topk_candidates"
+    values = _check_select_input(values, op)
+    _check_device(values, op, "values")
+    k = _as_index(k, op, "k")
+    cap = topk_candidate_cap(k) if cap is None else _as_index(cap, op, "cap")
+    _check_columns(bias, values, op, "bias")
+    _check_columns(scale, values, op, "scale")
+    rows, device = values.shape[0], values.device
+    segments = topk_segments(values.shape[1], device)
+    kept = torch.empty(rows, segments, cap, dtype=torch.float32, device=device)
+    index = torch.empty(rows, segments, cap, dtype=torch.int32, device=device)
+    count = torch.empty(rows, segments, dtype=torch.int32, device=device)
+    _C.topk_candidates(
+        _view(values), _optional_view(bias), _optional_view(scale), k, col_offset, _view(kept),
+        _view(index), _view(count), _view(row_bar), _stream(values),
+    )
+    return kept, index, count
+
+
+def topk_merge(
+    top_values: torch.Tensor,
+    top_index: torch.Tensor,
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    row_bar: torch.Tensor,
+) -> None:
+    """Fold :func:`topk_candidates` output into the running top-k, in place (CUDA).
+
+    ``top_values`` float32 / ``top_index`` int32 ``[rows, k]`` hold each row's k largest so far
+    in descending order, ties to the lower index, padded with ``(-inf, -1)`` (the start);
+    ``row_bar`` becomes the key of the k-th once a row holds k values.
+    """
+    op = "topk_merge"
+    for name, t in (("top_values", top_values), ("top_index", top_index)):
+        if not isinstance(t, torch.Tensor):
+            msg = f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"
+            raise InputError(msg)
+    _check_device(top_values, op, "top_values")
+    kept, index, count = candidates
+    _C.topk_merge(_view(top_values), _view(top_index), _view(kept), _view(index), _view(count),
+                  _view(row_bar), _stream(top_values))
+
+
 def sparse_decode(
     index: torch.Tensor,
     values: torch.Tensor,

@@ -275,6 +275,100 @@ def test_cuda_select_topk_equals_cpu(dtype):
                            _ops.select_topk(values, k)[1])
 
 
+def test_running_topk_is_cuda_only_and_checks_its_slots():
+    bar = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="topk_candidates: runs on CUDA only"):
+        _ops.topk_candidates(torch.randn(2, 10), 2, row_bar=bar)
+    assert _ops.topk_candidate_cap(1) >= 1
+    assert _ops.topk_candidate_cap(256) + 256 <= _ops._C.SAE_CUDA_CANDIDATES
+
+
+def _running_topk(values: torch.Tensor, k: int, widths, scale=None):
+    """The CUDA running top-k over column chunks of the given widths."""
+    rows = values.shape[0]
+    top_v = torch.full((rows, k), float("-inf"), device="cuda")
+    top_i = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
+    bar = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    c0 = 0
+    for width in widths:
+        chunk = values[:, c0:c0 + width]
+        cut = None if scale is None else scale[c0:c0 + width]
+        _ops.topk_merge(top_v, top_i, _ops.topk_candidates(chunk, k, row_bar=bar, col_offset=c0,
+                                                           scale=cut), bar)
+        c0 += width
+    assert c0 == values.shape[1]
+    return top_v, top_i
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_running_topk_equals_a_stable_sort(dtype):
+    g = torch.Generator().manual_seed(21)
+    segment = _ops.SAE_CUDA_SEGMENT
+    cols = 3 * segment + 700
+    values = torch.randn(40, cols, generator=g).to(dtype)
+    values[3, : cols // 2] = 0.25  # heavy ties in every segment: the exact fallback
+    values[4] = 1.0  # a row of ties: the lowest indices win
+    values[5, ::7] = 8.0  # many equal maxima spread over the chunks
+    values[6] = -torch.arange(cols, dtype=torch.float32).to(dtype)  # descending: bar rises early
+    values[7] = torch.arange(cols, dtype=torch.float32).to(dtype)  # ascending: rises late
+    ref = values.float().sort(dim=1, descending=True, stable=True)
+    chunkings = ([cols], [segment, segment, segment, 700], [2 * segment + 5, segment + 695],
+                 [100, cols - 100])
+    for k in (1, 7, 32, 64, 256):
+        for widths in chunkings:
+            top_v, top_i = _running_topk(values.cuda(), k, widths)
+            assert torch.equal(top_v.cpu(), ref.values[:, :k]), (k, widths)
+            assert torch.equal(top_i.long().cpu(), ref.indices[:, :k]), (k, widths)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_running_topk_applies_scale_pads_short_rows_and_checks_slots():
+    g = torch.Generator().manual_seed(22)
+    values = torch.randn(9, 20000, generator=g)
+    scale = torch.rand(20000, generator=g) + 0.5
+    top_v, top_i = _running_topk(values.cuda(), 16, [12000, 8000], scale=scale.cuda())
+    ref = (values * scale).sort(dim=1, descending=True, stable=True)
+    torch.testing.assert_close(top_v.cpu(), ref.values[:, :16], rtol=0, atol=0)
+    assert torch.equal(top_i.long().cpu(), ref.indices[:, :16])
+    short_v, short_i = _running_topk(values[:, :5].cuda(), 8, [3, 2])
+    assert torch.equal(short_i[:, 5:].cpu(), torch.full((9, 3), -1, dtype=torch.int32))
+    assert torch.isinf(short_v[:, 5:]).all()
+    bar = torch.zeros(9, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="k <= cap"):
+        _ops.topk_candidates(values.cuda(), 16, row_bar=bar, cap=8)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_cuda_select_threshold_equals_cpu(dtype, gated, aligned):
+    g = torch.Generator().manual_seed(13)
+    segment = _ops.SAE_CUDA_SEGMENT
+    cols = 2 * segment + 333
+    values = torch.randn(11, cols + 1, generator=g).to(dtype)
+    # A one-column offset makes the rows unaligned for 16-byte loads: the scalar path.
+    values = values[:, :cols] if aligned else values[:, 1:]
+    columns = {"bias": torch.randn(cols, generator=g),
+               "threshold": torch.rand(cols, generator=g) + 1.0}
+    if gated:
+        columns = {"bias": columns["bias"], "mag_scale": torch.rand(cols, generator=g) + 0.5,
+                   "mag_bias": torch.randn(cols, generator=g)}
+    cpu = _ops.select_threshold(values, cap=cols, **columns)
+    gpu = _ops.select_threshold(values.cuda(), cap=segment,
+                                **{name: t.cuda() for name, t in columns.items()})
+    assert torch.equal(gpu[2].sum(1).cpu(), cpu[2][:, 0])
+    for r in range(values.shape[0]):
+        n = int(cpu[2][r, 0])
+        live = torch.arange(segment) < gpu[2][r].cpu().unsqueeze(-1)
+        assert torch.equal(gpu[1][r].cpu()[live], cpu[1][r, 0, :n])
+        assert torch.equal(gpu[0][r].cpu()[live], cpu[0][r, 0, :n])
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_select_threshold_and_decode_equal_cpu():

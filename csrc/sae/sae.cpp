@@ -1,7 +1,9 @@
 #include "sae/sae.h"
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "common/check.h"
 #include "common/device.h"
@@ -207,6 +209,131 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
 #else
   (void)stream;
   throw_no_cuda(kOp, values.device);
+#endif
+}
+
+namespace {
+
+// A contiguous [rows, d1, d2] tensor (d2 omitted for two dimensions) of dtype on values' device.
+void check_block(const TensorView& t, std::initializer_list<std::int64_t> shape, DType dtype,
+                 const TensorView& values, const char* op, const char* name) {
+  bool ok = t.dim() == static_cast<std::int64_t>(shape.size()) && t.is_contiguous();
+  std::int64_t d = 0;
+  for (const std::int64_t want : shape) ok = ok && t.size(d++) == want;
+  std::string wanted;
+  for (const std::int64_t want : shape) wanted += (wanted.empty() ? "" : ", ") + std::to_string(want);
+  MECHINTERP_CHECK(ok, op, ": ", name, " must be a contiguous [", wanted, "], got ",
+                   t.shape_string());
+  MECHINTERP_CHECK(t.dtype == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
+                   dtype_name(t.dtype));
+  check_same_device(t, values, op, name);
+}
+
+void require_cuda(const TensorView& t, const char* op) {
+  MECHINTERP_CHECK(t.is_cuda(), op, ": runs on CUDA only (the CPU encode ranks each row in one ",
+                   "pass), got ", device_name(t.device));
+}
+
+}  // namespace
+
+void topk_candidates(const TensorView& values, const std::optional<TensorView>& bias,
+                     const std::optional<TensorView>& scale, std::int64_t k,
+                     std::int64_t col_offset, const TensorView& out_values,
+                     const TensorView& out_index, const TensorView& out_count,
+                     const TensorView& row_bar, std::uintptr_t stream) {
+  constexpr const char* kOp = "topk_candidates";
+  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
+                   values.shape_string());
+  const std::int64_t rows = values.size(0);
+  const std::int64_t cols = values.size(1);
+  check_matrix(values, rows, cols, kOp, "values");
+  require_cuda(values, kOp);
+  MECHINTERP_CHECK(cols >= 1, kOp, ": values must have at least one column");
+  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
+                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
+                   " columns");
+  const std::int64_t segments = topk_segments(cols, true);
+  MECHINTERP_CHECK(out_values.dim() == 3, kOp, ": out_values must be [", rows, ", ", segments,
+                   ", cap], got ", out_values.shape_string());
+  const std::int64_t cap = out_values.size(2);
+  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK && k <= cap && cap <= kCudaCandidates - k, kOp,
+                   ": need 1 <= k <= cap <= ", kCudaCandidates, " - k and k <= ", kCudaMaxK,
+                   ", got k ", k, " and cap ", cap);
+  check_block(out_values, {rows, segments, cap}, DType::Float32, values, kOp, "out_values");
+  check_block(out_index, {rows, segments, cap}, DType::Int32, values, kOp, "out_index");
+  check_block(out_count, {rows, segments}, DType::Int32, values, kOp, "out_count");
+  check_block(row_bar, {rows}, DType::Int32, values, kOp, "row_bar");
+
+  SelectParams p{};
+  p.rows = rows;
+  p.cols = cols;
+  p.row_stride = values.stride(0);
+  p.out_row_stride = segments * cap;
+  p.segments = segments;
+  p.k = k;
+  p.cap = cap;
+  p.col_offset = col_offset;
+  p.bias = column_vector(bias, values, cols, kOp, "bias");
+  p.scale = column_vector(scale, values, cols, kOp, "scale");
+  if (rows == 0) return;
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(values.device.index);
+  dispatch_select(values.dtype, kOp, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    launch_topk_candidates_cuda<scalar_t>(
+        values.data_as<scalar_t>(), out_values.data_as<float>(),
+        out_index.data_as<std::int32_t>(), out_count.data_as<std::int32_t>(),
+        reinterpret_cast<std::uint32_t*>(row_bar.data_as<std::int32_t>()), p,
+        reinterpret_cast<cudaStream_t>(stream));
+  });
+#else
+  (void)stream;
+  throw_no_cuda(kOp, values.device);
+#endif
+}
+
+void topk_merge(const TensorView& top_values, const TensorView& top_index,
+                const TensorView& cand_values, const TensorView& cand_index,
+                const TensorView& cand_count, const TensorView& row_bar, std::uintptr_t stream) {
+  constexpr const char* kOp = "topk_merge";
+  MECHINTERP_CHECK(top_values.dim() == 2, kOp, ": top_values must be [rows, k], got ",
+                   top_values.shape_string());
+  require_cuda(top_values, kOp);
+  const std::int64_t rows = top_values.size(0);
+  const std::int64_t k = top_values.size(1);
+  MECHINTERP_CHECK(cand_values.dim() == 3 && cand_values.size(0) == rows, kOp,
+                   ": cand_values must be [", rows, ", segments, cap], got ",
+                   cand_values.shape_string());
+  const std::int64_t segments = cand_values.size(1);
+  const std::int64_t cap = cand_values.size(2);
+  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK && k <= cap && cap <= kCudaCandidates - k &&
+                       segments >= 1 && segments <= INT32_MAX / cap,
+                   kOp, ": need 1 <= k <= cap <= ", kCudaCandidates, " - k, k <= ", kCudaMaxK,
+                   " and at least one segment, got k ", k, ", cap ", cap, " and ", segments,
+                   " segments");
+  check_block(top_values, {rows, k}, DType::Float32, top_values, kOp, "top_values");
+  check_block(top_index, {rows, k}, DType::Int32, top_values, kOp, "top_index");
+  check_block(cand_values, {rows, segments, cap}, DType::Float32, top_values, kOp, "cand_values");
+  check_block(cand_index, {rows, segments, cap}, DType::Int32, top_values, kOp, "cand_index");
+  check_block(cand_count, {rows, segments}, DType::Int32, top_values, kOp, "cand_count");
+  check_block(row_bar, {rows}, DType::Int32, top_values, kOp, "row_bar");
+  SelectParams p{};
+  p.rows = rows;
+  p.segments = segments;
+  p.k = k;
+  p.cap = cap;
+  p.out_row_stride = k;
+  if (rows == 0) return;
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(top_values.device.index);
+  launch_topk_merge_cuda(top_values.data_as<float>(), top_index.data_as<std::int32_t>(),
+                         cand_values.data_as<float>(), cand_index.data_as<std::int32_t>(),
+                         cand_count.data_as<std::int32_t>(),
+                         reinterpret_cast<std::uint32_t*>(row_bar.data_as<std::int32_t>()), p,
+                         reinterpret_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  throw_no_cuda(kOp, top_values.device);
 #endif
 }
 

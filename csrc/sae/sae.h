@@ -21,6 +21,21 @@
 //   out_values float32 / out_index int32 [rows, segments, cap], out_count int32 [rows,
 //   segments] holds the true count, which may exceed cap (the caller then retries wider).
 //
+// topk_candidates (CUDA): one chunk of a running top-k. Per row and segment of values [rows,
+//   cols], every column whose (values + bias[c]) * scale[c] reaches a lower bound of the row's
+//   k-th largest, unordered, into slots out_values float32 / out_index int32 (col_offset + c)
+//   [rows, segments, cap], with out_count int32 [rows, segments]; a segment with more than cap
+//   such columns (heavy ties) keeps its exact k largest instead, ties to the lower index. The
+//   bound is the larger of row_bar[r] and the segment's own; row_bar (int32 [rows], holding
+//   order keys as unsigned bits, 0 for none) is raised to the segment's own. k <= cap <=
+//   kCudaCandidates - k.
+//
+// topk_merge (CUDA): per row, the k largest, by descending value then ascending index, of the
+//   running top-k top_values float32 / top_index int32 [rows, k] (sorted; index -1 and -inf
+//   pad it) and the candidates of one topk_candidates call, written back in order; row_bar
+//   becomes the key of the k-th once the row holds k values. Starting from padding and a zero
+//   row_bar, candidates and merges over the chunks of a row's columns give its exact top-k.
+//
 // sparse_decode: out[r] = (accumulate ? out[r] : bias or 0) + sum_j values[j] W[index[j]] over
 //   j in row r's range: [row_ptr[r], row_ptr[r + 1]) when row_ptr (int64 [rows + 1]) is given,
 //   else [r k, r k + k) with index and values [rows, k]. index int32 or int64 (-1 entries are
@@ -64,6 +79,16 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
                       const TensorView& out_values, const TensorView& out_index,
                       const TensorView& out_count, std::uintptr_t stream);
 
+void topk_candidates(const TensorView& values, const std::optional<TensorView>& bias,
+                     const std::optional<TensorView>& scale, std::int64_t k,
+                     std::int64_t col_offset, const TensorView& out_values,
+                     const TensorView& out_index, const TensorView& out_count,
+                     const TensorView& row_bar, std::uintptr_t stream);
+
+void topk_merge(const TensorView& top_values, const TensorView& top_index,
+                const TensorView& cand_values, const TensorView& cand_index,
+                const TensorView& cand_count, const TensorView& row_bar, std::uintptr_t stream);
+
 void sparse_decode(const TensorView& index, const TensorView& values,
                    const std::optional<TensorView>& row_ptr, const TensorView& weight,
                    const std::optional<TensorView>& bias, const TensorView& out, bool accumulate,
@@ -78,8 +103,8 @@ struct SelectParams {
   std::int64_t index_row_stride;  // of the optional index
   std::int64_t out_row_stride;    // of out_values / out_index (and out_count for threshold)
   std::int64_t segments;
-  std::int64_t k;                 // select_topk
-  std::int64_t cap;               // select_threshold
+  std::int64_t k;                 // select_topk, topk_candidates / topk_merge
+  std::int64_t cap;               // select_threshold, topk_candidates / topk_merge
   std::int64_t col_offset;
   const std::int32_t* index;      // nullptr: col_offset + c
   const float* bias;              // nullptr: 0
@@ -130,6 +155,16 @@ template <typename T>
 void launch_select_threshold_cuda(const T* values, float* out_values, std::int32_t* out_index,
                                   std::int32_t* out_count, const SelectParams& params,
                                   cudaStream_t stream);
+
+template <typename T>
+void launch_topk_candidates_cuda(const T* values, float* out_values, std::int32_t* out_index,
+                                 std::int32_t* out_count, std::uint32_t* row_bar,
+                                 const SelectParams& params, cudaStream_t stream);
+
+void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const float* cand_values,
+                            const std::int32_t* cand_index, const std::int32_t* cand_count,
+                            std::uint32_t* row_bar, const SelectParams& params,
+                            cudaStream_t stream);
 
 template <typename W, typename I>
 void launch_sparse_decode_cuda(const I* index, const acc_t<W>* values, const W* weight, const W* bias,

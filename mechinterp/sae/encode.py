@@ -284,22 +284,39 @@ def _encode_topk(sae: SAE, plan: _Plan):
 
 
 def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
-    device = xb.device
-    widths = [_ops.topk_segments(c1 - c0, device) * k for c0, c1 in chunks]
-    cand_v = torch.empty(xb.shape[0], sum(widths), dtype=torch.float32, device=device)
-    cand_i = torch.empty(xb.shape[0], sum(widths), dtype=torch.int32, device=device)
-    start = 0
-    for (c0, c1), width in zip(chunks, widths):
+    if xb.device.type == "cuda":
+        return _topk_block_running(xb, weight, bias, scale, k, chunks)
+    cand_v, cand_i = [], []
+    for c0, c1 in chunks:
         h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
-        _ops.select_topk(h, k, col_offset=c0, scale=None if scale is None else scale[c0:c1],
-                         out=(cand_v[:, start:start + width], cand_i[:, start:start + width]))
-        start += width
+        v, i = _ops.select_topk(h, k, col_offset=c0,
+                                scale=None if scale is None else scale[c0:c1])
+        cand_v.append(v)
+        cand_i.append(i)
         del h  # free this chunk before the next one is allocated
-    # Merge the chunks' candidates (each row's k best of every segment) until one segment is
-    # left: one more pass covers a segment's worth of candidates on CUDA, all of them on the CPU.
-    while cand_v.shape[1] > k:
+    cand_v, cand_i = torch.cat(cand_v, dim=1), torch.cat(cand_i, dim=1)
+    if cand_v.shape[1] > k:  # merge the chunks' candidates (the CPU keeps k per chunk)
         cand_v, cand_i = _ops.select_topk(cand_v, k, index=cand_i)
     return cand_v, cand_i
+
+
+def _topk_block_running(xb, weight, bias, scale, k, chunks):
+    """CUDA: after each chunk's GEMM, keep what can still be in a row's top k, then merge it.
+
+    The row's bar (its running k-th value) rises as chunks are merged, so later chunks let
+    through few values; the exact ranking happens once per row and chunk, on those few.
+    """
+    rows, device = xb.shape[0], xb.device
+    top_v = torch.full((rows, k), -math.inf, dtype=torch.float32, device=device)
+    top_i = torch.full((rows, k), -1, dtype=torch.int32, device=device)
+    row_bar = torch.zeros(rows, dtype=torch.int32, device=device)
+    for c0, c1 in chunks:
+        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        candidates = _ops.topk_candidates(h, k, row_bar=row_bar, col_offset=c0,
+                                          scale=None if scale is None else scale[c0:c1])
+        del h  # free this chunk before the next one is allocated
+        _ops.topk_merge(top_v, top_i, candidates, row_bar)
+    return top_v, top_i
 
 
 def _topk_block_torch(xb, weight, bias, scale, k, chunks):
@@ -340,9 +357,14 @@ def _encode_threshold(sae: SAE, plan: _Plan):
     for xb in plan.blocks():
         kept, index, count = _threshold_block(xb, sae.W_enc, params, chunks, plan,
                                               _FIRST_CAP_PER_SEGMENT)
-        values, indices, rows = _live_entries(kept, index, count)
-        overflow = (count > kept.shape[2]).any(dim=1).nonzero().flatten()
-        if overflow.numel():
+        overflow = (count > kept.shape[2]).any(dim=1)
+        # One host sync a block: whether any row overflowed, and how many entries there are.
+        overflowed, nnz = torch.stack([overflow.sum(), count.sum()]).tolist()
+        if not overflowed:
+            values, indices = _packed_entries(kept, index, count, nnz)
+        else:
+            values, indices, rows = _live_entries(kept, index, count)
+            overflow = overflow.nonzero().flatten()
             # Rows with more active latents in a segment than there were slots: encode just
             # those rows again with room for all, and put their entries back in row order.
             widest = int(count[overflow].max())
@@ -364,6 +386,17 @@ def _encode_threshold(sae: SAE, plan: _Plan):
     indices = (torch.cat(index_blocks) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=device))
     return row_ptr, indices, values
+
+
+def _packed_entries(kept, index, count, nnz: int):
+    """The filled slots of [rows, segments, cap] selector output in row-major order.
+
+    Every count is at most cap and ``nnz`` is their sum, so the filled slots are found without
+    another host sync.
+    """
+    live = torch.arange(kept.shape[2], device=kept.device) < count.unsqueeze(-1)
+    where = torch.nonzero_static(live.reshape(-1), size=nnz).squeeze(1)
+    return kept.reshape(-1)[where], index.reshape(-1)[where]
 
 
 def _live_entries(kept, index, count):

@@ -3,112 +3,19 @@
 
 #include "common/check.h"
 #include "common/dispatch.h"
+#include "sae/cuda/select_common.cuh"
 #include "sae/sae.h"
 
 namespace mechinterp::sae {
 
 namespace {
 
-constexpr int kThreads = static_cast<int>(kCudaThreads);
-constexpr int kItems = static_cast<int>(kCudaItems);
-constexpr int kSegment = static_cast<int>(kCudaSegment);
-constexpr int kCandidates = static_cast<int>(kCudaCandidates);
-constexpr int kWarps = kThreads / 32;
-
-__device__ __forceinline__ std::uint32_t float_key(float f) {
-  const std::uint32_t bits = __float_as_uint(f);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-__device__ __forceinline__ float key_float(std::uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Exclusive prefix sum of one int per thread over the block, in thread order; *total gets the
-// sum. Every thread of the block must call it.
-__device__ int block_exclusive_scan(int value, int* warp_totals, int* total) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int inclusive = value;
-  for (int delta = 1; delta < 32; delta <<= 1) {
-    const int up = __shfl_up_sync(0xffffffffu, inclusive, delta);
-    if (lane >= delta) inclusive += up;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    int t = lane < kWarps ? warp_totals[lane] : 0;
-    for (int delta = 1; delta < 32; delta <<= 1) {
-      const int up = __shfl_up_sync(0xffffffffu, t, delta);
-      if (lane >= delta) t += up;
-    }
-    if (lane < kWarps) warp_totals[lane] = t;  // inclusive over warps
-  }
-  __syncthreads();
-  const int before = (warp == 0 ? 0 : warp_totals[warp - 1]) + inclusive - value;
-  *total = warp_totals[kWarps - 1];
-  __syncthreads();  // warp_totals may be reused right after
-  return before;
-}
-
-__device__ int block_sum(int value, int* warp_totals) {
-  int total;
-  block_exclusive_scan(value, warp_totals, &total);
-  return total;
-}
-
-// Values per 16-byte load.
-template <typename T, bool kVector>
-struct Loads {
-  static constexpr int kWidth = kVector ? static_cast<int>(16 / sizeof(T)) : 1;
-  static constexpr int kCount = kItems / kWidth;
-};
-
-// kWidth adjacent values from column base on: one 16-byte load when they all exist, else one
-// at a time, with zeros past the end.
-template <typename T, bool kVector>
-__device__ __forceinline__ void load_run(const T* in, int base, int cols,
-                                         T (&buf)[Loads<T, kVector>::kWidth]) {
-  constexpr int kWidth = Loads<T, kVector>::kWidth;
-  if (kVector && base + kWidth <= cols) {
-    *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(in + base);
-  } else {
-#pragma unroll
-    for (int v = 0; v < kWidth; ++v) buf[v] = base + v < cols ? in[base + v] : T(0.0f);
-  }
-}
-
-// Load this thread's items of a segment: item (j, v) is column (j kThreads + t) kWidth + v, so a
-// warp's loads are adjacent. Columns past the end read as zero.
-template <typename T, bool kVector>
-__device__ __forceinline__ void load_strided(const T* in, int cols, float (&x)[kItems]) {
-  using L = Loads<T, kVector>;
-#pragma unroll
-  for (int j = 0; j < L::kCount; ++j) {
-    const int base = (j * kThreads + static_cast<int>(threadIdx.x)) * L::kWidth;
-    T buf[L::kWidth];
-    load_run<T, kVector>(in, base, cols, buf);
-#pragma unroll
-    for (int v = 0; v < L::kWidth; ++v) x[j * L::kWidth + v] = to_float(buf[v]);
-  }
-}
-
-template <typename T, bool kVector>
-__device__ __forceinline__ int strided_column(int item) {
-  using L = Loads<T, kVector>;
-  return ((item / L::kWidth) * kThreads + static_cast<int>(threadIdx.x)) * L::kWidth +
-         item % L::kWidth;
-}
+using namespace select_device;
 
 // One block per (row, segment). Keys of the segment's values stay in registers. The k-th largest
-// of the 256 thread maxima bounds the k-th largest value from below (those k maxima are k
-// values), so the values at or above it are few, about k for smooth data; they go to shared
-// memory and are ranked there exactly. When too many pass (heavy ties), the exact k-th key is
-// found by bisection over the key bits instead, and ties are taken in column order.
+// of the 256 thread maxima bounds the k-th largest value from below, so the values at or above
+// it are few, about k for smooth data; they go to shared memory and are ranked there exactly.
+// When too many pass (heavy ties), the exact k largest are taken by bisection instead.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
     SelectTopkKernel(const T* __restrict__ values, float* __restrict__ out_values,
@@ -127,125 +34,27 @@ __global__ void __launch_bounds__(kThreads)
   const std::int32_t* in_index = p.index ? p.index + row * p.index_row_stride + first : nullptr;
   const int k = static_cast<int>(p.k);
 
-  float x[kItems];
-  load_strided<T, kVector>(values + row * p.row_stride + first, cols, x);
   std::uint32_t key[kItems];
-  std::uint32_t thread_max = 0;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int c = strided_column<T, kVector>(i);
-    bool valid = c < cols;
-    float v = x[i];
-    if (valid && p.bias) v += p.bias[first + c];
-    if (valid && p.scale) v *= p.scale[first + c];
-    if (valid && in_index) valid = in_index[c] >= 0;  // padding of an earlier selection
-    // Key 0 marks "no value": every real float maps above it but a negative NaN with a full
-    // payload, which ranks last anyway.
-    key[i] = valid ? float_key(v) : 0u;
-    thread_max = max(thread_max, key[i]);
-  }
-  // Sort each warp's 32 maxima in descending order (a bitonic network over shuffles), so that a
-  // maximum's count of maxima at or above it takes a binary search per warp, not 256 reads.
-  const int lane = threadIdx.x % 32;
-  std::uint32_t sorted = thread_max;
-  for (int size = 2; size <= 32; size <<= 1) {
-    for (int stride = size / 2; stride > 0; stride >>= 1) {
-      const std::uint32_t other = __shfl_xor_sync(0xffffffffu, sorted, stride);
-      const bool keep_larger = ((lane & stride) == 0) == ((lane & size) == 0);
-      sorted = keep_larger ? max(sorted, other) : min(sorted, other);
-    }
-  }
-  s_max[threadIdx.x] = sorted;
-  if (threadIdx.x == 0) {
-    s_bar = 0;
-    s_count = 0;
-  }
-  __syncthreads();
+  const std::uint32_t thread_max = load_keys<T, kVector>(
+      values + row * p.row_stride + first, cols, p.bias ? p.bias + first : nullptr,
+      p.scale ? p.scale + first : nullptr, in_index, key);
+  if (threadIdx.x == 0) s_count = 0;
+  const std::uint32_t bar = kth_thread_max(warp_sort_descending(thread_max), k, s_max, &s_bar);
 
-  int at_least = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    const std::uint32_t* list = s_max + w * 32;
-    int lo = 0;
-    int hi = 32;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (list[mid] >= sorted) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    at_least += lo;
-  }
-  if (at_least >= k) atomicMax(&s_bar, sorted);
-  __syncthreads();
-  const std::uint32_t bar = s_bar;
-
-  auto global_index = [&](int item) -> std::int32_t {
-    const int c = strided_column<T, kVector>(item);
-    return in_index ? in_index[c] : static_cast<std::int32_t>(p.col_offset + first + c);
-  };
-  auto push = [&](int item) {
-    const int slot = atomicAdd(&s_count, 1);
+  auto push = [&](int item, int slot) {
     if (slot < kCandidates) {
+      const int c = strided_column<T, kVector>(item);
       s_key[slot] = key[item];
-      s_index[slot] = global_index(item);
+      s_index[slot] = in_index ? in_index[c] : static_cast<std::int32_t>(p.col_offset + first + c);
     }
   };
-
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    if (key[i] != 0u && key[i] >= bar) push(i);
+    if (key[i] != 0u && key[i] >= bar) push(i, atomicAdd(&s_count, 1));
   }
   __syncthreads();
   int held = s_count;
-
-  if (held > kCandidates) {
-    // Bisection: the largest key with at least k values at or above it is the k-th largest.
-    std::uint32_t kth = 0;
-    for (int bit = 31; bit >= 0; --bit) {
-      const std::uint32_t trial = kth | (1u << bit);
-      int count = 0;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) count += key[i] >= trial;
-      if (block_sum(count, s_warp) >= k) kth = trial;
-    }
-    if (threadIdx.x == 0) s_count = 0;
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      if (key[i] != 0u && key[i] > kth) push(i);
-    }
-    __syncthreads();
-    const int above = s_count;  // < k
-    int taken = 0;
-    // Ties at the k-th key, lowest columns first: columns run in (load, thread, lane) order.
-    using L = Loads<T, kVector>;
-#pragma unroll
-    for (int j = 0; j < L::kCount; ++j) {
-      // Uniform over the block, so every thread reaches the scan or none does. The loop stays
-      // unrolled: a run-time index into key[] would move it out of registers.
-      if (kth == 0u || above + taken >= k) break;
-      int ties = 0;
-#pragma unroll
-      for (int v = 0; v < L::kWidth; ++v) ties += key[j * L::kWidth + v] == kth;
-      int total;
-      int rank = block_exclusive_scan(ties, s_warp, &total);
-#pragma unroll
-      for (int v = 0; v < L::kWidth; ++v) {
-        const int item = j * L::kWidth + v;
-        if (key[item] != kth) continue;
-        const int slot = above + taken + rank++;
-        if (slot < k) {
-          s_key[slot] = kth;
-          s_index[slot] = global_index(item);
-        }
-      }
-      taken += total;
-    }
-    __syncthreads();
-    held = min(above + taken, k);
-  }
+  if (held > kCandidates) held = push_exact_topk<T, kVector>(key, k, s_warp, &s_count, push);
 
   // Rank each candidate among the others: descending key, then ascending index. The order is
   // total, so the ranks below k fill the output once each.
@@ -270,68 +79,146 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per (row, segment); thread t owns 32 adjacent columns so that one scan puts the
-// survivors in column order.
+// kWidth adjacent per-column floats from column base on (zeros past cols): 16-byte loads when
+// kVector (the caller checked alignment), else one at a time.
+template <int kWidth, bool kVector>
+__device__ __forceinline__ void load_column_floats(const float* p, int base, int cols,
+                                                   float (&out)[kWidth]) {
+  if (kVector && base + kWidth <= cols) {
+#pragma unroll
+    for (int q = 0; q < kWidth / 4; ++q) {
+      *reinterpret_cast<float4*>(out + 4 * q) = *reinterpret_cast<const float4*>(p + base + 4 * q);
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < kWidth; ++v) out[v] = base + v < cols ? p[base + v] : 0.0f;
+  }
+}
+
+// A gated SAE's activation: relu(h * scale + shift), rounded after the multiply as the CPU
+// selector computes it (no fused multiply-add).
+__device__ __forceinline__ float gated_magnitude(float h, float scale, float shift) {
+  return fmaxf(__fadd_rn(__fmul_rn(h, scale), shift), 0.0f);
+}
+
+// One block per (row, segment). Warp w reads columns [w, w + 1) x kWarpColumns of the segment,
+// 16 adjacent bytes per lane and load, so every load is coalesced; the per-column parameters
+// come the same way. The survivors keep column order: (warp, load, lane, item) is column order,
+// so a scan over the lanes per load (two loads' counts packed in one int) and one over the
+// warps give each survivor its slot.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
     SelectThresholdKernel(const T* __restrict__ values, float* __restrict__ out_values,
                           std::int32_t* __restrict__ out_index,
                           std::int32_t* __restrict__ out_count, SelectParams p) {
-  __shared__ int s_warp[kWarps];
   using L = Loads<T, kVector>;
+  constexpr int kWidth = L::kWidth;
+  constexpr int kWarpColumns = kItems * 32;
+  static_assert(L::kCount % 2 == 0, "loads are scanned in pairs");
+  __shared__ int s_warp[kWarps];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const std::int64_t row = blockIdx.x / p.segments;
   const std::int64_t segment = blockIdx.x - row * p.segments;
   const std::int64_t first = segment * kSegment;
   const int cols = static_cast<int>(min(static_cast<std::int64_t>(kSegment), p.cols - first));
   const T* in = values + row * p.row_stride + first;
-  const int begin = static_cast<int>(threadIdx.x) * kItems;
+  const float* bias = p.bias ? p.bias + first : nullptr;
+  const float* threshold = p.threshold ? p.threshold + first : nullptr;
+  const float* mag_scale = p.mag_scale ? p.mag_scale + first : nullptr;
+  const float* mag_bias = p.mag_bias ? p.mag_bias + first : nullptr;
 
-  float value[kItems];
-  std::uint64_t passed = 0;
-  int count = 0;
+  // Only which items survive is kept: the few survivors' activations are computed again from
+  // memory when written, which leaves registers for more resident blocks.
+  std::uint32_t passed = 0;  // bit i: item i survives
+  int counts[L::kCount];
 #pragma unroll
   for (int j = 0; j < L::kCount; ++j) {
-    const int base = begin + j * L::kWidth;
-    T buf[L::kWidth];
+    const int base = warp * kWarpColumns + (j * 32 + lane) * kWidth;
+    T buf[kWidth];
     load_run<T, kVector>(in, base, cols, buf);
+    float add[kWidth] = {};
+    float bar[kWidth] = {};
+    float scale[kWidth] = {};
+    float shift[kWidth] = {};
+    if (bias) load_column_floats<kWidth, kVector>(bias, base, cols, add);
+    if (threshold) load_column_floats<kWidth, kVector>(threshold, base, cols, bar);
+    if (mag_scale) {
+      load_column_floats<kWidth, kVector>(mag_scale, base, cols, scale);
+      load_column_floats<kWidth, kVector>(mag_bias, base, cols, shift);
+    }
+    counts[j] = 0;
 #pragma unroll
-    for (int v = 0; v < L::kWidth; ++v) {
-      const int item = j * L::kWidth + v;
-      const int c = base + v;
-      value[item] = 0.0f;
-      if (c >= cols) continue;
-      const std::int64_t g = first + c;
+    for (int v = 0; v < kWidth; ++v) {
       const float h = to_float(buf[v]);
-      const float pre = p.bias ? h + p.bias[g] : h;
-      if (!(pre > (p.threshold ? p.threshold[g] : 0.0f))) continue;
-      const float out = p.mag_scale ? fmaxf(h * p.mag_scale[g] + p.mag_bias[g], 0.0f) : pre;
-      if (!(out > 0.0f)) continue;
-      value[item] = out;
-      passed |= std::uint64_t{1} << item;
-      ++count;
+      const bool keep = base + v < cols && h + add[v] > bar[v] &&
+                        (mag_scale ? gated_magnitude(h, scale[v], shift[v]) : h + add[v]) > 0.0f;
+      passed |= static_cast<std::uint32_t>(keep) << (j * kWidth + v);
+      counts[j] += keep;
     }
   }
-  int total;
-  int slot = block_exclusive_scan(count, s_warp, &total);
+  // Survivors before this lane in each load's group, and each group's total over the warp.
+  int before[L::kCount];
+  int group_total[L::kCount];
+#pragma unroll
+  for (int j = 0; j < L::kCount; j += 2) {
+    const int packed = counts[j] | (counts[j + 1] << 16);  // <= 32 x 8 each: no carry
+    int inclusive = packed;
+#pragma unroll
+    for (int delta = 1; delta < 32; delta <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, inclusive, delta);
+      if (lane >= delta) inclusive += up;
+    }
+    const int exclusive = inclusive - packed;
+    const int total = __shfl_sync(0xffffffffu, inclusive, 31);
+    before[j] = exclusive & 0xffff;
+    before[j + 1] = exclusive >> 16;
+    group_total[j] = total & 0xffff;
+    group_total[j + 1] = total >> 16;
+  }
+  int warp_total = 0;
+#pragma unroll
+  for (int j = 0; j < L::kCount; ++j) warp_total += group_total[j];
+  if (lane == 0) s_warp[warp] = warp_total;
+  __syncthreads();
+  int slot = 0;
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    slot += w < warp ? s_warp[w] : 0;
+    total += s_warp[w];
+  }
   const std::int64_t cell = row * p.segments + segment;
   float* out_v = out_values + cell * p.cap;
   std::int32_t* out_i = out_index + cell * p.cap;
+  if (passed) {
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) {
-    if (!(passed & (std::uint64_t{1} << item))) continue;
-    if (slot < p.cap) {
-      out_v[slot] = value[item];
-      out_i[slot] = static_cast<std::int32_t>(p.col_offset + first + begin + item);
+    for (int j = 0; j < L::kCount; ++j) {
+      int at = slot + before[j];
+#pragma unroll
+      for (int v = 0; v < kWidth; ++v) {
+        const int item = j * kWidth + v;
+        if (!(passed & (1u << item))) continue;
+        if (at < p.cap) {
+          const int c = warp * kWarpColumns + (j * 32 + lane) * kWidth + v;
+          const float h = to_float(in[c]);
+          out_v[at] = mag_scale ? gated_magnitude(h, mag_scale[c], mag_bias[c])
+                                : h + (bias ? bias[c] : 0.0f);
+          out_i[at] = static_cast<std::int32_t>(p.col_offset + first + c);
+        }
+        ++at;
+      }
+      slot += group_total[j];
     }
-    ++slot;
   }
   if (threadIdx.x == 0) out_count[cell] = total;
 }
 
 template <typename T>
-bool can_load_vectors(const T* values, std::int64_t row_stride) {
-  constexpr std::int64_t width = 16 / sizeof(T);
-  return reinterpret_cast<std::uintptr_t>(values) % 16 == 0 && row_stride % width == 0;
+bool threshold_can_load_vectors(const T* values, const SelectParams& p) {
+  auto aligned = [](const float* f) { return reinterpret_cast<std::uintptr_t>(f) % 16 == 0; };
+  return can_load_vectors(values, p.row_stride) && aligned(p.bias) && aligned(p.threshold) &&
+         aligned(p.mag_scale) && aligned(p.mag_bias);
 }
 
 unsigned blocks_for(const SelectParams& p, const char* op) {
@@ -366,7 +253,7 @@ void launch_select_threshold_cuda(const T* values, float* out_values, std::int32
   using device_t = cuda_scalar_t<T>;
   const auto* in = reinterpret_cast<const device_t*>(values);
   const unsigned blocks = blocks_for(params, "select_threshold");
-  if (can_load_vectors(values, params.row_stride)) {
+  if (threshold_can_load_vectors(values, params)) {
     SelectThresholdKernel<device_t, true>
         <<<blocks, kThreads, 0, stream>>>(in, out_values, out_index, out_count, params);
   } else {

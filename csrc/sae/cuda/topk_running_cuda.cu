@@ -1,0 +1,324 @@
+// A running top-k over chunks of latents: topk_candidates keeps, per (row, segment) of a chunk's
+// pre-activations, only what can still be among the row's k largest; topk_merge folds those
+// candidates into the row's running top-k and raises the row's bar to its exact k-th key.
+//
+// Why two kernels: ordering candidates exactly is the costly step, which the selector of one
+// segment cannot afford (it would dominate an 8,192-value read), while a merge per row and
+// chunk sees few candidates once the bar is the running k-th value.
+#include <cstdint>
+#include <limits>
+
+#include "common/check.h"
+#include "common/dispatch.h"
+#include "sae/cuda/select_common.cuh"
+#include "sae/sae.h"
+
+namespace mechinterp::sae {
+
+namespace {
+
+using namespace select_device;
+
+constexpr int kMergeWarps = 4;
+
+// One block per (row, segment). The bar is the larger of two lower bounds of what the row's
+// k-th largest can be: row_bar[row] (the exact k-th key of the chunks merged so far, raised by
+// the segments of this chunk) and this segment's own, the smallest over the warps of each warp's
+// ceil(k / 8)-th largest thread maximum (8 ceil(k / 8) >= k distinct values reach it). The own
+// bound costs one warp sort and one exchange between warps, where the exact k-th largest
+// thread maximum costs a binary search per warp and maximum; it is used only for a segment cut
+// short, whose threads need not all hold values. Every key at or above the bar goes to the
+// segment's slots, unordered; when more than cap do (heavy ties), the segment's exact k largest
+// go instead.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads, 4)
+    TopkCandidatesKernel(const T* __restrict__ values, float* __restrict__ out_values,
+                         std::int32_t* __restrict__ out_index,
+                         std::int32_t* __restrict__ out_count, std::uint32_t* __restrict__ row_bar,
+                         SelectParams p) {
+  __shared__ std::uint32_t s_max[kThreads];
+  __shared__ std::uint32_t s_warp_bar[kWarps];
+  __shared__ int s_warp[kWarps];
+  __shared__ std::uint32_t s_bar;
+  __shared__ std::uint32_t s_known;
+  __shared__ int s_count;
+
+  const std::int64_t row = blockIdx.x / p.segments;
+  const std::int64_t segment = blockIdx.x - row * p.segments;
+  const std::int64_t first = segment * kSegment;
+  const int cols = static_cast<int>(min(static_cast<std::int64_t>(kSegment), p.cols - first));
+  const int k = static_cast<int>(p.k);
+  const int cap = static_cast<int>(p.cap);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x == 0) {
+    s_known = row_bar[row];
+    s_count = 0;
+  }
+
+  std::uint32_t key[kItems];
+  const std::uint32_t thread_max = load_keys<T, kVector>(
+      values + row * p.row_stride + first, cols, p.bias ? p.bias + first : nullptr,
+      p.scale ? p.scale + first : nullptr, nullptr, key);
+  const std::uint32_t sorted = warp_sort_descending(thread_max);
+  std::uint32_t own;
+  if (cols == kSegment) {
+    const int per_warp = (k + kWarps - 1) / kWarps;
+    const std::uint32_t mine = __shfl_sync(0xffffffffu, sorted, per_warp - 1);
+    if (lane == 0) s_warp_bar[warp] = mine;
+    __syncthreads();
+    own = s_warp_bar[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) own = min(own, s_warp_bar[w]);
+  } else {
+    own = kth_thread_max(sorted, k, s_max, &s_bar);
+  }
+  const std::uint32_t known = s_known;
+  const std::uint32_t bar = max(own, known);
+  if (threadIdx.x == 0 && own > known) atomicMax(row_bar + row, own);
+
+  float* out_v = out_values + row * p.out_row_stride + segment * cap;
+  std::int32_t* out_i = out_index + row * p.out_row_stride + segment * cap;
+  auto push = [&](int item, int slot) {
+    if (slot < cap) {
+      out_v[slot] = key_float(key[item]);
+      out_i[slot] =
+          static_cast<std::int32_t>(p.col_offset + first + strided_column<T, kVector>(item));
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (key[i] != 0u && key[i] >= bar) push(i, atomicAdd(&s_count, 1));
+  }
+  __syncthreads();
+  int held = s_count;
+  if (held > cap) held = push_exact_topk<T, kVector>(key, k, s_warp, &s_count, push);
+  if (threadIdx.x == 0) out_count[row * p.segments + segment] = held;
+}
+
+// Entries of the merge as one 64-bit word: the order key above the inverted index, so that a
+// larger word is a larger value, or an equal value at a lower index. Padding (key 0) is 0.
+__device__ __forceinline__ unsigned long long compose(std::uint32_t key, std::int32_t index) {
+  return (static_cast<unsigned long long>(key) << 32) | static_cast<std::uint32_t>(~index);
+}
+
+__device__ __forceinline__ unsigned long long larger(unsigned long long a, unsigned long long b) {
+  return a > b ? a : b;
+}
+
+__device__ __forceinline__ unsigned long long smaller(unsigned long long a, unsigned long long b) {
+  return a > b ? b : a;
+}
+
+// One stage of a bitonic network over a warp's 32 R entries, entry e = 32 r + lane: entries e
+// and e ^ stride are ordered, descending within blocks of size whose e & size is 0 (ascending
+// there when ascending is set), the other way in the others. Partners within 32 meet through
+// a shuffle, farther ones in one lane's registers. size and stride must be compile-time
+// constants after unrolling, so that v stays in registers.
+template <int R>
+__device__ __forceinline__ void bitonic_stage(unsigned long long (&v)[R], int size, int stride,
+                                              bool ascending) {
+  const int lane = threadIdx.x % 32;
+  if (stride < 32) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int e = r * 32 + lane;
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, v[r], stride);
+      const bool descending = ((e & size) == 0) != ascending;
+      const bool lower = (lane & stride) == 0;
+      v[r] = lower == descending ? larger(v[r], other) : smaller(v[r], other);
+    }
+  } else {
+    const int s = stride / 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r & s) continue;
+      const bool descending = (((r * 32 + lane) & size) == 0) != ascending;
+      const unsigned long long hi = larger(v[r], v[r | s]);
+      const unsigned long long lo = smaller(v[r], v[r | s]);
+      v[r] = descending ? hi : lo;
+      v[r | s] = descending ? lo : hi;
+    }
+  }
+}
+
+// log2 of the 32 R entries of a merge.
+template <int R>
+struct Log2Entries {
+  static constexpr int value = R == 1 ? 5 : R == 2 ? 6 : R == 4 ? 7 : 8;
+};
+
+// Loops count powers of two by their exponents: a linear count unrolls fully, a shifted one
+// may not, and a stride known only at run time would move v out of registers.
+template <int R>
+__device__ __forceinline__ void bitonic_sort(unsigned long long (&v)[R], bool ascending) {
+  static_assert(R == 1 || R == 2 || R == 4 || R == 8, "32, 64, 128 or 256 entries");
+#pragma unroll
+  for (int log_size = 1; log_size <= Log2Entries<R>::value; ++log_size) {
+#pragma unroll
+    for (int log_stride = log_size - 1; log_stride >= 0; --log_stride) {
+      bitonic_stage<R>(v, 1 << log_size, 1 << log_stride, ascending);
+    }
+  }
+}
+
+// running (descending) absorbs batch: the larger of running[e] and the ascending batch's e-th
+// entry are the 32 R largest of both, in a bitonic sequence that one half-cleaner pass per
+// stride puts in descending order.
+template <int R>
+__device__ __forceinline__ void bitonic_absorb(unsigned long long (&running)[R],
+                                               unsigned long long (&batch)[R]) {
+  bitonic_sort<R>(batch, true);
+#pragma unroll
+  for (int r = 0; r < R; ++r) running[r] = larger(running[r], batch[r]);
+#pragma unroll
+  for (int log_stride = Log2Entries<R>::value - 1; log_stride >= 0; --log_stride) {
+    bitonic_stage<R>(running, 32 * R, 1 << log_stride, false);
+  }
+}
+
+// running absorbs the first n entries of the warp's buffer.
+template <int R>
+__device__ __forceinline__ void absorb_buffer(unsigned long long (&running)[R],
+                                              const unsigned long long* buffer, int n) {
+  __syncwarp();
+  const int lane = threadIdx.x % 32;
+  unsigned long long batch[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) batch[r] = r * 32 + lane < n ? buffer[r * 32 + lane] : 0ull;
+  bitonic_absorb<R>(running, batch);
+}
+
+// One warp per row. The running top-k (descending, padding last) sits in the warp's registers,
+// R = ceil(k / 32) entries a lane. The row's candidates that reach its bar are packed into a
+// per-warp buffer in shared memory; each 32 R of them are sorted and absorbed by a bitonic
+// merge, so a row costs O(candidates log^2 k) shuffles and no block-wide barriers. Entries below
+// the bar cannot be among the k largest: at least k entries reach it.
+template <int R>
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    TopkMergeKernel(float* __restrict__ top_values, std::int32_t* __restrict__ top_index,
+                    const float* __restrict__ cand_values,
+                    const std::int32_t* __restrict__ cand_index,
+                    const std::int32_t* __restrict__ cand_count,
+                    std::uint32_t* __restrict__ row_bar, SelectParams p) {
+  constexpr int kBatch = 32 * R;
+  __shared__ unsigned long long s_buffer[kMergeWarps][kBatch + 32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kMergeWarps + warp;
+  if (row >= p.rows) return;  // the whole warp: no barrier below spans warps
+  unsigned long long* buffer = s_buffer[warp];
+  const int k = static_cast<int>(p.k);
+  const int cap = static_cast<int>(p.cap);
+  const int segments = static_cast<int>(p.segments);
+  const std::uint32_t bar = row_bar[row];
+  float* top_v = top_values + row * p.out_row_stride;
+  std::int32_t* top_i = top_index + row * p.out_row_stride;
+  const float* row_v = cand_values + row * segments * cap;
+  const std::int32_t* row_i = cand_index + row * segments * cap;
+  const std::int32_t* row_count = cand_count + row * segments;
+  const unsigned before_me = (1u << lane) - 1u;
+
+  unsigned long long running[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int e = r * 32 + lane;
+    running[r] = 0ull;
+    if (e < k && top_i[e] >= 0) running[r] = compose(float_key(top_v[e]), top_i[e]);
+  }
+  int fill = 0;  // the same in every lane
+  for (int segment = 0; segment < segments; ++segment) {
+    const int count = min(row_count[segment], cap);
+    for (int base = 0; base < count; base += 32) {
+      const int j = segment * cap + base + lane;
+      std::uint32_t key = 0;
+      if (base + lane < count) key = float_key(row_v[j]);
+      const bool keep = key != 0u && key >= bar;
+      const unsigned mask = __ballot_sync(0xffffffffu, keep);
+      if (keep) buffer[fill + __popc(mask & before_me)] = compose(key, row_i[j]);
+      fill += __popc(mask);
+      if (fill >= kBatch) {
+        absorb_buffer<R>(running, buffer, kBatch);
+        const int left = fill - kBatch;  // < 32
+        const unsigned long long carry = lane < left ? buffer[kBatch + lane] : 0ull;
+        __syncwarp();
+        if (lane < left) buffer[lane] = carry;
+        __syncwarp();
+        fill = left;
+      }
+    }
+  }
+  if (fill > 0) absorb_buffer<R>(running, buffer, fill);
+
+  unsigned long long kth = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int e = r * 32 + lane;
+    if (e < k) {
+      const bool held = running[r] != 0ull;
+      top_v[e] = held ? key_float(static_cast<std::uint32_t>(running[r] >> 32))
+                      : __int_as_float(0xff800000);  // -inf padding
+      top_i[e] = held ? static_cast<std::int32_t>(~static_cast<std::uint32_t>(running[r])) : -1;
+    }
+    if (r == (k - 1) / 32) kth = running[r];
+  }
+  kth = __shfl_sync(0xffffffffu, kth, (k - 1) % 32);
+  if (lane == 0 && kth != 0ull) row_bar[row] = max(bar, static_cast<std::uint32_t>(kth >> 32));
+}
+
+unsigned grid_size(std::int64_t blocks, const char* op) {
+  MECHINTERP_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": at most ",
+                   std::numeric_limits<int>::max(), " blocks, got ", blocks);
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace
+
+template <typename T>
+void launch_topk_candidates_cuda(const T* values, float* out_values, std::int32_t* out_index,
+                                 std::int32_t* out_count, std::uint32_t* row_bar,
+                                 const SelectParams& params, cudaStream_t stream) {
+  using device_t = cuda_scalar_t<T>;
+  const auto* in = reinterpret_cast<const device_t*>(values);
+  const unsigned blocks = grid_size(params.rows * params.segments, "topk_candidates");
+  if (can_load_vectors(values, params.row_stride)) {
+    TopkCandidatesKernel<device_t, true><<<blocks, kThreads, 0, stream>>>(
+        in, out_values, out_index, out_count, row_bar, params);
+  } else {
+    TopkCandidatesKernel<device_t, false><<<blocks, kThreads, 0, stream>>>(
+        in, out_values, out_index, out_count, row_bar, params);
+  }
+  MECHINTERP_CUDA_LAUNCH_CHECK();
+}
+
+void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const float* cand_values,
+                            const std::int32_t* cand_index, const std::int32_t* cand_count,
+                            std::uint32_t* row_bar, const SelectParams& params,
+                            cudaStream_t stream) {
+  const unsigned blocks = grid_size((params.rows + kMergeWarps - 1) / kMergeWarps, "topk_merge");
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kMergeWarps * 32, 0, stream>>>(top_values, top_index, cand_values,
+                                                    cand_index, cand_count, row_bar, params);
+  };
+  if (params.k <= 32) {
+    launch(TopkMergeKernel<1>);
+  } else if (params.k <= 64) {
+    launch(TopkMergeKernel<2>);
+  } else if (params.k <= 128) {
+    launch(TopkMergeKernel<4>);
+  } else {
+    launch(TopkMergeKernel<8>);
+  }
+  MECHINTERP_CUDA_LAUNCH_CHECK();
+}
+
+template void launch_topk_candidates_cuda<float>(const float*, float*, std::int32_t*,
+                                                 std::int32_t*, std::uint32_t*,
+                                                 const SelectParams&, cudaStream_t);
+template void launch_topk_candidates_cuda<Half>(const Half*, float*, std::int32_t*, std::int32_t*,
+                                                std::uint32_t*, const SelectParams&, cudaStream_t);
+template void launch_topk_candidates_cuda<BFloat16>(const BFloat16*, float*, std::int32_t*,
+                                                    std::int32_t*, std::uint32_t*,
+                                                    const SelectParams&, cudaStream_t);
+
+}  // namespace mechinterp::sae
