@@ -313,13 +313,15 @@ def test_cuda_running_topk_equals_a_stable_sort(dtype):
     values[5, ::7] = 8.0  # many equal maxima spread over the chunks
     values[6] = -torch.arange(cols, dtype=torch.float32).to(dtype)  # descending: bar rises early
     values[7] = torch.arange(cols, dtype=torch.float32).to(dtype)  # ascending: rises late
+    values[8, 5000] = float("nan")  # ranks first, as in torch: the key path of the block
     ref = values.float().sort(dim=1, descending=True, stable=True)
     chunkings = ([cols], [segment, segment, segment, 700], [2 * segment + 5, segment + 695],
                  [100, cols - 100])
     for k in (1, 7, 32, 64, 256):
         for widths in chunkings:
             top_v, top_i = _running_topk(values.cuda(), k, widths)
-            assert torch.equal(top_v.cpu(), ref.values[:, :k]), (k, widths)
+            torch.testing.assert_close(top_v.cpu(), ref.values[:, :k], rtol=0, atol=0,
+                                       equal_nan=True, msg=f"k={k}, chunks {widths}")
             assert torch.equal(top_i.long().cpu(), ref.indices[:, :k]), (k, widths)
 
 

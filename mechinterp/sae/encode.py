@@ -4,7 +4,12 @@
 latents and hands each chunk's pre-activations to a compiled selector that keeps only what the
 activation lets through: the top ``k`` per token (TopK) or the latents above their threshold
 (ReLU, JumpReLU, BatchTopK at inference, gated). Only one chunk of pre-activations exists at a
-time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
+time, and the result is compressed rows (:class:`SparseFeatures`).
+
+On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
+bound of the token's k-th largest (the k-th of the chunks merged so far, or the chunk's own
+bound), and a per-token bitonic merge folds those few into the running top ``k``, whose k-th
+value becomes the next chunk's bound. ``decode_sparse`` gathers the
 decoder rows of the active latents and sums them in float32.
 
 Examples:
@@ -276,26 +281,29 @@ def _encode_topk(sae: SAE, plan: _Plan):
         value_blocks.append(torch.relu(top_v).to(sae.dtype))
         index_blocks.append(top_i.to(torch.int64))
     n = plan.x.shape[0]
-    values = torch.cat(value_blocks).reshape(-1) if value_blocks else sae.W_enc.new_empty(0)
-    indices = (torch.cat(index_blocks).reshape(-1) if index_blocks
+    values = _joined(value_blocks).reshape(-1) if value_blocks else sae.W_enc.new_empty(0)
+    indices = (_joined(index_blocks).reshape(-1) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=sae.device))
     row_ptr = torch.arange(n + 1, dtype=torch.int64, device=sae.device) * k
     return row_ptr, indices, values
 
 
 def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
-    if xb.device.type == "cuda":
+    device = xb.device
+    if device.type == "cuda":
         return _topk_block_running(xb, weight, bias, scale, k, chunks)
-    cand_v, cand_i = [], []
-    for c0, c1 in chunks:
+    widths = [_ops.topk_segments(c1 - c0, device) * k for c0, c1 in chunks]
+    cand_v = torch.empty(xb.shape[0], sum(widths), dtype=torch.float32, device=device)
+    cand_i = torch.empty(xb.shape[0], sum(widths), dtype=torch.int32, device=device)
+    start = 0
+    for (c0, c1), width in zip(chunks, widths):
         h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
-        v, i = _ops.select_topk(h, k, col_offset=c0,
-                                scale=None if scale is None else scale[c0:c1])
-        cand_v.append(v)
-        cand_i.append(i)
+        _ops.select_topk(h, k, col_offset=c0, scale=None if scale is None else scale[c0:c1],
+                         out=(cand_v[:, start:start + width], cand_i[:, start:start + width]))
+        start += width
         del h  # free this chunk before the next one is allocated
-    cand_v, cand_i = torch.cat(cand_v, dim=1), torch.cat(cand_i, dim=1)
-    if cand_v.shape[1] > k:  # merge the chunks' candidates (the CPU keeps k per chunk)
+    # Merge the chunks' candidates (each row's k best of every chunk) in one more pass.
+    if cand_v.shape[1] > k:
         cand_v, cand_i = _ops.select_topk(cand_v, k, index=cand_i)
     return cand_v, cand_i
 
@@ -358,8 +366,10 @@ def _encode_threshold(sae: SAE, plan: _Plan):
         kept, index, count = _threshold_block(xb, sae.W_enc, params, chunks, plan,
                                               _FIRST_CAP_PER_SEGMENT)
         overflow = (count > kept.shape[2]).any(dim=1)
+        l0 = count.sum(dim=1)
+        counts.append(l0)
         # One host sync a block: whether any row overflowed, and how many entries there are.
-        overflowed, nnz = torch.stack([overflow.sum(), count.sum()]).tolist()
+        overflowed, nnz = torch.stack([overflow.sum(), l0.sum()]).tolist()
         if not overflowed:
             values, indices = _packed_entries(kept, index, count, nnz)
         else:
@@ -378,14 +388,18 @@ def _encode_threshold(sae: SAE, plan: _Plan):
             values, indices = values[order], indices[order]
         value_blocks.append(values.to(sae.dtype))
         index_blocks.append(indices.to(torch.int64))
-        counts.append(count.sum(dim=1))
-    l0 = torch.cat(counts) if counts else torch.empty(0, dtype=torch.int64, device=device)
     row_ptr = torch.zeros(plan.x.shape[0] + 1, dtype=torch.int64, device=device)
-    torch.cumsum(l0, dim=0, out=row_ptr[1:])
-    values = torch.cat(value_blocks) if value_blocks else sae.W_enc.new_empty(0)
-    indices = (torch.cat(index_blocks) if index_blocks
+    if counts:
+        torch.cumsum(_joined(counts), dim=0, out=row_ptr[1:])
+    values = _joined(value_blocks) if value_blocks else sae.W_enc.new_empty(0)
+    indices = (_joined(index_blocks) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=device))
     return row_ptr, indices, values
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    # One block (the usual case) needs no copy.
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _packed_entries(kept, index, count, nnz: int):
@@ -434,6 +448,8 @@ def _threshold_block(xb, weight, params, chunks, plan: _Plan, per_segment: int):
         else:
             parts.append(_threshold_torch(h, c0, width, bias, threshold, mag_scale, mag_bias))
         del h, w  # free this chunk before the next one is allocated
+    if len(parts) == 1:
+        return parts[0]
     kept = torch.cat([p[0] for p in parts], dim=1)
     index = torch.cat([p[1] for p in parts], dim=1)
     count = torch.cat([p[2] for p in parts], dim=1)

@@ -21,6 +21,66 @@ using namespace select_device;
 
 constexpr int kMergeWarps = 4;
 
+// Packed pairs of a 16-bit type, with the paired operations the fast path of
+// TopkCandidatesKernel uses.
+template <typename T>
+struct Pairs;
+
+template <>
+struct Pairs<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ type max_nan(type a, type b) { return __hmax2_nan(a, b); }
+  static __device__ __forceinline__ unsigned at_least(type a, type b) { return __hge2_mask(a, b); }
+  static __device__ __forceinline__ type splat_down(float f) {
+    return __half2half2(__float2half_rd(f));
+  }
+  static __device__ __forceinline__ float low(type a) { return __low2float(a); }
+  static __device__ __forceinline__ float high(type a) { return __high2float(a); }
+};
+
+template <>
+struct Pairs<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ type max_nan(type a, type b) { return __hmax2_nan(a, b); }
+  static __device__ __forceinline__ unsigned at_least(type a, type b) { return __hge2_mask(a, b); }
+  static __device__ __forceinline__ type splat_down(float f) {
+    return __bfloat162bfloat162(__float2bfloat16_rd(f));
+  }
+  static __device__ __forceinline__ float low(type a) { return __low2float(a); }
+  static __device__ __forceinline__ float high(type a) { return __high2float(a); }
+};
+
+template <typename T>
+constexpr bool kHasPairs = sizeof(T) == 2;
+
+// The segment's bar: the larger of the row's bound *s_known (which thread 0 wrote before the
+// call; it is read after this function's barriers) and the segment's own (see
+// TopkCandidatesKernel), which thread 0 writes into *row_bar when it is higher. thread_max is
+// this thread's largest key. Every thread of the block must call it.
+__device__ inline std::uint32_t segment_bar(std::uint32_t thread_max, int cols, int k,
+                                            const std::uint32_t* s_known, std::uint32_t* row_bar,
+                                            std::uint32_t* s_max, std::uint32_t* s_warp_bar,
+                                            std::uint32_t* s_bar) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const std::uint32_t sorted = warp_sort_descending(thread_max);
+  std::uint32_t own;
+  if (cols == kSegment) {
+    const int per_warp = (k + kWarps - 1) / kWarps;
+    const std::uint32_t mine = __shfl_sync(0xffffffffu, sorted, per_warp - 1);
+    if (lane == 0) s_warp_bar[warp] = mine;
+    __syncthreads();
+    own = s_warp_bar[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) own = min(own, s_warp_bar[w]);
+  } else {
+    own = kth_thread_max(sorted, k, s_max, s_bar);
+  }
+  const std::uint32_t known = *s_known;
+  if (threadIdx.x == 0 && own > known) atomicMax(row_bar, own);
+  return max(own, known);
+}
+
 // One block per (row, segment). The bar is the larger of two lower bounds of what the row's
 // k-th largest can be: row_bar[row] (the exact k-th key of the chunks merged so far, raised by
 // the segments of this chunk) and this segment's own, the smallest over the warps of each warp's
@@ -30,6 +90,12 @@ constexpr int kMergeWarps = 4;
 // short, whose threads need not all hold values. Every key at or above the bar goes to the
 // segment's slots, unordered; when more than cap do (heavy ties), the segment's exact k largest
 // go instead.
+//
+// 16-bit values of a full segment without bias or scale take a packed path: the values stay in
+// pairs, a thread's maximum takes 15 paired max instructions, and only the few threads whose
+// maximum reaches the bar test their values against it (rounded down to the type, so that no
+// value at or above the bar is missed; the merge compares exactly). A NaN anywhere in the
+// segment sends the block down the key path, which ranks NaN by its bits.
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads, 4)
     TopkCandidatesKernel(const T* __restrict__ values, float* __restrict__ out_values,
@@ -49,43 +115,76 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int cols = static_cast<int>(min(static_cast<std::int64_t>(kSegment), p.cols - first));
   const int k = static_cast<int>(p.k);
   const int cap = static_cast<int>(p.cap);
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
+  const T* in = values + row * p.row_stride + first;
   if (threadIdx.x == 0) {
     s_known = row_bar[row];
     s_count = 0;
   }
-
-  std::uint32_t key[kItems];
-  const std::uint32_t thread_max = load_keys<T, kVector>(
-      values + row * p.row_stride + first, cols, p.bias ? p.bias + first : nullptr,
-      p.scale ? p.scale + first : nullptr, nullptr, key);
-  const std::uint32_t sorted = warp_sort_descending(thread_max);
-  std::uint32_t own;
-  if (cols == kSegment) {
-    const int per_warp = (k + kWarps - 1) / kWarps;
-    const std::uint32_t mine = __shfl_sync(0xffffffffu, sorted, per_warp - 1);
-    if (lane == 0) s_warp_bar[warp] = mine;
-    __syncthreads();
-    own = s_warp_bar[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) own = min(own, s_warp_bar[w]);
-  } else {
-    own = kth_thread_max(sorted, k, s_max, &s_bar);
-  }
-  const std::uint32_t known = s_known;
-  const std::uint32_t bar = max(own, known);
-  if (threadIdx.x == 0 && own > known) atomicMax(row_bar + row, own);
-
   float* out_v = out_values + row * p.out_row_stride + segment * cap;
   std::int32_t* out_i = out_index + row * p.out_row_stride + segment * cap;
-  auto push = [&](int item, int slot) {
+  auto write = [&](int slot, float value, int item) {
     if (slot < cap) {
-      out_v[slot] = key_float(key[item]);
+      out_v[slot] = value;
       out_i[slot] =
           static_cast<std::int32_t>(p.col_offset + first + strided_column<T, kVector>(item));
     }
   };
+
+  if constexpr (kVector && kHasPairs<T>) {
+    if (cols == kSegment && !p.bias && !p.scale) {
+      using P = Pairs<T>;
+      using Pair = typename P::type;
+      using L = Loads<T, kVector>;
+      constexpr int kPairs = kItems / 2;
+      Pair raw[kPairs];
+#pragma unroll
+      for (int j = 0; j < L::kCount; ++j) {
+        const int base = (j * kThreads + static_cast<int>(threadIdx.x)) * L::kWidth;
+        *reinterpret_cast<uint4*>(raw + j * (L::kWidth / 2)) =
+            *reinterpret_cast<const uint4*>(in + base);
+      }
+      Pair top = raw[0];
+#pragma unroll
+      for (int q = 1; q < kPairs; ++q) top = P::max_nan(top, raw[q]);
+      const float lo = P::low(top);
+      const float hi = P::high(top);
+      const bool nan = lo != lo || hi != hi;
+      if (!__syncthreads_or(nan)) {
+        const float thread_max = fmaxf(lo, hi);
+        const std::uint32_t bar = segment_bar(float_key(thread_max), cols, k, &s_known,
+                                              row_bar + row, s_max, s_warp_bar, &s_bar);
+        const float bar_value = key_float(bar);
+        // -0 and +0 compare equal here, so a thread whose maximum came out as -0 still tests.
+        if (thread_max >= bar_value) {
+          const Pair bar2 = P::splat_down(bar_value);
+#pragma unroll
+          for (int q = 0; q < kPairs; ++q) {
+            const unsigned reach = P::at_least(raw[q], bar2);
+            if (reach & 0x0000ffffu) write(atomicAdd(&s_count, 1), P::low(raw[q]), 2 * q);
+            if (reach & 0xffff0000u) write(atomicAdd(&s_count, 1), P::high(raw[q]), 2 * q + 1);
+          }
+        }
+        __syncthreads();
+        const int held = s_count;
+        if (held <= cap) {
+          if (threadIdx.x == 0) out_count[row * p.segments + segment] = held;
+          return;  // uniform: every thread read the same count
+        }
+        // Heavy ties: fall through to the exact top k of the key path below, once every thread
+        // has read the count.
+        __syncthreads();
+        if (threadIdx.x == 0) s_count = 0;
+      }
+    }
+  }
+
+  std::uint32_t key[kItems];
+  const std::uint32_t thread_max = load_keys<T, kVector>(
+      in, cols, p.bias ? p.bias + first : nullptr, p.scale ? p.scale + first : nullptr, nullptr,
+      key);
+  const std::uint32_t bar =
+      segment_bar(thread_max, cols, k, &s_known, row_bar + row, s_max, s_warp_bar, &s_bar);
+  auto push = [&](int item, int slot) { write(slot, key_float(key[item]), item); };
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (key[i] != 0u && key[i] >= bar) push(i, atomicAdd(&s_count, 1));
