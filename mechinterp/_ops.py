@@ -743,6 +743,16 @@ def select_topk(
     return out
 
 
+def _segment_slots(values: torch.Tensor, cap: int):
+    """Empty ``(values float32, index int32) [rows, segments, cap]`` slots and int32 counts."""
+    rows, device = values.shape[0], values.device
+    segments = topk_segments(values.shape[1], device)
+    kept = torch.empty(rows, segments, cap, dtype=torch.float32, device=device)
+    index = torch.empty(rows, segments, cap, dtype=torch.int32, device=device)
+    count = torch.empty(rows, segments, dtype=torch.int32, device=device)
+    return kept, index, count
+
+
 def select_threshold(
     values: torch.Tensor,
     *,
@@ -781,11 +791,7 @@ def select_threshold(
     if (mag_scale is None) != (mag_bias is None):
         msg = f"{op}: mag_scale and mag_bias go together (gated SAEs), got only one of them"
         raise InputError(msg)
-    rows, device = values.shape[0], values.device
-    segments = topk_segments(values.shape[1], device)
-    kept = torch.empty(rows, segments, cap, dtype=torch.float32, device=device)
-    index = torch.empty(rows, segments, cap, dtype=torch.int32, device=device)
-    count = torch.empty(rows, segments, dtype=torch.int32, device=device)
+    kept, index, count = _segment_slots(values, cap)
     _C.select_threshold(
         _view(values), _optional_view(bias), _optional_view(threshold), _optional_view(mag_scale),
         _optional_view(mag_bias), col_offset, _view(kept), _view(index), _view(count),
@@ -830,11 +836,7 @@ def topk_candidates(
     cap = topk_candidate_cap(k) if cap is None else _as_index(cap, op, "cap")
     _check_columns(bias, values, op, "bias")
     _check_columns(scale, values, op, "scale")
-    rows, device = values.shape[0], values.device
-    segments = topk_segments(values.shape[1], device)
-    kept = torch.empty(rows, segments, cap, dtype=torch.float32, device=device)
-    index = torch.empty(rows, segments, cap, dtype=torch.int32, device=device)
-    count = torch.empty(rows, segments, dtype=torch.int32, device=device)
+    kept, index, count = _segment_slots(values, cap)
     _C.topk_candidates(
         _view(values), _optional_view(bias), _optional_view(scale), k, col_offset, _view(kept),
         _view(index), _view(count), _view(row_bar), _stream(values),

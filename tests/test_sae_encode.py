@@ -373,20 +373,8 @@ def test_cuda_select_threshold_equals_cpu(dtype, gated, aligned):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_select_threshold_and_decode_equal_cpu():
+def test_cuda_decode_equals_cpu():
     g = torch.Generator().manual_seed(12)
-    values = torch.randn(13, 20000, generator=g)
-    bias, threshold = torch.randn(20000, generator=g), torch.rand(20000, generator=g) + 1.5
-    cpu = _ops.select_threshold(values, cap=20000, bias=bias, threshold=threshold)
-    segment = _ops.SAE_CUDA_SEGMENT
-    gpu = _ops.select_threshold(values.cuda(), cap=segment, bias=bias.cuda(),
-                                threshold=threshold.cuda())
-    assert torch.equal(gpu[2].sum(1).cpu(), cpu[2][:, 0])
-    for r in range(13):
-        n = int(cpu[2][r, 0])
-        live = torch.arange(segment) < gpu[2][r].cpu().unsqueeze(-1)
-        assert torch.equal(gpu[1][r].cpu()[live], cpu[1][r, 0, :n])
-        assert torch.equal(gpu[0][r].cpu()[live], cpu[0][r, 0, :n])
     weight = torch.randn(500, 96, generator=g)
     index = torch.randint(-1, 500, (40, 33), generator=g)
     vals = torch.randn(40, 33, generator=g)
