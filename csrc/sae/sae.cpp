@@ -220,13 +220,25 @@ void check_block(const TensorView& t, std::initializer_list<std::int64_t> shape,
   bool ok = t.dim() == static_cast<std::int64_t>(shape.size()) && t.is_contiguous();
   std::int64_t d = 0;
   for (const std::int64_t want : shape) ok = ok && t.size(d++) == want;
-  std::string wanted;
-  for (const std::int64_t want : shape) wanted += (wanted.empty() ? "" : ", ") + std::to_string(want);
-  MECHINTERP_CHECK(ok, op, ": ", name, " must be a contiguous [", wanted, "], got ",
-                   t.shape_string());
+  if (!ok) {
+    std::string wanted;
+    for (const std::int64_t want : shape) {
+      wanted += (wanted.empty() ? "" : ", ") + std::to_string(want);
+    }
+    detail::throw_user_error(op, ": ", name, " must be a contiguous [", wanted, "], got ",
+                             t.shape_string());
+  }
   MECHINTERP_CHECK(t.dtype == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
                    dtype_name(t.dtype));
   check_same_device(t, values, op, name);
+}
+
+// The running top-k's sizes: k within the CUDA limit, and cap slots a segment, room for its
+// exact top k and, beside the running top k, within one merge's shared buffer.
+void check_running_sizes(std::int64_t k, std::int64_t cap, const char* op) {
+  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK && k <= cap && cap <= kCudaCandidates - k, op,
+                   ": need 1 <= k <= cap <= ", kCudaCandidates, " - k and k <= ", kCudaMaxK,
+                   ", got k ", k, " and cap ", cap);
 }
 
 void require_cuda(const TensorView& t, const char* op) {
@@ -256,9 +268,7 @@ void topk_candidates(const TensorView& values, const std::optional<TensorView>& 
   MECHINTERP_CHECK(out_values.dim() == 3, kOp, ": out_values must be [", rows, ", ", segments,
                    ", cap], got ", out_values.shape_string());
   const std::int64_t cap = out_values.size(2);
-  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK && k <= cap && cap <= kCudaCandidates - k, kOp,
-                   ": need 1 <= k <= cap <= ", kCudaCandidates, " - k and k <= ", kCudaMaxK,
-                   ", got k ", k, " and cap ", cap);
+  check_running_sizes(k, cap, kOp);
   check_block(out_values, {rows, segments, cap}, DType::Float32, values, kOp, "out_values");
   check_block(out_index, {rows, segments, cap}, DType::Int32, values, kOp, "out_index");
   check_block(out_count, {rows, segments}, DType::Int32, values, kOp, "out_count");
@@ -306,11 +316,10 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
                    cand_values.shape_string());
   const std::int64_t segments = cand_values.size(1);
   const std::int64_t cap = cand_values.size(2);
-  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK && k <= cap && cap <= kCudaCandidates - k &&
-                       segments >= 1 && segments <= INT32_MAX / cap,
-                   kOp, ": need 1 <= k <= cap <= ", kCudaCandidates, " - k, k <= ", kCudaMaxK,
-                   " and at least one segment, got k ", k, ", cap ", cap, " and ", segments,
-                   " segments");
+  check_running_sizes(k, cap, kOp);
+  MECHINTERP_CHECK(segments >= 1 && segments <= INT32_MAX / cap, kOp,
+                   ": need at least one segment and segments x cap within int32, got ", segments,
+                   " segments of ", cap);
   check_block(top_values, {rows, k}, DType::Float32, top_values, kOp, "top_values");
   check_block(top_index, {rows, k}, DType::Int32, top_values, kOp, "top_index");
   check_block(cand_values, {rows, segments, cap}, DType::Float32, top_values, kOp, "cand_values");

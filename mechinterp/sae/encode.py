@@ -4,13 +4,13 @@
 latents and hands each chunk's pre-activations to a compiled selector that keeps only what the
 activation lets through: the top ``k`` per token (TopK) or the latents above their threshold
 (ReLU, JumpReLU, BatchTopK at inference, gated). Only one chunk of pre-activations exists at a
-time, and the result is compressed rows (:class:`SparseFeatures`).
+time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
+decoder rows of the active latents and sums them in float32.
 
 On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
 bound of the token's k-th largest (the k-th of the chunks merged so far, or the chunk's own
 bound), and a per-token bitonic merge folds those few into the running top ``k``, whose k-th
-value becomes the next chunk's bound. ``decode_sparse`` gathers the
-decoder rows of the active latents and sums them in float32.
+value becomes the next chunk's bound.
 
 Examples:
     >>> import torch
