@@ -34,6 +34,7 @@ import torch
 from benchmarks._timing import device_name, median_time, write_json
 from benchmarks._timing import peak_extra_gib as peak_extra
 from mechinterp.sae import SAE, decode_sparse, encode_sparse, save_sae
+from mechinterp.sae.screen import fast_bf16_cpu
 
 GiB = float(1 << 30)
 
@@ -210,9 +211,21 @@ def bench_cpu(d_in, d_sae, k, n, repeats) -> list[dict]:
             return h.topk(sae.k, dim=-1)
 
         peer = median_time(device, torch_encode, repeats if dtype == torch.float32 else 1)
-        rows.append({"device": "cpu", "threads": torch.get_num_threads(), "d_in": d_in,
-                     "d_sae": d_sae, "k": k, "tokens": tokens, "dtype": str(dtype), "ours_s": ours,
-                     "torch_addmm_topk_s": peer, "speedup": peer / ours})
+        row = {"device": "cpu", "threads": torch.get_num_threads(), "d_in": d_in,
+               "d_sae": d_sae, "k": k, "tokens": tokens, "dtype": str(dtype), "ours_s": ours,
+               "torch_addmm_topk_s": peer, "speedup": peer / ours,
+               "fast_bf16_cpu": fast_bf16_cpu()}
+        if dtype == torch.float32:
+            # The float32 encode with and without the bf16 screen (the default where it is fast).
+            for screen in (True, False):
+                row[f"ours_screen_{screen}_s"] = median_time(
+                    device, functools.partial(encode_sparse, sae, x, screen=screen), repeats)
+            row["screened_vs_unscreened"] = row["ours_screen_False_s"] / row["ours_screen_True_s"]
+            dense = torch.addmm(sae.b_enc, x, sae.W_enc).topk(k, dim=-1).indices
+            got = encode_sparse(sae, x).indices.reshape(tokens, k)
+            row["sets_equal_torch_fp32"] = sum(set(a.tolist()) == set(b.tolist())
+                                               for a, b in zip(got, dense)) / tokens
+        rows.append(row)
     return rows
 
 

@@ -239,6 +239,32 @@ PYBIND11_MODULE(_C, m) {
       "the lower index) and raises row_bar to its k-th key.");
 
   m.def(
+      "screened_topk",
+      [](py::handle screen, py::handle x, py::handle w_t, py::handle norms, py::object bias,
+         py::object scale, std::int64_t k, py::handle out_values, py::handle out_index) {
+        const auto screen_view = mechinterp::view_from_py(screen, "screen");
+        const auto x_view = mechinterp::view_from_py(x, "x");
+        const auto w_t_view = mechinterp::view_from_py(w_t, "w_t");
+        const auto norms_view = mechinterp::view_from_py(norms, "norms");
+        const auto bias_view = mechinterp::optional_view_from_py(bias, "bias");
+        const auto scale_view = mechinterp::optional_view_from_py(scale, "scale");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        py::gil_scoped_release release;
+        return mechinterp::sae::screened_topk(screen_view, x_view, w_t_view, norms_view,
+                                              bias_view, scale_view, k, out_values_view,
+                                              out_index_view);
+      },
+      py::arg("screen"), py::arg("x"), py::arg("w_t"), py::arg("norms"), py::arg("bias"),
+      py::arg("scale"), py::arg("k"), py::arg("out_values"), py::arg("out_index"),
+      "CPU: the exact float32 top-k of (x W + bias) * scale per row, from a bfloat16 screen "
+      "bf16(x) bf16(W) [rows, d_sae], x float32 [rows, d_in], w_t = W^T float32 [d_sae, d_in] "
+      "and norms float64 [2, d_sae] (of bf16(W)'s columns and of W - bf16(W)'s, not rounded "
+      "down): only latents that can reach "
+      "the k-th are computed again. Output as select_topk's [rows, k]; returns how many latents "
+      "were recomputed.");
+
+  m.def(
       "sparse_decode",
       [](py::handle index, py::handle values, py::object row_ptr, py::handle weight,
          py::object bias, py::handle out, bool accumulate, std::uintptr_t stream) {

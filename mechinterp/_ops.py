@@ -867,6 +867,58 @@ def topk_merge(
                   _view(row_bar), _stream(top_values))
 
 
+def screened_topk(
+    screen: torch.Tensor,
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    norms: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The exact float32 top ``k`` of ``(x @ W + bias) * scale`` per row, from a bf16 screen (CPU).
+
+    ``screen`` is ``bf16(x) @ bf16(W)`` (``[rows, d_sae]`` bfloat16 from any GEMM that sums in
+    float32). Around each screened value the kernel puts a proven error interval (from the norms
+    of ``bf16(x)``, ``x - bf16(x)`` and ``norms``); only latents whose interval reaches the k-th
+    largest lower end are computed again from ``x`` and ``w_t``, in double, rounded once to
+    float32.
+
+    Args:
+        screen: bfloat16 ``[rows, d_sae]`` with adjacent columns.
+        x: float32 ``[rows, d_in]`` with adjacent columns, the GEMM's left side.
+        w_t: float32 ``[d_sae, d_in]`` contiguous, ``W`` transposed.
+        norms: float64 ``[2, d_sae]``, the 2-norms of the columns of ``bf16(W)`` and of
+            ``W - bf16(W)``, not rounded down.
+        k: latents kept per row.
+        bias, scale: float32 ``[d_sae]`` applied before ranking (both optional).
+
+    Returns:
+        ``(values float32, index int32)`` ``[rows, k]`` as :func:`select_topk` gives them, and
+        how many latents were recomputed (every latent of a row whose bounds are not finite:
+        an inf or NaN in ``x``, ``W`` or the screen).
+    """
+    op = "screened_topk"
+    for name, t in (("screen", screen), ("x", x), ("w_t", w_t), ("norms", norms)):
+        if not isinstance(t, torch.Tensor):
+            msg = f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"
+            raise InputError(msg)
+    k = _as_index(k, op, "k")
+    if k < 1:
+        msg = f"{op}: k must be >= 1, got {k}"
+        raise InputError(msg)
+    _check_columns(bias, screen, op, "bias")
+    _check_columns(scale, screen, op, "scale")
+    rows = screen.shape[0] if screen.ndim == 2 else 0
+    values = torch.empty(rows, k, dtype=torch.float32)
+    index = torch.empty(rows, k, dtype=torch.int32)
+    recomputed = _C.screened_topk(_view(screen), _view(x), _view(w_t), _view(norms),
+                                  _optional_view(bias), _optional_view(scale), k, _view(values),
+                                  _view(index))
+    return values, index, recomputed
+
+
 def sparse_decode(
     index: torch.Tensor,
     values: torch.Tensor,

@@ -346,6 +346,60 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
 #endif
 }
 
+std::int64_t screened_topk(const TensorView& screen, const TensorView& x, const TensorView& w_t,
+                           const TensorView& norms, const std::optional<TensorView>& bias,
+                           const std::optional<TensorView>& scale, std::int64_t k,
+                           const TensorView& out_values, const TensorView& out_index) {
+  constexpr const char* kOp = "screened_topk";
+  MECHINTERP_CHECK(screen.dim() == 2, kOp, ": screen must be [rows, d_sae], got ",
+                   screen.shape_string());
+  MECHINTERP_CHECK(screen.is_cpu(), kOp, ": runs on the CPU only, got ",
+                   device_name(screen.device));
+  MECHINTERP_CHECK(screen.dtype == DType::BFloat16, kOp, ": screen must be bfloat16, got ",
+                   dtype_name(screen.dtype));
+  const std::int64_t rows = screen.size(0);
+  const std::int64_t d_sae = screen.size(1);
+  check_matrix(screen, rows, d_sae, kOp, "screen");
+  MECHINTERP_CHECK(w_t.dim() == 2 && w_t.size(0) == d_sae, kOp, ": w_t must be [", d_sae,
+                   ", d_in], got ", w_t.shape_string());
+  const std::int64_t d_in = w_t.size(1);
+  check_block(w_t, {d_sae, d_in}, DType::Float32, screen, kOp, "w_t");
+  check_matrix(x, rows, d_in, kOp, "x");
+  MECHINTERP_CHECK(x.dtype == DType::Float32, kOp, ": x must be float32, got ",
+                   dtype_name(x.dtype));
+  check_same_device(x, screen, kOp, "x");
+  check_block(norms, {2, d_sae}, DType::Float64, screen, kOp, "norms");
+  MECHINTERP_CHECK(k >= 1, kOp, ": k must be >= 1, got ", k);
+  MECHINTERP_CHECK(d_sae <= INT32_MAX, kOp, ": latent indices must fit int32, got d_sae ", d_sae);
+  check_matrix(out_values, rows, k, kOp, "out_values");
+  check_matrix(out_index, rows, k, kOp, "out_index");
+  MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
+                   dtype_name(out_values.dtype));
+  MECHINTERP_CHECK(out_index.dtype == DType::Int32, kOp, ": out_index must be int32, got ",
+                   dtype_name(out_index.dtype));
+  MECHINTERP_CHECK(out_values.stride(0) == out_index.stride(0), kOp,
+                   ": out_values and out_index must share a row stride, got ",
+                   out_values.stride(0), " and ", out_index.stride(0));
+  check_same_device(out_values, screen, kOp, "out_values");
+  check_same_device(out_index, screen, kOp, "out_index");
+
+  ScreenParams p{};
+  p.rows = rows;
+  p.d_in = d_in;
+  p.d_sae = d_sae;
+  p.k = k;
+  p.screen_row_stride = screen.stride(0);
+  p.x_row_stride = x.stride(0);
+  p.out_row_stride = out_values.stride(0);
+  p.w_t = w_t.data_as<float>();
+  p.norms = norms.data_as<double>();
+  p.bias = column_vector(bias, screen, d_sae, kOp, "bias");
+  p.scale = column_vector(scale, screen, d_sae, kOp, "scale");
+  if (rows == 0) return 0;
+  return screened_topk_cpu(screen.data_as<BFloat16>(), x.data_as<float>(),
+                           out_values.data_as<float>(), out_index.data_as<std::int32_t>(), p);
+}
+
 void sparse_decode(const TensorView& index, const TensorView& values,
                    const std::optional<TensorView>& row_ptr, const TensorView& weight,
                    const std::optional<TensorView>& bias, const TensorView& out, bool accumulate,

@@ -36,6 +36,15 @@
 //   becomes the key of the k-th once the row holds k values. Starting from padding and a zero
 //   row_bar, candidates and merges over the chunks of a row's columns give its exact top-k.
 //
+// screened_topk (CPU): the exact float32 top-k of rows of (x W + bias) * scale, from screen
+//   bfloat16 [rows, d_sae] = bf16(x) bf16(W) (any GEMM with float32 sums), x float32 [rows,
+//   d_in], w_t float32 [d_sae, d_in] (W transposed, contiguous), norms float64 [2, d_sae] (the
+//   norms of bf16(W)'s columns and of W - bf16(W)'s, not rounded down) and bias / scale
+//   float32 [d_sae] (optional): only
+//   latents whose proven interval around the screen can reach the k-th are computed again, in
+//   double, and rounded once. Output as select_topk's, [rows, k]. Returns how many latents were
+//   recomputed (all of a row's when its bounds are not finite: an inf or NaN in x, W or screen).
+//
 // sparse_decode: out[r] = (accumulate ? out[r] : bias or 0) + sum_j values[j] W[index[j]] over
 //   j in row r's range: [row_ptr[r], row_ptr[r + 1]) when row_ptr (int64 [rows + 1]) is given,
 //   else [r k, r k + k) with index and values [rows, k]. index int32 or int64 (-1 entries are
@@ -89,6 +98,11 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
                 const TensorView& cand_values, const TensorView& cand_index,
                 const TensorView& cand_count, const TensorView& row_bar, std::uintptr_t stream);
 
+std::int64_t screened_topk(const TensorView& screen, const TensorView& x, const TensorView& w_t,
+                           const TensorView& norms, const std::optional<TensorView>& bias,
+                           const std::optional<TensorView>& scale, std::int64_t k,
+                           const TensorView& out_values, const TensorView& out_index);
+
 void sparse_decode(const TensorView& index, const TensorView& values,
                    const std::optional<TensorView>& row_ptr, const TensorView& weight,
                    const std::optional<TensorView>& bias, const TensorView& out, bool accumulate,
@@ -112,6 +126,20 @@ struct SelectParams {
   const float* threshold;         // nullptr: 0 (select_threshold)
   const float* mag_scale;         // nullptr: not gated
   const float* mag_bias;
+};
+
+struct ScreenParams {
+  std::int64_t rows;
+  std::int64_t d_in;
+  std::int64_t d_sae;
+  std::int64_t k;
+  std::int64_t screen_row_stride;
+  std::int64_t x_row_stride;
+  std::int64_t out_row_stride;
+  const float* w_t;         // [d_sae, d_in], contiguous
+  const double* norms;      // [2, d_sae]: ||bf16(w_j)||, ||w_j - bf16(w_j)||
+  const float* bias;        // nullptr: 0
+  const float* scale;       // nullptr: 1
 };
 
 struct DecodeParams {
@@ -141,6 +169,9 @@ void select_topk_cpu(const T* values, float* out_values, std::int32_t* out_index
 template <typename T>
 void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_index,
                           std::int32_t* out_count, const SelectParams& params);
+
+std::int64_t screened_topk_cpu(const BFloat16* screen, const float* x, float* out_values,
+                               std::int32_t* out_index, const ScreenParams& params);
 
 template <typename W, typename I>
 void sparse_decode_cpu(const I* index, const acc_t<W>* values, const W* weight, const W* bias, W* out,

@@ -39,13 +39,19 @@ import torch
 
 from mechinterp import _ops
 from mechinterp.errors import InputError, ShapeError
+from mechinterp.sae import screen as _screen
 from mechinterp.sae.sae import SAE
 
 __all__ = ["SparseFeatures", "decode_sparse", "encode_sparse", "encode_subset", "reconstruct"]
 
 # Pre-activations held at once: enough for the GEMM to run at full speed, a small fraction of
 # the [tokens, d_sae] matrix at realistic sizes. The CPU keeps its chunk nearer its caches.
+# On an H100 (bf16, 16,384 tokens) chunked GEMMs ran at 1.02-1.04x one GEMM's time with 64-128
+# MiB chunks and 1.02-1.12x with 256 MiB; the running top-k was fastest with 128 MiB (its merge
+# costs the same per chunk whatever the width, which rules out smaller ones), the threshold
+# selector with 256 MiB.
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+_TOPK_CUDA_CHUNK_BYTES = 128 << 20
 # Latents a CUDA selector block covers.
 _SEGMENT = _ops.SAE_CUDA_SEGMENT
 # Threshold selectors start with this many slots per segment (a density of 0.4%); rows that
@@ -103,24 +109,33 @@ class SparseFeatures:
                               self.values.to(device), self.d_sae, self.shape)
 
 
-def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None) -> SparseFeatures:
+def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
+                  screen: bool | None = None) -> SparseFeatures:
     """Sparse feature activations of ``x [..., d_in]``; equals ``sae.encode(x)`` densified.
 
     The encoder runs in chunks of latents, so peak extra memory is one chunk of
-    pre-activations (``chunk_bytes``; 256 MiB on CUDA, 16 MiB on the CPU) plus the output.
+    pre-activations (``chunk_bytes``; on CUDA 128 MiB for TopK and 256 MiB otherwise, 16 MiB on
+    the CPU) plus the output.
     float32 / float16 / bfloat16 SAEs use the compiled selectors; float64 SAEs, TopK with
     ``k > 256`` on CUDA, and devices without kernels use the same chunking with torch
     operations. On CPUs without AVX-512, 16-bit SAEs multiply in float32 (torch has no fast
     16-bit GEMM there), which is more precise than the dense reference.
 
+    float32 TopK SAEs on the CPU can be screened (:mod:`mechinterp.sae.screen`): a bfloat16 GEMM
+    bounds every pre-activation and only the latents that can reach the top ``k`` are computed
+    in float32; the result is the exact float32 top-k, values rounded once.
+
     Args:
         sae: the autoencoder.
         x: activations ``[..., d_in]`` on the SAE's device.
         chunk_bytes: budget for one chunk of pre-activations.
+        screen: screen a float32 TopK encode on the CPU. Default: where the CPU has bfloat16
+            instructions (AVX512-BF16 or AMX), on which the bf16 GEMM is the faster one.
 
     Raises:
         ShapeError: ``x`` does not end in ``d_in``.
-        InputError: ``x`` is not a tensor, or ``chunk_bytes`` is not a positive int.
+        InputError: ``x`` is not a tensor, ``chunk_bytes`` is not a positive int, or ``screen``
+            is asked for where it does not apply.
     """
     if not isinstance(sae, SAE):
         msg = f"sae must be an SAE; got {type(sae).__name__}"
@@ -133,7 +148,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None) 
     x_n, _ = sae._normalize(x.reshape(-1, sae.d_in))
     if sae.apply_b_dec_to_input:
         x_n = x_n - sae.b_dec
-    plan = _Plan.make(sae, x_n, chunk_bytes)
+    plan = _Plan.make(sae, x_n, chunk_bytes, screen)
     if sae.architecture == "topk":
         row_ptr, indices, values = _encode_topk(sae, plan)
     else:
@@ -218,12 +233,15 @@ class _Plan:
     chunk_cols: int
     compiled: bool  # the selectors run in _C
     gemm_dtype: torch.dtype
+    screen: bool  # whole rows, screened by a bf16 GEMM (float32 TopK on the CPU)
 
     @staticmethod
-    def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None) -> _Plan:
+    def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None, screen: bool | None) -> _Plan:
         device = x.device.type
         if chunk_bytes is None:
             chunk_bytes = _CHUNK_BYTES.get(device, _CHUNK_BYTES["cuda"])
+            if device == "cuda" and sae.architecture == "topk":
+                chunk_bytes = _TOPK_CUDA_CHUNK_BYTES
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             msg = f"chunk_bytes must be a positive int; got {chunk_bytes!r}"
             raise InputError(msg)
@@ -239,6 +257,11 @@ class _Plan:
                 torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
             # Without AVX-512 torch's 16-bit CPU GEMM is hundreds of times slower than float32.
             gemm_dtype = torch.float32
+        screen = _wants_screen(sae, device, compiled, screen)
+        if screen:
+            # The kernel ranks whole rows, so blocks of rows with every latent.
+            block_rows = max(1, min(max(x.shape[0], 1), chunk_bytes // (sae.d_sae * 2)))
+            return _Plan(x.contiguous(), block_rows, sae.d_sae, compiled, gemm_dtype, True)
         item = torch.empty((), dtype=gemm_dtype).element_size()
         rows = max(x.shape[0], 1)
         # Whole rows when they fit; else chunks of latents (whole selector segments on CUDA), and
@@ -249,7 +272,7 @@ class _Plan:
             cols = max(step, chunk_bytes // (rows * item) // step * step)
             cols = min(cols, sae.d_sae)
         block_rows = max(1, min(rows, chunk_bytes // (cols * item)))
-        return _Plan(x.to(gemm_dtype).contiguous(), block_rows, cols, compiled, gemm_dtype)
+        return _Plan(x.to(gemm_dtype).contiguous(), block_rows, cols, compiled, gemm_dtype, False)
 
     def blocks(self):
         for r0 in range(0, self.x.shape[0], self.block_rows):
@@ -258,6 +281,21 @@ class _Plan:
     def chunks(self, d_sae: int):
         for c0 in range(0, d_sae, self.chunk_cols):
             yield c0, min(d_sae, c0 + self.chunk_cols)
+
+
+def _wants_screen(sae: SAE, device: str, compiled: bool, screen: bool | None) -> bool:
+    applies = (device == "cpu" and compiled and sae.architecture == "topk"
+               and sae.dtype == torch.float32)
+    if screen is None:
+        return applies and _screen.fast_bf16_cpu()
+    if not isinstance(screen, bool):
+        msg = f"screen must be True, False or None; got {screen!r}"
+        raise InputError(msg)
+    if screen and not applies:
+        msg = (f"screen=True needs a float32 TopK SAE on the CPU; got a {sae.dtype} "
+               f"{sae.architecture} SAE on {device}")
+        raise InputError(msg)
+    return screen
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -273,8 +311,13 @@ def _encode_topk(sae: SAE, plan: _Plan):
         scale = _f32(scale)
     chunks = list(plan.chunks(sae.d_sae))
     index_blocks, value_blocks = [], []
+    screen = _screen.screen_weights(sae) if plan.screen else None
+    if screen is not None:
+        bias, scale = _f32(sae.b_enc), _f32(scale)
     for xb in plan.blocks():
-        if plan.compiled:
+        if screen is not None:
+            top_v, top_i = _screen.screened_topk_block(xb, screen, bias, scale, k)
+        elif plan.compiled:
             top_v, top_i = _topk_block_compiled(xb, weight, bias, scale, k, chunks)
         else:
             top_v, top_i = _topk_block_torch(xb, weight, bias, scale, k, chunks)
@@ -361,17 +404,21 @@ def _encode_threshold(sae: SAE, plan: _Plan):
     params = _threshold_params(sae, torch.float32 if plan.compiled else plan.gemm_dtype)
     chunks = list(plan.chunks(sae.d_sae))
     device = sae.device
-    counts, index_blocks, value_blocks = [], [], []
+    ends, index_blocks, value_blocks = [], [], []
+    start = 0  # entries of the earlier blocks
     for xb in plan.blocks():
         kept, index, count = _threshold_block(xb, sae.W_enc, params, chunks, plan,
                                               _FIRST_CAP_PER_SEGMENT)
         overflow = (count > kept.shape[2]).any(dim=1)
-        l0 = count.sum(dim=1)
-        counts.append(l0)
+        # Everything the usual case needs after the host sync is queued before it, so that the
+        # GPU has work while the host waits and only the compaction is launched afterwards.
+        live = torch.arange(kept.shape[2], device=device) < count.unsqueeze(-1)
+        row_end = torch.cumsum(count.sum(dim=1), dim=0)
         # One host sync a block: whether any row overflowed, and how many entries there are.
-        overflowed, nnz = torch.stack([overflow.sum(), l0.sum()]).tolist()
+        overflowed, nnz = torch.stack([overflow.sum(), row_end[-1]]).tolist()
         if not overflowed:
-            values, indices = _packed_entries(kept, index, count, nnz)
+            where = torch.nonzero_static(live.reshape(-1), size=nnz).squeeze(1)
+            values, indices = kept.reshape(-1)[where], index.reshape(-1)[where]
         else:
             values, indices, rows = _live_entries(kept, index, count)
             overflow = overflow.nonzero().flatten()
@@ -386,11 +433,11 @@ def _encode_threshold(sae: SAE, plan: _Plan):
             rows = torch.cat([rows[ok], overflow[more_rows]])
             order = torch.sort(rows, stable=True).indices
             values, indices = values[order], indices[order]
+        ends.append(row_end + start if start else row_end)
+        start += nnz
         value_blocks.append(values.to(sae.dtype))
         index_blocks.append(indices.to(torch.int64))
-    row_ptr = torch.zeros(plan.x.shape[0] + 1, dtype=torch.int64, device=device)
-    if counts:
-        torch.cumsum(_joined(counts), dim=0, out=row_ptr[1:])
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), *ends])
     values = _joined(value_blocks) if value_blocks else sae.W_enc.new_empty(0)
     indices = (_joined(index_blocks) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=device))
@@ -400,17 +447,6 @@ def _encode_threshold(sae: SAE, plan: _Plan):
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     # One block (the usual case) needs no copy.
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _packed_entries(kept, index, count, nnz: int):
-    """The filled slots of [rows, segments, cap] selector output in row-major order.
-
-    Every count is at most cap and ``nnz`` is their sum, so the filled slots are found without
-    another host sync.
-    """
-    live = torch.arange(kept.shape[2], device=kept.device) < count.unsqueeze(-1)
-    where = torch.nonzero_static(live.reshape(-1), size=nnz).squeeze(1)
-    return kept.reshape(-1)[where], index.reshape(-1)[where]
 
 
 def _live_entries(kept, index, count):
