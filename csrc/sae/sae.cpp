@@ -43,6 +43,23 @@ void check_matrix(const TensorView& t, std::int64_t rows, std::int64_t cols, con
                    t.stride(1), "]");
 }
 
+// Sorted top-k output: out_values float32 and out_index int32 [rows, width] sharing a row stride.
+void check_topk_outputs(const TensorView& out_values, const TensorView& out_index,
+                        std::int64_t rows, std::int64_t width, const TensorView& values,
+                        const char* op) {
+  check_matrix(out_values, rows, width, op, "out_values");
+  check_matrix(out_index, rows, width, op, "out_index");
+  MECHINTERP_CHECK(out_values.dtype == DType::Float32, op, ": out_values must be float32, got ",
+                   dtype_name(out_values.dtype));
+  MECHINTERP_CHECK(out_index.dtype == DType::Int32, op, ": out_index must be int32, got ",
+                   dtype_name(out_index.dtype));
+  MECHINTERP_CHECK(out_values.stride(0) == out_index.stride(0), op,
+                   ": out_values and out_index must share a row stride, got ",
+                   out_values.stride(0), " and ", out_index.stride(0));
+  check_same_device(out_values, values, op, "out_values");
+  check_same_device(out_index, values, op, "out_index");
+}
+
 const float* column_vector(const std::optional<TensorView>& t, const TensorView& values,
                            std::int64_t cols, const char* op, const char* name) {
   if (!t) return nullptr;
@@ -78,17 +95,7 @@ void select_topk(const TensorView& values, const std::optional<TensorView>& inde
                    ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
                    " columns");
   const std::int64_t segments = topk_segments(cols, values.is_cuda());
-  check_matrix(out_values, rows, segments * k, kOp, "out_values");
-  check_matrix(out_index, rows, segments * k, kOp, "out_index");
-  MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
-                   dtype_name(out_values.dtype));
-  MECHINTERP_CHECK(out_index.dtype == DType::Int32, kOp, ": out_index must be int32, got ",
-                   dtype_name(out_index.dtype));
-  MECHINTERP_CHECK(out_values.stride(0) == out_index.stride(0), kOp,
-                   ": out_values and out_index must share a row stride, got ",
-                   out_values.stride(0), " and ", out_index.stride(0));
-  check_same_device(out_values, values, kOp, "out_values");
-  check_same_device(out_index, values, kOp, "out_index");
+  check_topk_outputs(out_values, out_index, rows, segments * k, values, kOp);
 
   SelectParams p{};
   p.rows = rows;
@@ -371,17 +378,7 @@ std::int64_t screened_topk(const TensorView& screen, const TensorView& x, const 
   check_block(norms, {2, d_sae}, DType::Float64, screen, kOp, "norms");
   MECHINTERP_CHECK(k >= 1, kOp, ": k must be >= 1, got ", k);
   MECHINTERP_CHECK(d_sae <= INT32_MAX, kOp, ": latent indices must fit int32, got d_sae ", d_sae);
-  check_matrix(out_values, rows, k, kOp, "out_values");
-  check_matrix(out_index, rows, k, kOp, "out_index");
-  MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
-                   dtype_name(out_values.dtype));
-  MECHINTERP_CHECK(out_index.dtype == DType::Int32, kOp, ": out_index must be int32, got ",
-                   dtype_name(out_index.dtype));
-  MECHINTERP_CHECK(out_values.stride(0) == out_index.stride(0), kOp,
-                   ": out_values and out_index must share a row stride, got ",
-                   out_values.stride(0), " and ", out_index.stride(0));
-  check_same_device(out_values, screen, kOp, "out_values");
-  check_same_device(out_index, screen, kOp, "out_index");
+  check_topk_outputs(out_values, out_index, rows, k, screen, kOp);
 
   ScreenParams p{};
   p.rows = rows;
