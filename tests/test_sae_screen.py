@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,6 +93,7 @@ def test_screen_weights_follow_in_place_changes_of_the_encoder():
     x = inputs(9, sae.d_in)
     first = screen_weights(sae)
     assert screen_weights(sae) is first
+    assert screen_weights(dataclasses.replace(sae, normalize_activations="none")) is first
     encode_sparse(sae, x, screen=True)
     with torch.no_grad():
         sae.W_enc.mul_(-1.0)

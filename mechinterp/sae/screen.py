@@ -9,7 +9,8 @@ and ranks them. The result is the float32 top-k itself, each value rounded once 
 dot product, not an approximation of it.
 
 The encoder's bf16 copy, its float32 transpose and its column norms (1.5x the encoder's size in
-all) are kept with the SAE after the first screened encode and rebuilt when ``W_enc`` changes.
+all) are kept while ``W_enc`` lives, after the first screened encode, and rebuilt when it
+changes.
 """
 
 from __future__ import annotations
@@ -43,10 +44,18 @@ class ScreenWeights:
     norms: torch.Tensor  # [2, d_sae] float64: ||bf16(w_j)||, ||w_j - bf16(w_j)||, not rounded down
 
 
+# Keyed by the encoder tensor, not the SAE: copies made by dataclasses.replace (encode_subset's
+# unnormalised view, for one) share W_enc and so share its screening weights.
+_BY_ENCODER: dict[int, ScreenWeights] = {}
+
+
 def screen_weights(sae: SAE) -> ScreenWeights:
-    """The SAE's screening weights, built on first use and kept until ``W_enc`` changes."""
+    """The screening weights of the SAE's ``W_enc``, built on first use and kept while it lives.
+
+    They are rebuilt when ``W_enc`` is changed in place or replaced.
+    """
     w = sae.W_enc
-    cached = getattr(sae, "_screen_weights", None)
+    cached = _BY_ENCODER.get(id(w))
     if cached is not None and cached.source() is w and cached.version == w._version:
         return cached
     w_t = w.detach().T.contiguous()
@@ -56,7 +65,10 @@ def screen_weights(sae: SAE) -> ScreenWeights:
         torch.linalg.vector_norm(w_t.double() - w_bf16_t.double(), dim=1),
     ]) * _NORM_ROUND_UP
     weights = ScreenWeights(weakref.ref(w), w._version, w_bf16_t, w_t, norms)
-    sae._screen_weights = weights  # a plain attribute: copies of the SAE build their own
+    if cached is None:
+        # Runs when the tensor is freed, before its id can be reused.
+        weakref.finalize(w, _BY_ENCODER.pop, id(w), None)
+    _BY_ENCODER[id(w)] = weights
     return weights
 
 
