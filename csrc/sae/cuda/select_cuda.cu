@@ -106,7 +106,7 @@ __device__ __forceinline__ float gated_magnitude(float h, float scale, float shi
 // come the same way. The survivors keep column order: (warp, load, lane, item) is column order,
 // so a scan over the lanes per load (two loads' counts packed in one int) and one over the
 // warps give each survivor its slot.
-template <typename T, bool kVector>
+template <typename T, bool kVector, bool kPlain>
 __global__ void __launch_bounds__(kThreads)
     SelectThresholdKernel(const T* __restrict__ values, float* __restrict__ out_values,
                           std::int32_t* __restrict__ out_index,
@@ -131,31 +131,44 @@ __global__ void __launch_bounds__(kThreads)
   // Only which items survive is kept: the few survivors' activations are computed again from
   // memory when written, which leaves registers for more resident blocks.
   std::uint32_t passed = 0;  // bit i: item i survives
-  int counts[L::kCount];
 #pragma unroll
   for (int j = 0; j < L::kCount; ++j) {
     const int base = warp * kWarpColumns + (j * 32 + lane) * kWidth;
     T buf[kWidth];
     load_run<T, kVector>(in, base, cols, buf);
-    float add[kWidth] = {};
     float bar[kWidth] = {};
-    float scale[kWidth] = {};
-    float shift[kWidth] = {};
-    if (bias) load_column_floats<kWidth, kVector>(bias, base, cols, add);
     if (threshold) load_column_floats<kWidth, kVector>(threshold, base, cols, bar);
-    if (mag_scale) {
-      load_column_floats<kWidth, kVector>(mag_scale, base, cols, scale);
-      load_column_floats<kWidth, kVector>(mag_bias, base, cols, shift);
-    }
-    counts[j] = 0;
+    if constexpr (kPlain) {
+      // No bias and not gated (the usual JumpReLU / ReLU encode, whose bias is in the GEMM):
+      // one test per item, and the zeros past the end never pass it.
 #pragma unroll
-    for (int v = 0; v < kWidth; ++v) {
-      const float h = to_float(buf[v]);
-      const bool keep = base + v < cols && h + add[v] > bar[v] &&
-                        (mag_scale ? gated_magnitude(h, scale[v], shift[v]) : h + add[v]) > 0.0f;
-      passed |= static_cast<std::uint32_t>(keep) << (j * kWidth + v);
-      counts[j] += keep;
+      for (int v = 0; v < kWidth; ++v) {
+        const float h = to_float(buf[v]);
+        passed |= static_cast<std::uint32_t>(h > bar[v] && h > 0.0f) << (j * kWidth + v);
+      }
+    } else {
+      float add[kWidth] = {};
+      float scale[kWidth] = {};
+      float shift[kWidth] = {};
+      if (bias) load_column_floats<kWidth, kVector>(bias, base, cols, add);
+      if (mag_scale) {
+        load_column_floats<kWidth, kVector>(mag_scale, base, cols, scale);
+        load_column_floats<kWidth, kVector>(mag_bias, base, cols, shift);
+      }
+#pragma unroll
+      for (int v = 0; v < kWidth; ++v) {
+        const float h = to_float(buf[v]);
+        const bool keep =
+            base + v < cols && h + add[v] > bar[v] &&
+            (mag_scale ? gated_magnitude(h, scale[v], shift[v]) : h + add[v]) > 0.0f;
+        passed |= static_cast<std::uint32_t>(keep) << (j * kWidth + v);
+      }
     }
+  }
+  int counts[L::kCount];
+#pragma unroll
+  for (int j = 0; j < L::kCount; ++j) {
+    counts[j] = __popc((passed >> (j * kWidth)) & ((1u << kWidth) - 1u));
   }
   // Survivors before this lane in each load's group, and each group's total over the warp.
   int before[L::kCount];
@@ -253,12 +266,19 @@ void launch_select_threshold_cuda(const T* values, float* out_values, std::int32
   using device_t = cuda_scalar_t<T>;
   const auto* in = reinterpret_cast<const device_t*>(values);
   const unsigned blocks = blocks_for(params, "select_threshold");
-  if (threshold_can_load_vectors(values, params)) {
-    SelectThresholdKernel<device_t, true>
-        <<<blocks, kThreads, 0, stream>>>(in, out_values, out_index, out_count, params);
+  const bool vector = threshold_can_load_vectors(values, params);
+  const bool plain = !params.bias && !params.mag_scale;
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(in, out_values, out_index, out_count, params);
+  };
+  if (vector && plain) {
+    launch(SelectThresholdKernel<device_t, true, true>);
+  } else if (vector) {
+    launch(SelectThresholdKernel<device_t, true, false>);
+  } else if (plain) {
+    launch(SelectThresholdKernel<device_t, false, true>);
   } else {
-    SelectThresholdKernel<device_t, false>
-        <<<blocks, kThreads, 0, stream>>>(in, out_values, out_index, out_count, params);
+    launch(SelectThresholdKernel<device_t, false, false>);
   }
   MECHINTERP_CUDA_LAUNCH_CHECK();
 }
