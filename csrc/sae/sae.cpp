@@ -4,6 +4,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common/check.h"
 #include "common/device.h"
@@ -41,6 +42,20 @@ void check_matrix(const TensorView& t, std::int64_t rows, std::int64_t cols, con
   MECHINTERP_CHECK(cols <= 1 || t.stride(1) == 1, op, ": ", name,
                    " must have unit column stride, got strides [", t.stride(0), ", ",
                    t.stride(1), "]");
+}
+
+// values [rows, cols] with adjacent columns, whose indices col_offset + c fit int32.
+std::pair<std::int64_t, std::int64_t> check_values(const TensorView& values,
+                                                   std::int64_t col_offset, const char* op) {
+  MECHINTERP_CHECK(values.dim() == 2, op, ": values must be [rows, cols], got ",
+                   values.shape_string());
+  const std::int64_t rows = values.size(0);
+  const std::int64_t cols = values.size(1);
+  check_matrix(values, rows, cols, op, "values");
+  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, op,
+                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
+                   " columns");
+  return {rows, cols};
 }
 
 // Sorted top-k output: out_values float32 and out_index int32 [rows, width] sharing a row stride.
@@ -83,17 +98,10 @@ void select_topk(const TensorView& values, const std::optional<TensorView>& inde
                  std::int64_t k, std::int64_t col_offset, const TensorView& out_values,
                  const TensorView& out_index, std::uintptr_t stream) {
   constexpr const char* kOp = "select_topk";
-  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
-                   values.shape_string());
-  const std::int64_t rows = values.size(0);
-  const std::int64_t cols = values.size(1);
-  check_matrix(values, rows, cols, kOp, "values");
+  const auto [rows, cols] = check_values(values, col_offset, kOp);
   MECHINTERP_CHECK(k >= 1, kOp, ": k must be >= 1, got ", k);
   MECHINTERP_CHECK(!values.is_cuda() || k <= kCudaMaxK, kOp, ": k must be <= ", kCudaMaxK,
                    " on CUDA, got ", k);
-  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
-                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
-                   " columns");
   const std::int64_t segments = topk_segments(cols, values.is_cuda());
   check_topk_outputs(out_values, out_index, rows, segments * k, values, kOp);
 
@@ -146,14 +154,7 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
                       const TensorView& out_values, const TensorView& out_index,
                       const TensorView& out_count, std::uintptr_t stream) {
   constexpr const char* kOp = "select_threshold";
-  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
-                   values.shape_string());
-  const std::int64_t rows = values.size(0);
-  const std::int64_t cols = values.size(1);
-  check_matrix(values, rows, cols, kOp, "values");
-  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
-                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
-                   " columns");
+  const auto [rows, cols] = check_values(values, col_offset, kOp);
   const std::int64_t segments = topk_segments(cols, values.is_cuda());
   MECHINTERP_CHECK(out_values.dim() == 3 && out_values.size(0) == rows &&
                        out_values.size(1) == segments && out_values.is_contiguous(),
@@ -261,16 +262,9 @@ void topk_candidates(const TensorView& values, const std::optional<TensorView>& 
                      const TensorView& out_index, const TensorView& out_count,
                      const TensorView& row_bar, std::uintptr_t stream) {
   constexpr const char* kOp = "topk_candidates";
-  MECHINTERP_CHECK(values.dim() == 2, kOp, ": values must be [rows, cols], got ",
-                   values.shape_string());
-  const std::int64_t rows = values.size(0);
-  const std::int64_t cols = values.size(1);
-  check_matrix(values, rows, cols, kOp, "values");
+  const auto [rows, cols] = check_values(values, col_offset, kOp);
   require_cuda(values, kOp);
   MECHINTERP_CHECK(cols >= 1, kOp, ": values must have at least one column");
-  MECHINTERP_CHECK(col_offset >= 0 && col_offset + cols <= INT32_MAX, kOp,
-                   ": column indices must fit int32, got col_offset ", col_offset, " and ", cols,
-                   " columns");
   const std::int64_t segments = topk_segments(cols, true);
   MECHINTERP_CHECK(out_values.dim() == 3, kOp, ": out_values must be [", rows, ", ", segments,
                    ", cap], got ", out_values.shape_string());

@@ -412,7 +412,7 @@ def _encode_threshold(sae: SAE, plan: _Plan):
         overflow = (count > kept.shape[2]).any(dim=1)
         # Everything the usual case needs after the host sync is queued before it, so that the
         # GPU has work while the host waits and only the compaction is launched afterwards.
-        live = torch.arange(kept.shape[2], device=device) < count.unsqueeze(-1)
+        live = _live_slots(kept, count)
         row_end = torch.cumsum(count.sum(dim=1), dim=0)
         # One host sync a block: whether any row overflowed, and how many entries there are.
         overflowed, nnz = torch.stack([overflow.sum(), row_end[-1]]).tolist()
@@ -420,13 +420,15 @@ def _encode_threshold(sae: SAE, plan: _Plan):
             where = torch.nonzero_static(live.reshape(-1), size=nnz).squeeze(1)
             values, indices = kept.reshape(-1)[where], index.reshape(-1)[where]
         else:
-            values, indices, rows = _live_entries(kept, index, count)
+            values, indices, rows = _live_entries(kept, index, live)
             overflow = overflow.nonzero().flatten()
             # Rows with more active latents in a segment than there were slots: encode just
             # those rows again with room for all, and put their entries back in row order.
             widest = int(count[overflow].max())
-            again = _threshold_block(xb[overflow], sae.W_enc, params, chunks, plan, widest)
-            more_v, more_i, more_rows = _live_entries(*again)
+            again, again_index, again_count = _threshold_block(
+                xb[overflow], sae.W_enc, params, chunks, plan, widest)
+            more_v, more_i, more_rows = _live_entries(again, again_index,
+                                                      _live_slots(again, again_count))
             ok = ~torch.isin(rows, overflow)
             values = torch.cat([values[ok], more_v])
             indices = torch.cat([indices[ok], more_i])
@@ -449,9 +451,13 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _live_entries(kept, index, count):
+def _live_slots(kept, count):
+    """Which slots of [rows, segments, cap] selector output are filled."""
+    return torch.arange(kept.shape[2], device=kept.device) < count.unsqueeze(-1)
+
+
+def _live_entries(kept, index, live):
     """The filled slots of [rows, segments, cap] selector output, in row-major order, with rows."""
-    live = torch.arange(kept.shape[2], device=kept.device) < count.unsqueeze(-1)
     rows = torch.arange(kept.shape[0], device=kept.device)
     return kept[live], index[live], rows.repeat_interleave(live.sum(dim=(1, 2)))
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "sae/cpu/ranking.h"
 #include "sae/sae.h"
 
 namespace mechinterp::sae {
@@ -39,16 +40,6 @@ namespace {
 #else
 #define MECHINTERP_VECTOR_CLONES
 #endif
-
-struct Ranked {
-  std::uint32_t key;
-  std::int32_t index;
-};
-
-// Larger key first; equal keys go to the lower index (the order select_topk keeps).
-inline bool ranks_before(const Ranked& a, const Ranked& b) {
-  return a.key != b.key ? a.key > b.key : a.index < b.index;
-}
 
 // x . w in double: each float product is exact in double, so the only rounding is in the sums,
 // about 2^-53 d relative, far below the float32 rounding of the result.
@@ -215,22 +206,6 @@ inline float exact_value(const float* x, const ScreenParams& p, std::int64_t j) 
   return static_cast<float>(v);
 }
 
-// The k best of `ranked` into out, sorted, padded with (-inf, -1).
-void write_best(std::vector<Ranked>& ranked, std::int64_t k, float* out_v, std::int32_t* out_i) {
-  const auto keep = std::min<std::size_t>(ranked.size(), static_cast<std::size_t>(k));
-  std::partial_sort(ranked.begin(), ranked.begin() + static_cast<std::ptrdiff_t>(keep),
-                    ranked.end(), ranks_before);
-  for (std::int64_t j = 0; j < k; ++j) {
-    if (static_cast<std::size_t>(j) < keep) {
-      out_v[j] = key_float_host(ranked[static_cast<std::size_t>(j)].key);
-      out_i[j] = ranked[static_cast<std::size_t>(j)].index;
-    } else {
-      out_v[j] = -std::numeric_limits<float>::infinity();
-      out_i[j] = -1;
-    }
-  }
-}
-
 }  // namespace
 
 // Per row: every latent's interval, the k-th largest lower end L, and the latents whose upper
@@ -249,7 +224,7 @@ std::int64_t screened_topk_cpu(const BFloat16* screen, const float* x, float* ou
     std::vector<float> held;
     held.reserve(static_cast<std::size_t>(2 * p.k));
     std::vector<std::int32_t> reaching;
-    std::vector<Ranked> ranked;
+    std::vector<Candidate> ranked;
 #if defined(MECHINTERP_OPENMP)
 #pragma omp for schedule(dynamic, 4)
 #endif

@@ -5,21 +5,12 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "sae/cpu/ranking.h"
 #include "sae/sae.h"
 
 namespace mechinterp::sae {
 
 namespace {
-
-struct Candidate {
-  std::uint32_t key;
-  std::int32_t index;
-};
-
-// Larger key first; equal keys go to the lower index, so the kept set is deterministic.
-inline bool ranks_before(const Candidate& a, const Candidate& b) {
-  return a.key != b.key ? a.key > b.key : a.index < b.index;
-}
 
 // Rows are independent; below this much work per call the thread start-up costs more.
 constexpr std::int64_t kParallelWork = 1 << 16;
@@ -67,18 +58,7 @@ void select_topk_cpu(const T* values, float* out_values, std::int32_t* out_index
           full = true;
         }
       }
-      std::sort(held.begin(), held.end(), ranks_before);
-      float* out_v = out_values + r * p.out_row_stride;
-      std::int32_t* out_i = out_index + r * p.out_row_stride;
-      for (std::int64_t j = 0; j < p.k; ++j) {
-        if (j < static_cast<std::int64_t>(held.size())) {
-          out_v[j] = key_float_host(held[static_cast<std::size_t>(j)].key);
-          out_i[j] = held[static_cast<std::size_t>(j)].index;
-        } else {
-          out_v[j] = -std::numeric_limits<float>::infinity();
-          out_i[j] = -1;
-        }
-      }
+      write_best(held, p.k, out_values + r * p.out_row_stride, out_index + r * p.out_row_stride);
     }
   }
 }

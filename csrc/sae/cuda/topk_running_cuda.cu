@@ -22,30 +22,32 @@ using namespace select_device;
 constexpr int kMergeWarps = 4;
 
 // Packed pairs of a 16-bit type, with the paired operations the fast path of
-// TopkCandidatesKernel uses.
+// TopkCandidatesKernel uses (the cuda_fp16 / cuda_bf16 intrinsics are overloaded on the pair
+// type; only the conversion that rounds down is named per type).
 template <typename T>
-struct Pairs;
+struct PairOf;
 
 template <>
-struct Pairs<__half> {
+struct PairOf<__half> {
   using type = __half2;
-  static __device__ __forceinline__ type max_nan(type a, type b) { return __hmax2_nan(a, b); }
-  static __device__ __forceinline__ unsigned at_least(type a, type b) { return __hge2_mask(a, b); }
   static __device__ __forceinline__ type splat_down(float f) {
     return __half2half2(__float2half_rd(f));
   }
-  static __device__ __forceinline__ float low(type a) { return __low2float(a); }
-  static __device__ __forceinline__ float high(type a) { return __high2float(a); }
 };
 
 template <>
-struct Pairs<__nv_bfloat16> {
+struct PairOf<__nv_bfloat16> {
   using type = __nv_bfloat162;
-  static __device__ __forceinline__ type max_nan(type a, type b) { return __hmax2_nan(a, b); }
-  static __device__ __forceinline__ unsigned at_least(type a, type b) { return __hge2_mask(a, b); }
   static __device__ __forceinline__ type splat_down(float f) {
     return __bfloat162bfloat162(__float2bfloat16_rd(f));
   }
+};
+
+template <typename T>
+struct Pairs : PairOf<T> {
+  using type = typename PairOf<T>::type;
+  static __device__ __forceinline__ type max_nan(type a, type b) { return __hmax2_nan(a, b); }
+  static __device__ __forceinline__ unsigned at_least(type a, type b) { return __hge2_mask(a, b); }
   static __device__ __forceinline__ float low(type a) { return __low2float(a); }
   static __device__ __forceinline__ float high(type a) { return __high2float(a); }
 };
