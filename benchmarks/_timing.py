@@ -89,6 +89,27 @@ def median_time(device: torch.device, fn, repeats: int) -> float:
     return statistics.median(times(device, fn, repeats))
 
 
+def interleaved_medians(device: torch.device, fns: dict, repeats: int) -> dict:
+    """Median seconds of each of ``fns`` (name -> callable), timed in turn, one call of each per
+    round, after one warm-up call of each.
+
+    Ratios between them are then taken at the same clocks: a GPU slows as it heats over a run
+    of heavy calls (an H100 by up to 10% over a few hundred ms of GEMMs), which biases ratios of
+    runs timed one after another.
+    """
+    for fn in fns.values():
+        fn()
+    seconds = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def peak_extra_gib(device: torch.device, fn) -> float:
     """GiB allocated by ``fn()`` at its peak above what was allocated before (CUDA only)."""
     if device.type != "cuda":

@@ -4,6 +4,8 @@ For each (d_in, d_sae, k) of ``--shapes`` and each architecture (TopK with k, Ju
 thresholds set so that the mean L0 is about k), on N = ``--tokens`` random tokens, in bf16:
 
 - ``gemm``: one ``torch.mm`` of the same shape and dtype (cuBLAS), the floor any encode pays;
+  it, ``ours``, the bf16 ``dense`` and SAELens's bf16 encode are timed in turn (one call of
+  each per round), so that their ratios are taken at the same GPU clocks;
 - ``ours``: ``encode_sparse`` (chunked GEMM + compiled top-k / threshold selector, sparse output);
 - ``dense``: the ops SAELens runs (GEMM + bias, then ``topk`` + ReLU + scatter into a dense
   ``[N, d_sae]``, or ReLU times the threshold mask), in bf16 and in float32 (TF32 off);
@@ -31,7 +33,7 @@ import types
 
 import torch
 
-from benchmarks._timing import device_name, median_time, write_json
+from benchmarks._timing import device_name, interleaved_medians, median_time, write_json
 from benchmarks._timing import peak_extra_gib as peak_extra
 from mechinterp.sae import SAE, decode_sparse, encode_sparse, save_sae
 from mechinterp.sae.screen import fast_bf16_cpu
@@ -150,32 +152,36 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
     sae = random_sae(d_in, d_sae, k, arch, device, dtype)
     x = torch.randn(n, d_in, device=device, dtype=dtype)
     row = {"d_in": d_in, "d_sae": d_sae, "k": k, "arch": arch, "tokens": n, "dtype": "bfloat16"}
-    row["gemm_s"] = median_time(device, functools.partial(torch.mm, x, sae.W_enc), repeats)
     encode = functools.partial(encode_sparse, sae, x)
-    row["ours_s"] = median_time(device, encode, repeats)
+    dense = functools.partial(dense_encode, sae, x)
+    # The bf16 calls whose ratios the targets name are timed in turn, at the same clocks.
+    timed = {"gemm": functools.partial(torch.mm, x, sae.W_enc), "ours": encode,
+             "dense_bf16": dense}
+    lens_bf16 = saelens_encoder(sae, torch.bfloat16, folder)
+    if lens_bf16 is not None:
+        timed["saelens_bf16"] = functools.partial(_no_grad_encode, lens_bf16, x)
+    for name, seconds in interleaved_medians(device, timed, repeats).items():
+        row[f"{name}_s"] = seconds
     row["ours_peak_gib"] = peak_extra(device, encode)
     row["ours_vs_gemm"] = row["ours_s"] / row["gemm_s"]
     row["gemm_tflops"] = 2 * n * d_in * d_sae / row["gemm_s"] / 1e12
     features = encode()
     row.update(set_agreement(sae, x, features))
-
-    dense = functools.partial(dense_encode, sae, x)
-    row["dense_bf16_s"] = median_time(device, dense, repeats)
     row["dense_bf16_peak_gib"] = peak_extra(device, dense)
+    if lens_bf16 is not None:
+        row["saelens_bf16_peak_gib"] = peak_extra(device, timed.pop("saelens_bf16"))
+        del lens_bf16
+
     sae32, x32 = sae.to(dtype=torch.float32), x.float()
     dense32 = functools.partial(dense_encode, sae32, x32)
     row["dense_fp32_s"] = median_time(device, dense32, max(2, repeats // 2))
     del sae32, x32
-
-    for label, lens_dtype in (("saelens_bf16", torch.bfloat16), ("saelens_default", None)):
-        lens = saelens_encoder(sae, lens_dtype, folder)
-        if lens is None:
-            continue
-        xin = x if lens_dtype is not None else x.float()
-        call = functools.partial(_no_grad_encode, lens, xin)
-        row[f"{label}_s"] = median_time(device, call, max(2, repeats // 2))
-        row[f"{label}_peak_gib"] = peak_extra(device, call)
-        del lens
+    lens = saelens_encoder(sae, None, folder)
+    if lens is not None:
+        call = functools.partial(_no_grad_encode, lens, x.float())
+        row["saelens_default_s"] = median_time(device, call, max(2, repeats // 2))
+        row["saelens_default_peak_gib"] = peak_extra(device, call)
+        del lens, call
     for peer in ("dense_bf16", "dense_fp32", "saelens_bf16", "saelens_default"):
         if f"{peer}_s" in row:
             row[f"speedup_vs_{peer}"] = row[f"{peer}_s"] / row["ours_s"]

@@ -148,6 +148,20 @@ def sae_cases() -> int:
             got = _ops.select_threshold(values.cuda(), cap=4, **{n: t.cuda() for n, t in columns.items()})
             assert got[2].sum(1).cpu().tolist() == _ops.select_threshold(values, cap=4, **columns)[2][:, 0].tolist()
             checked += 2
+            # Into segment slices of a wider (zeroed) buffer, then compacted on both devices.
+            segments = got[2].shape[1]
+            wider = (torch.zeros(rows, segments + 1, 4, device="cuda"),
+                     torch.zeros(rows, segments + 1, 4, dtype=torch.int32, device="cuda"),
+                     torch.zeros(rows, segments + 1, dtype=torch.int32, device="cuda"))
+            _ops.select_threshold(values.cuda(), cap=4, out=tuple(t[:, 1:] for t in wider))
+            kept, index, count = (t[:, 1:].contiguous() for t in wider)
+            per_row = count.clamp(max=4).sum(1)
+            start = torch.cumsum(per_row, 0) - per_row
+            nnz = int(per_row.sum())
+            got = _ops.compact_slots(kept, index, count, start, nnz, dtype)
+            want = _ops.compact_slots(kept.cpu(), index.cpu(), count.cpu(), start.cpu(), nnz, dtype)
+            assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+            checked += 1
             for k in sorted({1, min(cols, 5), 64}):
                 # The running top-k over two chunks (the second one cut short).
                 top_v = torch.full((rows, k), float("-inf"), device="cuda")
@@ -162,6 +176,23 @@ def sae_cases() -> int:
                 n = min(k, cols)
                 assert torch.equal(top_i[:, :n].long().cpu(), want.indices[:, :n]), (dtype, rows, cols, k)
                 checked += 1
+    for dtype in (torch.float16, torch.bfloat16):
+        # Whole aligned segments: the packed candidates kernel, and its redo kernel for a row of
+        # ties and a row with a NaN.
+        segment = _ops.SAE_CUDA_SEGMENT
+        values = torch.randn(3, 2 * segment, generator=g).to(dtype)
+        values[0] = 0.5
+        values[1, 77] = float("nan")
+        k = 16
+        top_v = torch.full((3, k), float("-inf"), device="cuda")
+        top_i = torch.full((3, k), -1, dtype=torch.int32, device="cuda")
+        bar = torch.zeros(3, dtype=torch.int32, device="cuda")
+        for c0 in (0, segment):
+            part = _ops.topk_candidates(values[:, c0:c0 + segment].cuda(), k, row_bar=bar, col_offset=c0)
+            _ops.topk_merge(top_v, top_i, part, bar)
+        want = _ops.select_topk(values, k)
+        assert torch.equal(top_i.cpu(), want[1]), dtype
+        checked += 1
     for dtype in DTYPES:
         weight = torch.randn(50, 37, generator=g).to(dtype)
         index = torch.randint(-1, 50, (6, 5), generator=g)

@@ -196,6 +196,26 @@ PYBIND11_MODULE(_C, m) {
       "segments] holds the true count.");
 
   m.def(
+      "compact_slots",
+      [](py::handle kept, py::handle index, py::handle count, py::handle row_start,
+         py::handle out_values, py::handle out_index, std::uintptr_t stream) {
+        const auto kept_view = mechinterp::view_from_py(kept, "kept");
+        const auto index_view = mechinterp::view_from_py(index, "index");
+        const auto count_view = mechinterp::view_from_py(count, "count");
+        const auto row_start_view = mechinterp::view_from_py(row_start, "row_start");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        py::gil_scoped_release release;
+        mechinterp::sae::compact_slots(kept_view, index_view, count_view, row_start_view,
+                                       out_values_view, out_index_view, stream);
+      },
+      py::arg("kept"), py::arg("index"), py::arg("count"), py::arg("row_start"),
+      py::arg("out_values"), py::arg("out_index"), py::arg("stream"),
+      "select_threshold's filled slots [rows, segments, cap] (the first min(count, cap) of each "
+      "segment) as compressed rows: row r's from row_start[r] on, into out_values (float32 / "
+      "float16 / bfloat16, rounded to nearest) and out_index int64 [nnz].");
+
+  m.def(
       "topk_candidates",
       [](py::handle values, py::object bias, py::object scale, std::int64_t k,
          std::int64_t col_offset, py::handle out_values, py::handle out_index,

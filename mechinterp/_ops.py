@@ -762,6 +762,7 @@ def select_threshold(
     threshold: torch.Tensor | None = None,
     mag_scale: torch.Tensor | None = None,
     mag_bias: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The columns whose ``values + bias`` exceed ``threshold`` (0 if absent), per row.
 
@@ -769,7 +770,8 @@ def select_threshold(
     and ``count int32 [rows, segments]``, the true count per row and segment, which exceeds
     ``cap`` when entries were dropped. With ``mag_scale`` and ``mag_bias`` (gated SAEs), ``bias``
     is the gate bias and the kept value is ``relu(values * mag_scale + mag_bias)``; only
-    positive values are kept.
+    positive values are kept. ``out`` takes preallocated ``(kept, index, count)``, possibly
+    segment slices of buffers that hold several chunks (``cap`` is then their last dimension).
 
     Examples:
         >>> import torch
@@ -791,13 +793,55 @@ def select_threshold(
     if (mag_scale is None) != (mag_bias is None):
         msg = f"{op}: mag_scale and mag_bias go together (gated SAEs), got only one of them"
         raise InputError(msg)
-    kept, index, count = _segment_slots(values, cap)
+    kept, index, count = _segment_slots(values, cap) if out is None else out
     _C.select_threshold(
         _view(values), _optional_view(bias), _optional_view(threshold), _optional_view(mag_scale),
         _optional_view(mag_bias), col_offset, _view(kept), _view(index), _view(count),
         _stream(values),
     )
     return kept, index, count
+
+
+def compact_slots(
+    kept: torch.Tensor,
+    index: torch.Tensor,
+    count: torch.Tensor,
+    row_start: torch.Tensor,
+    nnz: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_threshold`'s filled slots as compressed rows ``(values [nnz], index int64)``.
+
+    Row ``r``'s entries (the first ``min(count, cap)`` slots of each segment, segments in order)
+    start at ``row_start[r]`` (int64 ``[rows]``); values are rounded to ``dtype`` (float32,
+    float16 or bfloat16). Entries that would land past ``nnz`` are dropped.
+
+    Examples:
+        >>> import torch
+        >>> from mechinterp._ops import compact_slots, select_threshold
+        >>> kept, index, count = select_threshold(torch.tensor([[0.5, -1.0, 2.0], [3.0, 0.0, 0.0]]),
+        ...                                       cap=4)
+        >>> compact_slots(kept, index, count, torch.tensor([0, 2]), 3)
+        (tensor([0.5000, 2.0000, 3.0000]), tensor([0, 2, 0]))
+    """
+    op = "compact_slots"
+    for name, t in (("kept", kept), ("index", index), ("count", count), ("row_start", row_start)):
+        if not isinstance(t, torch.Tensor):
+            msg = f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"
+            raise InputError(msg)
+    _check_device(kept, op, "kept")
+    nnz = _as_index(nnz, op, "nnz")
+    if nnz < 0:
+        msg = f"{op}: nnz must be >= 0, got {nnz}"
+        raise InputError(msg)
+    if dtype not in _SELECT_DTYPES:
+        msg = f"{op}: dtype must be float32, float16 or bfloat16, got {dtype}"
+        raise DTypeError(msg)
+    values = torch.empty(nnz, dtype=dtype, device=kept.device)
+    indices = torch.empty(nnz, dtype=torch.int64, device=kept.device)
+    _C.compact_slots(_view(kept), _view(index), _view(count), _view(row_start), _view(values),
+                     _view(indices), _stream(kept))
+    return values, indices
 
 
 def topk_candidate_cap(k: int) -> int:

@@ -104,6 +104,85 @@ def test_select_threshold_keeps_columns_in_order_and_counts_overflow():
     assert torch.equal(small, count)  # the true count, beyond the slots
 
 
+def _compact_reference(kept, index, count, row_start, nnz, dtype):
+    """compact_slots's contract, one entry at a time."""
+    values = torch.full((nnz,), float("nan"), dtype=dtype)
+    indices = torch.full((nnz,), -7, dtype=torch.int64)
+    rows, segments, cap = kept.shape
+    for r in range(rows):
+        at = int(row_start[r])
+        for s in range(segments):
+            for j in range(min(max(int(count[r, s]), 0), cap)):
+                if 0 <= at < nnz:
+                    values[at] = kept[r, s, j].to(dtype)
+                    indices[at] = int(index[r, s, j])
+                at += 1
+    return values, indices
+
+
+def _slots(rows, segments, cap, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    kept = torch.randn(rows, segments, cap, generator=g)
+    index = torch.randint(0, 1 << 30, (rows, segments, cap), generator=g, dtype=torch.int32)
+    count = torch.randint(0, cap + 1, (rows, segments), generator=g, dtype=torch.int32)
+    return kept.to(device), index.to(device), count.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compact_slots_writes_each_rows_filled_slots_in_order(dtype):
+    kept, index, count = _slots(37, 45, 5, seed=30)  # more segments than a warp's 32
+    count[3, 7] = 99  # a count past cap: only cap slots exist
+    count[4] = 0  # an empty row
+    per_row = count.clamp(max=5).sum(1)
+    row_start = torch.cumsum(per_row, 0) - per_row
+    nnz = int(per_row.sum())
+    values, indices = _ops.compact_slots(kept, index, count, row_start, nnz, dtype)
+    want_v, want_i = _compact_reference(kept, index, count, row_start, nnz, dtype)
+    assert values.dtype == dtype and indices.dtype == torch.int64
+    assert torch.equal(indices, want_i)
+    assert torch.equal(values, want_v)
+    # Starts past the end drop entries instead of writing out of bounds.
+    short_v, short_i = _ops.compact_slots(kept, index, count, row_start, nnz // 2, dtype)
+    assert torch.equal(short_i, want_i[: nnz // 2])
+
+
+def test_select_threshold_fills_segment_slices_of_a_wider_buffer():
+    g = torch.Generator().manual_seed(31)
+    values = torch.randn(6, 50, generator=g)
+    threshold = torch.rand(50, generator=g)
+    alone = _ops.select_threshold(values, cap=9, threshold=threshold)
+    kept = torch.full((6, 3, 9), -5.0)
+    index = torch.full((6, 3, 9), -5, dtype=torch.int32)
+    count = torch.full((6, 3), -5, dtype=torch.int32)
+    out = _ops.select_threshold(values, cap=9, threshold=threshold,
+                                out=(kept[:, 1:2], index[:, 1:2], count[:, 1:2]))
+    assert out[0].data_ptr() == kept[:, 1:2].data_ptr()
+    assert torch.equal(count[:, 1:2], alone[2])
+    live = torch.arange(9) < alone[2].unsqueeze(-1)
+    assert torch.equal(kept[:, 1:2][live], alone[0][live])
+    assert torch.equal(index[:, 1:2][live], alone[1][live])
+    # The neighbouring segments are untouched.
+    assert (count[:, [0, 2]] == -5).all() and (kept[:, [0, 2]] == -5).all()
+    with pytest.raises(ValueError, match="out_values"):
+        _ops.select_threshold(values, cap=9, out=(kept[:, 1:2, ::2], index[:, 1:2, ::2],
+                                                  count[:, 1:2]))
+
+
+def test_compact_slots_rejects_bad_input():
+    kept, index, count = _slots(4, 2, 3, seed=32)
+    start = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="row_start"):
+        _ops.compact_slots(kept, index, count, start.int(), 5)
+    with pytest.raises(ValueError, match="count"):
+        _ops.compact_slots(kept, index, count[:, :1], start, 5)
+    with pytest.raises(ValueError, match="index"):
+        _ops.compact_slots(kept, index.long(), count, start, 5)
+    with pytest.raises(DTypeError, match="dtype"):
+        _ops.compact_slots(kept, index, count, start, 5, torch.float64)
+    with pytest.raises(InputError, match="nnz"):
+        _ops.compact_slots(kept, index, count, start, -1)
+
+
 def test_sparse_decode_equals_dense_product():
     g = torch.Generator().manual_seed(6)
     weight, bias = torch.randn(30, 16, generator=g), torch.randn(16, generator=g)
@@ -303,10 +382,13 @@ def _running_topk(values: torch.Tensor, k: int, widths, scale=None):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_running_topk_equals_a_stable_sort(dtype):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_cuda_running_topk_equals_a_stable_sort(dtype, aligned):
     g = torch.Generator().manual_seed(21)
     segment = _ops.SAE_CUDA_SEGMENT
-    cols = 3 * segment + 700
+    # Whole segments and rows 16-byte aligned: 16-bit chunks of whole segments take the packed
+    # kernel, whose tied and NaN cells go to the redo kernel. Otherwise the general kernel.
+    cols = 3 * segment if aligned else 3 * segment + 700
     values = torch.randn(40, cols, generator=g).to(dtype)
     values[3, : cols // 2] = 0.25  # heavy ties in every segment: the exact fallback
     values[4] = 1.0  # a row of ties: the lowest indices win
@@ -317,6 +399,8 @@ def test_cuda_running_topk_equals_a_stable_sort(dtype):
     ref = values.float().sort(dim=1, descending=True, stable=True)
     chunkings = ([cols], [segment, segment, segment, 700], [2 * segment + 5, segment + 695],
                  [100, cols - 100])
+    if aligned:
+        chunkings = ([cols], [segment, segment, segment], [2 * segment, segment])
     for k in (1, 7, 32, 64, 256):
         for widths in chunkings:
             top_v, top_i = _running_topk(values.cuda(), k, widths)
@@ -369,6 +453,44 @@ def test_cuda_select_threshold_equals_cpu(dtype, gated, aligned):
         live = torch.arange(segment) < gpu[2][r].cpu().unsqueeze(-1)
         assert torch.equal(gpu[1][r].cpu()[live], cpu[1][r, 0, :n])
         assert torch.equal(gpu[0][r].cpu()[live], cpu[0][r, 0, :n])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_compact_slots_equals_cpu(dtype):
+    kept, index, count = _slots(300, 70, 9, seed=33)
+    count[5, 60] = 1000
+    per_row = count.clamp(max=9).sum(1)
+    row_start = torch.cumsum(per_row, 0) - per_row
+    nnz = int(per_row.sum())
+    cpu = _ops.compact_slots(kept, index, count, row_start, nnz, dtype)
+    gpu = _ops.compact_slots(kept.cuda(), index.cuda(), count.cuda(), row_start.cuda(), nnz,
+                             dtype)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    short = _ops.compact_slots(kept.cuda(), index.cuda(), count.cuda(), row_start.cuda(),
+                               nnz - 100, dtype)
+    assert torch.equal(short[1].cpu(), cpu[1][: nnz - 100])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_select_threshold_fills_segment_slices_of_a_wider_buffer():
+    g = torch.Generator().manual_seed(34)
+    segment = _ops.SAE_CUDA_SEGMENT
+    values = torch.randn(7, 2 * segment, generator=g, device="cpu").bfloat16().cuda()
+    threshold = (torch.rand(2 * segment, generator=g) + 1.5).cuda()
+    alone = _ops.select_threshold(values, cap=40, threshold=threshold)
+    kept = torch.full((7, 5, 40), -5.0, device="cuda")
+    index = torch.full((7, 5, 40), -5, dtype=torch.int32, device="cuda")
+    count = torch.full((7, 5), -5, dtype=torch.int32, device="cuda")
+    _ops.select_threshold(values, cap=40, threshold=threshold,
+                          out=(kept[:, 2:4], index[:, 2:4], count[:, 2:4]))
+    assert torch.equal(count[:, 2:4], alone[2])
+    live = torch.arange(40, device="cuda") < alone[2].unsqueeze(-1)
+    assert torch.equal(kept[:, 2:4][live], alone[0][live])
+    assert torch.equal(index[:, 2:4][live], alone[1][live])
+    assert (count[:, [0, 1, 4]] == -5).all() and (kept[:, [0, 1, 4]] == -5).all()
 
 
 @pytest.mark.cuda

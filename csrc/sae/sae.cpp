@@ -75,6 +75,17 @@ void check_topk_outputs(const TensorView& out_values, const TensorView& out_inde
   check_same_device(out_index, values, op, "out_index");
 }
 
+// Slots [rows, segments, cap] of a selector: each row's slots adjacent, rows possibly strided
+// (a column slice of a buffer holding every chunk's segments).
+void check_slots(const TensorView& t, const char* op, const char* name) {
+  MECHINTERP_CHECK(t.dim() == 3 && (t.size(2) == 1 || t.stride(2) == 1) &&
+                       (t.size(1) == 1 || t.stride(1) == t.size(2)) &&
+                       (t.size(0) <= 1 || t.stride(0) >= t.size(1) * t.size(2)),
+                   op, ": ", name, " must hold each row's slots adjacently, got shape ",
+                   t.shape_string(), " and strides [", t.stride(0), ", ", t.stride(1), ", ",
+                   t.stride(2), "]");
+}
+
 const float* column_vector(const std::optional<TensorView>& t, const TensorView& values,
                            std::int64_t cols, const char* op, const char* name) {
   if (!t) return nullptr;
@@ -157,20 +168,24 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
   const auto [rows, cols] = check_values(values, col_offset, kOp);
   const std::int64_t segments = topk_segments(cols, values.is_cuda());
   MECHINTERP_CHECK(out_values.dim() == 3 && out_values.size(0) == rows &&
-                       out_values.size(1) == segments && out_values.is_contiguous(),
-                   kOp, ": out_values must be a contiguous [", rows, ", ", segments,
-                   ", cap], got ", out_values.shape_string());
+                       out_values.size(1) == segments && out_values.size(2) >= 1,
+                   kOp, ": out_values must be [", rows, ", ", segments, ", cap >= 1], got ",
+                   out_values.shape_string());
   const std::int64_t cap = out_values.size(2);
-  MECHINTERP_CHECK(cap >= 1, kOp, ": the capacity (last dim of out_values) must be >= 1");
+  check_slots(out_values, kOp, "out_values");
+  check_slots(out_index, kOp, "out_index");
   MECHINTERP_CHECK(out_index.dim() == 3 && out_index.size(0) == rows &&
                        out_index.size(1) == segments && out_index.size(2) == cap &&
-                       out_index.is_contiguous(),
-                   kOp, ": out_index must be a contiguous ", out_values.shape_string(), ", got ",
-                   out_index.shape_string());
+                       out_index.stride(0) == out_values.stride(0),
+                   kOp, ": out_index must be ", out_values.shape_string(),
+                   " with out_values's row stride, got ", out_index.shape_string(),
+                   " with row stride ", out_index.stride(0));
   MECHINTERP_CHECK(out_count.dim() == 2 && out_count.size(0) == rows &&
-                       out_count.size(1) == segments && out_count.is_contiguous(),
-                   kOp, ": out_count must be a contiguous [", rows, ", ", segments, "], got ",
-                   out_count.shape_string());
+                       out_count.size(1) == segments &&
+                       (segments == 1 || out_count.stride(1) == 1) &&
+                       (rows <= 1 || out_count.stride(0) >= segments),
+                   kOp, ": out_count must be [", rows, ", ", segments,
+                   "] with adjacent columns, got ", out_count.shape_string());
   MECHINTERP_CHECK(out_values.dtype == DType::Float32, kOp, ": out_values must be float32, got ",
                    dtype_name(out_values.dtype));
   MECHINTERP_CHECK(out_index.dtype == DType::Int32 && out_count.dtype == DType::Int32, kOp,
@@ -186,7 +201,8 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
   p.rows = rows;
   p.cols = cols;
   p.row_stride = values.stride(0);
-  p.out_row_stride = segments;
+  p.out_row_stride = out_values.stride(0);
+  p.count_row_stride = out_count.stride(0);
   p.segments = segments;
   p.cap = cap;
   p.col_offset = col_offset;
@@ -255,6 +271,77 @@ void require_cuda(const TensorView& t, const char* op) {
 }
 
 }  // namespace
+
+void compact_slots(const TensorView& kept, const TensorView& index, const TensorView& count,
+                   const TensorView& row_start, const TensorView& out_values,
+                   const TensorView& out_index, std::uintptr_t stream) {
+  constexpr const char* kOp = "compact_slots";
+  MECHINTERP_CHECK(kept.dim() == 3 && kept.is_contiguous() && kept.dtype == DType::Float32, kOp,
+                   ": kept must be a contiguous float32 [rows, segments, cap], got ",
+                   dtype_name(kept.dtype), " ", kept.shape_string());
+  const std::int64_t rows = kept.size(0);
+  const std::int64_t segments = kept.size(1);
+  MECHINTERP_CHECK(index.dim() == 3 && index.size(0) == rows && index.size(1) == segments &&
+                       index.size(2) == kept.size(2) && index.is_contiguous() &&
+                       index.dtype == DType::Int32,
+                   kOp, ": index must be a contiguous int32 ", kept.shape_string(), ", got ",
+                   dtype_name(index.dtype), " ", index.shape_string());
+  MECHINTERP_CHECK(count.dim() == 2 && count.size(0) == rows && count.size(1) == segments &&
+                       count.is_contiguous() && count.dtype == DType::Int32,
+                   kOp, ": count must be a contiguous int32 [", rows, ", ", segments, "], got ",
+                   dtype_name(count.dtype), " ", count.shape_string());
+  MECHINTERP_CHECK(row_start.dim() == 1 && row_start.size(0) == rows &&
+                       row_start.is_contiguous() && row_start.dtype == DType::Int64,
+                   kOp, ": row_start must be a contiguous int64 [", rows, "], got ",
+                   dtype_name(row_start.dtype), " ", row_start.shape_string());
+  MECHINTERP_CHECK(out_values.dim() == 1 && out_values.is_contiguous(), kOp,
+                   ": out_values must be a contiguous [nnz], got ", out_values.shape_string());
+  MECHINTERP_CHECK(out_values.dtype == DType::Float32 || out_values.dtype == DType::Float16 ||
+                       out_values.dtype == DType::BFloat16,
+                   kOp, ": out_values must be float32, float16 or bfloat16, got ",
+                   dtype_name(out_values.dtype));
+  const std::int64_t nnz = out_values.size(0);
+  MECHINTERP_CHECK(out_index.dim() == 1 && out_index.size(0) == nnz &&
+                       out_index.is_contiguous() && out_index.dtype == DType::Int64,
+                   kOp, ": out_index must be a contiguous int64 [", nnz, "], got ",
+                   dtype_name(out_index.dtype), " ", out_index.shape_string());
+  check_same_device(index, kept, kOp, "index");
+  check_same_device(count, kept, kOp, "count");
+  check_same_device(row_start, kept, kOp, "row_start");
+  check_same_device(out_values, kept, kOp, "out_values");
+  check_same_device(out_index, kept, kOp, "out_index");
+
+  CompactParams p{};
+  p.rows = rows;
+  p.segments = segments;
+  p.cap = kept.size(2);
+  p.nnz = nnz;
+  p.row_start = row_start.data_as<std::int64_t>();
+  if (rows == 0 || segments == 0 || nnz == 0) return;
+
+  if (kept.is_cpu()) {
+    dispatch_select(out_values.dtype, kOp, [&](auto tag) {
+      using scalar_t = typename decltype(tag)::type;
+      compact_slots_cpu<scalar_t>(kept.data_as<float>(), index.data_as<std::int32_t>(),
+                                  count.data_as<std::int32_t>(), out_values.data_as<scalar_t>(),
+                                  out_index.data_as<std::int64_t>(), p);
+    });
+    return;
+  }
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(kept.device.index);
+  dispatch_select(out_values.dtype, kOp, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    launch_compact_slots_cuda<scalar_t>(
+        kept.data_as<float>(), index.data_as<std::int32_t>(), count.data_as<std::int32_t>(),
+        out_values.data_as<scalar_t>(), out_index.data_as<std::int64_t>(), p,
+        reinterpret_cast<cudaStream_t>(stream));
+  });
+#else
+  (void)stream;
+  throw_no_cuda(kOp, kept.device);
+#endif
+}
 
 void topk_candidates(const TensorView& values, const std::optional<TensorView>& bias,
                      const std::optional<TensorView>& scale, std::int64_t k,

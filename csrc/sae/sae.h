@@ -19,7 +19,14 @@
 //     value = v, or relu(values * mag_scale[c] + mag_bias[c]) when mag_scale is given (gated:
 //     bias is then the gate bias), and kept only if value > 0.
 //   out_values float32 / out_index int32 [rows, segments, cap], out_count int32 [rows,
-//   segments] holds the true count, which may exceed cap (the caller then retries wider).
+//   segments] holds the true count, which may exceed cap (the caller then retries wider). The
+//   outputs' rows may be strided (column slices of buffers that hold every chunk's segments).
+//
+// compact_slots: select_threshold's filled slots as compressed rows. Row r's entries, the first
+//   min(count, cap) slots of each of its segments in segment order, go to out_values / out_index
+//   from row_start[r] (int64 [rows]) on: out_values float32 / float16 / bfloat16 [nnz]
+//   (rounded to nearest), out_index int64 [nnz]. Entries that would land past nnz are dropped,
+//   so row_start inconsistent with count cannot write out of bounds.
 //
 // topk_candidates (CUDA): one chunk of a running top-k. Per row and segment of values [rows,
 //   cols], every column whose (values + bias[c]) * scale[c] reaches a lower bound of the row's
@@ -88,6 +95,10 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
                       const TensorView& out_values, const TensorView& out_index,
                       const TensorView& out_count, std::uintptr_t stream);
 
+void compact_slots(const TensorView& kept, const TensorView& index, const TensorView& count,
+                   const TensorView& row_start, const TensorView& out_values,
+                   const TensorView& out_index, std::uintptr_t stream);
+
 void topk_candidates(const TensorView& values, const std::optional<TensorView>& bias,
                      const std::optional<TensorView>& scale, std::int64_t k,
                      std::int64_t col_offset, const TensorView& out_values,
@@ -115,7 +126,8 @@ struct SelectParams {
   std::int64_t cols;
   std::int64_t row_stride;        // of values, in elements
   std::int64_t index_row_stride;  // of the optional index
-  std::int64_t out_row_stride;    // of out_values / out_index (and out_count for threshold)
+  std::int64_t out_row_stride;    // of out_values / out_index
+  std::int64_t count_row_stride;  // of out_count (select_threshold)
   std::int64_t segments;
   std::int64_t k;                 // select_topk, topk_candidates / topk_merge
   std::int64_t cap;               // select_threshold, topk_candidates / topk_merge
@@ -126,6 +138,14 @@ struct SelectParams {
   const float* threshold;         // nullptr: 0 (select_threshold)
   const float* mag_scale;         // nullptr: not gated
   const float* mag_bias;
+};
+
+struct CompactParams {
+  std::int64_t rows;
+  std::int64_t segments;
+  std::int64_t cap;
+  std::int64_t nnz;
+  const std::int64_t* row_start;
 };
 
 struct ScreenParams {
@@ -170,6 +190,10 @@ template <typename T>
 void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_index,
                           std::int32_t* out_count, const SelectParams& params);
 
+template <typename T>
+void compact_slots_cpu(const float* kept, const std::int32_t* index, const std::int32_t* count,
+                       T* out_values, std::int64_t* out_index, const CompactParams& params);
+
 std::int64_t screened_topk_cpu(const BFloat16* screen, const float* x, float* out_values,
                                std::int32_t* out_index, const ScreenParams& params);
 
@@ -186,6 +210,11 @@ template <typename T>
 void launch_select_threshold_cuda(const T* values, float* out_values, std::int32_t* out_index,
                                   std::int32_t* out_count, const SelectParams& params,
                                   cudaStream_t stream);
+
+template <typename T>
+void launch_compact_slots_cuda(const float* kept, const std::int32_t* index,
+                               const std::int32_t* count, T* out_values, std::int64_t* out_index,
+                               const CompactParams& params, cudaStream_t stream);
 
 template <typename T>
 void launch_topk_candidates_cuda(const T* values, float* out_values, std::int32_t* out_index,

@@ -262,7 +262,7 @@ class _Plan:
             # The kernel ranks whole rows, so blocks of rows with every latent.
             block_rows = max(1, min(max(x.shape[0], 1), chunk_bytes // (sae.d_sae * 2)))
             return _Plan(x.contiguous(), block_rows, sae.d_sae, compiled, gemm_dtype, True)
-        item = torch.empty((), dtype=gemm_dtype).element_size()
+        item = gemm_dtype.itemsize
         rows = max(x.shape[0], 1)
         # Whole rows when they fit; else chunks of latents (whole selector segments on CUDA), and
         # row blocks only when even the narrowest chunk is too big.
@@ -272,9 +272,13 @@ class _Plan:
             cols = max(step, chunk_bytes // (rows * item) // step * step)
             cols = min(cols, sae.d_sae)
         block_rows = max(1, min(rows, chunk_bytes // (cols * item)))
-        return _Plan(x.to(gemm_dtype).contiguous(), block_rows, cols, compiled, gemm_dtype, False)
+        x = x if x.dtype == gemm_dtype else x.to(gemm_dtype)
+        return _Plan(x.contiguous(), block_rows, cols, compiled, gemm_dtype, False)
 
     def blocks(self):
+        if self.block_rows >= self.x.shape[0]:
+            yield self.x  # one block: no slice
+            return
         for r0 in range(0, self.x.shape[0], self.block_rows):
             yield self.x[r0:r0 + self.block_rows]
 
@@ -298,6 +302,14 @@ def _wants_screen(sae: SAE, device: str, compiled: bool, screen: bool | None) ->
     return screen
 
 
+def _cut(t: torch.Tensor, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns ``[c0, c1)`` (of the last dim) of ``t`` in ``dtype``. Each torch call costs the
+    host microseconds before the first GEMM can start, so none is made where none is needed."""
+    if c0 != 0 or c1 != t.shape[-1]:
+        t = t[..., c0:c1]
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
@@ -305,7 +317,7 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 def _encode_topk(sae: SAE, plan: _Plan):
     k = sae.k
     weight = sae.W_enc
-    bias = sae.b_enc.to(plan.gemm_dtype)
+    bias = _cut(sae.b_enc, 0, sae.d_sae, plan.gemm_dtype)
     scale = sae.W_dec.norm(dim=-1) if sae.rescale_acts_by_decoder_norm else None
     if scale is not None and plan.compiled:
         scale = _f32(scale)
@@ -340,7 +352,7 @@ def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
     cand_i = torch.empty(xb.shape[0], sum(widths), dtype=torch.int32, device=device)
     start = 0
     for (c0, c1), width in zip(chunks, widths):
-        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        h = torch.addmm(_cut(bias, c0, c1, xb.dtype), xb, _cut(weight, c0, c1, xb.dtype))
         _ops.select_topk(h, k, col_offset=c0, scale=None if scale is None else scale[c0:c1],
                          out=(cand_v[:, start:start + width], cand_i[:, start:start + width]))
         start += width
@@ -358,11 +370,14 @@ def _topk_block_running(xb, weight, bias, scale, k, chunks):
     through few values; the exact ranking happens once per row and chunk, on those few.
     """
     rows, device = xb.shape[0], xb.device
-    top_v = torch.full((rows, k), -math.inf, dtype=torch.float32, device=device)
-    top_i = torch.full((rows, k), -1, dtype=torch.int32, device=device)
-    row_bar = torch.zeros(rows, dtype=torch.int32, device=device)
+    top_v = top_i = row_bar = None
     for c0, c1 in chunks:
-        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        h = torch.addmm(_cut(bias, c0, c1, xb.dtype), xb, _cut(weight, c0, c1, xb.dtype))
+        if row_bar is None:
+            # Allocated once the first GEMM is queued, so that the GPU starts sooner.
+            top_v = torch.full((rows, k), -math.inf, dtype=torch.float32, device=device)
+            top_i = torch.full((rows, k), -1, dtype=torch.int32, device=device)
+            row_bar = torch.zeros(rows, dtype=torch.int32, device=device)
         candidates = _ops.topk_candidates(h, k, row_bar=row_bar, col_offset=c0,
                                           scale=None if scale is None else scale[c0:c1])
         del h  # free this chunk before the next one is allocated
@@ -373,7 +388,7 @@ def _topk_block_running(xb, weight, bias, scale, k, chunks):
 def _topk_block_torch(xb, weight, bias, scale, k, chunks):
     cand_v, cand_i = [], []
     for c0, c1 in chunks:
-        h = torch.addmm(bias[c0:c1], xb, weight[:, c0:c1].to(xb.dtype))
+        h = torch.addmm(_cut(bias, c0, c1, xb.dtype), xb, _cut(weight, c0, c1, xb.dtype))
         if scale is not None:
             h = h * scale[c0:c1].to(h.dtype)
         v, i = h.topk(min(k, c1 - c0), dim=-1)
@@ -383,8 +398,8 @@ def _topk_block_torch(xb, weight, bias, scale, k, chunks):
     return values, torch.cat(cand_i, dim=1).gather(1, where)
 
 
-def _threshold_params(sae: SAE, dtype: torch.dtype):
-    """(GEMM bias, selector bias, threshold, mag_scale, mag_bias); selector inputs in ``dtype``.
+def _selector_params(sae: SAE, dtype: torch.dtype):
+    """(bias, threshold, mag_scale, mag_bias) of the threshold selector, in ``dtype``.
 
     The encoder bias goes into the GEMM (cuBLAS adds it before rounding), except for gated
     SAEs, whose magnitude path needs the product without the gate bias.
@@ -393,40 +408,56 @@ def _threshold_params(sae: SAE, dtype: torch.dtype):
         return t.to(dtype).contiguous()
 
     if sae.architecture == "gated":
-        return None, cast(sae.b_gate), None, cast(torch.exp(sae.r_mag)), cast(sae.b_mag)
+        return cast(sae.b_gate), None, cast(torch.exp(sae.r_mag)), cast(sae.b_mag)
     if sae.architecture == "relu":
-        return sae.b_enc, None, None, None, None
+        return None, None, None, None
     # relu(h) * 1[h > theta] is non-zero exactly where h > max(theta, 0).
-    return sae.b_enc, None, cast(sae.threshold.clamp_min(0)), None, None
+    return None, cast(sae.threshold.clamp_min(0)), None, None
+
+
+class _Selector:
+    """The threshold selector's parameters, derived on first use: after the first GEMM is
+    queued, so that the GPU starts while the host prepares them."""
+
+    def __init__(self, sae: SAE, plan: _Plan):
+        self._sae, self._plan, self._params = sae, plan, None
+
+    def params(self):
+        if self._params is None:
+            dtype = torch.float32 if self._plan.compiled else self._plan.gemm_dtype
+            self._params = _selector_params(self._sae, dtype)
+        return self._params
 
 
 def _encode_threshold(sae: SAE, plan: _Plan):
-    params = _threshold_params(sae, torch.float32 if plan.compiled else plan.gemm_dtype)
+    gemm_bias = None if sae.architecture == "gated" else sae.b_enc
+    selector = _Selector(sae, plan)
     chunks = list(plan.chunks(sae.d_sae))
     device = sae.device
-    ends, index_blocks, value_blocks = [], [], []
+    ptr_blocks, index_blocks, value_blocks = [], [], []
     start = 0  # entries of the earlier blocks
     for xb in plan.blocks():
-        kept, index, count = _threshold_block(xb, sae.W_enc, params, chunks, plan,
+        kept, index, count = _threshold_block(xb, sae.W_enc, gemm_bias, selector, chunks, plan,
                                               _FIRST_CAP_PER_SEGMENT)
+        # Everything the usual case needs after the host sync is queued before it (the row
+        # pointers included), so that the GPU has work while the host waits and only the
+        # compaction is launched afterwards.
         overflow = (count > kept.shape[2]).any(dim=1)
-        # Everything the usual case needs after the host sync is queued before it, so that the
-        # GPU has work while the host waits and only the compaction is launched afterwards.
-        live = _live_slots(kept, count)
-        row_end = torch.cumsum(count.sum(dim=1), dim=0)
+        block_ptr = torch.zeros(xb.shape[0] + 1, dtype=torch.int64, device=device)
+        torch.cumsum(count.sum(dim=1), dim=0, out=block_ptr[1:])
         # One host sync a block: whether any row overflowed, and how many entries there are.
-        overflowed, nnz = torch.stack([overflow.sum(), row_end[-1]]).tolist()
+        overflowed, nnz = torch.stack([overflow.sum(), block_ptr[-1]]).tolist()
         if not overflowed:
-            where = torch.nonzero_static(live.reshape(-1), size=nnz).squeeze(1)
-            values, indices = kept.reshape(-1)[where], index.reshape(-1)[where]
+            values, indices = _compacted(kept, index, count, block_ptr[:-1], nnz, sae.dtype,
+                                         plan)
         else:
-            values, indices, rows = _live_entries(kept, index, live)
+            values, indices, rows = _live_entries(kept, index, _live_slots(kept, count))
             overflow = overflow.nonzero().flatten()
             # Rows with more active latents in a segment than there were slots: encode just
             # those rows again with room for all, and put their entries back in row order.
             widest = int(count[overflow].max())
             again, again_index, again_count = _threshold_block(
-                xb[overflow], sae.W_enc, params, chunks, plan, widest)
+                xb[overflow], sae.W_enc, gemm_bias, selector, chunks, plan, widest)
             more_v, more_i, more_rows = _live_entries(again, again_index,
                                                       _live_slots(again, again_count))
             ok = ~torch.isin(rows, overflow)
@@ -434,12 +465,13 @@ def _encode_threshold(sae: SAE, plan: _Plan):
             indices = torch.cat([indices[ok], more_i])
             rows = torch.cat([rows[ok], overflow[more_rows]])
             order = torch.sort(rows, stable=True).indices
-            values, indices = values[order], indices[order]
-        ends.append(row_end + start if start else row_end)
+            values, indices = values[order].to(sae.dtype), indices[order].to(torch.int64)
+        ptr_blocks.append(block_ptr if not ptr_blocks else block_ptr[1:] + start)
         start += nnz
-        value_blocks.append(values.to(sae.dtype))
-        index_blocks.append(indices.to(torch.int64))
-    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), *ends])
+        value_blocks.append(values)
+        index_blocks.append(indices)
+    row_ptr = (_joined(ptr_blocks) if ptr_blocks
+               else torch.zeros(1, dtype=torch.int64, device=device))
     values = _joined(value_blocks) if value_blocks else sae.W_enc.new_empty(0)
     indices = (_joined(index_blocks) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=device))
@@ -449,6 +481,14 @@ def _encode_threshold(sae: SAE, plan: _Plan):
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     # One block (the usual case) needs no copy.
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _compacted(kept, index, count, row_start, nnz: int, dtype: torch.dtype, plan: _Plan):
+    """The filled slots of [rows, segments, cap] selector output as (values, int64 indices)."""
+    if plan.compiled:
+        return _ops.compact_slots(kept, index, count, row_start, nnz, dtype)
+    where = torch.nonzero_static(_live_slots(kept, count).reshape(-1), size=nnz).squeeze(1)
+    return kept.reshape(-1)[where].to(dtype), index.reshape(-1)[where].to(torch.int64)
 
 
 def _live_slots(kept, count):
@@ -469,54 +509,73 @@ def _cap(plan: _Plan, chunk_cols: int, per_segment: int) -> int:
     return min(chunk_cols, per_segment * math.ceil(chunk_cols / _SEGMENT))
 
 
-def _threshold_block(xb, weight, params, chunks, plan: _Plan, per_segment: int):
-    gemm_bias, bias, threshold, mag_scale, mag_bias = params
-    parts = []
-    width = max(_cap(plan, c1 - c0, per_segment) for c0, c1 in chunks)
+def _threshold_block(xb, weight, gemm_bias, selector: _Selector, chunks, plan: _Plan,
+                     per_segment: int):
+    """Selector output ``(kept, index, count)`` of one row block, every chunk's segments side
+    by side in one ``[rows, segments, cap]`` buffer."""
+    kept = index = count = None
+    s0 = 0
     for c0, c1 in chunks:
-        w = weight[:, c0:c1].to(xb.dtype)
+        w = _cut(weight, c0, c1, xb.dtype)
         if gemm_bias is None:
             h = xb @ w
         else:
-            h = torch.addmm(gemm_bias[c0:c1].to(xb.dtype), xb, w)
+            h = torch.addmm(_cut(gemm_bias, c0, c1, xb.dtype), xb, w)
+        if kept is None:
+            # Allocated once the first GEMM is queued, so that the GPU starts sooner.
+            kept, index, count = _slot_buffers(xb, chunks, plan, per_segment)
+        bias, threshold, mag_scale, mag_bias = selector.params()
+        n = _segments(c1 - c0, plan)
         cut = slice(c0, c1)
+        out = (kept[:, s0:s0 + n], index[:, s0:s0 + n], count[:, s0:s0 + n])
         if plan.compiled:
-            parts.append(_ops.select_threshold(
-                h, cap=width, col_offset=c0,
+            _ops.select_threshold(
+                h, cap=kept.shape[2], col_offset=c0, out=out,
                 bias=None if bias is None else bias[cut],
                 threshold=None if threshold is None else threshold[cut],
                 mag_scale=None if mag_scale is None else mag_scale[cut],
-                mag_bias=None if mag_bias is None else mag_bias[cut]))
+                mag_bias=None if mag_bias is None else mag_bias[cut])
         else:
-            parts.append(_threshold_torch(h, c0, width, bias, threshold, mag_scale, mag_bias))
+            _threshold_torch(h, c0, bias, threshold, mag_scale, mag_bias, out)
+        s0 += n
         del h, w  # free this chunk before the next one is allocated
-    if len(parts) == 1:
-        return parts[0]
-    kept = torch.cat([p[0] for p in parts], dim=1)
-    index = torch.cat([p[1] for p in parts], dim=1)
-    count = torch.cat([p[2] for p in parts], dim=1)
     return kept, index, count
 
 
-def _threshold_torch(h, c0, cap, bias, threshold, mag_scale, mag_bias):
-    """The selector's contract in torch: one segment, slots in column order."""
+def _segments(cols: int, plan: _Plan) -> int:
+    # A CUDA selector block sees one segment; compiled CPU selectors and the torch path see a
+    # chunk as one.
+    return -(-cols // _SEGMENT) if plan.compiled and plan.x.device.type == "cuda" else 1
+
+
+def _slot_buffers(xb, chunks, plan: _Plan, per_segment: int):
+    """Empty ``(kept, index, count)`` with every chunk's segments side by side."""
+    width = max(_cap(plan, c1 - c0, per_segment) for c0, c1 in chunks)
+    segments = sum(_segments(c1 - c0, plan) for c0, c1 in chunks)
+    kept_dtype = torch.float32 if plan.compiled else torch.promote_types(xb.dtype, torch.float32)
+    kept = torch.empty(xb.shape[0], segments, width, dtype=kept_dtype, device=xb.device)
+    index = torch.empty(kept.shape, dtype=torch.int32, device=xb.device)
+    count = torch.empty(kept.shape[:2], dtype=torch.int32, device=xb.device)
+    return kept, index, count
+
+
+def _threshold_torch(h, c0, bias, threshold, mag_scale, mag_bias, out):
+    """The selector's contract in torch: one segment, slots in column order, into ``out``."""
+    kept, index, count = out
+    cap = kept.shape[2]
     cut = slice(c0, c0 + h.shape[1])
     h = h.to(torch.promote_types(h.dtype, torch.float32))
     pre = h + bias[cut] if bias is not None else h
     keep = pre > (threshold[cut] if threshold is not None else 0.0)
     value = torch.relu(h * mag_scale[cut] + mag_bias[cut]) if mag_scale is not None else pre
     keep &= value > 0
-    count = keep.sum(dim=1)
+    count[:, 0] = keep.sum(dim=1)
     # Columns in order: rank each kept column among the kept ones of its row.
     slot = torch.cumsum(keep, dim=1) - 1
-    rows = h.shape[0]
-    kept = torch.zeros(rows, 1, cap, dtype=h.dtype, device=h.device)
-    index = torch.full((rows, 1, cap), -1, dtype=torch.int32, device=h.device)
     fits = keep & (slot < cap)
     r, c = fits.nonzero(as_tuple=True)
-    kept[r, 0, slot[r, c]] = value[r, c]
+    kept[r, 0, slot[r, c]] = value[r, c].to(kept.dtype)
     index[r, 0, slot[r, c]] = (c + c0).to(torch.int32)
-    return kept, index, count.to(torch.int32).unsqueeze(1)
 
 
 def _unnormalized(sae: SAE) -> SAE:

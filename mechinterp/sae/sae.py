@@ -228,7 +228,7 @@ class SAE:
         if x.ndim < 1 or x.shape[-1] != self.d_in:
             msg = f"x must be [..., d_in={self.d_in}]; got {list(x.shape)}"
             raise ShapeError(msg)
-        return x.to(self.dtype)
+        return x if x.dtype == self.dtype else x.to(self.dtype)
 
     def _normalize(
         self, x: torch.Tensor

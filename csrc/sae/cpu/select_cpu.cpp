@@ -73,8 +73,8 @@ void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_
 #endif
   for (std::int64_t r = 0; r < p.rows; ++r) {
     const T* row = values + r * p.row_stride;
-    float* out_v = out_values + r * p.cap;
-    std::int32_t* out_i = out_index + r * p.cap;
+    float* out_v = out_values + r * p.out_row_stride;
+    std::int32_t* out_i = out_index + r * p.out_row_stride;
     std::int64_t count = 0;
     for (std::int64_t c = 0; c < p.cols; ++c) {
       const float h = static_cast<float>(row[c]);
@@ -88,7 +88,30 @@ void select_threshold_cpu(const T* values, float* out_values, std::int32_t* out_
       }
       ++count;
     }
-    out_count[r] = static_cast<std::int32_t>(std::min<std::int64_t>(count, INT32_MAX));
+    out_count[r * p.count_row_stride] =
+        static_cast<std::int32_t>(std::min<std::int64_t>(count, INT32_MAX));
+  }
+}
+
+template <typename T>
+void compact_slots_cpu(const float* kept, const std::int32_t* index, const std::int32_t* count,
+                       T* out_values, std::int64_t* out_index, const CompactParams& p) {
+  const bool parallel = p.rows > 1 && p.rows * p.segments * p.cap >= kParallelWork;
+  (void)parallel;
+#if defined(MECHINTERP_OPENMP)
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+  for (std::int64_t r = 0; r < p.rows; ++r) {
+    std::int64_t at = p.row_start[r];
+    for (std::int64_t s = 0; s < p.segments; ++s) {
+      const std::int64_t cell = r * p.segments + s;
+      const std::int64_t filled = std::clamp<std::int64_t>(count[cell], 0, p.cap);
+      for (std::int64_t j = 0; j < filled; ++j, ++at) {
+        if (at < 0 || at >= p.nnz) continue;
+        out_values[at] = T(kept[cell * p.cap + j]);
+        out_index[at] = index[cell * p.cap + j];
+      }
+    }
   }
 }
 
@@ -102,5 +125,12 @@ template void select_threshold_cpu<Half>(const Half*, float*, std::int32_t*, std
                                          const SelectParams&);
 template void select_threshold_cpu<BFloat16>(const BFloat16*, float*, std::int32_t*,
                                              std::int32_t*, const SelectParams&);
+
+template void compact_slots_cpu<float>(const float*, const std::int32_t*, const std::int32_t*,
+                                       float*, std::int64_t*, const CompactParams&);
+template void compact_slots_cpu<Half>(const float*, const std::int32_t*, const std::int32_t*,
+                                      Half*, std::int64_t*, const CompactParams&);
+template void compact_slots_cpu<BFloat16>(const float*, const std::int32_t*, const std::int32_t*,
+                                          BFloat16*, std::int64_t*, const CompactParams&);
 
 }  // namespace mechinterp::sae

@@ -32,16 +32,31 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Stores v rounded to nearest in the output's type.
+__device__ __forceinline__ void store_float(float* at, float v) { *at = v; }
+__device__ __forceinline__ void store_float(__half* at, float v) { *at = __float2half_rn(v); }
+__device__ __forceinline__ void store_float(__nv_bfloat16* at, float v) {
+  *at = __float2bfloat16_rn(v);
+}
+
+// Inclusive prefix sum of one int per lane over the warp, in lane order. Every lane of the warp
+// must call it.
+__device__ __forceinline__ int warp_inclusive_sum(int value) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    const int up = __shfl_up_sync(0xffffffffu, value, delta);
+    if (lane >= delta) value += up;
+  }
+  return value;
+}
+
 // Exclusive prefix sum of one int per thread over the block, in thread order; *total gets the
 // sum. Every thread of the block must call it.
 __device__ inline int block_exclusive_scan(int value, int* warp_totals, int* total) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  int inclusive = value;
-  for (int delta = 1; delta < 32; delta <<= 1) {
-    const int up = __shfl_up_sync(0xffffffffu, inclusive, delta);
-    if (lane >= delta) inclusive += up;
-  }
+  const int inclusive = warp_inclusive_sum(value);
   if (lane == 31) warp_totals[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {

@@ -176,12 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < L::kCount; j += 2) {
     const int packed = counts[j] | (counts[j + 1] << 16);  // <= 32 x 8 each: no carry
-    int inclusive = packed;
-#pragma unroll
-    for (int delta = 1; delta < 32; delta <<= 1) {
-      const int up = __shfl_up_sync(0xffffffffu, inclusive, delta);
-      if (lane >= delta) inclusive += up;
-    }
+    const int inclusive = warp_inclusive_sum(packed);
     const int exclusive = inclusive - packed;
     const int total = __shfl_sync(0xffffffffu, inclusive, 31);
     before[j] = exclusive & 0xffff;
@@ -201,9 +196,8 @@ __global__ void __launch_bounds__(kThreads)
     slot += w < warp ? s_warp[w] : 0;
     total += s_warp[w];
   }
-  const std::int64_t cell = row * p.segments + segment;
-  float* out_v = out_values + cell * p.cap;
-  std::int32_t* out_i = out_index + cell * p.cap;
+  float* out_v = out_values + row * p.out_row_stride + segment * p.cap;
+  std::int32_t* out_i = out_index + row * p.out_row_stride + segment * p.cap;
   if (passed) {
 #pragma unroll
     for (int j = 0; j < L::kCount; ++j) {
@@ -224,7 +218,45 @@ __global__ void __launch_bounds__(kThreads)
       slot += group_total[j];
     }
   }
-  if (threadIdx.x == 0) out_count[cell] = total;
+  if (threadIdx.x == 0) out_count[row * p.count_row_stride + segment] = total;
+}
+
+constexpr int kCompactWarps = 8;
+
+// One warp per row. Each group of 32 segments: a lane per segment takes its filled slots'
+// count, a scan over the lanes gives each segment its place in the row, and the warp copies
+// the segments' slots one segment at a time, a lane per slot.
+template <typename T>
+__global__ void __launch_bounds__(kCompactWarps * 32)
+    CompactSlotsKernel(const float* __restrict__ kept, const std::int32_t* __restrict__ index,
+                       const std::int32_t* __restrict__ count, T* __restrict__ out_values,
+                       std::int64_t* __restrict__ out_index, CompactParams p) {
+  const int lane = threadIdx.x % 32;
+  const std::int64_t row =
+      static_cast<std::int64_t>(blockIdx.x) * kCompactWarps + threadIdx.x / 32;
+  if (row >= p.rows) return;  // uniform over the warp
+  const int cap = static_cast<int>(p.cap);
+  std::int64_t at = p.row_start[row];
+  for (std::int64_t s0 = 0; s0 < p.segments; s0 += 32) {
+    const std::int64_t mine = s0 + lane;
+    const int filled = mine < p.segments ? min(max(count[row * p.segments + mine], 0), cap) : 0;
+    const int inclusive = warp_inclusive_sum(filled);
+    const int before = inclusive - filled;
+    const int group = static_cast<int>(min(static_cast<std::int64_t>(32), p.segments - s0));
+    for (int g = 0; g < group; ++g) {
+      const int n = __shfl_sync(0xffffffffu, filled, g);
+      const std::int64_t base = at + __shfl_sync(0xffffffffu, before, g);
+      const std::int64_t cell = (row * p.segments + s0 + g) * cap;
+      for (int j = lane; j < n; j += 32) {
+        const std::int64_t to = base + j;
+        if (to >= 0 && to < p.nnz) {
+          store_float(out_values + to, kept[cell + j]);
+          out_index[to] = index[cell + j];
+        }
+      }
+    }
+    at += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
 }
 
 template <typename T>
@@ -283,6 +315,20 @@ void launch_select_threshold_cuda(const T* values, float* out_values, std::int32
   MECHINTERP_CUDA_LAUNCH_CHECK();
 }
 
+template <typename T>
+void launch_compact_slots_cuda(const float* kept, const std::int32_t* index,
+                               const std::int32_t* count, T* out_values, std::int64_t* out_index,
+                               const CompactParams& params, cudaStream_t stream) {
+  using device_t = cuda_scalar_t<T>;
+  const std::int64_t blocks = (params.rows + kCompactWarps - 1) / kCompactWarps;
+  MECHINTERP_CHECK(blocks <= std::numeric_limits<int>::max(), "compact_slots: at most ",
+                   std::int64_t{std::numeric_limits<int>::max()} * kCompactWarps, " rows, got ",
+                   params.rows);
+  CompactSlotsKernel<device_t><<<static_cast<unsigned>(blocks), kCompactWarps * 32, 0, stream>>>(
+      kept, index, count, reinterpret_cast<device_t*>(out_values), out_index, params);
+  MECHINTERP_CUDA_LAUNCH_CHECK();
+}
+
 template void launch_select_topk_cuda<float>(const float*, float*, std::int32_t*,
                                              const SelectParams&, cudaStream_t);
 template void launch_select_topk_cuda<Half>(const Half*, float*, std::int32_t*,
@@ -298,5 +344,15 @@ template void launch_select_threshold_cuda<Half>(const Half*, float*, std::int32
 template void launch_select_threshold_cuda<BFloat16>(const BFloat16*, float*, std::int32_t*,
                                                      std::int32_t*, const SelectParams&,
                                                      cudaStream_t);
+
+template void launch_compact_slots_cuda<float>(const float*, const std::int32_t*,
+                                               const std::int32_t*, float*, std::int64_t*,
+                                               const CompactParams&, cudaStream_t);
+template void launch_compact_slots_cuda<Half>(const float*, const std::int32_t*,
+                                              const std::int32_t*, Half*, std::int64_t*,
+                                              const CompactParams&, cudaStream_t);
+template void launch_compact_slots_cuda<BFloat16>(const float*, const std::int32_t*,
+                                                  const std::int32_t*, BFloat16*, std::int64_t*,
+                                                  const CompactParams&, cudaStream_t);
 
 }  // namespace mechinterp::sae
