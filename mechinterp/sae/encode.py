@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -415,23 +416,12 @@ def _selector_params(sae: SAE, dtype: torch.dtype):
     return None, cast(sae.threshold.clamp_min(0)), None, None
 
 
-class _Selector:
-    """The threshold selector's parameters, derived on first use: after the first GEMM is
-    queued, so that the GPU starts while the host prepares them."""
-
-    def __init__(self, sae: SAE, plan: _Plan):
-        self._sae, self._plan, self._params = sae, plan, None
-
-    def params(self):
-        if self._params is None:
-            dtype = torch.float32 if self._plan.compiled else self._plan.gemm_dtype
-            self._params = _selector_params(self._sae, dtype)
-        return self._params
-
-
 def _encode_threshold(sae: SAE, plan: _Plan):
     gemm_bias = None if sae.architecture == "gated" else sae.b_enc
-    selector = _Selector(sae, plan)
+    # The selector's parameters are derived on first use, after the first GEMM is queued, so
+    # that the GPU starts while the host prepares them (and once for the overflow retry too).
+    selector = functools.cache(functools.partial(
+        _selector_params, sae, torch.float32 if plan.compiled else plan.gemm_dtype))
     chunks = list(plan.chunks(sae.d_sae))
     device = sae.device
     ptr_blocks, index_blocks, value_blocks = [], [], []
@@ -509,8 +499,7 @@ def _cap(plan: _Plan, chunk_cols: int, per_segment: int) -> int:
     return min(chunk_cols, per_segment * math.ceil(chunk_cols / _SEGMENT))
 
 
-def _threshold_block(xb, weight, gemm_bias, selector: _Selector, chunks, plan: _Plan,
-                     per_segment: int):
+def _threshold_block(xb, weight, gemm_bias, selector, chunks, plan: _Plan, per_segment: int):
     """Selector output ``(kept, index, count)`` of one row block, every chunk's segments side
     by side in one ``[rows, segments, cap]`` buffer."""
     kept = index = count = None
@@ -524,7 +513,7 @@ def _threshold_block(xb, weight, gemm_bias, selector: _Selector, chunks, plan: _
         if kept is None:
             # Allocated once the first GEMM is queued, so that the GPU starts sooner.
             kept, index, count = _slot_buffers(xb, chunks, plan, per_segment)
-        bias, threshold, mag_scale, mag_bias = selector.params()
+        bias, threshold, mag_scale, mag_bias = selector()
         n = _segments(c1 - c0, plan)
         cut = slice(c0, c1)
         out = (kept[:, s0:s0 + n], index[:, s0:s0 + n], count[:, s0:s0 + n])
@@ -543,9 +532,8 @@ def _threshold_block(xb, weight, gemm_bias, selector: _Selector, chunks, plan: _
 
 
 def _segments(cols: int, plan: _Plan) -> int:
-    # A CUDA selector block sees one segment; compiled CPU selectors and the torch path see a
-    # chunk as one.
-    return -(-cols // _SEGMENT) if plan.compiled and plan.x.device.type == "cuda" else 1
+    # The compiled selectors' segments; the torch path sees a chunk as one.
+    return _ops.topk_segments(cols, plan.x.device) if plan.compiled else 1
 
 
 def _slot_buffers(xb, chunks, plan: _Plan, per_segment: int):

@@ -83,6 +83,9 @@ __device__ inline std::uint32_t segment_bar(std::uint32_t thread_max, int cols, 
   return max(own, known);
 }
 
+// The count of a cell the packed path could not finish (TopkCandidatesRedoKernel takes it again).
+constexpr std::int32_t kRedo = -1;
+
 // Shared memory of one block of the candidates kernels.
 struct CandidateShared {
   std::uint32_t max[kThreads];
@@ -142,7 +145,7 @@ __device__ __forceinline__ void write_slot(const Cell<T>& c, const SelectParams&
 // pairs, a thread's maximum takes 15 paired max instructions, and only the few threads whose
 // maximum reaches the bar test their values against it (rounded down to the type, so that no
 // value at or above the bar is missed; the merge compares exactly). Returns the cell's count, or
-// -1 when the cell needs the key path: a NaN anywhere in it (the key path ranks NaN by its
+// kRedo when the cell needs the key path: a NaN anywhere in it (the key path ranks NaN by its
 // bits), or more than cap values at the bar (heavy ties). Every thread returns the same.
 template <typename T>
 __device__ __forceinline__ int packed_candidates(const Cell<T>& c, const SelectParams& p,
@@ -163,7 +166,7 @@ __device__ __forceinline__ int packed_candidates(const Cell<T>& c, const SelectP
   for (int q = 1; q < kPairs; ++q) top = P::max_nan(top, raw[q]);
   const float lo = P::low(top);
   const float hi = P::high(top);
-  if (__syncthreads_or(lo != lo || hi != hi)) return -1;
+  if (__syncthreads_or(lo != lo || hi != hi)) return kRedo;
   const float thread_max = fmaxf(lo, hi);
   const std::uint32_t bar = segment_bar(float_key(thread_max), c.cols, static_cast<int>(p.k),
                                         &s.known, row_bar + c.row, s.max, s.warp_bar, &s.bar);
@@ -185,7 +188,7 @@ __device__ __forceinline__ int packed_candidates(const Cell<T>& c, const SelectP
   __syncthreads();
   const int held = s.count;
   __syncthreads();  // every thread has read the count before anyone reuses it
-  return held <= p.cap ? held : -1;
+  return held <= p.cap ? held : kRedo;
 }
 
 // The key path of a cell: every key at or above the bar goes to the slots, unordered; when more
@@ -234,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   if constexpr (kVector && kHasPairs<T>) {
     if (c.cols == kSegment && !p.bias && !p.scale) {
       const int held = packed_candidates(c, p, row_bar, s);
-      if (held >= 0) {
+      if (held != kRedo) {
         if (threadIdx.x == 0) out_count[blockIdx.x] = held;
         return;  // uniform: every thread got the same count
       }
@@ -245,8 +248,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   if (threadIdx.x == 0) out_count[blockIdx.x] = held;
 }
 
-// Marks a cell of TopkCandidatesPackedKernel that TopkCandidatesRedoKernel takes again.
-constexpr std::int32_t kRedo = -1;
 // Resident blocks per SM of the packed kernel: without the key path's registers it fits 6
 // (40 registers) where TopkCandidatesKernel fits 4, and more blocks keep more loads in flight.
 // On an H100 (bf16, 16,384 tokens) the TopK encode ran 1-3% faster than with the packed path
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, kPackedBlocks)
   const Cell<T> c = cell_at(blockIdx.x, values, out_values, out_index, p);
   begin_cell(s, row_bar, c.row);
   const int held = packed_candidates(c, p, row_bar, s);
-  if (threadIdx.x == 0) out_count[blockIdx.x] = held >= 0 ? held : kRedo;
+  if (threadIdx.x == 0) out_count[blockIdx.x] = held;
 }
 
 // The key path for the cells TopkCandidatesPackedKernel marked, a block per kThreads cells:
