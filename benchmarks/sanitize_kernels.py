@@ -131,6 +131,15 @@ def sae_cases() -> int:
     g = torch.Generator().manual_seed(2)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         segment = _ops.SAE_CUDA_SEGMENT
+        # 16-byte rows: the 16-bit plain threshold kernel (rows staged through shared memory,
+        # a short last row group and segment).
+        for rows, cols in ((1, 8), (9, segment + 24)):
+            values = torch.randn(rows, cols, generator=g).to(dtype)
+            threshold = torch.rand(cols, generator=g)
+            got = _ops.select_threshold(values.cuda(), cap=64, threshold=threshold.cuda())
+            want = _ops.select_threshold(values, cap=cols, threshold=threshold)
+            assert got[2].sum(1).cpu().tolist() == want[2][:, 0].tolist()
+            checked += 1
         for rows, cols in ((1, 1), (3, 77), (4, segment), (2, segment + 8)):
             wide = torch.randn(rows, cols + 3, generator=g).to(dtype)
             wide[0, : cols // 2] = 0.5  # ties, to reach the bisection path

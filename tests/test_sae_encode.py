@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -453,6 +455,45 @@ def test_cuda_select_threshold_equals_cpu(dtype, gated, aligned):
         live = torch.arange(segment) < gpu[2][r].cpu().unsqueeze(-1)
         assert torch.equal(gpu[1][r].cpu()[live], cpu[1][r, 0, :n])
         assert torch.equal(gpu[0][r].cpu()[live], cpu[0][r, 0, :n])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_threshold", [True, False])
+def test_cuda_plain_threshold_of_16_bit_values_matches_the_float_test(dtype, with_threshold):
+    # The 16-bit path compares packed values against thresholds rounded down to the values'
+    # type; it must keep exactly the columns where float(h) > threshold and float(h) > 0.
+    g = torch.Generator().manual_seed(35)
+    segment = _ops.SAE_CUDA_SEGMENT
+    cols = 2 * segment + 336  # a short last segment, still 16-byte rows
+    rows = 11  # not a whole number of the kernel's row groups
+    values = (torch.randn(rows, cols, generator=g) * 2).to(dtype)
+    threshold = torch.rand(cols, generator=g) * 2 + 0.001  # rarely representable in 16 bits
+    # Thresholds exactly at values of the row, just below and just above them, negative,
+    # NaN and infinite; values that are NaN, infinite and zero.
+    exact = values[0, :40].float()
+    threshold[:40] = exact
+    threshold[40:80] = torch.nextafter(values[1, 40:80].float(), torch.tensor(-math.inf))
+    threshold[80:120] = torch.nextafter(values[2, 80:120].float(), torch.tensor(math.inf))
+    threshold[120:160] = -torch.rand(40, generator=g)
+    threshold[160], threshold[161], threshold[162] = math.nan, math.inf, -math.inf
+    values[3, 160:170] = math.inf
+    values[4, 170:175] = math.nan
+    values[5, :] = 0.0
+    values[6, 161] = math.inf
+    reference = values.float()
+    keep = reference > 0
+    if with_threshold:
+        keep &= reference > threshold
+    columns = {"threshold": threshold.cuda()} if with_threshold else {}
+    kept, index, count = _ops.select_threshold(values.cuda(), cap=segment, **columns)
+    assert torch.equal(count.sum(1).cpu(), keep.sum(1).to(torch.int32))
+    for r in range(rows):
+        live = torch.arange(segment) < count[r].cpu().unsqueeze(-1)
+        expected = keep[r].nonzero().flatten()
+        assert torch.equal(index[r].cpu()[live].long(), expected)
+        assert torch.equal(kept[r].cpu()[live], reference[r, expected])
 
 
 @pytest.mark.cuda
