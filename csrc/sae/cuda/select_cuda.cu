@@ -101,11 +101,67 @@ __device__ __forceinline__ float gated_magnitude(float h, float scale, float shi
   return fmaxf(__fadd_rn(__fmul_rn(h, scale), shift), 0.0f);
 }
 
+// Writes a row segment's survivors to their slots in column order, (warp, load, lane, item)
+// being column order: a scan over the lanes per load (two loads' counts packed in one int) and
+// one over the warps give each survivor its slot. passed has bit j kWidth + v set where item v
+// of load j survives; write(slot, j, v) stores it (slot < cap). Returns the segment's count of
+// survivors. totals holds kWarps ints no other thread reads until every thread has returned;
+// every thread of the block must call it. A warp none of whose lanes has a survivor skips its
+// scans.
+template <int kWidth, int kCount, typename Write>
+__device__ __forceinline__ int write_survivors(std::uint32_t passed, int cap, int* totals,
+                                               Write&& write) {
+  static_assert(kCount % 2 == 0, "loads are scanned in pairs");
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  // Survivors before this lane in each load's group, and each group's total over the warp.
+  int before[kCount] = {};
+  int group_total[kCount] = {};
+  int warp_total = 0;
+  if (__any_sync(0xffffffffu, passed != 0u)) {
+#pragma unroll
+    for (int j = 0; j < kCount; j += 2) {
+      const int packed =  // <= 32 x 8 each: no carry
+          __popc((passed >> (j * kWidth)) & ((1u << kWidth) - 1u)) |
+          (__popc((passed >> ((j + 1) * kWidth)) & ((1u << kWidth) - 1u)) << 16);
+      const int inclusive = warp_inclusive_sum(packed);
+      const int exclusive = inclusive - packed;
+      const int total = __shfl_sync(0xffffffffu, inclusive, 31);
+      before[j] = exclusive & 0xffff;
+      before[j + 1] = exclusive >> 16;
+      group_total[j] = total & 0xffff;
+      group_total[j + 1] = total >> 16;
+      warp_total += group_total[j] + group_total[j + 1];
+    }
+  }
+  if (lane == 0) totals[warp] = warp_total;
+  __syncthreads();
+  int slot = 0;
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    slot += w < warp ? totals[w] : 0;
+    total += totals[w];
+  }
+  if (passed) {
+#pragma unroll
+    for (int j = 0; j < kCount; ++j) {
+      int at = slot + before[j];
+#pragma unroll
+      for (int v = 0; v < kWidth; ++v) {
+        if (!(passed & (1u << (j * kWidth + v)))) continue;
+        if (at < cap) write(at, j, v);
+        ++at;
+      }
+      slot += group_total[j];
+    }
+  }
+  return total;
+}
+
 // One block per (row, segment). Warp w reads columns [w, w + 1) x kWarpColumns of the segment,
 // 16 adjacent bytes per lane and load, so every load is coalesced; the per-column parameters
-// come the same way. The survivors keep column order: (warp, load, lane, item) is column order,
-// so a scan over the lanes per load (two loads' counts packed in one int) and one over the
-// warps give each survivor its slot.
+// come the same way; write_survivors gives the survivors their slots in column order.
 template <typename T, bool kVector, bool kPlain>
 __global__ void __launch_bounds__(kThreads)
     SelectThresholdKernel(const T* __restrict__ values, float* __restrict__ out_values,
@@ -114,7 +170,6 @@ __global__ void __launch_bounds__(kThreads)
   using L = Loads<T, kVector>;
   constexpr int kWidth = L::kWidth;
   constexpr int kWarpColumns = kItems * 32;
-  static_assert(L::kCount % 2 == 0, "loads are scanned in pairs");
   __shared__ int s_warp[kWarps];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -165,59 +220,16 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  int counts[L::kCount];
-#pragma unroll
-  for (int j = 0; j < L::kCount; ++j) {
-    counts[j] = __popc((passed >> (j * kWidth)) & ((1u << kWidth) - 1u));
-  }
-  // Survivors before this lane in each load's group, and each group's total over the warp.
-  int before[L::kCount];
-  int group_total[L::kCount];
-#pragma unroll
-  for (int j = 0; j < L::kCount; j += 2) {
-    const int packed = counts[j] | (counts[j + 1] << 16);  // <= 32 x 8 each: no carry
-    const int inclusive = warp_inclusive_sum(packed);
-    const int exclusive = inclusive - packed;
-    const int total = __shfl_sync(0xffffffffu, inclusive, 31);
-    before[j] = exclusive & 0xffff;
-    before[j + 1] = exclusive >> 16;
-    group_total[j] = total & 0xffff;
-    group_total[j + 1] = total >> 16;
-  }
-  int warp_total = 0;
-#pragma unroll
-  for (int j = 0; j < L::kCount; ++j) warp_total += group_total[j];
-  if (lane == 0) s_warp[warp] = warp_total;
-  __syncthreads();
-  int slot = 0;
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    slot += w < warp ? s_warp[w] : 0;
-    total += s_warp[w];
-  }
   float* out_v = out_values + row * p.out_row_stride + segment * p.cap;
   std::int32_t* out_i = out_index + row * p.out_row_stride + segment * p.cap;
-  if (passed) {
-#pragma unroll
-    for (int j = 0; j < L::kCount; ++j) {
-      int at = slot + before[j];
-#pragma unroll
-      for (int v = 0; v < kWidth; ++v) {
-        const int item = j * kWidth + v;
-        if (!(passed & (1u << item))) continue;
-        if (at < p.cap) {
-          const int c = warp * kWarpColumns + (j * 32 + lane) * kWidth + v;
-          const float h = to_float(in[c]);
-          out_v[at] = mag_scale ? gated_magnitude(h, mag_scale[c], mag_bias[c])
-                                : h + (bias ? bias[c] : 0.0f);
-          out_i[at] = static_cast<std::int32_t>(p.col_offset + first + c);
-        }
-        ++at;
-      }
-      slot += group_total[j];
-    }
-  }
+  const int total = write_survivors<kWidth, L::kCount>(
+      passed, static_cast<int>(p.cap), s_warp, [&](int at, int j, int v) {
+        const int c = warp * kWarpColumns + (j * 32 + lane) * kWidth + v;
+        const float h = to_float(in[c]);
+        out_v[at] = mag_scale ? gated_magnitude(h, mag_scale[c], mag_bias[c])
+                              : h + (bias ? bias[c] : 0.0f);
+        out_i[at] = static_cast<std::int32_t>(p.col_offset + first + c);
+      });
   if (threadIdx.x == 0) out_count[row * p.count_row_stride + segment] = total;
 }
 
@@ -289,7 +301,7 @@ constexpr int threshold_stage_bytes() {
 //   so that each SM has several rows' loads in flight without holding them in registers. Every
 //   thread copies exactly the bytes it reads back, so its own waits order them: no barrier.
 // - Two columns are tested by one packed compare against bounds loaded once per block, and a
-//   warp with no survivor (the usual case at SAE densities) skips the scans.
+//   warp with no survivor (the usual case at SAE densities) skips write_survivors's scans.
 // Columns run (warp, load, lane, item) as in SelectThresholdKernel, so the slots are the same.
 // On an H100 (bf16 chunks of 16,384 x 8,192) it read 2.1-2.4 TB/s, the rate of torch's amax over
 // the same chunk, where SelectThresholdKernel read 2.0-2.3 TB/s.
@@ -303,7 +315,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kWidth = L::kWidth;
   constexpr int kPairs = kWidth / 2;
   constexpr int kWarpColumns = kItems * 32;
-  static_assert(L::kCount % 2 == 0, "loads are scanned in pairs");
   extern __shared__ uint4 s_rows[];  // kThresholdStages rows of kSegment values
   // Two sets of warp totals, a row's and the next one's, so one barrier a row is enough.
   __shared__ int s_warp[2][kWarps];
@@ -377,56 +388,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    int before[L::kCount] = {};
-    int group_total[L::kCount] = {};
-    int warp_total = 0;
-    if (__any_sync(0xffffffffu, passed != 0u)) {
-      // Survivors before this lane in each load's group, and each group's total over the warp.
-#pragma unroll
-      for (int j = 0; j < L::kCount; j += 2) {
-        const int packed = __popc((passed >> (j * kWidth)) & ((1u << kWidth) - 1u)) |
-                           (__popc((passed >> ((j + 1) * kWidth)) & ((1u << kWidth) - 1u)) << 16);
-        const int inclusive = warp_inclusive_sum(packed);
-        const int exclusive = inclusive - packed;
-        const int total = __shfl_sync(0xffffffffu, inclusive, 31);
-        before[j] = exclusive & 0xffff;
-        before[j + 1] = exclusive >> 16;
-        group_total[j] = total & 0xffff;
-        group_total[j + 1] = total >> 16;
-        warp_total += group_total[j] + group_total[j + 1];
-      }
-    }
-    int* totals = s_warp[i % 2];
-    if (lane == 0) totals[warp] = warp_total;
-    __syncthreads();
-    int slot = 0;
-    int total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      slot += w < warp ? totals[w] : 0;
-      total += totals[w];
-    }
     const std::int64_t row = row_begin + i;
-    if (passed) {
-      float* out_v = out_values + row * p.out_row_stride + segment * p.cap;
-      std::int32_t* out_i = out_index + row * p.out_row_stride + segment * p.cap;
-#pragma unroll
-      for (int j = 0; j < L::kCount; ++j) {
-        int at = slot + before[j];
-#pragma unroll
-        for (int v = 0; v < kWidth; ++v) {
-          const int item = j * kWidth + v;
-          if (!(passed & (1u << item))) continue;
-          if (at < p.cap) {
-            const int c = column(j) + v;
-            out_v[at] = to_float(here[c]);
-            out_i[at] = static_cast<std::int32_t>(p.col_offset + first + c);
-          }
-          ++at;
-        }
-        slot += group_total[j];
-      }
-    }
+    float* out_v = out_values + row * p.out_row_stride + segment * p.cap;
+    std::int32_t* out_i = out_index + row * p.out_row_stride + segment * p.cap;
+    const int total = write_survivors<kWidth, L::kCount>(
+        passed, static_cast<int>(p.cap), s_warp[i % 2], [&](int at, int j, int v) {
+          const int c = column(j) + v;
+          out_v[at] = to_float(here[c]);
+          out_i[at] = static_cast<std::int32_t>(p.col_offset + first + c);
+        });
     if (threadIdx.x == 0) out_count[row * p.count_row_stride + segment] = total;
   }
 }
