@@ -483,13 +483,11 @@ void launch_select_threshold_cuda(const T* values, float* out_values, std::int32
   if constexpr (sizeof(device_t) == 2) {
     if (vector && plain) {
       constexpr int bytes = threshold_stage_bytes<device_t>();
-      static const bool opted_in = [] {
-        MECHINTERP_CUDA_CHECK(cudaFuncSetAttribute(SelectThresholdPairsKernel<device_t>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   bytes));
-        return true;
-      }();
-      (void)opted_in;
+      // Past the 48 KiB default with the static totals; the opt-in is per device, so it is made
+      // on every launch (a host call of about a microsecond) rather than once per process.
+      MECHINTERP_CUDA_CHECK(cudaFuncSetAttribute(SelectThresholdPairsKernel<device_t>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 bytes));
       SelectThresholdPairsKernel<device_t>
           <<<blocks_for(params, "select_threshold", kThresholdRows), kThreads, bytes, stream>>>(
               in, out_values, out_index, out_count, params);
