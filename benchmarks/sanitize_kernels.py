@@ -214,6 +214,50 @@ def sae_cases() -> int:
     return checked
 
 
+def fused_sae_cases() -> int:
+    """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
+    so there is one right answer): partial tiles, both cluster shapes, a tile row that overflows
+    its records, rows ordered by the kernel and by a sort."""
+    if not _ops.fused_threshold_available(torch.device("cuda")):
+        return 0
+    from mechinterp.sae import SAE, encode_sparse, fused
+
+    checked = 0
+    g = torch.Generator().manual_seed(3)
+    for rows, d_in, d_sae, arch in ((300, 72, 904, "jumprelu"), (129, 1032, 520, "relu")):
+        fields = {"W_enc": torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
+                  "b_enc": torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
+                  "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.zeros(d_in),
+                  "architecture": arch}
+        if arch == "jumprelu":
+            fields["threshold"] = 2.0 * d_in ** 0.5 * (1 + 0.3 * torch.rand(d_sae, generator=g))
+        sae = SAE(**fields).to(dtype=torch.bfloat16)
+        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(torch.bfloat16)
+        x[128:] *= 0  # relu: tile row 0 dense (it overflows), the rest sparse
+        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        bound = sae.threshold.double() if sae.threshold is not None else torch.zeros(d_sae)
+        want = (h.double() > bound.clamp_min(0)) & (h.double() > 0)
+        want_values = torch.where(want, h, torch.zeros((), dtype=h.dtype))
+        saved = fused._KERNEL_ORDER_MAX
+        try:
+            for order_max in (saved, 3):  # rows ordered by the kernel, then by a sort
+                fused._KERNEL_ORDER_MAX = order_max
+                got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
+                dense = got.to_dense()
+                wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()
+                assert wrong.numel() == 0, (
+                    f"{arch} {rows}x{d_in}x{d_sae} order_max {order_max}: rows "
+                    f"{wrong.flatten()[:8].tolist()} differ; first: got "
+                    f"{got.indices[got.row_ptr[wrong[0, 0]]:got.row_ptr[wrong[0, 0] + 1]][:12].tolist()}"
+                    f" want {want[wrong[0, 0]].nonzero().flatten()[:12].tolist()}")
+                assert bool((got.indices[1:] > got.indices[:-1])[
+                    (got.row_index()[1:] == got.row_index()[:-1])].all()), "columns must ascend"
+                checked += 1
+        finally:
+            fused._KERNEL_ORDER_MAX = saved
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
     print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
@@ -221,3 +265,4 @@ if __name__ == "__main__":
     print(f"fill_noise: {fill_noise_cases()} cases match the CPU kernel")
     print(f"interactions: {interactions_cases()} cases match the CPU kernels")
     print(f"sae: {sae_cases()} cases match the CPU kernels")
+    print(f"fused sae encode: {fused_sae_cases()} cases match the exact reference")

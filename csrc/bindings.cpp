@@ -10,6 +10,7 @@
 #include "heads/heads.h"
 #include "interactions/interactions.h"
 #include "patching/patching.h"
+#include "sae/fused_threshold.h"
 #include "sae/sae.h"
 #include "tracing/tracing.h"
 
@@ -215,6 +216,66 @@ PYBIND11_MODULE(_C, m) {
       "segment) as compressed rows: row r's from row_start[r] on, into out_values (float32 / "
       "float16 / bfloat16, rounded to nearest) and out_index int64 [nnz].");
 
+  m.attr("SAE_FUSED_TILE_M") = mechinterp::sae::kFusedTileM;
+  m.attr("SAE_FUSED_TILE_N") = mechinterp::sae::kFusedTileN;
+  m.attr("SAE_FUSED_WARPS") = mechinterp::sae::kFusedWarps;
+  m.def("fused_threshold_available", &mechinterp::sae::fused_threshold_available,
+        py::arg("device_index"),
+        "Whether this build has the fused sm_90 SAE encode and the CUDA device can run it.");
+  m.def("fused_threshold_workspace", &mechinterp::sae::fused_threshold_workspace, py::arg("rows"),
+        py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"),
+        "Workspace bytes of fused_threshold_gemm for this problem on that device.");
+
+  m.def(
+      "fused_threshold_gemm",
+      [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
+         py::handle warp_count, py::handle row_count, py::handle workspace,
+         std::uintptr_t stream) {
+        const auto x_view = mechinterp::view_from_py(x, "x");
+        const auto weight_view = mechinterp::view_from_py(weight, "weight");
+        const auto bias_view = mechinterp::view_from_py(bias, "bias");
+        const auto bound_view = mechinterp::view_from_py(bound, "bound");
+        const auto records_view = mechinterp::view_from_py(records, "records");
+        const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
+        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
+        const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
+        py::gil_scoped_release release;
+        mechinterp::sae::fused_threshold_gemm(x_view, weight_view, bias_view, bound_view,
+                                              records_view, warp_count_view, row_count_view,
+                                              workspace_view, stream);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
+      py::arg("warp_count"), py::arg("row_count"), py::arg("workspace"), py::arg("stream"),
+      "sm_90: x bf16 [rows, d_in] @ weight bf16 [d_in, d_sae] + bias bf16, rounded to bf16; the "
+      "entries above bound (bf16 [d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
+      "counts per region (warp_count) and per row (row_count, zeroed by the caller).");
+
+  m.def(
+      "fused_records_to_rows",
+      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle cursor,
+         py::handle scratch_index, py::handle scratch_values, py::handle out_index,
+         py::handle out_values, bool order, std::uintptr_t stream) {
+        const auto records_view = mechinterp::view_from_py(records, "records");
+        const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
+        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
+        const auto cursor_view = mechinterp::view_from_py(cursor, "cursor");
+        const auto scratch_index_view = mechinterp::view_from_py(scratch_index, "scratch_index");
+        const auto scratch_values_view = mechinterp::view_from_py(scratch_values, "scratch_values");
+        const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
+        const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
+        py::gil_scoped_release release;
+        mechinterp::sae::fused_records_to_rows(records_view, warp_count_view, row_ptr_view,
+                                               cursor_view, scratch_index_view,
+                                               scratch_values_view, out_index_view,
+                                               out_values_view, order, stream);
+      },
+      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("cursor"),
+      py::arg("scratch_index"), py::arg("scratch_values"), py::arg("out_index"),
+      py::arg("out_values"), py::arg("order"), py::arg("stream"),
+      "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
+      "(entries past a row's range are dropped): ordered by column into out_index int64 / "
+      "out_values bf16, or in arrival order left in scratch_index / scratch_values.");
+
   m.def(
       "topk_candidates",
       [](py::handle values, py::object bias, py::object scale, std::int64_t k,
@@ -313,6 +374,7 @@ PYBIND11_MODULE(_C, m) {
         d["cuda"] = info.cuda;
         d["cuda_archs"] = info.cuda_archs;
         d["cuda_version"] = info.cuda_version;
+        d["sae_fused_sm90"] = info.sae_fused_sm90;
         d["openmp"] = info.openmp;
         d["cpu_threads"] = info.cpu_threads;
         d["compiler"] = info.compiler;

@@ -11,6 +11,7 @@ class _BuildInfo(TypedDict):
     cuda: bool
     cuda_archs: list[str]
     cuda_version: str | None
+    sae_fused_sm90: bool
     openmp: bool
     cpu_threads: int
     compiler: str

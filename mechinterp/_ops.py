@@ -1019,3 +1019,101 @@ def sparse_decode(
         _optional_view(bias), _view(out), bool(accumulate), _stream(weight),
     )
     return out
+
+
+# ---- the fused Hopper SAE encode (csrc/sae/fused_threshold.h) ----
+
+#: Tile rows and latents of the fused encode's GEMM, and record regions (warps) a tile.
+SAE_FUSED_TILE_M: int = _C.SAE_FUSED_TILE_M
+SAE_FUSED_TILE_N: int = _C.SAE_FUSED_TILE_N
+SAE_FUSED_WARPS: int = _C.SAE_FUSED_WARPS
+
+
+def fused_threshold_available(device: torch.device) -> bool:
+    """Whether the fused sm_90 threshold encode runs on ``device`` (built in, and a CUDA device
+    of compute capability 9.0)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _fused_on_device(index)
+
+
+@functools.cache
+def _fused_on_device(index: int) -> bool:
+    # A device's compute capability does not change while the process runs.
+    return bool(_C.build_info()["sae_fused_sm90"]) and bool(_C.fused_threshold_available(index))
+
+
+def fused_threshold_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16).
+
+    ``x`` bf16 ``[rows, d_in]`` and ``weight`` bf16 ``[d_in, d_sae]`` (both contiguous, 16-byte
+    aligned, ``d_in`` and ``d_sae`` multiples of 8), ``bias`` and ``bound`` bf16 ``[d_sae]``:
+    column ``c`` of row ``r`` survives iff ``bf16(x[r] @ weight[:, c] + bias[c]) >
+    bound[c]`` (``bound`` >= 0 or NaN; see :func:`mechinterp.sae.fused.bf16_bounds`).
+
+    Returns ``(records, warp_count, row_count, cursor)``: int32 records ``[tiles_m, tiles_n,
+    warps, cap]`` (row in tile << 24 | column in tile << 16 | the value's bf16 bits), each
+    region's count ``[tiles_m, tiles_n, warps]`` (above ``cap`` when records were dropped), each
+    row's ``[rows]``, and zeros ``[rows]`` for :func:`fused_records_to_rows` (zeroed with the
+    counts, in one launch). Queued on the current stream; nothing is synchronised.
+    """
+    op = "fused_threshold_gemm"
+    _check_device(x, op, "x")
+    device = x.device
+    rows, d_in = x.shape
+    d_sae = weight.shape[1]
+    tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
+    records = torch.empty(*tiles, cap, dtype=torch.int32, device=device)
+    warp_count = torch.empty(tiles, dtype=torch.int32, device=device)
+    counts = torch.zeros(2, rows, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index)
+    workspace = torch.empty(-(-workspace_bytes // 8), dtype=torch.int64, device=device)
+    row_count, cursor = counts
+    _C.fused_threshold_gemm(
+        _view(x), _view(weight), _view(bias), _view(bound), _view(records), _view(warp_count),
+        _view(row_count), _view(workspace), _stream(x),
+    )
+    return records, warp_count, row_count, cursor
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int) -> int:
+    return _C.fused_threshold_workspace(rows, d_in, d_sae, index)
+
+
+def fused_records_to_rows(
+    records: torch.Tensor, warp_count: torch.Tensor, row_ptr: torch.Tensor, nnz: int, *,
+    order: bool = True, cursor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_threshold_gemm`'s records as compressed rows ``(index int64, values bf16)``.
+
+    Row ``r``'s entries fill ``[row_ptr[r], row_ptr[r + 1])`` (``row_ptr`` int64 ``[rows + 1]``,
+    whose last entry is ``nnz``); entries past a row's range are dropped. With
+    ``order``, each row's columns ascend (the kernel ranks a row's entries in ``O(l0^2 / 32)``;
+    the caller sorts wide rows instead); without it, they are in arrival order. ``cursor``:
+    int32 zeros ``[rows]`` to use (from :func:`fused_threshold_gemm`), else allocated.
+    """
+    op = "fused_records_to_rows"
+    _check_device(records, op, "records")
+    device = records.device
+    rows = row_ptr.shape[0] - 1
+    if cursor is None:
+        cursor = torch.zeros(rows, dtype=torch.int32, device=device)
+    scratch_index = torch.empty(nnz, dtype=torch.int32, device=device)
+    scratch_values = torch.empty(nnz, dtype=torch.bfloat16, device=device)
+    # Unordered, the out_* buffers are not written: zero-sized views of the right kind stand in.
+    size = nnz if order else 0
+    out_index = torch.empty(size, dtype=torch.int64, device=device)
+    out_values = torch.empty(size, dtype=torch.bfloat16, device=device)
+    _C.fused_records_to_rows(
+        _view(records), _view(warp_count), _view(row_ptr), _view(cursor), _view(scratch_index),
+        _view(scratch_values), _view(out_index), _view(out_values), bool(order),
+        _stream(records),
+    )
+    if not order:
+        return scratch_index.to(torch.int64), scratch_values
+    return out_index, out_values

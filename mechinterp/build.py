@@ -17,7 +17,7 @@ def build_info() -> dict[str, object]:
 
     Keys: ``version``, ``cuda`` (CUDA kernels compiled), ``cuda_archs`` (their SM targets),
     ``cuda_version`` (toolkit used to build them), ``cuda_available`` (a CUDA device is usable
-    now), ``openmp``, ``cpu_threads`` (threads the CPU kernels use), ``torch_threads``,
+    now), ``sae_fused_sm90`` (the SAE encode fused into a Hopper GEMM is compiled), ``openmp``, ``cpu_threads`` (threads the CPU kernels use), ``torch_threads``,
     ``compiler``, ``torch``, ``transformers``, ``nnsight``.
 
     Examples:
@@ -37,6 +37,7 @@ def build_info() -> dict[str, object]:
         "cuda_archs": list(native["cuda_archs"]),
         "cuda_version": native["cuda_version"],
         "cuda_available": bool(native["cuda"]) and torch.cuda.is_available(),
+        "sae_fused_sm90": bool(native["sae_fused_sm90"]),
         "openmp": bool(native["openmp"]),
         "cpu_threads": int(native["cpu_threads"]),
         "torch_threads": torch.get_num_threads(),

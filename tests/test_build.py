@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -18,6 +19,7 @@ def test_build_info_fields():
         "cuda",
         "cuda_archs",
         "cuda_version",
+        "sae_fused_sm90",
         "openmp",
         "cpu_threads",
         "compiler",
@@ -42,6 +44,17 @@ def test_cuda_archs_iff_cuda():
     assert bool(info["cuda_archs"]) is info["cuda"]
     assert (info["cuda_version"] is not None) is info["cuda"]
     assert all(arch.rstrip("af").isdigit() for arch in info["cuda_archs"])
+
+
+def test_fused_sae_encode_is_built_where_it_can_be():
+    # nvidia-cutlass is a build requirement on Linux, so a CUDA build for sm_90 has the fused
+    # encode unless it was turned off.
+    info = _C.build_info()
+    can = info["cuda"] and any(arch.startswith("90") for arch in info["cuda_archs"])
+    if not can or os.environ.get("MECHINTERP_FUSED_SM90", "").upper() == "OFF":
+        assert info["sae_fused_sm90"] is False
+    elif sys.platform == "linux":
+        assert info["sae_fused_sm90"] is True
 
 
 def test_version_matches_package_metadata():

@@ -30,6 +30,10 @@ BuildInfo build_info() {
   }
 #endif
 
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+  info.sae_fused_sm90 = true;
+#endif
+
 #if defined(MECHINTERP_OPENMP)
   info.openmp = true;
   info.cpu_threads = omp_get_max_threads();

@@ -9,6 +9,7 @@
 #include "common/check.h"
 #include "common/device.h"
 #include "common/dispatch.h"
+#include "sae/checks.h"
 
 namespace mechinterp::sae {
 
@@ -26,12 +27,6 @@ void dispatch_select(DType dtype, const char* op, F&& f) {
   }
   detail::throw_user_error(op, ": values must be float32, float16 or bfloat16, got ",
                            dtype_name(dtype));
-}
-
-void check_same_device(const TensorView& t, const TensorView& ref, const char* op,
-                       const char* name) {
-  MECHINTERP_CHECK(t.device == ref.device, op, ": ", name, " must be on ", device_name(ref.device),
-                   " with values, got ", device_name(t.device));
 }
 
 // A [rows, cols] matrix whose columns are adjacent (rows may be strided).
@@ -237,25 +232,6 @@ void select_threshold(const TensorView& values, const std::optional<TensorView>&
 }
 
 namespace {
-
-// A contiguous [rows, d1, d2] tensor (d2 omitted for two dimensions) of dtype on values' device.
-void check_block(const TensorView& t, std::initializer_list<std::int64_t> shape, DType dtype,
-                 const TensorView& values, const char* op, const char* name) {
-  bool ok = t.dim() == static_cast<std::int64_t>(shape.size()) && t.is_contiguous();
-  std::int64_t d = 0;
-  for (const std::int64_t want : shape) ok = ok && t.size(d++) == want;
-  if (!ok) {
-    std::string wanted;
-    for (const std::int64_t want : shape) {
-      wanted += (wanted.empty() ? "" : ", ") + std::to_string(want);
-    }
-    detail::throw_user_error(op, ": ", name, " must be a contiguous [", wanted, "], got ",
-                             t.shape_string());
-  }
-  MECHINTERP_CHECK(t.dtype == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
-                   dtype_name(t.dtype));
-  check_same_device(t, values, op, name);
-}
 
 // The running top-k's sizes: k within the CUDA limit, and cap slots a segment, room for its
 // exact top k and, beside the running top k, within one merge's shared buffer.

@@ -7,6 +7,9 @@ activation lets through: the top ``k`` per token (TopK) or the latents above the
 time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
 decoder rows of the active latents and sums them in float32.
 
+On Hopper GPUs, bfloat16 ReLU / JumpReLU / BatchTopK SAEs skip the chunks: the threshold runs
+in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches memory.
+
 On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
 bound of the token's k-th largest (the k-th of the chunks merged so far, or the chunk's own
 bound), and a per-token bitonic merge folds those few into the running top ``k``, whose k-th
@@ -40,6 +43,7 @@ import torch
 
 from mechinterp import _ops
 from mechinterp.errors import InputError, ShapeError
+from mechinterp.sae import fused as _fused
 from mechinterp.sae import screen as _screen
 from mechinterp.sae.sae import SAE
 
@@ -111,7 +115,7 @@ class SparseFeatures:
 
 
 def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
-                  screen: bool | None = None) -> SparseFeatures:
+                  screen: bool | None = None, fused: bool | None = None) -> SparseFeatures:
     """Sparse feature activations of ``x [..., d_in]``; equals ``sae.encode(x)`` densified.
 
     The encoder runs in chunks of latents, so peak extra memory is one chunk of
@@ -126,17 +130,23 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
     bounds every pre-activation and only the latents that can reach the top ``k`` are computed
     in float32; the result is the exact float32 top-k, values rounded once.
 
+    bfloat16 ReLU, JumpReLU and BatchTopK SAEs on Hopper GPUs encode in one GEMM with the
+    threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then bounds its
+    survivor records (``d_sae / 8`` bytes a row) instead of a chunk.
+
     Args:
         sae: the autoencoder.
         x: activations ``[..., d_in]`` on the SAE's device.
         chunk_bytes: budget for one chunk of pre-activations.
         screen: screen a float32 TopK encode on the CPU. Default: where the CPU has bfloat16
             instructions (AVX512-BF16 or AMX), on which the bf16 GEMM is the faster one.
+        fused: encode through the fused GEMM. Default: wherever it applies (see
+            :func:`mechinterp.sae.fused.unsupported_reason`); ``False`` takes the chunked path.
 
     Raises:
         ShapeError: ``x`` does not end in ``d_in``.
         InputError: ``x`` is not a tensor, ``chunk_bytes`` is not a positive int, or ``screen``
-            is asked for where it does not apply.
+            or ``fused`` is asked for where it does not apply.
     """
     if not isinstance(sae, SAE):
         msg = f"sae must be an SAE; got {type(sae).__name__}"
@@ -149,7 +159,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
     x_n, _ = sae._normalize(x.reshape(-1, sae.d_in))
     if sae.apply_b_dec_to_input:
         x_n = x_n - sae.b_dec
-    plan = _Plan.make(sae, x_n, chunk_bytes, screen)
+    plan = _Plan.make(sae, x_n, chunk_bytes, screen, fused)
     if sae.architecture == "topk":
         row_ptr, indices, values = _encode_topk(sae, plan)
     else:
@@ -235,9 +245,11 @@ class _Plan:
     compiled: bool  # the selectors run in _C
     gemm_dtype: torch.dtype
     screen: bool  # whole rows, screened by a bf16 GEMM (float32 TopK on the CPU)
+    fused: bool = False  # whole rows through the fused GEMM (chunks only for rows encoded again)
 
     @staticmethod
-    def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None, screen: bool | None) -> _Plan:
+    def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None, screen: bool | None,
+             fused: bool | None = None) -> _Plan:
         device = x.device.type
         if chunk_bytes is None:
             chunk_bytes = _CHUNK_BYTES.get(device, _CHUNK_BYTES["cuda"])
@@ -253,6 +265,7 @@ class _Plan:
             and not (sae.architecture == "topk" and device == "cuda"
                      and sae.k > _ops.TOPK_CUDA_MAX_K)
         )
+        use_fused = _wants_fused(sae, x.device, fused)
         gemm_dtype = sae.dtype
         if device == "cpu" and sae.dtype in (torch.float16, torch.bfloat16) and \
                 torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
@@ -274,7 +287,14 @@ class _Plan:
             cols = min(cols, sae.d_sae)
         block_rows = max(1, min(rows, chunk_bytes // (cols * item)))
         x = x if x.dtype == gemm_dtype else x.to(gemm_dtype)
-        return _Plan(x.contiguous(), block_rows, cols, compiled, gemm_dtype, False)
+        x = x.contiguous()
+        if use_fused:
+            # Blocks of whole tile rows whose survivor records fit the budget.
+            tile = _ops.SAE_FUSED_TILE_M
+            fit = chunk_bytes // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
+            return _Plan(_fused.aligned(x), max(tile, min(rows, fit)), cols, compiled,
+                         gemm_dtype, False, fused=True)
+        return _Plan(x, block_rows, cols, compiled, gemm_dtype, False)
 
     def blocks(self):
         if self.block_rows >= self.x.shape[0]:
@@ -286,6 +306,19 @@ class _Plan:
     def chunks(self, d_sae: int):
         for c0 in range(0, d_sae, self.chunk_cols):
             yield c0, min(d_sae, c0 + self.chunk_cols)
+
+
+def _wants_fused(sae: SAE, device: torch.device, fused: bool | None) -> bool:
+    if fused is not None and not isinstance(fused, bool):
+        msg = f"fused must be True, False or None; got {fused!r}"
+        raise InputError(msg)
+    if fused is False:
+        return False
+    why_not = _fused.unsupported_reason(sae, device)
+    if fused and why_not is not None:
+        msg = f"fused=True cannot encode this SAE: {why_not}"
+        raise InputError(msg)
+    return why_not is None
 
 
 def _wants_screen(sae: SAE, device: str, compiled: bool, screen: bool | None) -> bool:
@@ -423,39 +456,22 @@ def _encode_threshold(sae: SAE, plan: _Plan):
     selector = functools.cache(functools.partial(
         _selector_params, sae, torch.float32 if plan.compiled else plan.gemm_dtype))
     chunks = list(plan.chunks(sae.d_sae))
+
+    def chunked(xb: torch.Tensor):
+        return _threshold_rows(xb, sae, gemm_bias, selector, chunks, plan)
+
+    if plan.fused:
+        bias = _fused.aligned(sae.b_enc)
+        bound = _fused.aligned(_fused.bf16_bounds(sae.threshold, sae.d_sae, sae.device))
     device = sae.device
     ptr_blocks, index_blocks, value_blocks = [], [], []
     start = 0  # entries of the earlier blocks
     for xb in plan.blocks():
-        kept, index, count = _threshold_block(xb, sae.W_enc, gemm_bias, selector, chunks, plan,
-                                              _FIRST_CAP_PER_SEGMENT)
-        # Everything the usual case needs after the host sync is queued before it (the row
-        # pointers included), so that the GPU has work while the host waits and only the
-        # compaction is launched afterwards.
-        overflow = (count > kept.shape[2]).any(dim=1)
-        block_ptr = torch.zeros(xb.shape[0] + 1, dtype=torch.int64, device=device)
-        torch.cumsum(count.sum(dim=1), dim=0, out=block_ptr[1:])
-        # One host sync a block: whether any row overflowed, and how many entries there are.
-        overflowed, nnz = torch.stack([overflow.sum(), block_ptr[-1]]).tolist()
-        if not overflowed:
-            values, indices = _compacted(kept, index, count, block_ptr[:-1], nnz, sae.dtype,
-                                         plan)
+        if plan.fused:
+            block_ptr, indices, values, nnz = _fused.encode_block(xb, sae.W_enc, bias, bound,
+                                                                  chunked)
         else:
-            values, indices, rows = _live_entries(kept, index, _live_slots(kept, count))
-            overflow = overflow.nonzero().flatten()
-            # Rows with more active latents in a segment than there were slots: encode just
-            # those rows again with room for all, and put their entries back in row order.
-            widest = int(count[overflow].max())
-            again, again_index, again_count = _threshold_block(
-                xb[overflow], sae.W_enc, gemm_bias, selector, chunks, plan, widest)
-            more_v, more_i, more_rows = _live_entries(again, again_index,
-                                                      _live_slots(again, again_count))
-            ok = ~torch.isin(rows, overflow)
-            values = torch.cat([values[ok], more_v])
-            indices = torch.cat([indices[ok], more_i])
-            rows = torch.cat([rows[ok], overflow[more_rows]])
-            order = torch.sort(rows, stable=True).indices
-            values, indices = values[order].to(sae.dtype), indices[order].to(torch.int64)
+            block_ptr, indices, values, nnz = chunked(xb)
         ptr_blocks.append(block_ptr if not ptr_blocks else block_ptr[1:] + start)
         start += nnz
         value_blocks.append(values)
@@ -466,6 +482,40 @@ def _encode_threshold(sae: SAE, plan: _Plan):
     indices = (_joined(index_blocks) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=device))
     return row_ptr, indices, values
+
+
+def _threshold_rows(xb, sae: SAE, gemm_bias, selector, chunks, plan: _Plan):
+    """Compressed rows ``(row_ptr, indices, values, nnz)`` of one row block, chunk by chunk."""
+    device = xb.device
+    kept, index, count = _threshold_block(xb, sae.W_enc, gemm_bias, selector, chunks, plan,
+                                          _FIRST_CAP_PER_SEGMENT)
+    # Everything the usual case needs after the host sync is queued before it (the row
+    # pointers included), so that the GPU has work while the host waits and only the
+    # compaction is launched afterwards.
+    overflow = (count > kept.shape[2]).any(dim=1)
+    block_ptr = torch.zeros(xb.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(count.sum(dim=1), dim=0, out=block_ptr[1:])
+    # One host sync a block: whether any row overflowed, and how many entries there are.
+    overflowed, nnz = torch.stack([overflow.sum(), block_ptr[-1]]).tolist()
+    if not overflowed:
+        values, indices = _compacted(kept, index, count, block_ptr[:-1], nnz, sae.dtype, plan)
+        return block_ptr, indices, values, nnz
+    values, indices, rows = _live_entries(kept, index, _live_slots(kept, count))
+    overflow = overflow.nonzero().flatten()
+    # Rows with more active latents in a segment than there were slots: encode just those
+    # rows again with room for all, and put their entries back in row order.
+    widest = int(count[overflow].max())
+    again, again_index, again_count = _threshold_block(
+        xb[overflow], sae.W_enc, gemm_bias, selector, chunks, plan, widest)
+    more_v, more_i, more_rows = _live_entries(again, again_index,
+                                              _live_slots(again, again_count))
+    ok = ~torch.isin(rows, overflow)
+    values = torch.cat([values[ok], more_v])
+    indices = torch.cat([indices[ok], more_i])
+    rows = torch.cat([rows[ok], overflow[more_rows]])
+    order = torch.sort(rows, stable=True).indices
+    values, indices = values[order].to(sae.dtype), indices[order].to(torch.int64)
+    return block_ptr, indices, values, nnz
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,284 @@
+// The threshold encode of a bfloat16 SAE fused into a CUTLASS Hopper GEMM (sm_90a): the
+// epilogue turns each tile's accumulators into survivors and never writes the [tokens, d_sae]
+// matrix. Included by one translation unit per cluster shape (they compile in parallel, and each
+// costs about 4 GB of compiler memory).
+//
+// A survivor is a column c of row r with v = bf16(acc + bias[c]) > bound[c], where bound is the
+// threshold rounded down to bfloat16 with the ReLU folded in (bound >= 0), so the packed 16-bit
+// compare is exact. Each becomes a 32-bit record (row in tile << 24 | column in tile << 16 |
+// v's bits) in a fixed region of `cap` records per (tile, consumer warp); records_cuda.cu turns
+// the records into compressed rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_compute_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/util/packed_stride.hpp"
+#include "sae/fused_threshold.h"
+
+namespace mechinterp::sae::fused_sm90 {
+
+using namespace cute;
+
+// The epilogue's sink: consumes the pre-activation and bound fragments, writes records.
+//
+// Slots within a warp's region come from a warp scan, so the epilogue never waits on a global
+// atomic's reply: CUTLASS's sm90 epilogue passes two named barriers per subtile, and a warp
+// waiting on a returning atomic held up the whole CTA (it cost more than the GEMM, measured on
+// an H100). Row totals are counted with atomics whose result is unused. end() stores the warp's
+// count, which exceeds cap when records were dropped (the caller encodes those rows again).
+struct RecordSink {
+  // With a void D, CUTLASS's epilogue builder sizes its (unused) store types from the fusion's
+  // ElementAux; any 16-bit type keeps the shared-memory carve-out at what the layouts need.
+  using ElementAux = cutlass::bfloat16_t;
+  struct SharedStorage {};
+  struct Arguments {
+    std::uint32_t* records = nullptr;  // [tiles_m, tiles_n, kFusedWarps, cap]
+    std::int32_t* warp_count = nullptr;  // [tiles_m, tiles_n, kFusedWarps]
+    std::int32_t* row_count = nullptr;   // [rows], zeroed by the caller
+    int cap = 0;
+    int tiles_n = 0;
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
+                                                  void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.records != nullptr && args.warp_count != nullptr && args.row_count != nullptr &&
+           args.cap > 0;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
+                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE RecordSink() {}
+  CUTLASS_HOST_DEVICE RecordSink(Params const& params, SharedStorage const&) : params(params) {}
+  Params params;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(
+      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
+    return cutlass::epilogue::fusion::EmptyProducerLoadCallbacks{};
+  }
+
+  template <class CoordTensor, class Residue>
+  struct Callbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
+    CUTLASS_DEVICE Callbacks(CoordTensor coords, Residue residue, int row0, int col0,
+                             std::uint32_t* region, std::int32_t* count_at, int cap,
+                             std::int32_t* tile_row_count)
+        : coords(coords), residue(residue), row0(row0), col0(col0), region(region),
+          count_at(count_at), cap(cap), tile_row_count(tile_row_count) {}
+
+    CoordTensor coords;  // (row, column) of this thread's elements from its first one
+    Residue residue;     // rows and columns of the problem left from the thread's first element
+    int row0, col0;      // the thread's first element, from the tile's corner
+    std::uint32_t* region;  // this warp's records
+    std::int32_t* count_at;  // null for a tile wholly outside the problem
+    int cap;
+    std::int32_t* tile_row_count;  // survivors per row, from the tile's first row
+    int filled = 0;                // records this warp produced so far (warp-uniform)
+
+    // The rare path, kept small so that the unrolled epilogue stays compact (unrolled, it grew
+    // the kernel threefold and slowed it): survivors as a bit set, one warp scan for the slots,
+    // loops over set bits that are not unrolled.
+    template <int Size>
+    CUTLASS_DEVICE int append(const unsigned* masks, const __nv_bfloat162* pairs, int epi_v,
+                              int epi_m, int epi_n, int filled_before) {
+      static_assert(Size <= 64, "a fragment's survivors fit one 64-bit set");
+      std::uint64_t bits = 0;
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < Size / 2; ++q) {
+        bits |= (std::uint64_t(masks[q] & 1u) << (2 * q)) |
+                (std::uint64_t((masks[q] >> 16) & 1u) << (2 * q + 1));
+      }
+      Tensor subtile = coords(_, _, _, epi_m, epi_n);
+      std::uint64_t inside = 0;  // partial tiles: drop what lies past the problem's edge
+#pragma unroll 1
+      for (std::uint64_t b = bits; b != 0; b &= b - 1) {
+        const int i = __ffsll(static_cast<long long>(b)) - 1;
+        if (elem_less(subtile(epi_v * Size + i), residue)) inside |= std::uint64_t(1) << i;
+      }
+      const int lane = static_cast<int>(threadIdx.x % 32);
+      const int mine = __popcll(inside);
+      int upto = mine;  // inclusive scan of survivors over the warp's lanes
+      CUTLASS_PRAGMA_UNROLL
+      for (int d = 1; d < 32; d <<= 1) {
+        const int up = __shfl_up_sync(0xffffffffu, upto, d);
+        if (lane >= d) upto += up;
+      }
+      const int total = __shfl_sync(0xffffffffu, upto, 31);
+      int slot = filled_before + upto - mine;
+      // A copy made only here: indexing `pairs` by a run-time index put the whole fragment in
+      // local memory on the hot path too.
+      std::uint32_t staged[Size / 2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < Size / 2; ++q) staged[q] = reinterpret_cast<const std::uint32_t&>(pairs[q]);
+#pragma unroll 1
+      for (std::uint64_t b = inside; b != 0; b &= b - 1, ++slot) {
+        const int i = __ffsll(static_cast<long long>(b)) - 1;
+        const auto coord = subtile(epi_v * Size + i);
+        const auto row = static_cast<std::uint32_t>(row0 + int(get<0>(coord)));
+        atomicAdd(tile_row_count + row, 1);
+        if (slot >= cap) continue;
+        const std::uint32_t pair = staged[i / 2];
+        const std::uint32_t bits16 = (i % 2) ? (pair >> 16) : (pair & 0xffffu);
+        const auto col = static_cast<std::uint32_t>(col0 + int(get<1>(coord)));
+        region[slot] = (row << 24) | (col << 16) | bits16;
+      }
+      return filled_before + total;
+    }
+
+    template <class Acc, class Pre, class Bound, int Size>
+    CUTLASS_DEVICE auto visit(cutlass::Array<Acc, Size> const&, int epi_v, int epi_m, int epi_n,
+                              cutlass::Array<Pre, Size> const& pre,
+                              cutlass::Array<Bound, Size> const& bound) {
+      static_assert(Size % 2 == 0, "the compare runs on pairs");
+      __nv_bfloat162 pairs[Size / 2];
+      unsigned masks[Size / 2];
+      unsigned any = 0;
+      const auto* bound2 = reinterpret_cast<const __nv_bfloat162*>(bound.data());
+      CUTLASS_PRAGMA_UNROLL
+      for (int q = 0; q < Size / 2; ++q) {
+        pairs[q] = __floats2bfloat162_rn(static_cast<float>(pre[2 * q]),
+                                         static_cast<float>(pre[2 * q + 1]));
+        masks[q] = __hgt2_mask(pairs[q], bound2[q]);
+        any |= masks[q];
+      }
+      if (__any_sync(0xffffffffu, any != 0)) {
+        filled = append<Size>(masks, pairs, epi_v, epi_m, epi_n, filled);
+      }
+      return pre;
+    }
+
+    CUTLASS_DEVICE void end() {
+      if (count_at != nullptr && threadIdx.x % 32 == 0) *count_at = filled;
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(
+      cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    auto [m, n, k, l] = args.problem_shape_mnkl;
+    auto [tm, tn, tk, tl] = args.tile_coord_mnkl;
+    // The residue counts from the thread's first element; the tile's corner is tm * kFusedTileM.
+    const int row0 = int(m) - int(get<0>(args.residue_tCcD)) - int(tm) * kFusedTileM;
+    const int col0 = int(n) - int(get<1>(args.residue_tCcD)) - int(tn) * kFusedTileN;
+    const int warp = args.thread_idx / 32;
+    const std::int64_t slot = (std::int64_t(tm) * params.tiles_n + std::int64_t(tn)) * kFusedWarps + warp;
+    // The grid is rounded up to whole clusters, so a tile may lie wholly past the problem's
+    // edge; it has no survivors, and its count would land on another tile's (or past the end).
+    const bool inside = int(tm) * kFusedTileM < int(m) && int(tn) * kFusedTileN < int(n);
+    return Callbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(
+        args.tCcD, args.residue_tCcD, row0, col0, params.records + slot * params.cap,
+        inside ? params.warp_count + slot : nullptr, params.cap,
+        params.row_count + std::int64_t(tm) * kFusedTileM);
+  }
+};
+
+// x [rows, d_in] row-major times W [d_in, d_sae] row-major (16-bit wgmma reads either
+// layout), fp32 accumulators, the bf16 bias added in fp32 before one rounding to bf16 (as
+// cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides records.
+template <int ClusterM, int ClusterN>
+struct ThresholdGemm {
+  using Element = cutlass::bfloat16_t;
+  using Layout = cutlass::layout::RowMajor;
+  using TileShape = Shape<Int<kFusedTileM>, Int<kFusedTileN>, _64>;
+  // 128 x 128 subtiles: fewer epilogue barriers per tile than the automatic choice (1.14-1.20x
+  // the GEMM against 1.28x at d_in 768, H100).
+  using EpilogueTile = Shape<_128, _128>;
+  using ClusterShape = Shape<Int<ClusterM>, Int<ClusterN>, _1>;
+
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float>;
+  using Bound = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, Element>;
+  using PreActivation = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
+      cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<RecordSink, PreActivation, Bound>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      EpilogueTile, float, float, void, Layout, 8, void, Layout, 8,
+      cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, Layout, 8, Element, Layout,
+      8, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop,
+                                                      Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const FusedGemmParams& p) {
+    const int m = static_cast<int>(p.rows), n = static_cast<int>(p.d_sae),
+              k = static_cast<int>(p.d_in);
+    auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(m, k, 1));
+    auto stride_b = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
+    auto stride_c = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, make_shape(m, n, 1));
+    auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = p.device;
+    hw.sm_count = p.sm_count;
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const Element*>(p.x), stride_a, static_cast<const Element*>(p.weight),
+         stride_b},
+        {{}, nullptr, stride_c, nullptr, stride_d},
+        hw};
+    args.epilogue.thread = {{{}, {static_cast<const Element*>(p.bias)}, {}},
+                            {static_cast<const Element*>(p.bound)},
+                            {p.records, p.warp_count, p.row_count, static_cast<int>(p.cap),
+                             static_cast<int>(fused_tiles(p.d_sae, kFusedTileN))}};
+    return args;
+  }
+
+  static std::size_t workspace_bytes(const FusedGemmParams& p) {
+    return Gemm::get_workspace_size(arguments(p));
+  }
+
+  // An empty string, or what CUTLASS refused.
+  static const char* run(const FusedGemmParams& p, void* workspace, cudaStream_t stream) {
+    const auto args = arguments(p);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+      return "CUTLASS cannot run this problem (pointers and row strides must be 16-byte aligned)";
+    }
+    if (Gemm::get_workspace_size(args) > p.workspace_bytes) return "the workspace is too small";
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
+      return "CUTLASS could not set the kernel up (shared memory or workspace)";
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return "the kernel launch failed";
+    return "";
+  }
+};
+
+}  // namespace mechinterp::sae::fused_sm90

@@ -1,0 +1,112 @@
+// The threshold encode (ReLU, JumpReLU, BatchTopK at inference) of a bfloat16 SAE fused into a
+// CUTLASS GEMM on Hopper (sm_90): survivors leave the GEMM's epilogue as records, and the
+// [tokens, d_sae] pre-activations are never written. Built when the CUDA architectures include
+// 90 and CUTLASS's headers are found (csrc/sae/cuda/fused_sm90/); elsewhere
+// fused_threshold_available answers false and the chunked encode (sae.h) does the work.
+//
+// fused_threshold_gemm: x bfloat16 [rows, d_in] (contiguous) times W bfloat16 [d_in, d_sae]
+//   (contiguous), bias bfloat16 [d_sae] added to the float32 sums before one rounding to
+//   bfloat16 (v), bound bfloat16 [d_sae]: column c of row r survives iff v > bound[c]. The
+//   bound must be >= 0 or NaN (the caller folds the ReLU in and rounds thresholds down to
+//   bfloat16, which keeps the compare exact). Each survivor adds 1 to row_count[r] (int32
+//   [rows], zeroed by the caller) and becomes a record (row in tile << 24 | column in tile << 16
+//   | v's bits) in records int32 [tiles_m, tiles_n, kFusedWarps, cap], tiles of kFusedTileM x
+//   kFusedTileN; warp_count int32 [tiles_m, tiles_n, kFusedWarps] gets each region's count,
+//   which exceeds cap when records were dropped: every row of that tile row is then incomplete.
+//   d_in and d_sae must be multiples of 8 (16-byte rows for TMA).
+//
+// fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
+//   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values bfloat16 [nnz],
+//   out_index int64 / out_values bfloat16 [nnz]. Row r's entries land in [row_ptr[r],
+//   row_ptr[r + 1]); entries that do not fit there are dropped (a caller that empties the
+//   ranges of incomplete rows re-encodes them elsewhere). With order, each row's entries come
+//   out in ascending column order (one warp ranks a row's entries, O(l0^2 / 32) per row); without
+//   it they stay in scratch_index / scratch_values in arrival order and out_* are neither checked
+//   nor written.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/tensor_view.h"
+
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace mechinterp::sae {
+
+// Records keep a survivor's row and column in the tile in 8 bits each.
+constexpr int kFusedTileM = 128;
+constexpr int kFusedTileN = 256;
+// Consumer warps of the cooperative kernel (two warpgroups); each owns one record region a tile.
+constexpr int kFusedWarps = 8;
+
+constexpr std::int64_t fused_tiles(std::int64_t extent, std::int64_t tile) {
+  return (extent + tile - 1) / tile;
+}
+
+// Whether this build has the fused encode and device_index is an sm_90 GPU.
+bool fused_threshold_available(int device_index);
+
+// Workspace bytes the GEMM needs for this problem on that device.
+std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
+                                       int device_index);
+
+void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                          const TensorView& bound, const TensorView& records,
+                          const TensorView& warp_count, const TensorView& row_count,
+                          const TensorView& workspace, std::uintptr_t stream);
+
+void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
+                           const TensorView& row_ptr, const TensorView& cursor,
+                           const TensorView& scratch_index, const TensorView& scratch_values,
+                           const TensorView& out_index, const TensorView& out_values, bool order,
+                           std::uintptr_t stream);
+
+// ---- launch parameters ----
+
+struct FusedGemmParams {
+  std::int64_t rows;
+  std::int64_t d_in;
+  std::int64_t d_sae;
+  std::int64_t cap;
+  int device;
+  int sm_count;
+  const void* x;
+  const void* weight;
+  const void* bias;
+  const void* bound;
+  std::uint32_t* records;
+  std::int32_t* warp_count;
+  std::int32_t* row_count;
+  std::size_t workspace_bytes;
+};
+
+struct FusedRowsParams {
+  std::int64_t rows;
+  std::int64_t tiles_m;
+  std::int64_t tiles_n;
+  std::int64_t cap;
+  std::int64_t nnz;
+  bool order;
+};
+
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+// One translation unit per cluster shape (fused_sm90/threshold_gemm_*.cu). run_* return an
+// empty string or what CUTLASS refused.
+const char* run_threshold_gemm_1x2(const FusedGemmParams& params, void* workspace,
+                                   cudaStream_t stream);
+const char* run_threshold_gemm_2x1(const FusedGemmParams& params, void* workspace,
+                                   cudaStream_t stream);
+std::size_t threshold_gemm_workspace_1x2(const FusedGemmParams& params);
+std::size_t threshold_gemm_workspace_2x1(const FusedGemmParams& params);
+
+void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
+                                  const std::int64_t* row_ptr, std::int32_t* cursor,
+                                  std::int32_t* scratch_index, std::uint16_t* scratch_values,
+                                  std::int64_t* out_index, std::uint16_t* out_values,
+                                  const FusedRowsParams& params, cudaStream_t stream);
+#endif
+
+}  // namespace mechinterp::sae

@@ -1,0 +1,170 @@
+"""The threshold encode fused into the encoder GEMM (bfloat16 SAEs on Hopper GPUs).
+
+On a GPU of compute capability 9.0, ReLU, JumpReLU and BatchTopK (at inference) SAEs in
+bfloat16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
+threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations never reach
+memory. Two small kernels then turn the survivors into compressed rows.
+
+Each value is ``bf16(x @ W_enc + b_enc)`` with float32 sums and one rounding, as cuBLAS's
+``addmm`` computes it in the chunked encode, and a latent survives iff that value exceeds
+``max(threshold, 0)`` (strictly). The GEMM's summation order is CUTLASS's, so a value can differ
+from cuBLAS's by the last bit where the float32 sums round differently.
+
+Each (tile, warp) of the GEMM has room for :data:`RECORDS_PER_WARP` survivors among its
+4,096 pre-activations; the rows of a tile that overflowed (dense codes) are encoded again by
+the chunked path. :func:`encode_sparse <mechinterp.sae.encode_sparse>` takes this path by
+default wherever :func:`unsupported_reason` finds nothing against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mechinterp import _ops
+from mechinterp.sae.sae import SAE
+
+__all__ = ["RECORDS_PER_WARP", "aligned", "bf16_bounds", "encode_block",
+           "record_bytes_per_row", "unsupported_reason"]
+
+#: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
+#: densities (L0 / d_sae of 1% or less) leaves room several times over.
+RECORDS_PER_WARP = 128
+# Rows with at most this many entries are ordered by the compaction kernel (whose work grows
+# with the square of a row's entries); wider ones by one sort.
+_KERNEL_ORDER_MAX = 1024
+_ARCHITECTURES = ("relu", "jumprelu", "batchtopk")
+
+# The chunked encode of some rows, as (row_ptr, indices, values, nnz).
+RowsEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+
+
+def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
+    """Why ``sae`` cannot encode through the fused GEMM on ``device``, or None if it can."""
+    if device.type != "cuda":
+        return f"it runs on CUDA devices, and the SAE is on {device}"
+    if sae.dtype != torch.bfloat16:
+        return f"it runs bfloat16 SAEs, and this one is {sae.dtype}"
+    if sae.architecture not in _ARCHITECTURES:
+        return f"it runs {', '.join(_ARCHITECTURES)} SAEs, and this one is {sae.architecture}"
+    if sae.d_in % 8 or sae.d_sae % 8:
+        return f"d_in and d_sae must be multiples of 8, and are {sae.d_in} and {sae.d_sae}"
+    if not sae.W_enc.is_contiguous() or sae.W_enc.data_ptr() % 16:
+        return "W_enc must be contiguous and start on a 16-byte boundary"
+    if not _ops.fused_threshold_available(device):
+        if not _ops._C.build_info()["sae_fused_sm90"]:
+            return ("this build of mechinterp has no fused encode (it needs CUDA architecture 90 "
+                    "and CUTLASS's headers at build time)")
+        return f"it needs a GPU of compute capability 9.0 (Hopper), and {device} is not one"
+    return None
+
+
+def record_bytes_per_row(d_sae: int) -> int:
+    """Bytes of survivor records the fused GEMM holds per encoded row (rounded up)."""
+    tiles_n = -(-d_sae // _ops.SAE_FUSED_TILE_N)
+    per_tile_row = tiles_n * _ops.SAE_FUSED_WARPS * RECORDS_PER_WARP * 4
+    return -(-per_tile_row // _ops.SAE_FUSED_TILE_M)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a 16-byte boundary (the GEMM reads by TMA), copied only
+    if it is not already."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def bf16_bounds(threshold: torch.Tensor | None, d_sae: int, device: torch.device) -> torch.Tensor:
+    """``max(threshold, 0)`` rounded down to bfloat16, ``[d_sae]``: for any bfloat16 ``v``,
+    ``v > bound`` exactly when ``v > threshold`` and ``v > 0``. NaN thresholds stay NaN (no
+    value passes them), as in the dense encode. ``None`` (ReLU) gives zeros.
+
+    Examples:
+        >>> import torch
+        >>> t = torch.tensor([0.1, -2.0, float("nan"), float("inf")])
+        >>> bf16_bounds(t, 4, torch.device("cpu")).float().tolist()[1:]
+        [0.0, nan, inf]
+        >>> float(bf16_bounds(t, 4, torch.device("cpu"))[0]) <= 0.1
+        True
+    """
+    if threshold is None:
+        return torch.zeros(d_sae, dtype=torch.bfloat16, device=device)
+    if threshold.dtype == torch.bfloat16:
+        return threshold.clamp_min(0).contiguous()  # one launch: no rounding to do
+    t = threshold.to(torch.float32).clamp_min(0)  # clamp keeps NaN
+    near = t.to(torch.bfloat16)
+    bits = near.view(torch.int16)
+    # Rounding up moved the bound above t: step one bfloat16 down (t >= 0, so bits go down).
+    down = torch.where(near.to(torch.float32) > t, bits - 1, bits)
+    return down.view(torch.bfloat16).contiguous()
+
+
+def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 bound: torch.Tensor, encode_again: RowsEncoder):
+    """Compressed rows ``(row_ptr, indices, values, nnz)`` of one block of inputs.
+
+    ``xb`` bf16 ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` bf16 ``[d_in,
+    d_sae]``, ``bias`` and ``bound`` bf16 ``[d_sae]``. Rows of a tile that ran out of
+    record slots go through ``encode_again``. One host sync in the usual case (the number of
+    entries), two when rows were encoded again.
+    """
+    rows, d_sae = xb.shape[0], weight.shape[1]
+    if rows == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=xb.device)
+        return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
+    records, warp_count, row_count, cursor = _ops.fused_threshold_gemm(
+        xb, weight, bias, bound, cap=RECORDS_PER_WARP)
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=xb.device)
+    torch.cumsum(row_count, 0, out=row_ptr[1:])
+    incomplete = (warp_count > RECORDS_PER_WARP).flatten(1).any(dim=1)  # per tile row
+    nnz, incomplete_tiles, widest = torch.stack(
+        [row_ptr[-1], incomplete.sum(), row_count.max().to(torch.int64)]).tolist()
+    again = None
+    if incomplete_tiles:
+        again = incomplete.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
+        # Empty the ranges of the incomplete rows, which drops their records.
+        row_count[again] = 0
+        torch.cumsum(row_count, 0, out=row_ptr[1:])
+        nnz = int(row_ptr[-1])
+    order = widest <= _KERNEL_ORDER_MAX
+    indices, values = _ops.fused_records_to_rows(records, warp_count, row_ptr, nnz, order=order,
+                                                 cursor=cursor)
+    del records
+    if not order:
+        indices, values = _ordered(row_ptr, indices, values, d_sae)
+    if again is not None:
+        again_ptr, again_indices, again_values, again_nnz = encode_again(xb[again])
+        row_ptr, indices, values = _spliced(row_ptr, indices, values, again, again_ptr,
+                                            again_indices, again_values)
+        nnz += again_nnz
+    return row_ptr, indices, values, nnz
+
+
+def _ordered(row_ptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, d_sae: int):
+    """Entries in arrival order, ordered by (row, column) with one sort."""
+    rows = row_ptr.shape[0] - 1
+    row = torch.repeat_interleave(torch.arange(rows, device=row_ptr.device), row_ptr.diff(),
+                                  output_size=indices.shape[0])
+    key, order = torch.sort(row * d_sae + indices)
+    return key - row * d_sae, values[order]
+
+
+def _spliced(row_ptr, indices, values, again, again_ptr, again_indices, again_values):
+    """Rows ``again`` (empty in ``row_ptr``) filled from a second encode of just those rows."""
+    device = row_ptr.device
+    counts = row_ptr.diff()
+    counts[again] = again_ptr.diff()
+    out_ptr = torch.zeros_like(row_ptr)
+    torch.cumsum(counts, 0, out=out_ptr[1:])
+    kept, added = indices.shape[0], again_indices.shape[0]
+    rows = torch.arange(row_ptr.shape[0] - 1, device=device)
+    kept_row = torch.repeat_interleave(rows, row_ptr.diff(), output_size=kept)
+    kept_at = torch.arange(kept, device=device) + (out_ptr - row_ptr)[kept_row]
+    local = torch.repeat_interleave(torch.arange(again.shape[0], device=device),
+                                    again_ptr.diff(), output_size=added)
+    added_at = (torch.arange(added, device=device) - again_ptr[local]) + out_ptr[again[local]]
+    out_indices = torch.empty(kept + added, dtype=indices.dtype, device=device)
+    out_values = torch.empty(kept + added, dtype=values.dtype, device=device)
+    out_indices[kept_at], out_values[kept_at] = indices, values
+    out_indices[added_at], out_values[added_at] = again_indices, again_values
+    return out_ptr, out_indices, out_values

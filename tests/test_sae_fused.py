@@ -1,0 +1,221 @@
+"""The fused Hopper threshold encode, held to an exact reference.
+
+Inputs are small integers and weights multiples of 1/8, so every float32 sum is exact in any
+order: the reference ``bf16(x W + b) > max(threshold, 0)`` is then the one answer that cuBLAS's
+chunked encode and the fused CUTLASS GEMM must both give, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechinterp import _ops
+from mechinterp.errors import InputError
+from mechinterp.sae import SAE, encode_sparse
+from mechinterp.sae import fused as fused_module
+from mechinterp.sae.fused import bf16_bounds, record_bytes_per_row, unsupported_reason
+from tests.kernels import CUDA_OK
+
+FUSED_OK = CUDA_OK and _ops.fused_threshold_available(torch.device("cuda"))
+needs_fused = pytest.mark.skipif(
+    not FUSED_OK, reason="needs the fused encode (an sm_90 build) and a GPU of compute capability 9.0")
+
+
+def exact_sae(d_in: int, d_sae: int, arch: str, *, seed: int = 0, device: str = "cpu",
+              most_bias: float = 1.0) -> SAE:
+    """A bf16 SAE whose encoder sums are exact in float32 for inputs in [-3, 3], with biases in
+    [-5, most_bias]."""
+    g = torch.Generator().manual_seed(seed)
+    w_enc = torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0
+    b_enc = torch.randint(-40, int(8 * most_bias) + 1, (d_sae,), generator=g) / 8.0
+    fields = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": torch.randn(d_sae, d_in, generator=g),
+              "b_dec": torch.zeros(d_in), "architecture": arch}
+    if arch in ("jumprelu", "batchtopk"):
+        # About one pre-activation in fifty passes; then the edge cases, one column each.
+        threshold = 2.0 * (d_in ** 0.5) * (1 + 0.3 * torch.rand(d_sae, generator=g))
+        threshold[:6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -3.0, 0.0, -0.0])
+        fields["threshold"] = threshold
+    return SAE(**fields).to(device=device, dtype=torch.bfloat16)
+
+
+def exact_inputs(rows: int, d_in: int, *, seed: int = 1, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (rows, d_in), generator=g).to(device=device, dtype=torch.bfloat16)
+
+
+def reference(sae: SAE, x: torch.Tensor):
+    """(row_ptr, indices, values) of bf16(x W + b) > max(threshold, 0), from float64 sums."""
+    h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+    bound = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
+    if sae.threshold is not None:
+        bound = sae.threshold.double().clamp_min(0)  # NaN stays NaN: nothing passes it
+    keep = (h.double() > bound) & (h.double() > 0)
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(keep.sum(1), 0, out=row_ptr[1:])
+    return row_ptr, cols, h[rows, cols]
+
+
+def assert_same(features, want) -> None:
+    row_ptr, indices, values = want
+    assert torch.equal(features.row_ptr, row_ptr)
+    assert torch.equal(features.indices, indices)
+    assert features.values.dtype == torch.bfloat16
+    assert torch.equal(features.values.view(torch.int16), values.view(torch.int16))
+
+
+class GemmSpy:
+    """Counts fused GEMM calls and keeps each call's region counts."""
+
+    def __init__(self, monkeypatch):
+        self.warp_counts = []
+        real = _ops.fused_threshold_gemm
+
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.warp_counts.append(out[1].clone())
+            return out
+
+        monkeypatch.setattr(_ops, "fused_threshold_gemm", spy)
+
+
+# ---- everywhere ----
+
+
+def test_bf16_bounds_keep_exactly_the_values_above_the_threshold():
+    threshold = torch.tensor([0.1, 1 / 3, -2.0, 0.0, 3.0, float("nan"), float("inf"), 3.3e38])
+    bound = bf16_bounds(threshold, 8, torch.device("cpu"))
+    assert bound.dtype == torch.bfloat16
+    # Every bf16 value, against every threshold: the bf16 compare equals the exact one.
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    exact = (every.double()[:, None] > threshold.double().clamp_min(0)) & (every.double()[:, None] > 0)
+    assert torch.equal(every.float()[:, None] > bound.float(), exact)
+    assert torch.equal(bf16_bounds(None, 3, torch.device("cpu")), torch.zeros(3, dtype=torch.bfloat16))
+
+
+def test_record_bytes_per_row_counts_every_tile_region():
+    tiles_n = -(-1000 // _ops.SAE_FUSED_TILE_N)
+    slots = tiles_n * _ops.SAE_FUSED_WARPS * fused_module.RECORDS_PER_WARP
+    assert record_bytes_per_row(1000) * _ops.SAE_FUSED_TILE_M >= 4 * slots
+    assert (record_bytes_per_row(1000) - 1) * _ops.SAE_FUSED_TILE_M < 4 * slots
+
+
+def test_unsupported_reasons_are_named():
+    sae = exact_sae(16, 64, "jumprelu")
+    assert "CUDA" in unsupported_reason(sae, torch.device("cpu"))
+    assert "bfloat16" in unsupported_reason(sae.to(dtype=torch.float32), torch.device("cuda"))
+    assert "topk" in unsupported_reason(
+        SAE(W_enc=torch.zeros(16, 64), b_enc=torch.zeros(64), W_dec=torch.zeros(64, 16),
+            b_dec=torch.zeros(16), architecture="topk", k=4).to(dtype=torch.bfloat16),
+        torch.device("cuda"))
+    odd = exact_sae(12, 64, "relu")
+    assert "multiples of 8" in unsupported_reason(odd, torch.device("cuda"))
+
+
+def test_fused_true_where_it_cannot_run_is_an_input_error():
+    sae = exact_sae(16, 64, "relu")
+    x = exact_inputs(5, 16)
+    with pytest.raises(InputError, match="fused=True cannot encode this SAE: it runs on CUDA"):
+        encode_sparse(sae, x, fused=True)
+    with pytest.raises(InputError, match="fused must be True, False or None"):
+        encode_sparse(sae, x, fused="yes")
+    # fused=False and the default both take the chunked path here.
+    assert torch.equal(encode_sparse(sae, x, fused=False).indices, encode_sparse(sae, x).indices)
+
+
+# ---- on a Hopper GPU ----
+
+
+@pytest.mark.cuda
+@needs_fused
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize(("rows", "d_in", "d_sae"), [
+    (300, 72, 904),     # partial tiles every way; clusters along rows (d_in <= 1024)
+    (129, 1032, 520),   # clusters along latents; one row in the last tile
+    (1, 8, 8),          # the smallest problem
+])
+def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, arch, rows, d_in, d_sae):
+    sae = exact_sae(d_in, d_sae, arch, device="cuda")
+    x = exact_inputs(rows, d_in, device="cuda")
+    if arch == "relu":
+        x = x * (torch.rand(rows, 1, device="cuda") < 0.3)  # some sparse, some dense rows
+    spy = GemmSpy(monkeypatch)
+    fused = encode_sparse(sae, x)  # the default takes the fused path here
+    assert len(spy.warp_counts) == 1
+    assert_same(fused, reference(sae, x))
+    assert_same(encode_sparse(sae, x, fused=False), reference(sae, x))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch):
+    # Tile row 0 is dense (ReLU, no threshold) and overflows its record regions; the rows of
+    # tile rows 1 and 2 (partial) are zero, so their pre-activations are the biases, <= 0.
+    sae = exact_sae(64, 2056, "relu", device="cuda", most_bias=0.0)
+    x = exact_inputs(300, 64, device="cuda")
+    x[128:] = 0
+    spy = GemmSpy(monkeypatch)
+    features = encode_sparse(sae, x)
+    overflowed = (spy.warp_counts[0] > fused_module.RECORDS_PER_WARP).flatten(1).any(1)
+    assert overflowed.tolist() == [True, False, False]
+    assert_same(features, reference(sae, x))
+    assert features.l0[:128].min() > 500  # the dense rows came back whole
+    assert features.l0[128:].max() == 0
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_wide_rows_are_ordered_by_a_sort(monkeypatch):
+    monkeypatch.setattr(fused_module, "_KERNEL_ORDER_MAX", 3)
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    x = exact_inputs(300, 72, device="cuda")
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_row_blocks_follow_the_record_budget(monkeypatch):
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    x = exact_inputs(600, 72, device="cuda").reshape(3, 200, 72)
+    spy = GemmSpy(monkeypatch)
+    budget = 256 * record_bytes_per_row(904)  # two tile rows a block
+    features = encode_sparse(sae, x, chunk_bytes=budget)
+    assert [c.shape[0] for c in spy.warp_counts] == [2, 2, 1]
+    assert features.shape == (3, 200)
+    assert_same(features, reference(sae, x.reshape(600, 72)))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_misaligned_and_empty_inputs():
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    x = exact_inputs(50, 72, device="cuda")
+    flat = torch.empty(50 * 72 + 1, dtype=torch.bfloat16, device="cuda")
+    shifted = flat[1:].view(50, 72)  # 2 bytes past a 16-byte boundary
+    shifted.copy_(x)
+    assert_same(encode_sparse(sae, shifted, fused=True), reference(sae, x))
+    empty = encode_sparse(sae, x[:0], fused=True)
+    assert empty.row_ptr.tolist() == [0] and empty.indices.numel() == 0
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_kernel_bad_input_is_named():
+    x = exact_inputs(10, 72, device="cuda")
+    w = torch.zeros(72, 256, dtype=torch.bfloat16, device="cuda")
+    bias = torch.zeros(256, dtype=torch.bfloat16, device="cuda")
+    bound = torch.zeros(256, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="16-byte boundaries"):
+        flat = torch.zeros(10 * 72 + 8, dtype=torch.bfloat16, device="cuda")
+        _ops.fused_threshold_gemm(flat[1:721].view(10, 72), w, bias, bound, cap=4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _ops.fused_threshold_gemm(x[:, :70].contiguous(), w[:70], bias, bound, cap=4)
+    with pytest.raises(ValueError, match="bias must be a contiguous"):
+        _ops.fused_threshold_gemm(x, w, bias[:100], bound, cap=4)
+    with pytest.raises(ValueError, match="weight must be bfloat16"):
+        _ops.fused_threshold_gemm(x, w.float(), bias, bound, cap=4)
+    records, warp_count, _, _ = _ops.fused_threshold_gemm(x, w, bias, bound, cap=4)
+    row_ptr = torch.zeros(300, dtype=torch.int64, device="cuda")  # 299 rows: not this tile grid
+    with pytest.raises(ValueError, match="does not fit 299 rows"):
+        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
