@@ -29,11 +29,15 @@ void check_problem(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae, con
                    65535 * std::int64_t{kFusedTileM}, " rows a call, got ", rows);
 }
 
+[[noreturn]] void throw_not_built(const char* op) {
+  detail::throw_user_error(op, ": this build has no fused encode (it needs CUDA architecture 90 "
+                           "and CUTLASS's headers at build time)");
+}
+
 #if defined(MECHINTERP_WITH_SM90_FUSED)
-void require_available(const TensorView& x, const char* op) {
-  MECHINTERP_CHECK(x.is_cuda(), op, ": runs on CUDA only, got ", device_name(x.device));
-  MECHINTERP_CHECK(fused_threshold_available(x.device.index), op,
-                   ": needs a GPU of compute capability 9.0 (Hopper); ", device_name(x.device),
+void require_available(int device_index, const char* op) {
+  MECHINTERP_CHECK(fused_threshold_available(device_index), op,
+                   ": needs a GPU of compute capability 9.0 (Hopper); cuda:", device_index,
                    " is not one");
 }
 
@@ -73,11 +77,10 @@ bool fused_threshold_available(int device_index) {
 
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
                                        int device_index) {
-  check_problem(rows, d_in, d_sae, "fused_threshold_workspace");
+  constexpr const char* kOp = "fused_threshold_workspace";
+  check_problem(rows, d_in, d_sae, kOp);
 #if defined(MECHINTERP_WITH_SM90_FUSED)
-  MECHINTERP_CHECK(fused_threshold_available(device_index),
-                   "fused_threshold_workspace: needs a GPU of compute capability 9.0 (Hopper); "
-                   "cuda:", device_index, " is not one");
+  require_available(device_index, kOp);
   const CudaDeviceGuard guard(device_index);
   FusedGemmParams p{};
   p.rows = rows;
@@ -90,9 +93,8 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
                                                       : threshold_gemm_workspace_1x2(p);
   return static_cast<std::int64_t>(bytes);
 #else
-  detail::throw_user_error("fused_threshold_workspace: this build has no fused encode (it needs "
-                           "CUDA architecture 90 and CUTLASS's headers at build time); cuda:",
-                           device_index, " cannot run it");
+  (void)device_index;
+  throw_not_built(kOp);
 #endif
 }
 
@@ -132,7 +134,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                      "(the kernel reads them by TMA)");
   }
 #if defined(MECHINTERP_WITH_SM90_FUSED)
-  require_available(x, kGemmOp);
+  MECHINTERP_CHECK(x.is_cuda(), kGemmOp, ": runs on CUDA only, got ", device_name(x.device));
+  require_available(x.device.index, kGemmOp);
   const CudaDeviceGuard guard(x.device.index);
   FusedGemmParams p{};
   p.rows = rows;
@@ -158,8 +161,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 #else
   (void)stream;
-  detail::throw_user_error(kGemmOp, ": this build has no fused encode (it needs CUDA "
-                           "architecture 90 and CUTLASS's headers at build time)");
+  throw_not_built(kGemmOp);
 #endif
 }
 
@@ -217,8 +219,7 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
 #else
   (void)order;
   (void)stream;
-  detail::throw_user_error(kRowsOp, ": this build has no fused encode (it needs CUDA "
-                           "architecture 90 and CUTLASS's headers at build time)");
+  throw_not_built(kRowsOp);
 #endif
 }
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from mechinterp import _ops
+from mechinterp import _C, _ops
 from mechinterp.sae.sae import SAE
 
 __all__ = ["RECORDS_PER_WARP", "aligned", "bf16_bounds", "encode_block",
@@ -53,7 +53,7 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
     if not sae.W_enc.is_contiguous() or sae.W_enc.data_ptr() % 16:
         return "W_enc must be contiguous and start on a 16-byte boundary"
     if not _ops.fused_threshold_available(device):
-        if not _ops._C.build_info()["sae_fused_sm90"]:
+        if not _C.build_info()["sae_fused_sm90"]:
             return ("this build of mechinterp has no fused encode (it needs CUDA architecture 90 "
                     "and CUTLASS's headers at build time)")
         return f"it needs a GPU of compute capability 9.0 (Hopper), and {device} is not one"
