@@ -216,8 +216,8 @@ def sae_cases() -> int:
 
 def fused_sae_cases() -> int:
     """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
-    so there is one right answer): partial tiles, both cluster shapes, a tile row that overflows
-    its records, rows ordered by the kernel and by a sort."""
+    so there is one right answer): partial tiles, every kernel (schedule and cluster shape), a
+    tile row that overflows its records, rows ordered by the kernel and by a sort."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
@@ -238,15 +238,18 @@ def fused_sae_cases() -> int:
         bound = sae.threshold.double() if sae.threshold is not None else torch.zeros(d_sae)
         want = (h.double() > bound.clamp_min(0)) & (h.double() > 0)
         want_values = torch.where(want, h, torch.zeros((), dtype=h.dtype))
-        saved = fused._KERNEL_ORDER_MAX
+        saved = fused._KERNEL_ORDER_MAX, fused.kernel_for
         try:
-            for order_max in (saved, 3):  # rows ordered by the kernel, then by a sort
+            # Every kernel with rows ordered by the compaction kernel, then one by a sort.
+            runs = [(saved[0], k) for k in _ops.SAE_FUSED_KERNELS] + [(3, saved[1](d_in))]
+            for order_max, kernel in runs:
                 fused._KERNEL_ORDER_MAX = order_max
+                fused.kernel_for = lambda _d_in, kernel=kernel: kernel
                 got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
                 dense = got.to_dense()
                 wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()
                 assert wrong.numel() == 0, (
-                    f"{arch} {rows}x{d_in}x{d_sae} order_max {order_max}: rows "
+                    f"{arch} {rows}x{d_in}x{d_sae} {kernel} order_max {order_max}: rows "
                     f"{wrong.flatten()[:8].tolist()} differ; first: got "
                     f"{got.indices[got.row_ptr[wrong[0, 0]]:got.row_ptr[wrong[0, 0] + 1]][:12].tolist()}"
                     f" want {want[wrong[0, 0]].nonzero().flatten()[:12].tolist()}")
@@ -254,7 +257,7 @@ def fused_sae_cases() -> int:
                     (got.row_index()[1:] == got.row_index()[:-1])].all()), "columns must ascend"
                 checked += 1
         finally:
-            fused._KERNEL_ORDER_MAX = saved
+            fused._KERNEL_ORDER_MAX, fused.kernel_for = saved
     return checked
 
 

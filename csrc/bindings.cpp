@@ -219,18 +219,26 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SAE_FUSED_TILE_M") = mechinterp::sae::kFusedTileM;
   m.attr("SAE_FUSED_TILE_N") = mechinterp::sae::kFusedTileN;
   m.attr("SAE_FUSED_WARPS") = mechinterp::sae::kFusedWarps;
+  {
+    py::tuple names(mechinterp::sae::kFusedKernelCount);
+    for (int i = 0; i < mechinterp::sae::kFusedKernelCount; ++i) {
+      names[i] = mechinterp::sae::fused_kernel_name(i);
+    }
+    m.attr("SAE_FUSED_KERNELS") = names;
+  }
   m.def("fused_threshold_available", &mechinterp::sae::fused_threshold_available,
         py::arg("device_index"),
         "Whether this build has the fused sm_90 SAE encode and the CUDA device can run it.");
   m.def("fused_threshold_workspace", &mechinterp::sae::fused_threshold_workspace, py::arg("rows"),
-        py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"),
-        "Workspace bytes of fused_threshold_gemm for this problem on that device.");
+        py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"), py::arg("kernel"),
+        "Workspace bytes of fused_threshold_gemm for this problem on that device and kernel "
+        "(an index into SAE_FUSED_KERNELS).");
 
   m.def(
       "fused_threshold_gemm",
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
-         py::handle warp_count, py::handle row_count, py::handle workspace,
-         std::uintptr_t stream) {
+         py::handle warp_count, py::handle row_count, py::handle tile_overflow,
+         py::handle workspace, int kernel, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -238,17 +246,38 @@ PYBIND11_MODULE(_C, m) {
         const auto records_view = mechinterp::view_from_py(records, "records");
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
+        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
         py::gil_scoped_release release;
         mechinterp::sae::fused_threshold_gemm(x_view, weight_view, bias_view, bound_view,
                                               records_view, warp_count_view, row_count_view,
-                                              workspace_view, stream);
+                                              tile_overflow_view, workspace_view, kernel, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
-      py::arg("warp_count"), py::arg("row_count"), py::arg("workspace"), py::arg("stream"),
+      py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("workspace"),
+      py::arg("kernel"), py::arg("stream"),
       "sm_90: x bf16 [rows, d_in] @ weight bf16 [d_in, d_sae] + bias bf16, rounded to bf16; the "
       "entries above bound (bf16 [d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
-      "counts per region (warp_count) and per row (row_count, zeroed by the caller).");
+      "counts per region (warp_count) and per row (row_count) and a flag per tile row whose "
+      "regions overflowed (tile_overflow), all zeroed by the caller; kernel indexes "
+      "SAE_FUSED_KERNELS.");
+
+  m.def(
+      "fused_tally",
+      [](py::handle row_count, py::handle tile_overflow, py::handle row_ptr, py::handle summary,
+         std::uintptr_t stream) {
+        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
+        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
+        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
+        const auto summary_view = mechinterp::view_from_py(summary, "summary");
+        py::gil_scoped_release release;
+        mechinterp::sae::fused_tally(row_count_view, tile_overflow_view, row_ptr_view,
+                                     summary_view, stream);
+      },
+      py::arg("row_count"), py::arg("tile_overflow"), py::arg("row_ptr"), py::arg("summary"),
+      py::arg("stream"),
+      "After fused_threshold_gemm: row_ptr int64 [rows + 1] with the rows of overflowed tile "
+      "rows empty, summary int64 [3] = (entries, overflowed tile rows, widest row).");
 
   m.def(
       "fused_records_to_rows",

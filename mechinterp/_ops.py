@@ -13,6 +13,7 @@ import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -1027,6 +1028,9 @@ def sparse_decode(
 SAE_FUSED_TILE_M: int = _C.SAE_FUSED_TILE_M
 SAE_FUSED_TILE_N: int = _C.SAE_FUSED_TILE_N
 SAE_FUSED_WARPS: int = _C.SAE_FUSED_WARPS
+#: The fused GEMM's kernels, by thread-block cluster shape (tiles along rows x along latents).
+#: All write the same records.
+SAE_FUSED_KERNELS: tuple[str, ...] = tuple(_C.SAE_FUSED_KERNELS)
 
 
 def fused_threshold_available(device: torch.device) -> bool:
@@ -1044,9 +1048,20 @@ def _fused_on_device(index: int) -> bool:
     return bool(_C.build_info()["sae_fused_sm90"]) and bool(_C.fused_threshold_available(index))
 
 
+class FusedRecords(NamedTuple):
+    """What :func:`fused_threshold_gemm` leaves on the device (int32 throughout)."""
+
+    records: torch.Tensor  #: ``[tiles_m, tiles_n, warps, cap]`` (see fused_threshold_gemm)
+    warp_count: torch.Tensor  #: survivors per region ``[tiles_m, tiles_n, warps]``
+    tile_overflow: torch.Tensor  #: 1 for each tile row with a region past ``cap`` ``[tiles_m]``
+    row_count: torch.Tensor  #: survivors per row ``[rows]``
+    cursor: torch.Tensor  #: zeros ``[rows]`` for :func:`fused_records_to_rows`
+
+
 def fused_threshold_gemm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
+    kernel: str = "cluster_2x1",
+) -> FusedRecords:
     """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16).
 
     ``x`` bf16 ``[rows, d_in]`` and ``weight`` bf16 ``[d_in, d_sae]`` (both contiguous, 16-byte
@@ -1054,35 +1069,59 @@ def fused_threshold_gemm(
     column ``c`` of row ``r`` survives iff ``bf16(x[r] @ weight[:, c] + bias[c]) >
     bound[c]`` (``bound`` >= 0 or NaN; see :func:`mechinterp.sae.fused.bf16_bounds`).
 
-    Returns ``(records, warp_count, row_count, cursor)``: int32 records ``[tiles_m, tiles_n,
-    warps, cap]`` (row in tile << 24 | column in tile << 16 | the value's bf16 bits), each
-    region's count ``[tiles_m, tiles_n, warps]`` (above ``cap`` when records were dropped), each
-    row's ``[rows]``, and zeros ``[rows]`` for :func:`fused_records_to_rows` (zeroed with the
-    counts, in one launch). Queued on the current stream; nothing is synchronised.
+    Survivors become int32 records (row in tile << 24 | column in tile << 16 | the value's bf16
+    bits) in regions of ``cap`` per (tile, warp); a region's count above ``cap`` means records
+    were dropped, and its tile row is flagged. All counts are zeroed in one launch.
+    ``kernel``: one of :data:`SAE_FUSED_KERNELS`; they differ in speed only. Queued on the
+    current stream; nothing is synchronised.
     """
     op = "fused_threshold_gemm"
     _check_device(x, op, "x")
+    if kernel not in SAE_FUSED_KERNELS:
+        msg = f"{op}: kernel must be one of {SAE_FUSED_KERNELS}; got {kernel!r}"
+        raise InputError(msg)
+    kernel_index = SAE_FUSED_KERNELS.index(kernel)
     device = x.device
     rows, d_in = x.shape
     d_sae = weight.shape[1]
     tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
+    regions = tiles[0] * tiles[1] * tiles[2]
     records = torch.empty(*tiles, cap, dtype=torch.int32, device=device)
-    warp_count = torch.empty(tiles, dtype=torch.int32, device=device)
-    counts = torch.zeros(2, rows, dtype=torch.int32, device=device)
+    counts = torch.zeros(regions + tiles[0] + 2 * rows, dtype=torch.int32, device=device)
+    warp_count, tile_overflow, row_count, cursor = counts.split([regions, tiles[0], rows, rows])
+    warp_count = warp_count.view(tiles)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index)
+    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index, kernel_index)
     workspace = torch.empty(-(-workspace_bytes // 8), dtype=torch.int64, device=device)
-    row_count, cursor = counts
     _C.fused_threshold_gemm(
         _view(x), _view(weight), _view(bias), _view(bound), _view(records), _view(warp_count),
-        _view(row_count), _view(workspace), _stream(x),
+        _view(row_count), _view(tile_overflow), _view(workspace), kernel_index, _stream(x),
     )
-    return records, warp_count, row_count, cursor
+    return FusedRecords(records, warp_count, tile_overflow, row_count, cursor)
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int) -> int:
-    return _C.fused_threshold_workspace(rows, d_in, d_sae, index)
+def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int, kernel: int) -> int:
+    return _C.fused_threshold_workspace(rows, d_in, d_sae, index, kernel)
+
+
+def fused_tally(
+    row_count: torch.Tensor, tile_overflow: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the host needs after :func:`fused_threshold_gemm`, in one launch.
+
+    Returns ``(row_ptr, summary)``, int64: the running sums of ``row_count`` ``[rows + 1]``
+    with the rows of overflowed tile rows counted as empty, and ``(entries, overflowed tile
+    rows, widest row)`` ``[3]``. Queued on the current stream; nothing is synchronised.
+    """
+    op = "fused_tally"
+    _check_device(row_count, op, "row_count")
+    rows = row_count.shape[0]
+    out = torch.empty(rows + 4, dtype=torch.int64, device=row_count.device)
+    row_ptr, summary = out.split([rows + 1, 3])
+    _C.fused_tally(_view(row_count), _view(tile_overflow), _view(row_ptr), _view(summary),
+                   _stream(row_count))
+    return row_ptr, summary
 
 
 def fused_records_to_rows(
@@ -1103,8 +1142,9 @@ def fused_records_to_rows(
     rows = row_ptr.shape[0] - 1
     if cursor is None:
         cursor = torch.zeros(rows, dtype=torch.int32, device=device)
-    scratch_index = torch.empty(nnz, dtype=torch.int32, device=device)
-    scratch_values = torch.empty(nnz, dtype=torch.bfloat16, device=device)
+    scratch = torch.empty(3 * nnz, dtype=torch.int16, device=device)  # one allocation for both
+    scratch_index = scratch[:2 * nnz].view(torch.int32)
+    scratch_values = scratch[2 * nnz:].view(torch.bfloat16)
     # Unordered, the out_* buffers are not written: zero-sized views of the right kind stand in.
     size = nnz if order else 0
     out_index = torch.empty(size, dtype=torch.int64, device=device)

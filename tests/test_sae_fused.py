@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechinterp import _ops
+from mechinterp import _C, _ops
 from mechinterp.errors import InputError
 from mechinterp.sae import SAE, encode_sparse
 from mechinterp.sae import fused as fused_module
@@ -124,18 +124,25 @@ def test_fused_true_where_it_cannot_run_is_an_input_error():
     assert torch.equal(encode_sparse(sae, x, fused=False).indices, encode_sparse(sae, x).indices)
 
 
+def use_kernel(monkeypatch, kernel: str) -> None:
+    monkeypatch.setattr(fused_module, "kernel_for", lambda d_in: kernel)
+
+
 # ---- on a Hopper GPU ----
 
 
 @pytest.mark.cuda
 @needs_fused
+@pytest.mark.parametrize("kernel", _ops.SAE_FUSED_KERNELS)
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
 @pytest.mark.parametrize(("rows", "d_in", "d_sae"), [
-    (300, 72, 904),     # partial tiles every way; clusters along rows (d_in <= 1024)
-    (129, 1032, 520),   # clusters along latents; one row in the last tile
+    (300, 72, 904),     # partial tiles every way; 44 rows in the last record tile
+    (129, 1032, 520),   # one row in the last record tile
     (1, 8, 8),          # the smallest problem
 ])
-def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, arch, rows, d_in, d_sae):
+def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, kernel, arch, rows, d_in,
+                                                          d_sae):
+    use_kernel(monkeypatch, kernel)
     sae = exact_sae(d_in, d_sae, arch, device="cuda")
     x = exact_inputs(rows, d_in, device="cuda")
     if arch == "relu":
@@ -149,19 +156,42 @@ def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, arch, row
 
 @pytest.mark.cuda
 @needs_fused
-def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch):
-    # Tile row 0 is dense (ReLU, no threshold) and overflows its record regions; the rows of
-    # tile rows 1 and 2 (partial) are zero, so their pre-activations are the biases, <= 0.
+@pytest.mark.parametrize("kernel", _ops.SAE_FUSED_KERNELS)
+@pytest.mark.parametrize("dense_rows", [range(128), range(64, 100)])
+def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, kernel, dense_rows):
+    # Tile row 0 has dense rows (ReLU, no threshold) that overflow its record regions: all of
+    # them, or some of the second warpgroup's only. The other rows are zero, so their
+    # pre-activations are the biases, <= 0.
+    use_kernel(monkeypatch, kernel)
     sae = exact_sae(64, 2056, "relu", device="cuda", most_bias=0.0)
-    x = exact_inputs(300, 64, device="cuda")
-    x[128:] = 0
+    x = torch.zeros(300, 64, dtype=torch.bfloat16, device="cuda")
+    dense = torch.tensor(list(dense_rows), device="cuda")
+    x[dense] = exact_inputs(len(dense_rows), 64, device="cuda")
     spy = GemmSpy(monkeypatch)
     features = encode_sparse(sae, x)
     overflowed = (spy.warp_counts[0] > fused_module.RECORDS_PER_WARP).flatten(1).any(1)
     assert overflowed.tolist() == [True, False, False]
     assert_same(features, reference(sae, x))
-    assert features.l0[:128].min() > 500  # the dense rows came back whole
-    assert features.l0[128:].max() == 0
+    assert features.l0[dense].min() > 500  # the dense rows came back whole
+    others = torch.ones(300, dtype=torch.bool, device="cuda")
+    others[dense] = False
+    assert features.l0[others].max() == 0
+
+
+@pytest.mark.cuda
+@needs_fused
+@pytest.mark.parametrize("rows", [300, 1, 4096, 200_001])
+def test_tally_matches_torch(rows):
+    # 4,096 rows fill one pass of the kernel exactly; 200,001 take many, the last one partial.
+    tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
+    g = torch.Generator().manual_seed(rows)
+    overflow = torch.zeros(tiles_m, dtype=torch.int32)
+    overflow[1::3] = 1
+    row_count = torch.randint(0, 50, (rows,), generator=g, dtype=torch.int32)
+    row_ptr, summary = _ops.fused_tally(row_count.cuda(), overflow.cuda())
+    kept = row_count.long() * (1 - overflow.long().repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows])
+    assert row_ptr.cpu().tolist() == [0, *torch.cumsum(kept, 0).tolist()]
+    assert summary.cpu().tolist() == [int(kept.sum()), int(overflow.sum()), int(kept.max())]
 
 
 @pytest.mark.cuda
@@ -215,7 +245,14 @@ def test_kernel_bad_input_is_named():
         _ops.fused_threshold_gemm(x, w, bias[:100], bound, cap=4)
     with pytest.raises(ValueError, match="weight must be bfloat16"):
         _ops.fused_threshold_gemm(x, w.float(), bias, bound, cap=4)
-    records, warp_count, _, _ = _ops.fused_threshold_gemm(x, w, bias, bound, cap=4)
+    with pytest.raises(InputError, match="kernel must be one of"):
+        _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, kernel="fastest")
+    with pytest.raises(ValueError, match=r"kernel must lie in \[0, 2\), got 7"):
+        _C.fused_threshold_workspace(10, 72, 256, 0, 7)
+    with pytest.raises(ValueError, match=r"tile_overflow must be a contiguous \[3\]"):
+        _ops.fused_tally(torch.zeros(300, dtype=torch.int32, device="cuda"),
+                         torch.zeros(2, dtype=torch.int32, device="cuda"))
+    records, warp_count, *_ = _ops.fused_threshold_gemm(x, w, bias, bound, cap=4)
     row_ptr = torch.zeros(300, dtype=torch.int64, device="cuda")  # 299 rows: not this tile grid
     with pytest.raises(ValueError, match="does not fit 299 rows"):
         _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)

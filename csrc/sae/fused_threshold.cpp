@@ -47,13 +47,27 @@ int sm_count(int device) {
   return count;
 }
 
-// Thread-block clusters of 2 x 1 (along rows) are the faster ones for narrow inputs, 1 x 2 for
-// wide ones (H100, bf16, 16,384 tokens: 1.30x against 1.38x the cuBLAS GEMM at d_in 768, 1.14x
-// against 1.33x at 2304).
-bool clusters_along_rows(std::int64_t d_in) { return d_in <= 1024; }
+FusedGemmEntry gemm_entry(int kernel) {
+  switch (static_cast<FusedKernel>(kernel)) {
+    case FusedKernel::kCluster2x1: return cluster_2x1_gemm();
+    case FusedKernel::kCluster1x2: return cluster_1x2_gemm();
+  }
+  return {};  // unreachable: check_kernel ran first
+}
 #endif
 
+void check_kernel(int kernel, const char* op) {
+  MECHINTERP_CHECK(kernel >= 0 && kernel < kFusedKernelCount, op, ": kernel must lie in [0, ",
+                   kFusedKernelCount, "), got ", kernel);
+}
+
 }  // namespace
+
+const char* fused_kernel_name(int kernel) {
+  check_kernel(kernel, "fused_kernel_name");
+  static constexpr const char* kNames[kFusedKernelCount] = {"cluster_2x1", "cluster_1x2"};
+  return kNames[kernel];
+}
 
 bool fused_threshold_available(int device_index) {
 #if defined(MECHINTERP_WITH_SM90_FUSED)
@@ -76,9 +90,10 @@ bool fused_threshold_available(int device_index) {
 }
 
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index) {
+                                       int device_index, int kernel) {
   constexpr const char* kOp = "fused_threshold_workspace";
   check_problem(rows, d_in, d_sae, kOp);
+  check_kernel(kernel, kOp);
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   require_available(device_index, kOp);
   const CudaDeviceGuard guard(device_index);
@@ -89,9 +104,7 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
   p.cap = 1;
   p.device = device_index;
   p.sm_count = sm_count(device_index);
-  const std::size_t bytes = clusters_along_rows(d_in) ? threshold_gemm_workspace_2x1(p)
-                                                      : threshold_gemm_workspace_1x2(p);
-  return static_cast<std::int64_t>(bytes);
+  return static_cast<std::int64_t>(gemm_entry(kernel).workspace_bytes(p));
 #else
   (void)device_index;
   throw_not_built(kOp);
@@ -101,7 +114,8 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
-                          const TensorView& workspace, std::uintptr_t stream) {
+                          const TensorView& tile_overflow, const TensorView& workspace,
+                          int kernel, std::uintptr_t stream) {
   MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype == DType::BFloat16, kGemmOp,
                    ": x must be a contiguous bfloat16 [rows, d_in], got ", dtype_name(x.dtype),
                    " ", x.shape_string());
@@ -111,6 +125,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                    ": weight must be [d_in=", d_in, ", d_sae], got ", weight.shape_string());
   const std::int64_t d_sae = weight.size(1);
   check_problem(rows, d_in, d_sae, kGemmOp);
+  check_kernel(kernel, kGemmOp);
   check_block(weight, {d_in, d_sae}, DType::BFloat16, x, kGemmOp, "weight", "x");
   check_block(bias, {d_sae}, DType::BFloat16, x, kGemmOp, "bias", "x");
   check_block(bound, {d_sae}, DType::BFloat16, x, kGemmOp, "bound", "x");
@@ -126,6 +141,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   check_block(warp_count, {tiles_m, tiles_n, kFusedWarps}, DType::Int32, x, kGemmOp,
               "warp_count", "x");
   check_block(row_count, {rows}, DType::Int32, x, kGemmOp, "row_count", "x");
+  check_block(tile_overflow, {tiles_m}, DType::Int32, x, kGemmOp, "tile_overflow", "x");
   MECHINTERP_CHECK(workspace.is_contiguous(), kGemmOp, ": workspace must be contiguous");
   check_same_device(workspace, x, kGemmOp, "workspace", "x");
   for (const auto* t : {&x, &weight, &bias, &bound, &workspace}) {
@@ -151,17 +167,44 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.records = records.data_as<std::uint32_t>();
   p.warp_count = warp_count.data_as<std::int32_t>();
   p.row_count = row_count.data_as<std::int32_t>();
+  p.tile_overflow = tile_overflow.data_as<std::int32_t>();
   p.workspace_bytes = static_cast<std::size_t>(workspace.numel()) * dtype_itemsize(workspace.dtype);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  const char* refused = clusters_along_rows(d_in)
-                            ? run_threshold_gemm_2x1(p, workspace.data, cuda_stream)
-                            : run_threshold_gemm_1x2(p, workspace.data, cuda_stream);
+  const char* refused = gemm_entry(kernel).run(p, workspace.data, cuda_stream);
   MECHINTERP_CHECK(refused[0] == '\0', kGemmOp, ": ", refused, " (rows ", rows, ", d_in ", d_in,
-                   ", d_sae ", d_sae, ")");
+                   ", d_sae ", d_sae, ", kernel ", fused_kernel_name(kernel), ")");
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 #else
   (void)stream;
   throw_not_built(kGemmOp);
+#endif
+}
+
+void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
+                 const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream) {
+  constexpr const char* kOp = "fused_tally";
+  MECHINTERP_CHECK(row_count.dim() == 1 && row_count.size(0) >= 1, kOp,
+                   ": row_count must be [rows], got ", row_count.shape_string());
+  const std::int64_t rows = row_count.size(0);
+  const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
+  check_block(row_count, {rows}, DType::Int32, row_count, kOp, "row_count", "row_count");
+  check_block(tile_overflow, {tiles_m}, DType::Int32, row_count, kOp, "tile_overflow",
+              "row_count");
+  check_block(row_ptr, {rows + 1}, DType::Int64, row_count, kOp, "row_ptr", "row_count");
+  check_block(summary, {3}, DType::Int64, row_count, kOp, "summary", "row_count");
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+  MECHINTERP_CHECK(row_count.is_cuda(), kOp, ": runs on CUDA only, got ",
+                   device_name(row_count.device));
+  const CudaDeviceGuard guard(row_count.device.index);
+  FusedTallyParams p{};
+  p.rows = rows;
+  p.tiles_m = tiles_m;
+  launch_fused_tally(row_count.data_as<std::int32_t>(), tile_overflow.data_as<std::int32_t>(),
+                     row_ptr.data_as<std::int64_t>(), summary.data_as<std::int64_t>(), p,
+                     reinterpret_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  throw_not_built(kOp);
 #endif
 }
 

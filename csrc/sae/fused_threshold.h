@@ -12,8 +12,15 @@
 //   [rows], zeroed by the caller) and becomes a record (row in tile << 24 | column in tile << 16
 //   | v's bits) in records int32 [tiles_m, tiles_n, kFusedWarps, cap], tiles of kFusedTileM x
 //   kFusedTileN; warp_count int32 [tiles_m, tiles_n, kFusedWarps] gets each region's count,
-//   which exceeds cap when records were dropped: every row of that tile row is then incomplete.
-//   d_in and d_sae must be multiples of 8 (16-byte rows for TMA).
+//   which exceeds cap when records were dropped: every row of that tile row is then
+//   incomplete, and tile_overflow int32 [tiles_m] gets 1 for it. The caller zeroes all the
+//   counts and flags. d_in and d_sae must be multiples of 8 (16-byte rows for TMA).
+//   `kernel` picks the GEMM's cluster shape (FusedKernel); they differ in speed only.
+//
+// fused_tally: what the host needs after the GEMM, in one small launch: row_ptr int64
+//   [rows + 1] gets the running sums of row_count with the rows of overflowed tile rows counted
+//   as empty, summary int64 [3] the entries (row_ptr[rows]), the number of overflowed tile rows
+//   and the widest row.
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
 //   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values bfloat16 [nnz],
@@ -42,6 +49,16 @@ constexpr int kFusedTileN = 256;
 // Consumer warps of the cooperative kernel (two warpgroups); each owns one record region a tile.
 constexpr int kFusedWarps = 8;
 
+// The GEMM's kernels, by the shape of their thread-block clusters (tiles along rows x along
+// latents): 2 x 1 shares each weight tile between two CTAs, 1 x 2 each input tile.
+enum class FusedKernel : int {
+  kCluster2x1 = 0,
+  kCluster1x2 = 1,
+};
+constexpr int kFusedKernelCount = 2;
+// "cluster_2x1", ...; the index is the enum's value.
+const char* fused_kernel_name(int kernel);
+
 constexpr std::int64_t fused_tiles(std::int64_t extent, std::int64_t tile) {
   return (extent + tile - 1) / tile;
 }
@@ -51,12 +68,16 @@ bool fused_threshold_available(int device_index);
 
 // Workspace bytes the GEMM needs for this problem on that device.
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index);
+                                       int device_index, int kernel);
 
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
-                          const TensorView& workspace, std::uintptr_t stream);
+                          const TensorView& tile_overflow, const TensorView& workspace,
+                          int kernel, std::uintptr_t stream);
+
+void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
+                 const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,
@@ -80,7 +101,13 @@ struct FusedGemmParams {
   std::uint32_t* records;
   std::int32_t* warp_count;
   std::int32_t* row_count;
+  std::int32_t* tile_overflow;
   std::size_t workspace_bytes;
+};
+
+struct FusedTallyParams {
+  std::int64_t rows;
+  std::int64_t tiles_m;
 };
 
 struct FusedRowsParams {
@@ -93,14 +120,18 @@ struct FusedRowsParams {
 };
 
 #if defined(MECHINTERP_WITH_SM90_FUSED)
-// One translation unit per cluster shape (fused_sm90/threshold_gemm_*.cu). run_* return an
-// empty string or what CUTLASS refused.
-const char* run_threshold_gemm_1x2(const FusedGemmParams& params, void* workspace,
-                                   cudaStream_t stream);
-const char* run_threshold_gemm_2x1(const FusedGemmParams& params, void* workspace,
-                                   cudaStream_t stream);
-std::size_t threshold_gemm_workspace_1x2(const FusedGemmParams& params);
-std::size_t threshold_gemm_workspace_2x1(const FusedGemmParams& params);
+// One kernel: run returns an empty string or what CUTLASS refused.
+struct FusedGemmEntry {
+  const char* (*run)(const FusedGemmParams& params, void* workspace, cudaStream_t stream);
+  std::size_t (*workspace_bytes)(const FusedGemmParams& params);
+};
+// One translation unit each (fused_sm90/threshold_gemm_*.cu), so that they compile in parallel.
+FusedGemmEntry cluster_2x1_gemm();
+FusedGemmEntry cluster_1x2_gemm();
+
+void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
+                        std::int64_t* row_ptr, std::int64_t* summary,
+                        const FusedTallyParams& params, cudaStream_t stream);
 
 void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
                                   const std::int64_t* row_ptr, std::int32_t* cursor,

@@ -25,7 +25,7 @@ import torch
 from mechinterp import _C, _ops
 from mechinterp.sae.sae import SAE
 
-__all__ = ["RECORDS_PER_WARP", "aligned", "bf16_bounds", "encode_block",
+__all__ = ["RECORDS_PER_WARP", "aligned", "bf16_bounds", "encode_block", "kernel_for",
            "record_bytes_per_row", "unsupported_reason"]
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
@@ -58,6 +58,16 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
                     "and CUTLASS's headers at build time)")
         return f"it needs a GPU of compute capability 9.0 (Hopper), and {device} is not one"
     return None
+
+
+def kernel_for(d_in: int) -> str:
+    """The fused GEMM kernel (one of ``_ops.SAE_FUSED_KERNELS``) for inputs of width ``d_in``.
+
+    Thread-block clusters of 2 x 1 (along rows) are the faster ones for narrow inputs, 1 x 2 for
+    wide ones (H100, bf16, 16,384 tokens: 1.30x against 1.38x the cuBLAS GEMM at d_in 768,
+    1.14x against 1.33x at 2304).
+    """
+    return "cluster_2x1" if d_in <= 1024 else "cluster_1x2"
 
 
 def record_bytes_per_row(d_sae: int) -> int:
@@ -112,24 +122,19 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if rows == 0:
         empty = torch.empty(0, dtype=torch.int64, device=xb.device)
         return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
-    records, warp_count, row_count, cursor = _ops.fused_threshold_gemm(
-        xb, weight, bias, bound, cap=RECORDS_PER_WARP)
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=xb.device)
-    torch.cumsum(row_count, 0, out=row_ptr[1:])
-    incomplete = (warp_count > RECORDS_PER_WARP).flatten(1).any(dim=1)  # per tile row
-    nnz, incomplete_tiles, widest = torch.stack(
-        [row_ptr[-1], incomplete.sum(), row_count.max().to(torch.int64)]).tolist()
+    found = _ops.fused_threshold_gemm(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
+                                      kernel=kernel_for(xb.shape[1]))
+    # The rows of overflowed tile rows get empty ranges, which drops their records.
+    row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
+    nnz, overflowed, widest = summary.tolist()
     again = None
-    if incomplete_tiles:
-        again = incomplete.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
-        # Empty the ranges of the incomplete rows, which drops their records.
-        row_count[again] = 0
-        torch.cumsum(row_count, 0, out=row_ptr[1:])
-        nnz = int(row_ptr[-1])
+    if overflowed:
+        again = found.tile_overflow.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero()
+        again = again.flatten()
     order = widest <= _KERNEL_ORDER_MAX
-    indices, values = _ops.fused_records_to_rows(records, warp_count, row_ptr, nnz, order=order,
-                                                 cursor=cursor)
-    del records
+    indices, values = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr, nnz,
+                                                 order=order, cursor=found.cursor)
+    del found
     if not order:
         indices, values = _ordered(row_ptr, indices, values, d_sae)
     if again is not None:

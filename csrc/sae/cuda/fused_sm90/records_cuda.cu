@@ -6,6 +6,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cub/block/block_load.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cub/block/block_store.cuh>
 
 #include "common/check.h"
 #include "sae/fused_threshold.h"
@@ -16,6 +20,70 @@ namespace {
 
 constexpr int kPlaceThreads = 64;  // a tile's regions hold a few records each
 constexpr int kOrderThreads = 256;
+constexpr int kTallyThreads = 1024;
+constexpr int kTallyItems = 4;  // rows a thread per pass
+
+struct Larger {
+  __device__ long long operator()(long long a, long long b) const { return a > b ? a : b; }
+};
+
+// One block, passes of kTallyThreads * kTallyItems rows (loaded and stored coalesced through
+// shared memory): the running sums of the rows' counts, with the rows of overflowed tile rows
+// counted as empty, and (entries, overflowed tile rows, widest row) for the host's one read.
+__global__ void __launch_bounds__(kTallyThreads)
+    tally_kernel(const std::int32_t* row_count, const std::int32_t* tile_overflow,
+                 std::int64_t* row_ptr, std::int64_t* summary, FusedTallyParams p) {
+  using Load = cub::BlockLoad<int, kTallyThreads, kTallyItems, cub::BLOCK_LOAD_WARP_TRANSPOSE>;
+  using Scan = cub::BlockScan<long long, kTallyThreads>;
+  using Store =
+      cub::BlockStore<long long, kTallyThreads, kTallyItems, cub::BLOCK_STORE_WARP_TRANSPOSE>;
+  using Reduce = cub::BlockReduce<long long, kTallyThreads>;
+  __shared__ union {
+    typename Load::TempStorage load;
+    typename Scan::TempStorage scan;
+    typename Store::TempStorage store;
+    typename Reduce::TempStorage reduce;
+  } shared;
+  __shared__ long long before;  // entries of the earlier passes
+  constexpr int kPass = kTallyThreads * kTallyItems;
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) {
+    before = 0;
+    row_ptr[0] = 0;
+  }
+  long long widest = 0;
+  for (std::int64_t r0 = 0; r0 < p.rows; r0 += kPass) {
+    const int valid = static_cast<int>(min(static_cast<std::int64_t>(kPass), p.rows - r0));
+    __syncthreads();  // `before` is written, and the shared storage free
+    int counts[kTallyItems];
+    Load(shared.load).Load(row_count + r0, counts, valid, 0);
+    long long sums[kTallyItems];
+    for (int i = 0; i < kTallyItems; ++i) {  // thread t holds rows r0 + t * kTallyItems + i
+      const std::int64_t r = r0 + static_cast<std::int64_t>(t) * kTallyItems + i;
+      sums[i] = (r < p.rows && tile_overflow[r / kFusedTileM] == 0) ? counts[i] : 0;
+      widest = max(widest, sums[i]);
+    }
+    __syncthreads();
+    long long pass_total = 0;
+    Scan(shared.scan).InclusiveSum(sums, sums, pass_total);
+    const long long base = before;
+    __syncthreads();
+    for (int i = 0; i < kTallyItems; ++i) sums[i] += base;
+    Store(shared.store).Store(row_ptr + 1 + r0, sums, valid);
+    if (t == 0) before = base + pass_total;
+  }
+  __syncthreads();
+  widest = Reduce(shared.reduce).Reduce(widest, Larger{});
+  __syncthreads();
+  long long overflowed = 0;
+  for (std::int64_t tm = t; tm < p.tiles_m; tm += kTallyThreads) overflowed += tile_overflow[tm];
+  overflowed = Reduce(shared.reduce).Sum(overflowed);
+  if (t == 0) {
+    summary[0] = before;
+    summary[1] = overflowed;
+    summary[2] = widest;
+  }
+}
 
 __global__ void place_records_kernel(const std::uint32_t* records, const std::int32_t* warp_count,
                                      const std::int64_t* row_ptr, std::int32_t* cursor,
@@ -59,6 +127,14 @@ __global__ void order_rows_kernel(const std::int64_t* row_ptr, const std::int32_
 }
 
 }  // namespace
+
+void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
+                        std::int64_t* row_ptr, std::int64_t* summary,
+                        const FusedTallyParams& params, cudaStream_t stream) {
+  tally_kernel<<<1, kTallyThreads, 0, stream>>>(row_count, tile_overflow, row_ptr, summary,
+                                                params);
+  MECHINTERP_CUDA_CHECK(cudaGetLastError());
+}
 
 void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
                                   const std::int64_t* row_ptr, std::int32_t* cursor,

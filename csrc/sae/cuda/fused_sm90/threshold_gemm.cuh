@@ -38,7 +38,8 @@ using namespace cute;
 // atomic's reply: CUTLASS's sm90 epilogue passes two named barriers per subtile, and a warp
 // waiting on a returning atomic held up the whole CTA (it cost more than the GEMM, measured on
 // an H100). Row totals are counted with atomics whose result is unused. end() stores the warp's
-// count, which exceeds cap when records were dropped (the caller encodes those rows again).
+// count, which exceeds cap when records were dropped, and then flags the tile row (the caller
+// encodes its rows again).
 struct RecordSink {
   // With a void D, CUTLASS's epilogue builder sizes its (unused) store types from the fusion's
   // ElementAux; any 16-bit type keeps the shared-memory carve-out at what the layouts need.
@@ -48,6 +49,7 @@ struct RecordSink {
     std::uint32_t* records = nullptr;  // [tiles_m, tiles_n, kFusedWarps, cap]
     std::int32_t* warp_count = nullptr;  // [tiles_m, tiles_n, kFusedWarps]
     std::int32_t* row_count = nullptr;   // [rows], zeroed by the caller
+    std::int32_t* tile_overflow = nullptr;  // [tiles_m], zeroed by the caller
     int cap = 0;
     int tiles_n = 0;
   };
@@ -61,7 +63,7 @@ struct RecordSink {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.records != nullptr && args.warp_count != nullptr && args.row_count != nullptr &&
-           args.cap > 0;
+           args.tile_overflow != nullptr && args.cap > 0;
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -89,16 +91,18 @@ struct RecordSink {
   template <class CoordTensor, class Residue>
   struct Callbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
     CUTLASS_DEVICE Callbacks(CoordTensor coords, Residue residue, int row0, int col0,
-                             std::uint32_t* region, std::int32_t* count_at, int cap,
-                             std::int32_t* tile_row_count)
+                             std::uint32_t* region, std::int32_t* count_at,
+                             std::int32_t* overflow_at, int cap, std::int32_t* tile_row_count)
         : coords(coords), residue(residue), row0(row0), col0(col0), region(region),
-          count_at(count_at), cap(cap), tile_row_count(tile_row_count) {}
+          count_at(count_at), overflow_at(overflow_at), cap(cap),
+          tile_row_count(tile_row_count) {}
 
     CoordTensor coords;  // (row, column) of this thread's elements from its first one
     Residue residue;     // rows and columns of the problem left from the thread's first element
     int row0, col0;      // the thread's first element, from the tile's corner
     std::uint32_t* region;  // this warp's records
     std::int32_t* count_at;  // null for a tile wholly outside the problem
+    std::int32_t* overflow_at;  // the tile row's flag
     int cap;
     std::int32_t* tile_row_count;  // survivors per row, from the tile's first row
     int filled = 0;                // records this warp produced so far (warp-uniform)
@@ -176,7 +180,9 @@ struct RecordSink {
     }
 
     CUTLASS_DEVICE void end() {
-      if (count_at != nullptr && threadIdx.x % 32 == 0) *count_at = filled;
+      if (count_at == nullptr || threadIdx.x % 32 != 0) return;
+      *count_at = filled;
+      if (filled > cap) *overflow_at = 1;  // racing stores of one value
     }
   };
 
@@ -195,7 +201,7 @@ struct RecordSink {
     const bool inside = int(tm) * kFusedTileM < int(m) && int(tn) * kFusedTileN < int(n);
     return Callbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(
         args.tCcD, args.residue_tCcD, row0, col0, params.records + slot * params.cap,
-        inside ? params.warp_count + slot : nullptr, params.cap,
+        inside ? params.warp_count + slot : nullptr, params.tile_overflow + tm, params.cap,
         params.row_count + std::int64_t(tm) * kFusedTileM);
   }
 };
@@ -256,7 +262,8 @@ struct ThresholdGemm {
         hw};
     args.epilogue.thread = {{{}, {static_cast<const Element*>(p.bias)}, {}},
                             {static_cast<const Element*>(p.bound)},
-                            {p.records, p.warp_count, p.row_count, static_cast<int>(p.cap),
+                            {p.records, p.warp_count, p.row_count, p.tile_overflow,
+                             static_cast<int>(p.cap),
                              static_cast<int>(fused_tiles(p.d_sae, kFusedTileN))}};
     return args;
   }
@@ -279,6 +286,8 @@ struct ThresholdGemm {
     if (gemm.run(stream) != cutlass::Status::kSuccess) return "the kernel launch failed";
     return "";
   }
+
+  static FusedGemmEntry entry() { return {&run, &workspace_bytes}; }
 };
 
 }  // namespace mechinterp::sae::fused_sm90

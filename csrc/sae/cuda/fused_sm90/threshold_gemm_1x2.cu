@@ -3,13 +3,6 @@
 
 namespace mechinterp::sae {
 
-const char* run_threshold_gemm_1x2(const FusedGemmParams& params, void* workspace,
-                                   cudaStream_t stream) {
-  return fused_sm90::ThresholdGemm<1, 2>::run(params, workspace, stream);
-}
-
-std::size_t threshold_gemm_workspace_1x2(const FusedGemmParams& params) {
-  return fused_sm90::ThresholdGemm<1, 2>::workspace_bytes(params);
-}
+FusedGemmEntry cluster_1x2_gemm() { return fused_sm90::ThresholdGemm<1, 2>::entry(); }
 
 }  // namespace mechinterp::sae

@@ -3,13 +3,6 @@
 
 namespace mechinterp::sae {
 
-const char* run_threshold_gemm_2x1(const FusedGemmParams& params, void* workspace,
-                                   cudaStream_t stream) {
-  return fused_sm90::ThresholdGemm<2, 1>::run(params, workspace, stream);
-}
-
-std::size_t threshold_gemm_workspace_2x1(const FusedGemmParams& params) {
-  return fused_sm90::ThresholdGemm<2, 1>::workspace_bytes(params);
-}
+FusedGemmEntry cluster_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1>::entry(); }
 
 }  // namespace mechinterp::sae
