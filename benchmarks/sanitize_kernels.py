@@ -216,8 +216,8 @@ def sae_cases() -> int:
 
 def fused_sae_cases() -> int:
     """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
-    so there is one right answer): partial tiles, every kernel (schedule and cluster shape), a
-    tile row that overflows its records, rows ordered by the kernel and by a sort."""
+    so there is one right answer): partial tiles, every kernel (cluster shape), a tile row
+    that overflows its records, rows ordered by the kernel and by a sort."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
