@@ -263,6 +263,21 @@ def test_bad_games_and_options() -> None:
         RegressionAdjustedKSII(order=0)
     with pytest.raises(InputError, match="surrogate_order"):
         RegressionAdjustedKSII(surrogate_order=-1)
+    with pytest.raises(InputError, match="max_features must be a non-negative int or None"):
+        RegressionAdjustedKSII(max_features=-1)
+
+
+def test_surrogate_orders_follow_the_feature_limits() -> None:
+    # Pairs of 128 players are 8,256 dividends (with the singletons): the default lets an
+    # order-2 surrogate estimate order-2 k-SII once there are 4 evaluations per dividend.
+    pairs = RegressionAdjustedKSII(order=2)
+    assert pairs._orders(128, 4000) == [1, 2]
+    assert pairs._orders(128, 1000) == [1]
+    # Above the estimated order the default stays at 4,096 dividends (order 3 of 32 players
+    # needs 5,488); an explicit limit applies to every order.
+    assert pairs._orders(32, 4000) == [1, 2]
+    assert RegressionAdjustedKSII(order=2, max_features=16384)._orders(32, 4000) == [1, 2, 3]
+    assert RegressionAdjustedKSII(order=2, max_features=4096)._orders(128, 4000) == [1]
 
 
 # -- sampling internals ------------------------------------------------------------------------
