@@ -269,10 +269,11 @@ def test_bad_games_and_options() -> None:
 
 def test_surrogate_orders_follow_the_feature_limits() -> None:
     # Pairs of 128 players are 8,256 dividends (with the singletons): the default lets an
-    # order-2 surrogate estimate order-2 k-SII once there are 4 evaluations per dividend.
+    # order-2 surrogate estimate order-2 k-SII once there is one evaluation per 16 dividends.
     pairs = RegressionAdjustedKSII(order=2)
     assert pairs._orders(128, 4000) == [1, 2]
-    assert pairs._orders(128, 1000) == [1]
+    assert pairs._orders(128, 516) == [1, 2]
+    assert pairs._orders(128, 515) == [1]
     # Above the estimated order the default stays at 4,096 dividends (order 3 of 32 players
     # needs 5,488); an explicit limit applies to every order.
     assert pairs._orders(32, 4000) == [1, 2]
