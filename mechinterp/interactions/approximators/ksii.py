@@ -70,19 +70,17 @@ __all__ = ["RegressionAdjustedKSII", "coalition_weights"]
 _CHUNK = 1 << 22
 # Ridge strengths tried, relative to the mean diagonal of the weighted Gram matrix.
 _RIDGES = (1e-6, 1e-2, 1e-1, 1.0)
-# The surrogate's order is chosen by variance among orders with at most this many dividends
-# per evaluated coalition: up to the estimated order, whose interactions a lower order cannot
-# carry, ridge regression still helps with many (128 players, 1,000 evaluations, order-2
-# k-SII: error 1.3e-2 to 8.3e-3 with 16 a row against 4); above it more only adds cost (the
-# leave-one-out residuals blow up).
+# The surrogate's order is chosen by variance among the orders whose dividends fit these
+# bounds, per evaluated coalition and in all (the default of max_features). Up to the estimated
+# order, whose interactions a lower order cannot carry, the bounds are generous (128 players,
+# order-2 k-SII on the bench's SOUM games: 1,000 evaluations, error 1.22e-2 to 7.97e-3 with 16
+# a row against 4); above it more only adds cost (the leave-one-out residuals blow up).
 _FEATURES_PER_ROW_UP_TO_ORDER = 16
 _FEATURES_PER_ROW_ABOVE_ORDER = 4
-# A relaxed surrogate refits at most one dividend per this many evaluated coalitions.
-_REFIT_ROWS_PER_FEATURE = 8
-# Default bounds on a surrogate's dividends: generous up to the estimated order, whose own
-# interactions a surrogate of lower order cannot carry, tighter above it (see max_features).
 _MAX_FEATURES_UP_TO_ORDER = 16384
 _MAX_FEATURES_ABOVE_ORDER = 4096
+# A relaxed surrogate refits at most one dividend per this many evaluated coalitions.
+_REFIT_ROWS_PER_FEATURE = 8
 # Targets used to compare candidate surrogates (all of them when fewer).
 _SELECTION_TARGETS = 128
 
@@ -315,9 +313,10 @@ class RegressionAdjustedKSII(Approximator):
         max_features: most dividends a surrogate may have (bounds the regression's cost).
             Default: 16,384 for surrogates up to ``order``, 4,096 above it. The pairs of 128
             players need 8,256: on sums of unanimity games with 4,000 evaluations, an order-2
-            surrogate brings k-SII's error from 1.2e-2 to 5.5e-3 and its top-10 precision from
-            0.10 to 0.60, in 11 s instead of 1.3 s (two CPU cores); a surrogate above the order
-            gains less for its cost (order 3 for 32 players: 1.3e-3 to 9.7e-4, 2 s to 83 s).
+            surrogate brings k-SII's error from 1.17e-2 to 5.0e-3 and its top-10 precision from
+            0.13 to 0.63, in 13.6 s instead of 1.4 s (two CPU cores); a surrogate above the
+            order gains less for its cost (order 3 for 32 players: 1.3e-3 to 9.7e-4, 2 s to
+            83 s).
         paired: sample complementary pairs ``(S, N \\ S)``.
         shrink: shrink each entry's sampled correction by its signal-to-noise ratio
             (:func:`_garrote`; entries of order 2 and more): lower error when there are many
