@@ -216,15 +216,17 @@ def sae_cases() -> int:
 
 def fused_sae_cases() -> int:
     """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
-    so there is one right answer): partial tiles, every kernel (cluster shape), a tile row
-    that overflows its records, rows ordered by the kernel and by a sort."""
+    so there is one right answer): partial tiles, every kernel (cluster shape) in CUTLASS's
+    default tile order and in bands of 8 tile rows, a tile row that overflows its records, rows
+    ordered by the kernel and by a sort."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
 
     checked = 0
     g = torch.Generator().manual_seed(3)
-    for rows, d_in, d_sae, arch in ((300, 72, 904, "jumprelu"), (129, 1032, 520, "relu")):
+    for rows, d_in, d_sae, arch in ((300, 72, 904, "jumprelu"), (129, 1032, 520, "relu"),
+                                    (800, 64, 1600, "jumprelu")):
         fields = {"W_enc": torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
                   "b_enc": torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
                   "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.zeros(d_in),
@@ -238,18 +240,21 @@ def fused_sae_cases() -> int:
         bound = sae.threshold.double() if sae.threshold is not None else torch.zeros(d_sae)
         want = (h.double() > bound.clamp_min(0)) & (h.double() > 0)
         want_values = torch.where(want, h, torch.zeros((), dtype=h.dtype))
-        saved = fused._KERNEL_ORDER_MAX, fused.kernel_for
+        saved = fused._KERNEL_ORDER_MAX, fused.schedule_for
         try:
-            # Every kernel with rows ordered by the compaction kernel, then one by a sort.
-            runs = [(saved[0], k) for k in _ops.SAE_FUSED_KERNELS] + [(3, saved[1](d_in))]
-            for order_max, kernel in runs:
+            # Every kernel (in its default tile order and in bands) with rows ordered by the
+            # compaction kernel, then the chosen schedule with rows ordered by a sort.
+            schedules = [fused.FusedSchedule(k, r, s) for k in _ops.SAE_FUSED_KERNELS
+                         for r, s in (("heuristic", 1), ("along_n", 8))]
+            runs = [(saved[0], s) for s in schedules] + [(3, saved[1](rows, d_sae))]
+            for order_max, schedule in runs:
                 fused._KERNEL_ORDER_MAX = order_max
-                fused.kernel_for = lambda _d_in, kernel=kernel: kernel
+                fused.schedule_for = lambda _rows, _d_sae, schedule=schedule: schedule
                 got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
                 dense = got.to_dense()
                 wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()
                 assert wrong.numel() == 0, (
-                    f"{arch} {rows}x{d_in}x{d_sae} {kernel} order_max {order_max}: rows "
+                    f"{arch} {rows}x{d_in}x{d_sae} {schedule} order_max {order_max}: rows "
                     f"{wrong.flatten()[:8].tolist()} differ; first: got "
                     f"{got.indices[got.row_ptr[wrong[0, 0]]:got.row_ptr[wrong[0, 0] + 1]][:12].tolist()}"
                     f" want {want[wrong[0, 0]].nonzero().flatten()[:12].tolist()}")
@@ -257,7 +262,7 @@ def fused_sae_cases() -> int:
                     (got.row_index()[1:] == got.row_index()[:-1])].all()), "columns must ascend"
                 checked += 1
         finally:
-            fused._KERNEL_ORDER_MAX, fused.kernel_for = saved
+            fused._KERNEL_ORDER_MAX, fused.schedule_for = saved
     return checked
 
 

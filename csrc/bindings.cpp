@@ -225,20 +225,26 @@ PYBIND11_MODULE(_C, m) {
       names[i] = mechinterp::sae::fused_kernel_name(i);
     }
     m.attr("SAE_FUSED_KERNELS") = names;
+    py::tuple rasters(mechinterp::sae::kFusedRasterCount);
+    for (int i = 0; i < mechinterp::sae::kFusedRasterCount; ++i) {
+      rasters[i] = mechinterp::sae::fused_raster_name(i);
+    }
+    m.attr("SAE_FUSED_RASTERS") = rasters;
   }
   m.def("fused_threshold_available", &mechinterp::sae::fused_threshold_available,
         py::arg("device_index"),
         "Whether this build has the fused sm_90 SAE encode and the CUDA device can run it.");
   m.def("fused_threshold_workspace", &mechinterp::sae::fused_threshold_workspace, py::arg("rows"),
         py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"), py::arg("kernel"),
-        "Workspace bytes of fused_threshold_gemm for this problem on that device and kernel "
-        "(an index into SAE_FUSED_KERNELS).");
+        py::arg("raster"), py::arg("swizzle"),
+        "Workspace bytes of fused_threshold_gemm for this problem on that device, kernel (an "
+        "index into SAE_FUSED_KERNELS) and tile order.");
 
   m.def(
       "fused_threshold_gemm",
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow,
-         py::handle workspace, int kernel, std::uintptr_t stream) {
+         py::handle workspace, int kernel, int raster, int swizzle, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -251,16 +257,18 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         mechinterp::sae::fused_threshold_gemm(x_view, weight_view, bias_view, bound_view,
                                               records_view, warp_count_view, row_count_view,
-                                              tile_overflow_view, workspace_view, kernel, stream);
+                                              tile_overflow_view, workspace_view, kernel, raster,
+                                              swizzle, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("workspace"),
-      py::arg("kernel"), py::arg("stream"),
+      py::arg("kernel"), py::arg("raster"), py::arg("swizzle"), py::arg("stream"),
       "sm_90: x bf16 [rows, d_in] @ weight bf16 [d_in, d_sae] + bias bf16, rounded to bf16; the "
       "entries above bound (bf16 [d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
       "counts per region (warp_count) and per row (row_count) and a flag per tile row whose "
       "regions overflowed (tile_overflow), all zeroed by the caller; kernel indexes "
-      "SAE_FUSED_KERNELS.");
+      "SAE_FUSED_KERNELS, raster SAE_FUSED_RASTERS, and swizzle (1, 2, 4 or 8) is the width of "
+      "the bands of tiles walked.");
 
   m.def(
       "fused_tally",

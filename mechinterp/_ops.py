@@ -1031,6 +1031,10 @@ SAE_FUSED_WARPS: int = _C.SAE_FUSED_WARPS
 #: The fused GEMM's kernels, by thread-block cluster shape (tiles along rows x along latents).
 #: All write the same records.
 SAE_FUSED_KERNELS: tuple[str, ...] = tuple(_C.SAE_FUSED_KERNELS)
+#: The orders its persistent kernel may walk the tiles in; all write the same records.
+SAE_FUSED_RASTERS: tuple[str, ...] = tuple(_C.SAE_FUSED_RASTERS)
+#: The widths of the bands of tiles it may walk (1: no bands).
+SAE_FUSED_SWIZZLES: tuple[int, ...] = (1, 2, 4, 8)
 
 
 def fused_threshold_available(device: torch.device) -> bool:
@@ -1060,7 +1064,7 @@ class FusedRecords(NamedTuple):
 
 def fused_threshold_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
-    kernel: str = "cluster_2x1",
+    kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
 ) -> FusedRecords:
     """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16).
 
@@ -1072,15 +1076,21 @@ def fused_threshold_gemm(
     Survivors become int32 records (row in tile << 24 | column in tile << 16 | the value's bf16
     bits) in regions of ``cap`` per (tile, warp); a region's count above ``cap`` means records
     were dropped, and its tile row is flagged. All counts are zeroed in one launch.
-    ``kernel``: one of :data:`SAE_FUSED_KERNELS`; they differ in speed only. Queued on the
+    ``kernel`` (one of :data:`SAE_FUSED_KERNELS`), ``raster`` (one of
+    :data:`SAE_FUSED_RASTERS`) and ``swizzle`` (one of :data:`SAE_FUSED_SWIZZLES`) choose the
+    kernel and the order it walks the tiles in; they differ in speed only. Queued on the
     current stream; nothing is synchronised.
     """
     op = "fused_threshold_gemm"
     _check_device(x, op, "x")
-    if kernel not in SAE_FUSED_KERNELS:
-        msg = f"{op}: kernel must be one of {SAE_FUSED_KERNELS}; got {kernel!r}"
-        raise InputError(msg)
+    for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
+                                 ("raster", raster, SAE_FUSED_RASTERS),
+                                 ("swizzle", swizzle, SAE_FUSED_SWIZZLES)):
+        if given not in allowed:
+            msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
+            raise InputError(msg)
     kernel_index = SAE_FUSED_KERNELS.index(kernel)
+    raster_index = SAE_FUSED_RASTERS.index(raster)
     device = x.device
     rows, d_in = x.shape
     d_sae = weight.shape[1]
@@ -1091,18 +1101,21 @@ def fused_threshold_gemm(
     warp_count, tile_overflow, row_count, cursor = counts.split([regions, tiles[0], rows, rows])
     warp_count = warp_count.view(tiles)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index, kernel_index)
+    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index, kernel_index, raster_index,
+                                       swizzle)
     workspace = torch.empty(-(-workspace_bytes // 8), dtype=torch.int64, device=device)
     _C.fused_threshold_gemm(
         _view(x), _view(weight), _view(bias), _view(bound), _view(records), _view(warp_count),
-        _view(row_count), _view(tile_overflow), _view(workspace), kernel_index, _stream(x),
+        _view(row_count), _view(tile_overflow), _view(workspace), kernel_index, raster_index,
+        swizzle, _stream(x),
     )
     return FusedRecords(records, warp_count, tile_overflow, row_count, cursor)
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int, kernel: int) -> int:
-    return _C.fused_threshold_workspace(rows, d_in, d_sae, index, kernel)
+def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int, kernel: int, raster: int,
+                     swizzle: int) -> int:
+    return _C.fused_threshold_workspace(rows, d_in, d_sae, index, kernel, raster, swizzle)
 
 
 def fused_tally(

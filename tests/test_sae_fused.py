@@ -14,7 +14,13 @@ from mechinterp import _C, _ops
 from mechinterp.errors import InputError
 from mechinterp.sae import SAE, encode_sparse
 from mechinterp.sae import fused as fused_module
-from mechinterp.sae.fused import bf16_bounds, record_bytes_per_row, unsupported_reason
+from mechinterp.sae.fused import (
+    FusedSchedule,
+    bf16_bounds,
+    record_bytes_per_row,
+    schedule_for,
+    unsupported_reason,
+)
 from tests.kernels import CUDA_OK
 
 FUSED_OK = CUDA_OK and _ops.fused_threshold_available(torch.device("cuda"))
@@ -124,8 +130,32 @@ def test_fused_true_where_it_cannot_run_is_an_input_error():
     assert torch.equal(encode_sparse(sae, x, fused=False).indices, encode_sparse(sae, x).indices)
 
 
-def use_kernel(monkeypatch, kernel: str) -> None:
-    monkeypatch.setattr(fused_module, "kernel_for", lambda d_in: kernel)
+# Both kernels in CUTLASS's default tile order, and banded orders each way (bands of 8 need at
+# least 6 tiles each way, which the 800 x 1600 problem has).
+SCHEDULES = [FusedSchedule(kernel, "heuristic", 1) for kernel in _ops.SAE_FUSED_KERNELS] + [
+    FusedSchedule("cluster_2x1", "along_m", 2), FusedSchedule("cluster_1x2", "along_n", 8)]
+
+
+def use_schedule(monkeypatch, schedule: FusedSchedule) -> None:
+    monkeypatch.setattr(fused_module, "schedule_for", lambda rows, d_sae: schedule)
+
+
+def test_schedule_for_bands_only_where_they_do_not_pad_the_tile_grid():
+    banded = FusedSchedule("cluster_2x1", "along_n", 8)
+    assert schedule_for(16384, 32768) == banded  # 128 x 128 tiles
+    assert schedule_for(4096, 131072) == banded  # 32 x 512
+    # 24 tile rows pad to 32 in bands of 8 (clusters of 2): bands of 4 fit exactly.
+    assert schedule_for(3072, 131072) == FusedSchedule("cluster_2x1", "along_n", 4)
+    # 17 tile rows pad to 18 at best (1 in 17 too many for bands of 2 too): no bands.
+    assert schedule_for(2100, 65536) == FusedSchedule("cluster_2x1", "heuristic", 1)
+    # Fewer than 16 tile rows: the default order.
+    assert schedule_for(1024, 131072) == FusedSchedule("cluster_2x1", "heuristic", 1)
+    assert schedule_for(1, 8) == FusedSchedule("cluster_2x1", "heuristic", 1)
+    for rows, d_sae in ((1, 8), (300, 904), (10**6, 8), (16384, 1 << 20)):
+        schedule = schedule_for(rows, d_sae)
+        assert schedule.kernel in _ops.SAE_FUSED_KERNELS
+        assert schedule.raster in _ops.SAE_FUSED_RASTERS
+        assert schedule.swizzle in _ops.SAE_FUSED_SWIZZLES
 
 
 # ---- on a Hopper GPU ----
@@ -133,16 +163,17 @@ def use_kernel(monkeypatch, kernel: str) -> None:
 
 @pytest.mark.cuda
 @needs_fused
-@pytest.mark.parametrize("kernel", _ops.SAE_FUSED_KERNELS)
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
 @pytest.mark.parametrize(("rows", "d_in", "d_sae"), [
     (300, 72, 904),     # partial tiles every way; 44 rows in the last record tile
     (129, 1032, 520),   # one row in the last record tile
     (1, 8, 8),          # the smallest problem
+    (800, 64, 1600),    # 7 x 7 tiles, partial both ways: bands of 8 apply
 ])
-def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, kernel, arch, rows, d_in,
-                                                          d_sae):
-    use_kernel(monkeypatch, kernel)
+def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, schedule, arch, rows,
+                                                          d_in, d_sae):
+    use_schedule(monkeypatch, schedule)
     sae = exact_sae(d_in, d_sae, arch, device="cuda")
     x = exact_inputs(rows, d_in, device="cuda")
     if arch == "relu":
@@ -156,13 +187,13 @@ def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, kernel, a
 
 @pytest.mark.cuda
 @needs_fused
-@pytest.mark.parametrize("kernel", _ops.SAE_FUSED_KERNELS)
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("dense_rows", [range(128), range(64, 100)])
-def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, kernel, dense_rows):
+def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dense_rows):
     # Tile row 0 has dense rows (ReLU, no threshold) that overflow its record regions: all of
     # them, or some of the second warpgroup's only. The other rows are zero, so their
     # pre-activations are the biases, <= 0.
-    use_kernel(monkeypatch, kernel)
+    use_schedule(monkeypatch, schedule)
     sae = exact_sae(64, 2056, "relu", device="cuda", most_bias=0.0)
     x = torch.zeros(300, 64, dtype=torch.bfloat16, device="cuda")
     dense = torch.tensor(list(dense_rows), device="cuda")
@@ -247,8 +278,16 @@ def test_kernel_bad_input_is_named():
         _ops.fused_threshold_gemm(x, w.float(), bias, bound, cap=4)
     with pytest.raises(InputError, match="kernel must be one of"):
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, kernel="fastest")
+    with pytest.raises(InputError, match="raster must be one of"):
+        _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, raster="zigzag")
+    with pytest.raises(InputError, match=r"swizzle must be one of \(1, 2, 4, 8\); got 3"):
+        _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, swizzle=3)
     with pytest.raises(ValueError, match=r"kernel must lie in \[0, 2\), got 7"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 7)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1)
+    with pytest.raises(ValueError, match=r"raster must lie in \[0, 3\), got 3"):
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1)
+    with pytest.raises(ValueError, match="swizzle must be 1, 2, 4 or 8, got 16"):
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16)
     with pytest.raises(ValueError, match=r"tile_overflow must be a contiguous \[3\]"):
         _ops.fused_tally(torch.zeros(300, dtype=torch.int32, device="cuda"),
                          torch.zeros(2, dtype=torch.int32, device="cuda"))

@@ -61,12 +61,29 @@ void check_kernel(int kernel, const char* op) {
                    kFusedKernelCount, "), got ", kernel);
 }
 
+void check_raster(int raster, const char* op) {
+  MECHINTERP_CHECK(raster >= 0 && raster < kFusedRasterCount, op, ": raster must lie in [0, ",
+                   kFusedRasterCount, "), got ", raster);
+}
+
+void check_schedule(int raster, int swizzle, const char* op) {
+  check_raster(raster, op);
+  MECHINTERP_CHECK(swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8, op,
+                   ": swizzle must be 1, 2, 4 or 8, got ", swizzle);
+}
+
 }  // namespace
 
 const char* fused_kernel_name(int kernel) {
   check_kernel(kernel, "fused_kernel_name");
   static constexpr const char* kNames[kFusedKernelCount] = {"cluster_2x1", "cluster_1x2"};
   return kNames[kernel];
+}
+
+const char* fused_raster_name(int raster) {
+  check_raster(raster, "fused_raster_name");
+  static constexpr const char* kNames[kFusedRasterCount] = {"heuristic", "along_m", "along_n"};
+  return kNames[raster];
 }
 
 bool fused_threshold_available(int device_index) {
@@ -90,10 +107,11 @@ bool fused_threshold_available(int device_index) {
 }
 
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index, int kernel) {
+                                       int device_index, int kernel, int raster, int swizzle) {
   constexpr const char* kOp = "fused_threshold_workspace";
   check_problem(rows, d_in, d_sae, kOp);
   check_kernel(kernel, kOp);
+  check_schedule(raster, swizzle, kOp);
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   require_available(device_index, kOp);
   const CudaDeviceGuard guard(device_index);
@@ -104,6 +122,8 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
   p.cap = 1;
   p.device = device_index;
   p.sm_count = sm_count(device_index);
+  p.raster = raster;
+  p.swizzle = swizzle;
   return static_cast<std::int64_t>(gemm_entry(kernel).workspace_bytes(p));
 #else
   (void)device_index;
@@ -115,7 +135,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
                           const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, std::uintptr_t stream) {
+                          int kernel, int raster, int swizzle, std::uintptr_t stream) {
   MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype == DType::BFloat16, kGemmOp,
                    ": x must be a contiguous bfloat16 [rows, d_in], got ", dtype_name(x.dtype),
                    " ", x.shape_string());
@@ -126,6 +146,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   const std::int64_t d_sae = weight.size(1);
   check_problem(rows, d_in, d_sae, kGemmOp);
   check_kernel(kernel, kGemmOp);
+  check_schedule(raster, swizzle, kGemmOp);
   check_block(weight, {d_in, d_sae}, DType::BFloat16, x, kGemmOp, "weight", "x");
   check_block(bias, {d_sae}, DType::BFloat16, x, kGemmOp, "bias", "x");
   check_block(bound, {d_sae}, DType::BFloat16, x, kGemmOp, "bound", "x");
@@ -160,6 +181,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.cap = cap;
   p.device = x.device.index;
   p.sm_count = sm_count(p.device);
+  p.raster = raster;
+  p.swizzle = swizzle;
   p.x = x.data;
   p.weight = weight.data;
   p.bias = bias.data;
@@ -172,7 +195,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   const char* refused = gemm_entry(kernel).run(p, workspace.data, cuda_stream);
   MECHINTERP_CHECK(refused[0] == '\0', kGemmOp, ": ", refused, " (rows ", rows, ", d_in ", d_in,
-                   ", d_sae ", d_sae, ", kernel ", fused_kernel_name(kernel), ")");
+                   ", d_sae ", d_sae, ", kernel ", fused_kernel_name(kernel), ", raster ",
+                   fused_raster_name(raster), ", swizzle ", swizzle, ")");
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 #else
   (void)stream;

@@ -15,7 +15,9 @@
 //   which exceeds cap when records were dropped: every row of that tile row is then
 //   incomplete, and tile_overflow int32 [tiles_m] gets 1 for it. The caller zeroes all the
 //   counts and flags. d_in and d_sae must be multiples of 8 (16-byte rows for TMA).
-//   `kernel` picks the GEMM's cluster shape (FusedKernel); they differ in speed only.
+//   `kernel` picks the GEMM's cluster shape (FusedKernel), `raster` and `swizzle` the order the
+//   persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2, 4 or 8); they differ in
+//   speed only.
 //
 // fused_tally: what the host needs after the GEMM, in one small launch: row_ptr int64
 //   [rows + 1] gets the running sums of row_count with the rows of overflowed tile rows counted
@@ -59,6 +61,19 @@ constexpr int kFusedKernelCount = 2;
 // "cluster_2x1", ...; the index is the enum's value.
 const char* fused_kernel_name(int kernel);
 
+// The order of the tiles the persistent kernel walks: CUTLASS's heuristic (along the shorter of
+// the two tile counts), down the rows first (the CTAs of a wave share weight tiles) or along the
+// latents first (they share input tiles). A swizzle of s walks bands s tiles wide instead, so
+// that a wave's inputs and weights stay in L2 when one operand alone would not fit.
+enum class FusedRaster : int {
+  kHeuristic = 0,
+  kAlongM = 1,
+  kAlongN = 2,
+};
+constexpr int kFusedRasterCount = 3;
+// "heuristic", "along_m", "along_n"; the index is the enum's value.
+const char* fused_raster_name(int raster);
+
 constexpr std::int64_t fused_tiles(std::int64_t extent, std::int64_t tile) {
   return (extent + tile - 1) / tile;
 }
@@ -68,13 +83,13 @@ bool fused_threshold_available(int device_index);
 
 // Workspace bytes the GEMM needs for this problem on that device.
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index, int kernel);
+                                       int device_index, int kernel, int raster, int swizzle);
 
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
                           const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, std::uintptr_t stream);
+                          int kernel, int raster, int swizzle, std::uintptr_t stream);
 
 void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
                  const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
@@ -94,6 +109,8 @@ struct FusedGemmParams {
   std::int64_t cap;
   int device;
   int sm_count;
+  int raster;   // FusedRaster
+  int swizzle;  // 1, 2, 4 or 8
   const void* x;
   const void* weight;
   const void* bias;

@@ -19,14 +19,15 @@ default wherever :func:`unsupported_reason` finds nothing against it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from mechinterp import _C, _ops
 from mechinterp.sae.sae import SAE
 
-__all__ = ["RECORDS_PER_WARP", "aligned", "bf16_bounds", "encode_block", "kernel_for",
-           "record_bytes_per_row", "unsupported_reason"]
+__all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "encode_block",
+           "record_bytes_per_row", "schedule_for", "unsupported_reason"]
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
 #: densities (L0 / d_sae of 1% or less) leaves room several times over.
@@ -60,14 +61,49 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
     return None
 
 
-def kernel_for(d_in: int) -> str:
-    """The fused GEMM kernel (one of ``_ops.SAE_FUSED_KERNELS``) for inputs of width ``d_in``.
+class FusedSchedule(NamedTuple):
+    """How the fused GEMM runs: its kernel and the order its persistent CTAs walk the tiles in
+    (see :func:`mechinterp._ops.fused_threshold_gemm`). Every schedule writes the same records."""
 
-    Thread-block clusters of 2 x 1 (along rows) are the faster ones for narrow inputs, 1 x 2 for
-    wide ones (H100, bf16, 16,384 tokens: 1.30x against 1.38x the cuBLAS GEMM at d_in 768,
-    1.14x against 1.33x at 2304).
+    kernel: str  #: one of ``_ops.SAE_FUSED_KERNELS``
+    raster: str  #: one of ``_ops.SAE_FUSED_RASTERS``
+    swizzle: int  #: one of ``_ops.SAE_FUSED_SWIZZLES``
+
+
+# Banded walks pad the tile grid to whole bands (and the rows to whole clusters of 2): tiles
+# past the problem still run the whole main loop, so a band width that pads more than this
+# fraction of the tiles is not used.
+_MAX_BAND_PADDING = 1 / 32
+# Below this many tile rows (2,048 inputs) CUTLASS's default order was as fast or faster.
+_MIN_BANDED_TILE_ROWS = 16
+
+
+def schedule_for(rows: int, d_sae: int) -> FusedSchedule:
+    """The fused GEMM's schedule for a block of ``rows`` inputs and ``d_sae`` latents.
+
+    2 x 1 clusters (two CTAs share each weight tile). From 2,048 rows on, the tiles are walked
+    along the latents in bands of 8 tile rows (4 or 2 where 8 would pad the grid): a wave's
+    inputs and weights then stay in L2, where CUTLASS's default order walks whole columns of
+    tiles and streams the inputs from memory once per column. GEMM alone against the cuBLAS
+    GEMM (H100, bf16, 16,384 tokens): 1.16-1.26x at 768 x 32768, 1.07-1.11x at 2304 x 65536
+    and 1.03-1.07x at 4096 x 131072, against 1.24-1.30x, 1.12-1.14x and 1.05-1.07x for the
+    faster kernel in the default order (two machines). Smaller blocks keep the default order.
     """
-    return "cluster_2x1" if d_in <= 1024 else "cluster_1x2"
+    tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
+    tiles_n = -(-d_sae // _ops.SAE_FUSED_TILE_N)
+    if tiles_m >= _MIN_BANDED_TILE_ROWS:
+        for band in (8, 4, 2):
+            # CUTLASS narrows the bands itself below these widths (get_log_swizzle_size).
+            if tiles_n < {8: 6, 4: 3, 2: 2}[band]:
+                continue
+            padded = _round_up(tiles_m, 2 * band) * _round_up(tiles_n, band)
+            if padded <= (1 + _MAX_BAND_PADDING) * tiles_m * tiles_n:
+                return FusedSchedule("cluster_2x1", "along_n", band)
+    return FusedSchedule("cluster_2x1", "heuristic", 1)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def record_bytes_per_row(d_sae: int) -> int:
@@ -123,7 +159,7 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         empty = torch.empty(0, dtype=torch.int64, device=xb.device)
         return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
     found = _ops.fused_threshold_gemm(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
-                                      kernel=kernel_for(xb.shape[1]))
+                                      **schedule_for(rows, d_sae)._asdict())
     # The rows of overflowed tile rows get empty ranges, which drops their records.
     row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
     nnz, overflowed, widest = summary.tolist()

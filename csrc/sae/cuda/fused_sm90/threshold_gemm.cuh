@@ -260,6 +260,9 @@ struct ThresholdGemm {
          stride_b},
         {{}, nullptr, stride_c, nullptr, stride_d},
         hw};
+    using RasterOptions = typename Kernel::TileScheduler::RasterOrderOptions;
+    args.scheduler.raster_order = static_cast<RasterOptions>(p.raster);
+    args.scheduler.max_swizzle_size = p.swizzle;
     args.epilogue.thread = {{{}, {static_cast<const Element*>(p.bias)}, {}},
                             {static_cast<const Element*>(p.bound)},
                             {p.records, p.warp_count, p.row_count, p.tile_overflow,
