@@ -288,6 +288,41 @@ PYBIND11_MODULE(_C, m) {
       "rows empty, summary int64 [3] = (entries, overflowed tile rows, widest row).");
 
   m.def(
+      "fused_encode_pass",
+      [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
+         py::handle warp_count, py::handle row_count, py::handle tile_overflow, py::handle cursor,
+         py::handle row_ptr, py::handle summary, py::handle workspace, int kernel, int raster,
+         int swizzle, std::uintptr_t stream) {
+        const auto x_view = mechinterp::view_from_py(x, "x");
+        const auto weight_view = mechinterp::view_from_py(weight, "weight");
+        const auto bias_view = mechinterp::view_from_py(bias, "bias");
+        const auto bound_view = mechinterp::view_from_py(bound, "bound");
+        const auto records_view = mechinterp::view_from_py(records, "records");
+        const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
+        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
+        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
+        const auto cursor_view = mechinterp::view_from_py(cursor, "cursor");
+        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
+        const auto summary_view = mechinterp::view_from_py(summary, "summary");
+        const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
+        std::array<std::int64_t, 3> host{};
+        {
+          py::gil_scoped_release release;
+          host = mechinterp::sae::fused_encode_pass(
+              x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
+              row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
+              workspace_view, kernel, raster, swizzle, stream);
+        }
+        return py::make_tuple(host[0], host[1], host[2]);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
+      py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("cursor"),
+      py::arg("row_ptr"), py::arg("summary"), py::arg("workspace"), py::arg("kernel"),
+      py::arg("raster"), py::arg("swizzle"), py::arg("stream"),
+      "Zeroes the counts and cursor, runs fused_threshold_gemm and fused_tally, and waits for "
+      "the summary: returns (entries, overflowed tile rows, widest row).");
+
+  m.def(
       "fused_records_to_rows",
       [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle cursor,
          py::handle scratch_index, py::handle scratch_values, py::handle out_index,

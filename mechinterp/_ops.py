@@ -1062,6 +1062,60 @@ class FusedRecords(NamedTuple):
     cursor: torch.Tensor  #: zeros ``[rows]`` for :func:`fused_records_to_rows`
 
 
+class _FusedScratch:
+    """The fused GEMM's records, counts and workspace: one int32 allocation in 16-byte aligned
+    regions, passed to _C as views built from the pointer (a torch view per region would cost
+    the host more than the GEMM's launch), and as torch views only where asked for."""
+
+    _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # adjacent, in this order
+
+    def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
+                 raster: str, swizzle: int):
+        _check_device(x, op, "x")
+        if x.ndim != 2 or weight.ndim != 2:
+            msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
+                   f"{tuple(weight.shape)}")
+            raise ShapeError(msg)
+        for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
+                                     ("raster", raster, SAE_FUSED_RASTERS),
+                                     ("swizzle", swizzle, SAE_FUSED_SWIZZLES)):
+            if given not in allowed:
+                msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
+                raise InputError(msg)
+        self.schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster),
+                         swizzle)
+        device = x.device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        rows, d_in = x.shape
+        d_sae = weight.shape[1]
+        tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
+        workspace = _fused_workspace(rows, d_in, d_sae, self.index, *self.schedule)
+        # Counts last and adjacent, so that one memset (or one zero_) clears them.
+        self.shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap),
+                       "warp_count": tiles, "tile_overflow": (tiles[0],), "row_count": (rows,),
+                       "cursor": (rows,)}
+        self.offsets, end = {}, 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = end
+            end += -(-math.prod(shape) // 4) * 4  # whole 16-byte units
+        self.buffer = torch.empty(end, dtype=torch.int32, device=device)
+        self._base = self.buffer.data_ptr()
+
+    def view(self, name: str) -> _View:
+        shape = self.shapes[name]
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return (self._base + 4 * self.offsets[name], "int32", shape, strides, "cuda", self.index)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        start = self.offsets[name]
+        return self.buffer[start:start + math.prod(shape)].view(shape)
+
+    def counts(self) -> torch.Tensor:
+        """The four count regions (with their padding) as one flat tensor."""
+        return self.buffer[self.offsets[self._COUNTS[0]]:]
+
+
 def fused_threshold_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
@@ -1081,35 +1135,73 @@ def fused_threshold_gemm(
     kernel and the order it walks the tiles in; they differ in speed only. Queued on the
     current stream; nothing is synchronised.
     """
-    op = "fused_threshold_gemm"
-    _check_device(x, op, "x")
-    for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
-                                 ("raster", raster, SAE_FUSED_RASTERS),
-                                 ("swizzle", swizzle, SAE_FUSED_SWIZZLES)):
-        if given not in allowed:
-            msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
-            raise InputError(msg)
-    kernel_index = SAE_FUSED_KERNELS.index(kernel)
-    raster_index = SAE_FUSED_RASTERS.index(raster)
-    device = x.device
-    rows, d_in = x.shape
-    d_sae = weight.shape[1]
-    tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
-    regions = tiles[0] * tiles[1] * tiles[2]
-    records = torch.empty(*tiles, cap, dtype=torch.int32, device=device)
-    counts = torch.zeros(regions + tiles[0] + 2 * rows, dtype=torch.int32, device=device)
-    warp_count, tile_overflow, row_count, cursor = counts.split([regions, tiles[0], rows, rows])
-    warp_count = warp_count.view(tiles)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    workspace_bytes = _fused_workspace(rows, d_in, d_sae, index, kernel_index, raster_index,
-                                       swizzle)
-    workspace = torch.empty(-(-workspace_bytes // 8), dtype=torch.int64, device=device)
+    scratch = _FusedScratch("fused_threshold_gemm", x, weight, cap, kernel, raster, swizzle)
+    scratch.counts().zero_()
     _C.fused_threshold_gemm(
-        _view(x), _view(weight), _view(bias), _view(bound), _view(records), _view(warp_count),
-        _view(row_count), _view(tile_overflow), _view(workspace), kernel_index, raster_index,
-        swizzle, _stream(x),
+        _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
+        scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
+        scratch.view("workspace"), *scratch.schedule, _stream(x),
     )
-    return FusedRecords(records, warp_count, tile_overflow, row_count, cursor)
+    return FusedRecords(*(scratch.tensor(name) for name in
+                          ("records", "warp_count", "tile_overflow", "row_count", "cursor")))
+
+
+class FusedPass(NamedTuple):
+    """What :func:`fused_encode_pass` leaves: the GEMM's records and counts, the row pointers,
+    and the summary the host waited for."""
+
+    scratch: _FusedScratch  #: records and counts (``tensor(name)`` gives a torch view)
+    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
+    entries: int  #: ``row_ptr[-1]``
+    overflowed: int  #: tile rows whose records overflowed (their rows must be encoded again)
+    widest: int  #: the most entries of one row
+
+
+def fused_encode_pass(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
+    kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
+) -> FusedPass:
+    """:func:`fused_threshold_gemm` and :func:`fused_tally` in one call, up to the host sync.
+
+    The counts are zeroed, the GEMM and the tally run, and the summary comes back, all from
+    one call into _C: the launches the host would otherwise queue one by one while the GPU
+    waits for the GEMM. Arguments as for :func:`fused_threshold_gemm`.
+    """
+    scratch = _FusedScratch("fused_encode_pass", x, weight, cap, kernel, raster, swizzle)
+    rows = x.shape[0]
+    pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
+    base = pointers.data_ptr()
+    row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
+    summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
+    entries, overflowed, widest = _C.fused_encode_pass(
+        _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
+        scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
+        scratch.view("cursor"), row_ptr_view, summary_view, scratch.view("workspace"),
+        *scratch.schedule, _stream(x),
+    )
+    return FusedPass(scratch, pointers[:rows + 1], entries, overflowed, widest)
+
+
+def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_records_to_rows` of a :class:`FusedPass`: ``(index int64, values bf16)``."""
+    scratch, nnz = done.scratch, done.entries
+    device = scratch.buffer.device
+    # One allocation for the compaction's two scratch arrays (int32 columns, bf16 values).
+    work = torch.empty(3 * nnz, dtype=torch.int16, device=device)
+    base = work.data_ptr()
+    work_index = (base, "int32", (nnz,), (1,), "cuda", scratch.index)
+    work_values = (base + 4 * nnz, "bfloat16", (nnz,), (1,), "cuda", scratch.index)
+    size = nnz if order else 0
+    out_index = torch.empty(size, dtype=torch.int64, device=device)
+    out_values = torch.empty(size, dtype=torch.bfloat16, device=device)
+    _C.fused_records_to_rows(
+        scratch.view("records"), scratch.view("warp_count"), _view(done.row_ptr),
+        scratch.view("cursor"), work_index, work_values, _view(out_index), _view(out_values),
+        bool(order), _stream(work),
+    )
+    if not order:
+        return work[:2 * nnz].view(torch.int32).to(torch.int64), work[2 * nnz:].view(torch.bfloat16)
+    return out_index, out_values
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mechinterp import _C, _ops
-from mechinterp.errors import InputError
+from mechinterp.errors import InputError, ShapeError
 from mechinterp.sae import SAE, encode_sparse
 from mechinterp.sae import fused as fused_module
 from mechinterp.sae.fused import (
@@ -72,18 +72,18 @@ def assert_same(features, want) -> None:
 
 
 class GemmSpy:
-    """Counts fused GEMM calls and keeps each call's region counts."""
+    """Counts the encode's fused GEMM passes and keeps each one's region counts."""
 
     def __init__(self, monkeypatch):
         self.warp_counts = []
-        real = _ops.fused_threshold_gemm
+        real = _ops.fused_encode_pass
 
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
-            self.warp_counts.append(out[1].clone())
+            self.warp_counts.append(out.scratch.tensor("warp_count").clone())
             return out
 
-        monkeypatch.setattr(_ops, "fused_threshold_gemm", spy)
+        monkeypatch.setattr(_ops, "fused_encode_pass", spy)
 
 
 # ---- everywhere ----
@@ -295,3 +295,35 @@ def test_kernel_bad_input_is_named():
     row_ptr = torch.zeros(300, dtype=torch.int64, device="cuda")  # 299 rows: not this tile grid
     with pytest.raises(ValueError, match="does not fit 299 rows"):
         _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
+    with pytest.raises(InputError, match="fused_encode_pass: kernel must be one of"):
+        _ops.fused_encode_pass(x, w, bias, bound, cap=4, kernel="fastest")
+    with pytest.raises(ShapeError, match="fused_encode_pass: x and weight must be 2-d"):
+        _ops.fused_encode_pass(x, w[0], bias, bound, cap=4)
+
+
+@pytest.mark.cuda
+@needs_fused
+@pytest.mark.parametrize("cap", [1, 128])  # every tile row overflows / none does
+def test_encode_pass_equals_the_gemm_then_the_tally(cap):
+    sae = exact_sae(64, 1600, "jumprelu", device="cuda")
+    x = exact_inputs(800, 64, device="cuda")
+    bias = sae.b_enc
+    bound = bf16_bounds(sae.threshold, sae.d_sae, torch.device("cuda"))
+    schedule = schedule_for(800, 1600)._asdict()
+    found = _ops.fused_threshold_gemm(x, sae.W_enc, bias, bound, cap=cap, **schedule)
+    row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
+    done = _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
+    assert [done.entries, done.overflowed, done.widest] == summary.tolist()
+    assert (done.overflowed == 7) == (cap == 1)
+    assert torch.equal(done.row_ptr, row_ptr)
+    for name in ("warp_count", "tile_overflow", "row_count"):
+        assert torch.equal(done.scratch.tensor(name), getattr(found, name)), name
+    # The compaction of either gives the same rows.
+    indices, values = _ops.fused_pass_rows(done)
+    want_i, want_v = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr,
+                                                done.entries, cursor=found.cursor)
+    assert torch.equal(indices, want_i) and torch.equal(values, want_v)
+    unordered_i, unordered_v = _ops.fused_pass_rows(
+        _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule), order=False)
+    assert unordered_i.dtype == torch.int64 and unordered_v.dtype == torch.bfloat16
+    assert sorted(unordered_i.tolist()) == sorted(indices.tolist())

@@ -232,6 +232,50 @@ void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
 #endif
 }
 
+std::array<std::int64_t, 3> fused_encode_pass(
+    const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
+    const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
+    const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
+    const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
+    std::uintptr_t stream) {
+  constexpr const char* kOp = "fused_encode_pass";
+  MECHINTERP_CHECK(x.dim() == 2 && weight.dim() == 2, kOp, ": x and weight must be 2-d, got ",
+                   x.shape_string(), " and ", weight.shape_string());
+  // The counts are zeroed before the GEMM checks the rest, so their sizes are checked here.
+  const std::int64_t rows = x.size(0);
+  const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
+  const std::int64_t tiles_n = fused_tiles(weight.size(1), kFusedTileN);
+  check_block(warp_count, {tiles_m, tiles_n, kFusedWarps}, DType::Int32, x, kOp, "warp_count",
+              "x");
+  check_block(tile_overflow, {tiles_m}, DType::Int32, x, kOp, "tile_overflow", "x");
+  check_block(row_count, {rows}, DType::Int32, x, kOp, "row_count", "x");
+  check_block(cursor, {rows}, DType::Int32, x, kOp, "cursor", "x");
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+  MECHINTERP_CHECK(x.is_cuda(), kOp, ": runs on CUDA only, got ", device_name(x.device));
+  const CudaDeviceGuard guard(x.device.index);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  for (const auto* counts : {&warp_count, &tile_overflow, &row_count, &cursor}) {
+    MECHINTERP_CUDA_CHECK(cudaMemsetAsync(counts->data, 0, counts->numel() * sizeof(std::int32_t),
+                                          cuda_stream));
+  }
+  fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
+                       workspace, kernel, raster, swizzle, stream);
+  fused_tally(row_count, tile_overflow, row_ptr, summary, stream);
+  std::array<std::int64_t, 3> host{};
+  MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(host.data(), summary.data, sizeof(host),
+                                        cudaMemcpyDeviceToHost, cuda_stream));
+  MECHINTERP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream));
+  return host;
+#else
+  // Without the fused build the GEMM's own call names the reason.
+  fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
+                       workspace, kernel, raster, swizzle, stream);
+  (void)row_ptr;
+  (void)summary;
+  return {};
+#endif
+}
+
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,
                            const TensorView& scratch_index, const TensorView& scratch_values,

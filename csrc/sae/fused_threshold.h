@@ -24,6 +24,12 @@
 //   as empty, summary int64 [3] the entries (row_ptr[rows]), the number of overflowed tile rows
 //   and the widest row.
 //
+// fused_encode_pass: the encode's launches up to its one host sync, in one call: zeroes
+//   warp_count, tile_overflow, row_count and cursor, runs fused_threshold_gemm and fused_tally,
+//   copies the summary to the host and waits for it. Returns (entries, overflowed tile rows,
+//   widest row). Every Python-side launch costs the host about 10 us, and before the GEMM the
+//   GPU has nothing else to do.
+//
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
 //   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values bfloat16 [nnz],
 //   out_index int64 / out_values bfloat16 [nnz]. Row r's entries land in [row_ptr[r],
@@ -34,6 +40,7 @@
 //   nor written.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -93,6 +100,13 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
 
 void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
                  const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
+
+std::array<std::int64_t, 3> fused_encode_pass(
+    const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
+    const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
+    const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
+    const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
+    std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,

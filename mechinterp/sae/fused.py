@@ -85,9 +85,10 @@ def schedule_for(rows: int, d_sae: int) -> FusedSchedule:
     along the latents in bands of 8 tile rows (4 or 2 where 8 would pad the grid): a wave's
     inputs and weights then stay in L2, where CUTLASS's default order walks whole columns of
     tiles and streams the inputs from memory once per column. GEMM alone against the cuBLAS
-    GEMM (H100, bf16, 16,384 tokens): 1.16-1.26x at 768 x 32768, 1.07-1.11x at 2304 x 65536
-    and 1.03-1.07x at 4096 x 131072, against 1.24-1.30x, 1.12-1.14x and 1.05-1.07x for the
-    faster kernel in the default order (two machines). Smaller blocks keep the default order.
+    GEMM (H100, bf16, 16,384 tokens): 1.16-1.26x at 768 x 32768, 1.07-1.11x at 2304 x 65536 and
+    1.03-1.07x at 4096 x 131072, against 1.24-1.30x, 1.12-1.14x and 1.05-1.07x for the faster
+    kernel in the default order (ranges over H100 machines). Smaller blocks keep the default
+    order.
     """
     tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
     tiles_n = -(-d_sae // _ops.SAE_FUSED_TILE_N)
@@ -158,19 +159,18 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if rows == 0:
         empty = torch.empty(0, dtype=torch.int64, device=xb.device)
         return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
-    found = _ops.fused_threshold_gemm(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
-                                      **schedule_for(rows, d_sae)._asdict())
-    # The rows of overflowed tile rows get empty ranges, which drops their records.
-    row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
-    nnz, overflowed, widest = summary.tolist()
+    # The GEMM, the tally and the host's wait for the summary, in one call. The rows of
+    # overflowed tile rows get empty ranges, which drops their records.
+    done = _ops.fused_encode_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
+                                  **schedule_for(rows, d_sae)._asdict())
+    row_ptr, nnz = done.row_ptr, done.entries
     again = None
-    if overflowed:
-        again = found.tile_overflow.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero()
-        again = again.flatten()
-    order = widest <= _KERNEL_ORDER_MAX
-    indices, values = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr, nnz,
-                                                 order=order, cursor=found.cursor)
-    del found
+    if done.overflowed:
+        flags = done.scratch.tensor("tile_overflow")
+        again = flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
+    order = done.widest <= _KERNEL_ORDER_MAX
+    indices, values = _ops.fused_pass_rows(done, order=order)
+    del done
     if not order:
         indices, values = _ordered(row_ptr, indices, values, d_sae)
     if again is not None:
