@@ -246,10 +246,10 @@ def fused_sae_cases() -> int:
             # compaction kernel, then the chosen schedule with rows ordered by a sort.
             schedules = [fused.FusedSchedule(k, r, s) for k in _ops.SAE_FUSED_KERNELS
                          for r, s in (("heuristic", 1), ("along_n", 8))]
-            runs = [(saved[0], s) for s in schedules] + [(3, saved[1](rows, d_sae))]
+            runs = [(saved[0], s) for s in schedules] + [(3, saved[1](rows, d_in, d_sae))]
             for order_max, schedule in runs:
                 fused._KERNEL_ORDER_MAX = order_max
-                fused.schedule_for = lambda _rows, _d_sae, schedule=schedule: schedule
+                fused.schedule_for = lambda _rows, _d_in, _d_sae, schedule=schedule: schedule
                 got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
                 dense = got.to_dense()
                 wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()

@@ -62,11 +62,21 @@ def _view(t: torch.Tensor) -> _View:
     return (t.data_ptr(), _DTYPE_NAMES[t.dtype], t.shape, t.stride(), device.type, index)
 
 
+# torch's raw current-stream getter (what its compiled kernels launch on): about 1 us of host
+# time, where building a torch.cuda.Stream costs several, on every call into _C. Builds without
+# it fall back to the public API.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(t: torch.Tensor) -> int:
     """The calling thread's current stream on ``t``'s device, as the integer _C expects."""
-    if t.device.type == "cuda":
-        return torch.cuda.current_stream(t.device).cuda_stream
-    return 0
+    device = t.device
+    if device.type != "cuda":
+        return 0
+    if _raw_current_stream is not None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _raw_current_stream(index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 @functools.cache
@@ -1024,12 +1034,14 @@ def sparse_decode(
 
 # ---- the fused Hopper SAE encode (csrc/sae/fused_threshold.h) ----
 
-#: Tile rows and latents of the fused encode's GEMM, and record regions (warps) a tile.
+#: Rows and latents of the fused encode's record tiles, and record regions (warps) a tile: the
+#: cooperative kernels' GEMM tile; the ping-pong kernel's tiles are half as tall and fill half
+#: a record tile's regions each.
 SAE_FUSED_TILE_M: int = _C.SAE_FUSED_TILE_M
 SAE_FUSED_TILE_N: int = _C.SAE_FUSED_TILE_N
 SAE_FUSED_WARPS: int = _C.SAE_FUSED_WARPS
-#: The fused GEMM's kernels, by thread-block cluster shape (tiles along rows x along latents).
-#: All write the same records.
+#: The fused GEMM's kernels: cooperative (``cluster_*``) or ping-pong, by thread-block cluster
+#: shape (tiles along rows x along latents). All write the same records.
 SAE_FUSED_KERNELS: tuple[str, ...] = tuple(_C.SAE_FUSED_KERNELS)
 #: The orders its persistent kernel may walk the tiles in; all write the same records.
 SAE_FUSED_RASTERS: tuple[str, ...] = tuple(_C.SAE_FUSED_RASTERS)
@@ -1067,7 +1079,7 @@ class _FusedScratch:
     regions, passed to _C as views built from the pointer (a torch view per region would cost
     the host more than the GEMM's launch), and as torch views only where asked for."""
 
-    _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # adjacent, in this order
+    _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # back to back, in order
 
     def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
                  raster: str, swizzle: int):
@@ -1076,44 +1088,54 @@ class _FusedScratch:
             msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
                    f"{tuple(weight.shape)}")
             raise ShapeError(msg)
-        for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
-                                     ("raster", raster, SAE_FUSED_RASTERS),
-                                     ("swizzle", swizzle, SAE_FUSED_SWIZZLES)):
-            if given not in allowed:
-                msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
-                raise InputError(msg)
-        self.schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster),
-                         swizzle)
         device = x.device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
-        rows, d_in = x.shape
-        d_sae = weight.shape[1]
-        tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
-        workspace = _fused_workspace(rows, d_in, d_sae, self.index, *self.schedule)
-        # Counts last and adjacent, so that one memset (or one zero_) clears them.
-        self.shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap),
-                       "warp_count": tiles, "tile_overflow": (tiles[0],), "row_count": (rows,),
-                       "cursor": (rows,)}
-        self.offsets, end = {}, 0
-        for name, shape in self.shapes.items():
-            self.offsets[name] = end
-            end += -(-math.prod(shape) // 4) * 4  # whole 16-byte units
-        self.buffer = torch.empty(end, dtype=torch.int32, device=device)
+        layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, self.index,
+                                 kernel, raster, swizzle)
+        self.schedule, self._regions, size = layout
+        self.buffer = torch.empty(size, dtype=torch.int32, device=device)
         self._base = self.buffer.data_ptr()
 
     def view(self, name: str) -> _View:
-        shape = self.shapes[name]
-        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return (self._base + 4 * self.offsets[name], "int32", shape, strides, "cuda", self.index)
+        offset, shape, strides = self._regions[name]
+        return (self._base + 4 * offset, "int32", shape, strides, "cuda", self.index)
 
     def tensor(self, name: str) -> torch.Tensor:
-        shape = self.shapes[name]
-        start = self.offsets[name]
+        start, shape, _ = self._regions[name]
         return self.buffer[start:start + math.prod(shape)].view(shape)
 
     def counts(self) -> torch.Tensor:
         """The four count regions (with their padding) as one flat tensor."""
-        return self.buffer[self.offsets[self._COUNTS[0]]:]
+        return self.buffer[self._regions[self._COUNTS[0]][0]:]
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: int, kernel: str,
+                    raster: str, swizzle: int):
+    """``(schedule, regions, int32 elements)`` of a :class:`_FusedScratch`: worked out
+    once per problem, since the encode's host time before the GEMM is time the GPU waits."""
+    for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
+                                 ("raster", raster, SAE_FUSED_RASTERS),
+                                 ("swizzle", swizzle, SAE_FUSED_SWIZZLES)):
+        if given not in allowed:
+            msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
+            raise InputError(msg)
+    schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster), swizzle)
+    tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
+    workspace = _C.fused_threshold_workspace(rows, d_in, d_sae, index, *schedule)
+    # Workspace and records start on 16-byte boundaries (TMA and vector access); the counts
+    # (int32, read and written one by one) come last and back to back, so that one memset
+    # clears them.
+    shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap), "warp_count": tiles,
+              "tile_overflow": (tiles[0],), "row_count": (rows,), "cursor": (rows,)}
+    regions, end = {}, 0
+    for name, shape in shapes.items():
+        if name not in _FusedScratch._COUNTS or name == _FusedScratch._COUNTS[0]:
+            end = -(-end // 4) * 4
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        regions[name] = (end, shape, strides)
+        end += math.prod(shape)
+    return schedule, regions, -(-end // 4) * 4
 
 
 def fused_threshold_gemm(
@@ -1192,8 +1214,10 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
     work_index = (base, "int32", (nnz,), (1,), "cuda", scratch.index)
     work_values = (base + 4 * nnz, "bfloat16", (nnz,), (1,), "cuda", scratch.index)
     size = nnz if order else 0
-    out_index = torch.empty(size, dtype=torch.int64, device=device)
-    out_values = torch.empty(size, dtype=torch.bfloat16, device=device)
+    # And one for the outputs: int64 columns, then bf16 values.
+    out = torch.empty(5 * size, dtype=torch.int16, device=device)
+    out_index = out[:4 * size].view(torch.int64)
+    out_values = out[4 * size:].view(torch.bfloat16)
     _C.fused_records_to_rows(
         scratch.view("records"), scratch.view("warp_count"), _view(done.row_ptr),
         scratch.view("cursor"), work_index, work_values, _view(out_index), _view(out_values),
@@ -1202,12 +1226,6 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
     if not order:
         return work[:2 * nnz].view(torch.int32).to(torch.int64), work[2 * nnz:].view(torch.bfloat16)
     return out_index, out_values
-
-
-@functools.lru_cache(maxsize=64)
-def _fused_workspace(rows: int, d_in: int, d_sae: int, index: int, kernel: int, raster: int,
-                     swizzle: int) -> int:
-    return _C.fused_threshold_workspace(rows, d_in, d_sae, index, kernel, raster, swizzle)
 
 
 def fused_tally(

@@ -144,7 +144,7 @@ def test_compact_slots_writes_each_rows_filled_slots_in_order(dtype):
     assert torch.equal(indices, want_i)
     assert torch.equal(values, want_v)
     # Starts past the end drop entries instead of writing out of bounds.
-    short_v, short_i = _ops.compact_slots(kept, index, count, row_start, nnz // 2, dtype)
+    _short_v, short_i = _ops.compact_slots(kept, index, count, row_start, nnz // 2, dtype)
     assert torch.equal(short_i, want_i[: nnz // 2])
 
 

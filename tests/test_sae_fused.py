@@ -130,29 +130,36 @@ def test_fused_true_where_it_cannot_run_is_an_input_error():
     assert torch.equal(encode_sparse(sae, x, fused=False).indices, encode_sparse(sae, x).indices)
 
 
-# Both kernels in CUTLASS's default tile order, and banded orders each way (bands of 8 need at
+# Every kernel in CUTLASS's default tile order, and banded orders each way (bands of 8 need at
 # least 6 tiles each way, which the 800 x 1600 problem has).
 SCHEDULES = [FusedSchedule(kernel, "heuristic", 1) for kernel in _ops.SAE_FUSED_KERNELS] + [
-    FusedSchedule("cluster_2x1", "along_m", 2), FusedSchedule("cluster_1x2", "along_n", 8)]
+    FusedSchedule("cluster_2x1", "along_m", 2), FusedSchedule("cluster_1x2", "along_n", 8),
+    FusedSchedule("pingpong_2x1", "along_n", 8), FusedSchedule("pingpong_2x1", "along_m", 4)]
 
 
 def use_schedule(monkeypatch, schedule: FusedSchedule) -> None:
-    monkeypatch.setattr(fused_module, "schedule_for", lambda rows, d_sae: schedule)
+    monkeypatch.setattr(fused_module, "schedule_for", lambda rows, d_in, d_sae: schedule)
 
 
 def test_schedule_for_bands_only_where_they_do_not_pad_the_tile_grid():
-    banded = FusedSchedule("cluster_2x1", "along_n", 8)
-    assert schedule_for(16384, 32768) == banded  # 128 x 128 tiles
-    assert schedule_for(4096, 131072) == banded  # 32 x 512
+    # Ping-pong tiles are 64 rows tall, cooperative ones 128; both 256 latents wide.
+    assert schedule_for(16384, 768, 32768) == FusedSchedule("pingpong_2x1", "along_n", 4)
+    assert schedule_for(16384, 1536, 32768).kernel == "pingpong_2x1"
+    cooperative = FusedSchedule("cluster_2x1", "along_n", 8)
+    assert schedule_for(16384, 2304, 65536) == cooperative  # 128 x 256 tiles
+    assert schedule_for(4096, 4096, 131072) == cooperative  # 32 x 512
     # 24 tile rows pad to 32 in bands of 8 (clusters of 2): bands of 4 fit exactly.
-    assert schedule_for(3072, 131072) == FusedSchedule("cluster_2x1", "along_n", 4)
+    assert schedule_for(3072, 4096, 131072) == FusedSchedule("cluster_2x1", "along_n", 4)
     # 17 tile rows pad to 18 at best (1 in 17 too many for bands of 2 too): no bands.
-    assert schedule_for(2100, 65536) == FusedSchedule("cluster_2x1", "heuristic", 1)
-    # Fewer than 16 tile rows: the default order.
-    assert schedule_for(1024, 131072) == FusedSchedule("cluster_2x1", "heuristic", 1)
-    assert schedule_for(1, 8) == FusedSchedule("cluster_2x1", "heuristic", 1)
-    for rows, d_sae in ((1, 8), (300, 904), (10**6, 8), (16384, 1 << 20)):
-        schedule = schedule_for(rows, d_sae)
+    assert schedule_for(2100, 4096, 65536) == FusedSchedule("cluster_2x1", "heuristic", 1)
+    # 33 ping-pong tile rows pad to 40 in bands of 4 and 36 in bands of 2: no bands.
+    assert schedule_for(2100, 768, 65536) == FusedSchedule("pingpong_2x1", "heuristic", 1)
+    # Fewer than 2,048 rows: the ping-pong kernel in the default order, at any width.
+    small = FusedSchedule("pingpong_2x1", "heuristic", 1)
+    assert schedule_for(1024, 4096, 131072) == small
+    assert schedule_for(1, 8, 8) == small
+    for rows, d_in, d_sae in ((1, 8, 8), (300, 72, 904), (10**6, 8, 8), (16384, 4096, 1 << 20)):
+        schedule = schedule_for(rows, d_in, d_sae)
         assert schedule.kernel in _ops.SAE_FUSED_KERNELS
         assert schedule.raster in _ops.SAE_FUSED_RASTERS
         assert schedule.swizzle in _ops.SAE_FUSED_SWIZZLES
@@ -282,7 +289,7 @@ def test_kernel_bad_input_is_named():
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, raster="zigzag")
     with pytest.raises(InputError, match=r"swizzle must be one of \(1, 2, 4, 8\); got 3"):
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, swizzle=3)
-    with pytest.raises(ValueError, match=r"kernel must lie in \[0, 2\), got 7"):
+    with pytest.raises(ValueError, match=r"kernel must lie in \[0, 3\), got 7"):
         _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1)
     with pytest.raises(ValueError, match=r"raster must lie in \[0, 3\), got 3"):
         _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1)
@@ -309,7 +316,7 @@ def test_encode_pass_equals_the_gemm_then_the_tally(cap):
     x = exact_inputs(800, 64, device="cuda")
     bias = sae.b_enc
     bound = bf16_bounds(sae.threshold, sae.d_sae, torch.device("cuda"))
-    schedule = schedule_for(800, 1600)._asdict()
+    schedule = schedule_for(800, 64, 1600)._asdict()
     found = _ops.fused_threshold_gemm(x, sae.W_enc, bias, bound, cap=cap, **schedule)
     row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
     done = _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)

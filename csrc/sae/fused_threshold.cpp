@@ -51,6 +51,7 @@ FusedGemmEntry gemm_entry(int kernel) {
   switch (static_cast<FusedKernel>(kernel)) {
     case FusedKernel::kCluster2x1: return cluster_2x1_gemm();
     case FusedKernel::kCluster1x2: return cluster_1x2_gemm();
+    case FusedKernel::kPingPong2x1: return pingpong_2x1_gemm();
   }
   return {};  // unreachable: check_kernel ran first
 }
@@ -76,7 +77,8 @@ void check_schedule(int raster, int swizzle, const char* op) {
 
 const char* fused_kernel_name(int kernel) {
   check_kernel(kernel, "fused_kernel_name");
-  static constexpr const char* kNames[kFusedKernelCount] = {"cluster_2x1", "cluster_1x2"};
+  static constexpr const char* kNames[kFusedKernelCount] = {"cluster_2x1", "cluster_1x2",
+                                                            "pingpong_2x1"};
   return kNames[kernel];
 }
 
@@ -254,9 +256,26 @@ std::array<std::int64_t, 3> fused_encode_pass(
   MECHINTERP_CHECK(x.is_cuda(), kOp, ": runs on CUDA only, got ", device_name(x.device));
   const CudaDeviceGuard guard(x.device.index);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  for (const auto* counts : {&warp_count, &tile_overflow, &row_count, &cursor}) {
-    MECHINTERP_CUDA_CHECK(cudaMemsetAsync(counts->data, 0, counts->numel() * sizeof(std::int32_t),
-                                          cuda_stream));
+  // Counts laid back to back (as _ops lays them out) are cleared by one memset; each launch
+  // costs the host microseconds while the GPU waits for the GEMM.
+  const TensorView* counts[] = {&warp_count, &tile_overflow, &row_count, &cursor};
+  bool back_to_back = true;
+  for (int i = 1; i < 4; ++i) {
+    back_to_back = back_to_back &&
+                   static_cast<const char*>(counts[i]->data) ==
+                       static_cast<const char*>(counts[i - 1]->data) +
+                           counts[i - 1]->numel() * sizeof(std::int32_t);
+  }
+  if (back_to_back) {
+    const std::int64_t total =
+        warp_count.numel() + tile_overflow.numel() + row_count.numel() + cursor.numel();
+    MECHINTERP_CUDA_CHECK(
+        cudaMemsetAsync(warp_count.data, 0, total * sizeof(std::int32_t), cuda_stream));
+  } else {
+    for (const auto* c : counts) {
+      MECHINTERP_CUDA_CHECK(
+          cudaMemsetAsync(c->data, 0, c->numel() * sizeof(std::int32_t), cuda_stream));
+    }
   }
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
                        workspace, kernel, raster, swizzle, stream);

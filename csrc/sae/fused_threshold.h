@@ -59,12 +59,16 @@ constexpr int kFusedTileN = 256;
 constexpr int kFusedWarps = 8;
 
 // The GEMM's kernels, by the shape of their thread-block clusters (tiles along rows x along
-// latents): 2 x 1 shares each weight tile between two CTAs, 1 x 2 each input tile.
+// latents): 2 x 1 shares each weight tile between two CTAs, 1 x 2 each input tile. The cluster_*
+// kernels are cooperative (two warpgroups on a 128 x 256 tile); the pingpong kernel gives each
+// warpgroup a 64 x 256 tile of its own, so that one's epilogue overlaps the other's main loop
+// (with 1 x 2 clusters it was 1.37-2.6x cuBLAS's GEMM on an H100, so it is not built).
 enum class FusedKernel : int {
   kCluster2x1 = 0,
   kCluster1x2 = 1,
+  kPingPong2x1 = 2,
 };
-constexpr int kFusedKernelCount = 2;
+constexpr int kFusedKernelCount = 3;
 // "cluster_2x1", ...; the index is the enum's value.
 const char* fused_kernel_name(int kernel);
 
@@ -159,6 +163,7 @@ struct FusedGemmEntry {
 // One translation unit each (fused_sm90/threshold_gemm_*.cu), so that they compile in parallel.
 FusedGemmEntry cluster_2x1_gemm();
 FusedGemmEntry cluster_1x2_gemm();
+FusedGemmEntry pingpong_2x1_gemm();
 
 void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
                         std::int64_t* row_ptr, std::int64_t* summary,

@@ -34,7 +34,6 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -452,13 +451,18 @@ def _selector_params(sae: SAE, dtype: torch.dtype):
 def _encode_threshold(sae: SAE, plan: _Plan):
     gemm_bias = None if sae.architecture == "gated" else sae.b_enc
     # The selector's parameters are derived on first use, after the first GEMM is queued, so
-    # that the GPU starts while the host prepares them (and once for the overflow retry too).
-    selector = functools.cache(functools.partial(
-        _selector_params, sae, torch.float32 if plan.compiled else plan.gemm_dtype))
-    chunks = list(plan.chunks(sae.d_sae))
+    # that the GPU starts while the host prepares them (and once for the overflow retry too);
+    # the fused path needs them only for rows encoded again.
+    derived = []
+
+    def selector():
+        if not derived:
+            derived.append(_selector_params(
+                sae, torch.float32 if plan.compiled else plan.gemm_dtype))
+        return derived[0]
 
     def chunked(xb: torch.Tensor):
-        return _threshold_rows(xb, sae, gemm_bias, selector, chunks, plan)
+        return _threshold_rows(xb, sae, gemm_bias, selector, list(plan.chunks(sae.d_sae)), plan)
 
     if plan.fused:
         bias = _fused.aligned(sae.b_enc)

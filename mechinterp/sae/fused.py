@@ -74,33 +74,42 @@ class FusedSchedule(NamedTuple):
 # past the problem still run the whole main loop, so a band width that pads more than this
 # fraction of the tiles is not used.
 _MAX_BAND_PADDING = 1 / 32
-# Below this many tile rows (2,048 inputs) CUTLASS's default order was as fast or faster.
-_MIN_BANDED_TILE_ROWS = 16
+# Below this many rows the bands did not pay (CUTLASS's default order was as fast or faster).
+_MIN_BANDED_ROWS = 2048
+# Up to this many inputs the ping-pong kernel, whose epilogues overlap the other warpgroup's
+# main loop, beats the cooperative one; past it the cooperative kernel's taller tiles (half the
+# weight traffic a row) matter more than the epilogue it leaves exposed.
+_MAX_PINGPONG_D_IN = 1536
 
 
-def schedule_for(rows: int, d_sae: int) -> FusedSchedule:
-    """The fused GEMM's schedule for a block of ``rows`` inputs and ``d_sae`` latents.
+def schedule_for(rows: int, d_in: int, d_sae: int) -> FusedSchedule:
+    """The fused GEMM's schedule for a block of ``rows`` inputs of ``d_in`` and ``d_sae`` latents.
 
-    2 x 1 clusters (two CTAs share each weight tile). From 2,048 rows on, the tiles are walked
-    along the latents in bands of 8 tile rows (4 or 2 where 8 would pad the grid): a wave's
-    inputs and weights then stay in L2, where CUTLASS's default order walks whole columns of
-    tiles and streams the inputs from memory once per column. GEMM alone against the cuBLAS
-    GEMM (H100, bf16, 16,384 tokens): 1.16-1.26x at 768 x 32768, 1.07-1.11x at 2304 x 65536 and
-    1.03-1.07x at 4096 x 131072, against 1.24-1.30x, 1.12-1.14x and 1.05-1.07x for the faster
-    kernel in the default order (ranges over H100 machines). Smaller blocks keep the default
-    order.
+    2 x 1 clusters (two CTAs share each weight tile) throughout. Up to 1,536 inputs, and for
+    blocks of fewer than 2,048 rows, the ping-pong kernel: at d_in 768 its GEMM alone is
+    1.00-1.08x cuBLAS's against 1.25x for the cooperative one (H100, bf16, 16,384 tokens), and
+    at 1,024 rows it is 1.04-1.13x against 1.10-1.30x for every d_in from 1,024 to 2,304. From
+    2,048 rows the tiles are walked along the latents in bands (4 tile rows of the ping-pong
+    kernel, 8 of the cooperative one; narrower where that would pad the grid), so that a wave's
+    inputs and weights stay in L2, where CUTLASS's default order walks whole columns of tiles
+    and streams the inputs from memory once per column: the cooperative GEMM alone then runs at
+    1.07-1.11x cuBLAS's at 2304 x 65536 and 1.03-1.07x at 4096 x 131072.
     """
-    tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
+    if rows < _MIN_BANDED_ROWS:
+        return FusedSchedule("pingpong_2x1", "heuristic", 1)
+    pingpong = d_in <= _MAX_PINGPONG_D_IN
+    kernel = "pingpong_2x1" if pingpong else "cluster_2x1"
+    tile_m = _ops.SAE_FUSED_TILE_M // 2 if pingpong else _ops.SAE_FUSED_TILE_M
+    tiles_m = -(-rows // tile_m)
     tiles_n = -(-d_sae // _ops.SAE_FUSED_TILE_N)
-    if tiles_m >= _MIN_BANDED_TILE_ROWS:
-        for band in (8, 4, 2):
-            # CUTLASS narrows the bands itself below these widths (get_log_swizzle_size).
-            if tiles_n < {8: 6, 4: 3, 2: 2}[band]:
-                continue
-            padded = _round_up(tiles_m, 2 * band) * _round_up(tiles_n, band)
-            if padded <= (1 + _MAX_BAND_PADDING) * tiles_m * tiles_n:
-                return FusedSchedule("cluster_2x1", "along_n", band)
-    return FusedSchedule("cluster_2x1", "heuristic", 1)
+    for band in (4, 2) if pingpong else (8, 4, 2):
+        # CUTLASS narrows the bands itself below these widths (get_log_swizzle_size).
+        if tiles_n < {8: 6, 4: 3, 2: 2}[band]:
+            continue
+        padded = _round_up(tiles_m, 2 * band) * _round_up(tiles_n, band)
+        if padded <= (1 + _MAX_BAND_PADDING) * tiles_m * tiles_n:
+            return FusedSchedule(kernel, "along_n", band)
+    return FusedSchedule(kernel, "heuristic", 1)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -162,7 +171,7 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     # The GEMM, the tally and the host's wait for the summary, in one call. The rows of
     # overflowed tile rows get empty ranges, which drops their records.
     done = _ops.fused_encode_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
-                                  **schedule_for(rows, d_sae)._asdict())
+                                  **schedule_for(rows, xb.shape[1], d_sae)._asdict())
     row_ptr, nnz = done.row_ptr, done.entries
     again = None
     if done.overflowed:

@@ -1,5 +1,5 @@
 // The fused encode's records as compressed rows (see sae/fused_threshold.h): one block per tile
-// puts each record in the next free slot of its row; one warp per row then puts each of the
+// (a warp per record region) puts each record in the next free slot of its row; one warp per row then puts each of the
 // row's entries at its rank among the row's columns. An ordered sweep per row tile and a count
 // plus scan per (row, tile) were both slower on an H100 (0.7-2.9 ms and 0.2 ms at 768 x 32768
 // against 0.1 ms).
@@ -18,7 +18,7 @@ namespace mechinterp::sae {
 
 namespace {
 
-constexpr int kPlaceThreads = 64;  // a tile's regions hold a few records each
+constexpr int kPlaceThreads = 32 * kFusedWarps;  // a warp per record region
 constexpr int kOrderThreads = 256;
 constexpr int kTallyThreads = 1024;
 constexpr int kTallyItems = 4;  // rows a thread per pass
@@ -85,26 +85,27 @@ __global__ void __launch_bounds__(kTallyThreads)
   }
 }
 
-__global__ void place_records_kernel(const std::uint32_t* records, const std::int32_t* warp_count,
-                                     const std::int64_t* row_ptr, std::int32_t* cursor,
-                                     std::int32_t* scratch_index, std::uint16_t* scratch_values,
-                                     FusedRowsParams p) {
+// One warp per record region (a block per tile): the regions' few records each, placed at
+// once rather than region after region.
+__global__ void __launch_bounds__(kPlaceThreads)
+    place_records_kernel(const std::uint32_t* records, const std::int32_t* warp_count,
+                         const std::int64_t* row_ptr, std::int32_t* cursor,
+                         std::int32_t* scratch_index, std::uint16_t* scratch_values,
+                         FusedRowsParams p) {
   const std::int64_t tn = blockIdx.x;
   const std::int64_t tm = blockIdx.y;
   const std::int64_t tile = tm * p.tiles_n + tn;
-  for (int w = 0; w < kFusedWarps; ++w) {
-    const std::int64_t region = tile * kFusedWarps + w;
-    const int n = min(static_cast<std::int64_t>(warp_count[region]), p.cap);
-    const std::uint32_t* rec = records + region * p.cap;
-    for (int s = static_cast<int>(threadIdx.x); s < n; s += blockDim.x) {
-      const std::uint32_t r = rec[s];
-      const std::int64_t m = tm * kFusedTileM + (r >> 24);
-      if (m >= p.rows) continue;  // not produced by the kernel; kept out all the same
-      const std::int64_t at = row_ptr[m] + atomicAdd(cursor + m, 1);
-      if (at >= row_ptr[m + 1]) continue;  // an incomplete row whose range was emptied
-      scratch_index[at] = static_cast<std::int32_t>(tn * kFusedTileN + ((r >> 16) & 0xffu));
-      scratch_values[at] = static_cast<std::uint16_t>(r & 0xffffu);
-    }
+  const std::int64_t region = tile * kFusedWarps + threadIdx.x / 32;
+  const int n = min(static_cast<std::int64_t>(warp_count[region]), p.cap);
+  const std::uint32_t* rec = records + region * p.cap;
+  for (int s = static_cast<int>(threadIdx.x % 32); s < n; s += 32) {
+    const std::uint32_t r = rec[s];
+    const std::int64_t m = tm * kFusedTileM + (r >> 24);
+    if (m >= p.rows) continue;  // not produced by the kernel; kept out all the same
+    const std::int64_t at = row_ptr[m] + atomicAdd(cursor + m, 1);
+    if (at >= row_ptr[m + 1]) continue;  // an incomplete row whose range was emptied
+    scratch_index[at] = static_cast<std::int32_t>(tn * kFusedTileN + ((r >> 16) & 0xffu));
+    scratch_values[at] = static_cast<std::uint16_t>(r & 0xffffu);
   }
 }
 

@@ -1,6 +1,6 @@
 // The threshold encode of a bfloat16 SAE fused into a CUTLASS Hopper GEMM (sm_90a): the
 // epilogue turns each tile's accumulators into survivors and never writes the [tokens, d_sae]
-// matrix. Included by one translation unit per cluster shape (they compile in parallel, and each
+// matrix. Included by one translation unit per kernel (they compile in parallel, and each
 // costs about 4 GB of compiler memory).
 //
 // A survivor is a column c of row r with v = bf16(acc + bias[c]) > bound[c], where bound is the
@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -40,7 +41,15 @@ using namespace cute;
 // an H100). Row totals are counted with atomics whose result is unused. end() stores the warp's
 // count, which exceeds cap when records were dropped, and then flags the tile row (the caller
 // encodes its rows again).
+//
+// Records are laid out by record tiles of kFusedTileM x kFusedTileN with kFusedWarps regions
+// each, whatever the GEMM's tile: a kernel whose tiles are TileM = kFusedTileM / 2 rows tall
+// (ping-pong, one warpgroup of 4 warps a tile) fills the upper or lower half of a record tile's
+// regions, so the tally and the compaction read every kernel's records alike.
+template <int TileM, int WarpsPerTile>
 struct RecordSink {
+  static_assert(kFusedTileM % TileM == 0 && WarpsPerTile * (kFusedTileM / TileM) == kFusedWarps,
+                "GEMM tiles must split a record tile's rows and regions evenly");
   // With a void D, CUTLASS's epilogue builder sizes its (unused) store types from the fusion's
   // ElementAux; any 16-bit type keeps the shared-memory carve-out at what the layouts need.
   using ElementAux = cutlass::bfloat16_t;
@@ -191,33 +200,50 @@ struct RecordSink {
       cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
     auto [m, n, k, l] = args.problem_shape_mnkl;
     auto [tm, tn, tk, tl] = args.tile_coord_mnkl;
-    // The residue counts from the thread's first element; the tile's corner is tm * kFusedTileM.
-    const int row0 = int(m) - int(get<0>(args.residue_tCcD)) - int(tm) * kFusedTileM;
+    // The record tile holding this GEMM tile, and the GEMM tile's half of it (0 when they match).
+    const int record_tm = int(tm) * TileM / kFusedTileM;
+    const int part = int(tm) % (kFusedTileM / TileM);
+    // The residue counts from the thread's first element; rows count from the record tile's.
+    const int row0 = int(m) - int(get<0>(args.residue_tCcD)) - record_tm * kFusedTileM;
     const int col0 = int(n) - int(get<1>(args.residue_tCcD)) - int(tn) * kFusedTileN;
-    const int warp = args.thread_idx / 32;
-    const std::int64_t slot = (std::int64_t(tm) * params.tiles_n + std::int64_t(tn)) * kFusedWarps + warp;
+    // thread_idx counts the tile's consumer threads (both warpgroups of a cooperative kernel).
+    const int warp = part * WarpsPerTile + args.thread_idx / 32;
+    const std::int64_t slot =
+        (std::int64_t(record_tm) * params.tiles_n + std::int64_t(tn)) * kFusedWarps + warp;
     // The grid is rounded up to whole clusters, so a tile may lie wholly past the problem's
     // edge; it has no survivors, and its count would land on another tile's (or past the end).
-    const bool inside = int(tm) * kFusedTileM < int(m) && int(tn) * kFusedTileN < int(n);
+    const bool inside = int(tm) * TileM < int(m) && int(tn) * kFusedTileN < int(n);
     return Callbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(
         args.tCcD, args.residue_tCcD, row0, col0, params.records + slot * params.cap,
-        inside ? params.warp_count + slot : nullptr, params.tile_overflow + tm, params.cap,
-        params.row_count + std::int64_t(tm) * kFusedTileM);
+        inside ? params.warp_count + slot : nullptr, params.tile_overflow + record_tm,
+        params.cap, params.row_count + std::int64_t(record_tm) * kFusedTileM);
   }
 };
 
 // x [rows, d_in] row-major times W [d_in, d_sae] row-major (16-bit wgmma reads either
 // layout), fp32 accumulators, the bf16 bias added in fp32 before one rounding to bf16 (as
 // cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides records.
-template <int ClusterM, int ClusterN>
+//
+// Cooperative kernels split each 128 x 256 tile between two consumer warpgroups, which run the
+// epilogue together while the tensor cores idle. Ping-pong kernels give each warpgroup its own
+// 64 x 256 tile and alternate them, so one warpgroup's epilogue overlaps the other's main loop:
+// the epilogue's share is largest where d_in (the main loop) is short.
+template <int ClusterM, int ClusterN, bool PingPong>
 struct ThresholdGemm {
   using Element = cutlass::bfloat16_t;
   using Layout = cutlass::layout::RowMajor;
-  using TileShape = Shape<Int<kFusedTileM>, Int<kFusedTileN>, _64>;
-  // 128 x 128 subtiles: fewer epilogue barriers per tile than the automatic choice (1.14-1.20x
-  // the GEMM against 1.28x at d_in 768, H100).
-  using EpilogueTile = Shape<_128, _128>;
+  static constexpr int kTileM = PingPong ? kFusedTileM / 2 : kFusedTileM;
+  using TileShape = Shape<Int<kTileM>, Int<kFusedTileN>, _64>;
+  // Subtiles of 64 elements a thread: fewer epilogue barriers per tile than the automatic choice
+  // (128 x 128 cooperative: 1.14-1.20x the GEMM against 1.28x at d_in 768, H100).
+  using EpilogueTile = Shape<Int<kTileM>, _128>;
   using ClusterShape = Shape<Int<ClusterM>, Int<ClusterN>, _1>;
+  using MainloopSchedule = std::conditional_t<
+      PingPong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = std::conditional_t<
+      PingPong, cutlass::epilogue::TmaWarpSpecialized,
+      cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float>;
@@ -225,19 +251,20 @@ struct ThresholdGemm {
   using PreActivation = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
       cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
-  using Fusion = cutlass::epilogue::fusion::Sm90EVT<RecordSink, PreActivation, Bound>;
+  using Sink = RecordSink<kTileM, PingPong ? kFusedWarps / 2 : kFusedWarps>;
+  using Fusion = cutlass::epilogue::fusion::Sm90EVT<Sink, PreActivation, Bound>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       EpilogueTile, float, float, void, Layout, 8, void, Layout, 8,
-      cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
+      EpilogueSchedule, Fusion>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, Layout, 8, Element, Layout,
       8, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      MainloopSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop,
                                                       Epilogue>;

@@ -1,0 +1,9 @@
+// The fused threshold encode, ping-pong kernel with thread-block clusters of 2 x 1 (see
+// threshold_gemm.cuh).
+#include "sae/cuda/fused_sm90/threshold_gemm.cuh"
+
+namespace mechinterp::sae {
+
+FusedGemmEntry pingpong_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, true>::entry(); }
+
+}  // namespace mechinterp::sae
