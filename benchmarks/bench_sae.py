@@ -7,7 +7,8 @@ thresholds set so that the mean L0 is about k), on N = ``--tokens`` random token
   it, ``ours``, the bf16 ``dense`` and SAELens's bf16 encode are timed in turn (one call of
   each per round), so that their ratios are taken at the same GPU clocks;
 - ``ours``: ``encode_sparse`` (chunked GEMM + compiled top-k / threshold selector, sparse output;
-  on Hopper, threshold SAEs take the fused GEMM, and ``ours_chunked`` times the chunked path);
+  on Hopper, threshold SAEs take the fused GEMM, and ``ours_chunked`` times the chunked path;
+  TopK takes it on request, timed as ``ours_fused``);
 - ``dense``: the ops SAELens runs (GEMM + bias, then ``topk`` + ReLU + scatter into a dense
   ``[N, d_sae]``, or ReLU times the threshold mask), in bf16 and in float32 (TF32 off);
 - ``saelens``: SAELens's own ``encode`` on the same weights when ``sae_lens`` imports, in bf16
@@ -159,9 +160,13 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
     # The bf16 calls whose ratios the targets name are timed in turn, at the same clocks.
     timed = {"gemm": functools.partial(torch.mm, x, sae.W_enc), "ours": encode,
              "dense_bf16": dense}
-    row["ours_path"] = "chunked" if unsupported_reason(sae, x.device) else "fused"
+    fusable = unsupported_reason(sae, x.device) is None
+    # TopK takes the fused GEMM on request only (encode_sparse's default is chunked there).
+    row["ours_path"] = "fused" if fusable and arch != "topk" else "chunked"
     if row["ours_path"] == "fused":
         timed["ours_chunked"] = functools.partial(encode_sparse, sae, x, fused=False)
+    elif fusable:
+        timed["ours_fused"] = functools.partial(encode_sparse, sae, x, fused=True)
     lens_bf16 = saelens_encoder(sae, torch.bfloat16, folder)
     if lens_bf16 is not None:
         timed["saelens_bf16"] = functools.partial(_no_grad_encode, lens_bf16, x)
@@ -169,8 +174,9 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
         row[f"{name}_s"] = seconds
     row["ours_peak_gib"] = peak_extra(device, encode)
     row["ours_vs_gemm"] = row["ours_s"] / row["gemm_s"]
-    if "ours_chunked_s" in row:
-        row["ours_chunked_vs_gemm"] = row["ours_chunked_s"] / row["gemm_s"]
+    for other in ("ours_chunked", "ours_fused"):
+        if f"{other}_s" in row:
+            row[f"{other}_vs_gemm"] = row[f"{other}_s"] / row["gemm_s"]
     row["gemm_tflops"] = 2 * n * d_in * d_sae / row["gemm_s"] / 1e12
     features = encode()
     row.update(set_agreement(sae, x, features))

@@ -266,6 +266,46 @@ def fused_sae_cases() -> int:
     return checked
 
 
+def fused_topk_cases() -> int:
+    """The fused Hopper TopK encode (sample, GEMM with a floor per row, merge) against an exact
+    CPU reference: heavy ties, a tile row of all-equal rows that overflows its records, both
+    kernels with a floor in CUTLASS's default tile order and in bands."""
+    if not _ops.fused_threshold_available(torch.device("cuda")):
+        return 0
+    from mechinterp.sae import SAE, encode_sparse, fused
+
+    checked = 0
+    g = torch.Generator().manual_seed(4)
+    for rows, d_in, d_sae, k in ((300, 72, 1032, 7), (800, 64, 8192, 64), (129, 1032, 4104, 32)):
+        sae = SAE(W_enc=torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
+                  b_enc=torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
+                  W_dec=torch.randn(d_sae, d_in, generator=g), b_dec=torch.zeros(d_in),
+                  architecture="topk", k=k).to(dtype=torch.bfloat16)
+        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(torch.bfloat16)
+        x[:128] = 0  # tile row 0: every pre-activation its bias, ties everywhere
+        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        top_i = torch.sort(h.float(), dim=1, descending=True, stable=True).indices[:, :k]
+        want_values = torch.relu(h.gather(1, top_i))
+        saved = fused.schedule_for
+        try:
+            for kernel in _ops.SAE_FUSED_FLOOR_KERNELS:
+                for raster, swizzle in (("heuristic", 1), ("along_n", 4)):
+                    schedule = fused.FusedSchedule(kernel, raster, swizzle)
+                    fused.schedule_for = lambda _rows, _d_in, _d_sae, schedule=schedule: schedule
+                    got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
+                    got_i = got.indices.view(rows, k)
+                    wrong = ((got_i != top_i).any(1) |
+                             (got.values.view(rows, k) != want_values).any(1)).nonzero()
+                    assert wrong.numel() == 0, (
+                        f"topk {rows}x{d_in}x{d_sae} k={k} {schedule}: rows "
+                        f"{wrong.flatten()[:8].tolist()} differ; first: got "
+                        f"{got_i[wrong[0, 0]][:12].tolist()} want {top_i[wrong[0, 0]][:12].tolist()}")
+                    checked += 1
+        finally:
+            fused.schedule_for = saved
+    return checked
+
+
 if __name__ == "__main__":
     print(f"diagonal_score: {diagonal_score_cases()} cases match the reference")
     print(f"patch_boxes: {patch_boxes_cases()} cases match the reference")
@@ -274,3 +314,4 @@ if __name__ == "__main__":
     print(f"interactions: {interactions_cases()} cases match the CPU kernels")
     print(f"sae: {sae_cases()} cases match the CPU kernels")
     print(f"fused sae encode: {fused_sae_cases()} cases match the exact reference")
+    print(f"fused topk encode: {fused_topk_cases()} cases match the exact reference")

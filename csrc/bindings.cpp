@@ -225,6 +225,13 @@ PYBIND11_MODULE(_C, m) {
       names[i] = mechinterp::sae::fused_kernel_name(i);
     }
     m.attr("SAE_FUSED_KERNELS") = names;
+    py::list floor_names;
+    for (int i = 0; i < mechinterp::sae::kFusedKernelCount; ++i) {
+      if (mechinterp::sae::fused_kernel_has_row_floor(i)) {
+        floor_names.append(mechinterp::sae::fused_kernel_name(i));
+      }
+    }
+    m.attr("SAE_FUSED_FLOOR_KERNELS") = py::tuple(floor_names);
     py::tuple rasters(mechinterp::sae::kFusedRasterCount);
     for (int i = 0; i < mechinterp::sae::kFusedRasterCount; ++i) {
       rasters[i] = mechinterp::sae::fused_raster_name(i);
@@ -236,15 +243,16 @@ PYBIND11_MODULE(_C, m) {
         "Whether this build has the fused sm_90 SAE encode and the CUDA device can run it.");
   m.def("fused_threshold_workspace", &mechinterp::sae::fused_threshold_workspace, py::arg("rows"),
         py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"), py::arg("kernel"),
-        py::arg("raster"), py::arg("swizzle"),
+        py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"),
         "Workspace bytes of fused_threshold_gemm for this problem on that device, kernel (an "
-        "index into SAE_FUSED_KERNELS) and tile order.");
+        "index into SAE_FUSED_KERNELS), tile order and kind of bound.");
 
   m.def(
       "fused_threshold_gemm",
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow,
-         py::handle workspace, int kernel, int raster, int swizzle, std::uintptr_t stream) {
+         py::handle workspace, int kernel, int raster, int swizzle, bool row_floor,
+         std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -258,17 +266,19 @@ PYBIND11_MODULE(_C, m) {
         mechinterp::sae::fused_threshold_gemm(x_view, weight_view, bias_view, bound_view,
                                               records_view, warp_count_view, row_count_view,
                                               tile_overflow_view, workspace_view, kernel, raster,
-                                              swizzle, stream);
+                                              swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("workspace"),
-      py::arg("kernel"), py::arg("raster"), py::arg("swizzle"), py::arg("stream"),
+      py::arg("kernel"), py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"),
+      py::arg("stream"),
       "sm_90: x bf16 [rows, d_in] @ weight bf16 [d_in, d_sae] + bias bf16, rounded to bf16; the "
       "entries above bound (bf16 [d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
       "counts per region (warp_count) and per row (row_count) and a flag per tile row whose "
       "regions overflowed (tile_overflow), all zeroed by the caller; kernel indexes "
       "SAE_FUSED_KERNELS, raster SAE_FUSED_RASTERS, and swizzle (1, 2, 4 or 8) is the width of "
-      "the bands of tiles walked.");
+      "the bands of tiles walked. With row_floor, bound is bf16 [rows] and an entry survives "
+      "iff it is at least its row's bound or NaN (weight may then be a block of columns).");
 
   m.def(
       "fused_tally",
@@ -292,7 +302,7 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow, py::handle cursor,
          py::handle row_ptr, py::handle summary, py::handle workspace, int kernel, int raster,
-         int swizzle, std::uintptr_t stream) {
+         int swizzle, bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -311,14 +321,14 @@ PYBIND11_MODULE(_C, m) {
           host = mechinterp::sae::fused_encode_pass(
               x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
               row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
-              workspace_view, kernel, raster, swizzle, stream);
+              workspace_view, kernel, raster, swizzle, row_floor, stream);
         }
         return py::make_tuple(host[0], host[1], host[2]);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("cursor"),
       py::arg("row_ptr"), py::arg("summary"), py::arg("workspace"), py::arg("kernel"),
-      py::arg("raster"), py::arg("swizzle"), py::arg("stream"),
+      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("stream"),
       "Zeroes the counts and cursor, runs fused_threshold_gemm and fused_tally, and waits for "
       "the summary: returns (entries, overflowed tile rows, widest row).");
 
@@ -390,6 +400,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("cand_count"), py::arg("row_bar"), py::arg("stream"),
       "CUDA: folds topk_candidates' slots into the running top-k [rows, k] (descending, ties to "
       "the lower index) and raises row_bar to its k-th key.");
+
+  m.def(
+      "topk_merge_rows",
+      [](py::handle top_values, py::handle top_index, py::handle row_ptr, py::handle cand_index,
+         py::handle cand_values, std::int64_t col_offset, py::handle row_bar,
+         std::uintptr_t stream) {
+        const auto top_values_view = mechinterp::view_from_py(top_values, "top_values");
+        const auto top_index_view = mechinterp::view_from_py(top_index, "top_index");
+        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
+        const auto cand_index_view = mechinterp::view_from_py(cand_index, "cand_index");
+        const auto cand_values_view = mechinterp::view_from_py(cand_values, "cand_values");
+        const auto row_bar_view = mechinterp::view_from_py(row_bar, "row_bar");
+        py::gil_scoped_release release;
+        mechinterp::sae::topk_merge_rows(top_values_view, top_index_view, row_ptr_view,
+                                         cand_index_view, cand_values_view, col_offset,
+                                         row_bar_view, stream);
+      },
+      py::arg("top_values"), py::arg("top_index"), py::arg("row_ptr"), py::arg("cand_index"),
+      py::arg("cand_values"), py::arg("col_offset"), py::arg("row_bar"), py::arg("stream"),
+      "CUDA: topk_merge with candidates as compressed rows (int32 columns from col_offset, bf16 "
+      "values).");
 
   m.def(
       "screened_topk",

@@ -922,6 +922,36 @@ def topk_merge(
                   _view(row_bar), _stream(top_values))
 
 
+def topk_merge_rows(
+    top_values: torch.Tensor,
+    top_index: torch.Tensor,
+    row_ptr: torch.Tensor,
+    cand_index: torch.Tensor,
+    cand_values: torch.Tensor,
+    row_bar: torch.Tensor,
+    *,
+    col_offset: int = 0,
+) -> None:
+    """:func:`topk_merge` with candidates as compressed rows, in place (CUDA).
+
+    Row ``r``'s candidates are ``cand_index`` (int32, columns counted from ``col_offset``) and
+    ``cand_values`` (bf16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows + 1]``), in any
+    order: what :func:`fused_pass_entries` gives. ``top_values`` / ``top_index`` / ``row_bar``
+    as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
+    """
+    op = "topk_merge_rows"
+    for name, t in (("top_values", top_values), ("top_index", top_index), ("row_ptr", row_ptr),
+                    ("cand_index", cand_index), ("cand_values", cand_values),
+                    ("row_bar", row_bar)):
+        if not isinstance(t, torch.Tensor):
+            msg = f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}"
+            raise InputError(msg)
+    _check_device(top_values, op, "top_values")
+    col_offset = _as_index(col_offset, op, "col_offset")
+    _C.topk_merge_rows(_view(top_values), _view(top_index), _view(row_ptr), _view(cand_index),
+                       _view(cand_values), col_offset, _view(row_bar), _stream(top_values))
+
+
 def screened_topk(
     screen: torch.Tensor,
     x: torch.Tensor,
@@ -1043,6 +1073,8 @@ SAE_FUSED_WARPS: int = _C.SAE_FUSED_WARPS
 #: The fused GEMM's kernels: cooperative (``cluster_*``) or ping-pong, by thread-block cluster
 #: shape (tiles along rows x along latents). All write the same records.
 SAE_FUSED_KERNELS: tuple[str, ...] = tuple(_C.SAE_FUSED_KERNELS)
+#: The kernels with a variant that keeps what reaches a floor per row (a TopK encode).
+SAE_FUSED_FLOOR_KERNELS: tuple[str, ...] = tuple(_C.SAE_FUSED_FLOOR_KERNELS)
 #: The orders its persistent kernel may walk the tiles in; all write the same records.
 SAE_FUSED_RASTERS: tuple[str, ...] = tuple(_C.SAE_FUSED_RASTERS)
 #: The widths of the bands of tiles it may walk (1: no bands).
@@ -1082,7 +1114,7 @@ class _FusedScratch:
     _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # back to back, in order
 
     def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
-                 raster: str, swizzle: int):
+                 raster: str, swizzle: int, row_floor: bool = False):
         _check_device(x, op, "x")
         if x.ndim != 2 or weight.ndim != 2:
             msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
@@ -1091,7 +1123,7 @@ class _FusedScratch:
         device = x.device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, self.index,
-                                 kernel, raster, swizzle)
+                                 kernel, raster, swizzle, bool(row_floor))
         self.schedule, self._regions, size = layout
         self.buffer = torch.empty(size, dtype=torch.int32, device=device)
         self._base = self.buffer.data_ptr()
@@ -1111,7 +1143,7 @@ class _FusedScratch:
 
 @functools.lru_cache(maxsize=64)
 def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: int, kernel: str,
-                    raster: str, swizzle: int):
+                    raster: str, swizzle: int, row_floor: bool):
     """``(schedule, regions, int32 elements)`` of a :class:`_FusedScratch`: worked out
     once per problem, since the encode's host time before the GEMM is time the GPU waits."""
     for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
@@ -1120,7 +1152,12 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
         if given not in allowed:
             msg = f"{op}: {name} must be one of {allowed}; got {given!r}"
             raise InputError(msg)
-    schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster), swizzle)
+    if row_floor and kernel not in SAE_FUSED_FLOOR_KERNELS:
+        msg = (f"{op}: kernel must be one of {SAE_FUSED_FLOOR_KERNELS} with row_floor (the others "
+               f"have no floor per row); got {kernel!r}")
+        raise InputError(msg)
+    schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster), swizzle,
+                row_floor)
     tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
     workspace = _C.fused_threshold_workspace(rows, d_in, d_sae, index, *schedule)
     # Workspace and records start on 16-byte boundaries (TMA and vector access); the counts
@@ -1141,6 +1178,7 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
 def fused_threshold_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
+    row_floor: bool = False,
 ) -> FusedRecords:
     """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16).
 
@@ -1156,8 +1194,14 @@ def fused_threshold_gemm(
     :data:`SAE_FUSED_RASTERS`) and ``swizzle`` (one of :data:`SAE_FUSED_SWIZZLES`) choose the
     kernel and the order it walks the tiles in; they differ in speed only. Queued on the
     current stream; nothing is synchronised.
+
+    With ``row_floor`` (a TopK encode; kernels :data:`SAE_FUSED_FLOOR_KERNELS`), ``bound`` is
+    a floor per row, bf16 ``[rows]``: column ``c`` of row ``r`` survives iff its value is at
+    least ``bound[r]`` or NaN; ``weight`` may then be a block of columns of a wider matrix
+    (``W[:, c0:c1]``, ``c0`` a multiple of 8).
     """
-    scratch = _FusedScratch("fused_threshold_gemm", x, weight, cap, kernel, raster, swizzle)
+    scratch = _FusedScratch("fused_threshold_gemm", x, weight, cap, kernel, raster, swizzle,
+                            row_floor)
     scratch.counts().zero_()
     _C.fused_threshold_gemm(
         _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
@@ -1182,6 +1226,7 @@ class FusedPass(NamedTuple):
 def fused_encode_pass(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
+    row_floor: bool = False,
 ) -> FusedPass:
     """:func:`fused_threshold_gemm` and :func:`fused_tally` in one call, up to the host sync.
 
@@ -1189,7 +1234,8 @@ def fused_encode_pass(
     one call into _C: the launches the host would otherwise queue one by one while the GPU
     waits for the GEMM. Arguments as for :func:`fused_threshold_gemm`.
     """
-    scratch = _FusedScratch("fused_encode_pass", x, weight, cap, kernel, raster, swizzle)
+    scratch = _FusedScratch("fused_encode_pass", x, weight, cap, kernel, raster, swizzle,
+                            row_floor)
     rows = x.shape[0]
     pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
     base = pointers.data_ptr()
@@ -1206,6 +1252,21 @@ def fused_encode_pass(
 
 def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_records_to_rows` of a :class:`FusedPass`: ``(index int64, values bf16)``."""
+    if not order:
+        index, values = fused_pass_entries(done)
+        return index.to(torch.int64), values
+    return _pass_rows(done, order=True)[1]
+
+
+def fused_pass_entries(done: FusedPass) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`FusedPass`'s records as compressed rows in arrival order: ``(index int32,
+    values bf16)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
+    return _pass_rows(done, order=False)[0]
+
+
+def _pass_rows(done: FusedPass, *, order: bool):
+    """``((index int32, values bf16) in arrival order, (index int64, values bf16) ordered by
+    column, empty without ``order``)``."""
     scratch, nnz = done.scratch, done.entries
     device = scratch.buffer.device
     # One allocation for the compaction's two scratch arrays (int32 columns, bf16 values).
@@ -1223,9 +1284,8 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
         scratch.view("cursor"), work_index, work_values, _view(out_index), _view(out_values),
         bool(order), _stream(work),
     )
-    if not order:
-        return work[:2 * nnz].view(torch.int32).to(torch.int64), work[2 * nnz:].view(torch.bfloat16)
-    return out_index, out_values
+    arrival = (work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(torch.bfloat16))
+    return arrival, (out_index, out_values)
 
 
 def fused_tally(

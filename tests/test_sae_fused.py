@@ -111,9 +111,10 @@ def test_unsupported_reasons_are_named():
     sae = exact_sae(16, 64, "jumprelu")
     assert "CUDA" in unsupported_reason(sae, torch.device("cpu"))
     assert "bfloat16" in unsupported_reason(sae.to(dtype=torch.float32), torch.device("cuda"))
-    assert "topk" in unsupported_reason(
+    assert "gated" in unsupported_reason(
         SAE(W_enc=torch.zeros(16, 64), b_enc=torch.zeros(64), W_dec=torch.zeros(64, 16),
-            b_dec=torch.zeros(16), architecture="topk", k=4).to(dtype=torch.bfloat16),
+            b_dec=torch.zeros(16), b_gate=torch.zeros(64), r_mag=torch.zeros(64),
+            b_mag=torch.zeros(64), architecture="gated").to(dtype=torch.bfloat16),
         torch.device("cuda"))
     odd = exact_sae(12, 64, "relu")
     assert "multiples of 8" in unsupported_reason(odd, torch.device("cuda"))
@@ -290,11 +291,11 @@ def test_kernel_bad_input_is_named():
     with pytest.raises(InputError, match=r"swizzle must be one of \(1, 2, 4, 8\); got 3"):
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, swizzle=3)
     with pytest.raises(ValueError, match=r"kernel must lie in \[0, 3\), got 7"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1, False)
     with pytest.raises(ValueError, match=r"raster must lie in \[0, 3\), got 3"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1, False)
     with pytest.raises(ValueError, match="swizzle must be 1, 2, 4 or 8, got 16"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16, False)
     with pytest.raises(ValueError, match=r"tile_overflow must be a contiguous \[3\]"):
         _ops.fused_tally(torch.zeros(300, dtype=torch.int32, device="cuda"),
                          torch.zeros(2, dtype=torch.int32, device="cuda"))

@@ -47,19 +47,23 @@ int sm_count(int device) {
   return count;
 }
 
-FusedGemmEntry gemm_entry(int kernel) {
+FusedGemmEntry gemm_entry(int kernel, bool row_floor) {
   switch (static_cast<FusedKernel>(kernel)) {
-    case FusedKernel::kCluster2x1: return cluster_2x1_gemm();
-    case FusedKernel::kCluster1x2: return cluster_1x2_gemm();
-    case FusedKernel::kPingPong2x1: return pingpong_2x1_gemm();
+    case FusedKernel::kCluster2x1: return row_floor ? cluster_2x1_floor_gemm() : cluster_2x1_gemm();
+    case FusedKernel::kCluster1x2: return cluster_1x2_gemm();  // no floor variant: check_kernel
+    case FusedKernel::kPingPong2x1:
+      return row_floor ? pingpong_2x1_floor_gemm() : pingpong_2x1_gemm();
   }
   return {};  // unreachable: check_kernel ran first
 }
 #endif
 
-void check_kernel(int kernel, const char* op) {
+void check_kernel(int kernel, bool row_floor, const char* op) {
   MECHINTERP_CHECK(kernel >= 0 && kernel < kFusedKernelCount, op, ": kernel must lie in [0, ",
                    kFusedKernelCount, "), got ", kernel);
+  MECHINTERP_CHECK(!row_floor || fused_kernel_has_row_floor(kernel), op, ": kernel ",
+                   fused_kernel_name(kernel), " has no variant with a floor per row (row_floor); "
+                   "cluster_2x1 and pingpong_2x1 do");
 }
 
 void check_raster(int raster, const char* op) {
@@ -75,8 +79,13 @@ void check_schedule(int raster, int swizzle, const char* op) {
 
 }  // namespace
 
+bool fused_kernel_has_row_floor(int kernel) {
+  return kernel == static_cast<int>(FusedKernel::kCluster2x1) ||
+         kernel == static_cast<int>(FusedKernel::kPingPong2x1);
+}
+
 const char* fused_kernel_name(int kernel) {
-  check_kernel(kernel, "fused_kernel_name");
+  check_kernel(kernel, false, "fused_kernel_name");
   static constexpr const char* kNames[kFusedKernelCount] = {"cluster_2x1", "cluster_1x2",
                                                             "pingpong_2x1"};
   return kNames[kernel];
@@ -109,10 +118,11 @@ bool fused_threshold_available(int device_index) {
 }
 
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index, int kernel, int raster, int swizzle) {
+                                       int device_index, int kernel, int raster, int swizzle,
+                                       bool row_floor) {
   constexpr const char* kOp = "fused_threshold_workspace";
   check_problem(rows, d_in, d_sae, kOp);
-  check_kernel(kernel, kOp);
+  check_kernel(kernel, row_floor, kOp);
   check_schedule(raster, swizzle, kOp);
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   require_available(device_index, kOp);
@@ -126,7 +136,8 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
   p.sm_count = sm_count(device_index);
   p.raster = raster;
   p.swizzle = swizzle;
-  return static_cast<std::int64_t>(gemm_entry(kernel).workspace_bytes(p));
+  p.weight_ld = d_sae;
+  return static_cast<std::int64_t>(gemm_entry(kernel, row_floor).workspace_bytes(p));
 #else
   (void)device_index;
   throw_not_built(kOp);
@@ -137,7 +148,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
                           const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, int raster, int swizzle, std::uintptr_t stream) {
+                          int kernel, int raster, int swizzle, bool row_floor,
+                          std::uintptr_t stream) {
   MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype == DType::BFloat16, kGemmOp,
                    ": x must be a contiguous bfloat16 [rows, d_in], got ", dtype_name(x.dtype),
                    " ", x.shape_string());
@@ -147,11 +159,23 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                    ": weight must be [d_in=", d_in, ", d_sae], got ", weight.shape_string());
   const std::int64_t d_sae = weight.size(1);
   check_problem(rows, d_in, d_sae, kGemmOp);
-  check_kernel(kernel, kGemmOp);
+  check_kernel(kernel, row_floor, kGemmOp);
   check_schedule(raster, swizzle, kGemmOp);
-  check_block(weight, {d_in, d_sae}, DType::BFloat16, x, kGemmOp, "weight", "x");
+  if (row_floor) {
+    // A block of columns of a wider weight: TMA needs unit column stride and 16-byte rows.
+    MECHINTERP_CHECK(weight.dtype == DType::BFloat16, kGemmOp,
+                     ": weight must be bfloat16, got ", dtype_name(weight.dtype));
+    check_same_device(weight, x, kGemmOp, "weight", "x");
+    MECHINTERP_CHECK(weight.stride(1) == 1 && weight.stride(0) >= d_sae &&
+                         weight.stride(0) % 8 == 0,
+                     kGemmOp, ": weight must have unit column stride and a row stride that is a "
+                     "multiple of 8 and at least d_sae=", d_sae, ", got strides (",
+                     weight.stride(0), ", ", weight.stride(1), ")");
+  } else {
+    check_block(weight, {d_in, d_sae}, DType::BFloat16, x, kGemmOp, "weight", "x");
+  }
   check_block(bias, {d_sae}, DType::BFloat16, x, kGemmOp, "bias", "x");
-  check_block(bound, {d_sae}, DType::BFloat16, x, kGemmOp, "bound", "x");
+  check_block(bound, {row_floor ? rows : d_sae}, DType::BFloat16, x, kGemmOp, "bound", "x");
   const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
   const std::int64_t tiles_n = fused_tiles(d_sae, kFusedTileN);
   MECHINTERP_CHECK(records.dim() == 4, kGemmOp, ": records must be [", tiles_m, ", ", tiles_n,
@@ -187,6 +211,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.swizzle = swizzle;
   p.x = x.data;
   p.weight = weight.data;
+  p.weight_ld = weight.stride(0);
   p.bias = bias.data;
   p.bound = bound.data;
   p.records = records.data_as<std::uint32_t>();
@@ -195,7 +220,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.tile_overflow = tile_overflow.data_as<std::int32_t>();
   p.workspace_bytes = static_cast<std::size_t>(workspace.numel()) * dtype_itemsize(workspace.dtype);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  const char* refused = gemm_entry(kernel).run(p, workspace.data, cuda_stream);
+  const char* refused = gemm_entry(kernel, row_floor).run(p, workspace.data, cuda_stream);
   MECHINTERP_CHECK(refused[0] == '\0', kGemmOp, ": ", refused, " (rows ", rows, ", d_in ", d_in,
                    ", d_sae ", d_sae, ", kernel ", fused_kernel_name(kernel), ", raster ",
                    fused_raster_name(raster), ", swizzle ", swizzle, ")");
@@ -239,7 +264,7 @@ std::array<std::int64_t, 3> fused_encode_pass(
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    std::uintptr_t stream) {
+    bool row_floor, std::uintptr_t stream) {
   constexpr const char* kOp = "fused_encode_pass";
   MECHINTERP_CHECK(x.dim() == 2 && weight.dim() == 2, kOp, ": x and weight must be 2-d, got ",
                    x.shape_string(), " and ", weight.shape_string());
@@ -278,7 +303,7 @@ std::array<std::int64_t, 3> fused_encode_pass(
     }
   }
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
-                       workspace, kernel, raster, swizzle, stream);
+                       workspace, kernel, raster, swizzle, row_floor, stream);
   fused_tally(row_count, tile_overflow, row_ptr, summary, stream);
   std::array<std::int64_t, 3> host{};
   MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(host.data(), summary.data, sizeof(host),
@@ -288,7 +313,7 @@ std::array<std::int64_t, 3> fused_encode_pass(
 #else
   // Without the fused build the GEMM's own call names the reason.
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
-                       workspace, kernel, raster, swizzle, stream);
+                       workspace, kernel, raster, swizzle, row_floor, stream);
   (void)row_ptr;
   (void)summary;
   return {};

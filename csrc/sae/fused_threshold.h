@@ -18,6 +18,10 @@
 //   `kernel` picks the GEMM's cluster shape (FusedKernel), `raster` and `swizzle` the order the
 //   persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2, 4 or 8); they differ in
 //   speed only.
+//   With row_floor (a TopK encode; the 2 x 1 kernels), bound is a floor per row, bfloat16
+//   [rows]: column c of row r survives iff v >= bound[r] or v is NaN. The weight may then be a
+//   block of columns of a wider matrix (unit column stride, a row stride that is a multiple of
+//   8 and at least d_sae); threshold encodes take it contiguous.
 //
 // fused_tally: what the host needs after the GEMM, in one small launch: row_ptr int64
 //   [rows + 1] gets the running sums of row_count with the rows of overflowed tile rows counted
@@ -69,6 +73,8 @@ enum class FusedKernel : int {
   kPingPong2x1 = 2,
 };
 constexpr int kFusedKernelCount = 3;
+// Whether `kernel` has a variant with a floor per row (fused_threshold_gemm's row_floor).
+bool fused_kernel_has_row_floor(int kernel);
 // "cluster_2x1", ...; the index is the enum's value.
 const char* fused_kernel_name(int kernel);
 
@@ -94,13 +100,15 @@ bool fused_threshold_available(int device_index);
 
 // Workspace bytes the GEMM needs for this problem on that device.
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
-                                       int device_index, int kernel, int raster, int swizzle);
+                                       int device_index, int kernel, int raster, int swizzle,
+                                       bool row_floor);
 
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
                           const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, int raster, int swizzle, std::uintptr_t stream);
+                          int kernel, int raster, int swizzle, bool row_floor,
+                          std::uintptr_t stream);
 
 void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
                  const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
@@ -110,7 +118,7 @@ std::array<std::int64_t, 3> fused_encode_pass(
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    std::uintptr_t stream);
+    bool row_floor, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,
@@ -131,6 +139,7 @@ struct FusedGemmParams {
   int swizzle;  // 1, 2, 4 or 8
   const void* x;
   const void* weight;
+  std::int64_t weight_ld;  // elements from one row of the weight to the next
   const void* bias;
   const void* bound;
   std::uint32_t* records;
@@ -164,6 +173,8 @@ struct FusedGemmEntry {
 FusedGemmEntry cluster_2x1_gemm();
 FusedGemmEntry cluster_1x2_gemm();
 FusedGemmEntry pingpong_2x1_gemm();
+FusedGemmEntry cluster_2x1_floor_gemm();
+FusedGemmEntry pingpong_2x1_floor_gemm();
 
 void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
                         std::int64_t* row_ptr, std::int64_t* summary,

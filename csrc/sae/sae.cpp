@@ -410,6 +410,47 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
 #endif
 }
 
+void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
+                     const TensorView& row_ptr, const TensorView& cand_index,
+                     const TensorView& cand_values, std::int64_t col_offset,
+                     const TensorView& row_bar, std::uintptr_t stream) {
+  constexpr const char* kOp = "topk_merge_rows";
+  MECHINTERP_CHECK(top_values.dim() == 2, kOp, ": top_values must be [rows, k], got ",
+                   top_values.shape_string());
+  require_cuda(top_values, kOp);
+  const std::int64_t rows = top_values.size(0);
+  const std::int64_t k = top_values.size(1);
+  MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK, kOp, ": k must lie in [1, ", kCudaMaxK, "], got ", k);
+  MECHINTERP_CHECK(cand_index.dim() == 1, kOp, ": cand_index must be [nnz], got ",
+                   cand_index.shape_string());
+  const std::int64_t nnz = cand_index.size(0);
+  MECHINTERP_CHECK(col_offset >= 0 && col_offset <= INT32_MAX, kOp,
+                   ": col_offset must lie in [0, 2^31), got ", col_offset);
+  check_block(top_values, {rows, k}, DType::Float32, top_values, kOp, "top_values");
+  check_block(top_index, {rows, k}, DType::Int32, top_values, kOp, "top_index");
+  check_block(row_ptr, {rows + 1}, DType::Int64, top_values, kOp, "row_ptr");
+  check_block(cand_index, {nnz}, DType::Int32, top_values, kOp, "cand_index");
+  check_block(cand_values, {nnz}, DType::BFloat16, top_values, kOp, "cand_values");
+  check_block(row_bar, {rows}, DType::Int32, top_values, kOp, "row_bar");
+  SelectParams p{};
+  p.rows = rows;
+  p.k = k;
+  p.col_offset = col_offset;
+  p.out_row_stride = k;
+  if (rows == 0) return;
+#if defined(MECHINTERP_WITH_CUDA)
+  const CudaDeviceGuard guard(top_values.device.index);
+  launch_topk_merge_rows_cuda(top_values.data_as<float>(), top_index.data_as<std::int32_t>(),
+                              row_ptr.data_as<std::int64_t>(), cand_index.data_as<std::int32_t>(),
+                              cand_values.data_as<std::uint16_t>(),
+                              reinterpret_cast<std::uint32_t*>(row_bar.data_as<std::int32_t>()), p,
+                              reinterpret_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  throw_no_cuda(kOp, top_values.device);
+#endif
+}
+
 std::int64_t screened_topk(const TensorView& screen, const TensorView& x, const TensorView& w_t,
                            const TensorView& norms, const std::optional<TensorView>& bias,
                            const std::optional<TensorView>& scale, std::int64_t k,

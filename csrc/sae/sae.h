@@ -43,6 +43,10 @@
 //   becomes the key of the k-th once the row holds k values. Starting from padding and a zero
 //   row_bar, candidates and merges over the chunks of a row's columns give its exact top-k.
 //
+// topk_merge_rows (CUDA): topk_merge with candidates as compressed rows: row r's are
+//   [row_ptr[r], row_ptr[r + 1]) of cand_index int32 (columns from col_offset) and cand_values
+//   bfloat16 (the fused GEMM's survivors above a floor, in any order).
+//
 // screened_topk (CPU): the exact float32 top-k of rows of (x W + bias) * scale, from screen
 //   bfloat16 [rows, d_sae] = bf16(x) bf16(W) (any GEMM with float32 sums), x float32 [rows,
 //   d_in], w_t float32 [d_sae, d_in] (W transposed, contiguous), norms float64 [2, d_sae] (the
@@ -108,6 +112,11 @@ void topk_candidates(const TensorView& values, const std::optional<TensorView>& 
 void topk_merge(const TensorView& top_values, const TensorView& top_index,
                 const TensorView& cand_values, const TensorView& cand_index,
                 const TensorView& cand_count, const TensorView& row_bar, std::uintptr_t stream);
+
+void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
+                     const TensorView& row_ptr, const TensorView& cand_index,
+                     const TensorView& cand_values, std::int64_t col_offset,
+                     const TensorView& row_bar, std::uintptr_t stream);
 
 std::int64_t screened_topk(const TensorView& screen, const TensorView& x, const TensorView& w_t,
                            const TensorView& norms, const std::optional<TensorView>& bias,
@@ -225,6 +234,11 @@ void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const fl
                             const std::int32_t* cand_index, const std::int32_t* cand_count,
                             std::uint32_t* row_bar, const SelectParams& params,
                             cudaStream_t stream);
+
+void launch_topk_merge_rows_cuda(float* top_values, std::int32_t* top_index,
+                                 const std::int64_t* row_ptr, const std::int32_t* cand_index,
+                                 const std::uint16_t* cand_values, std::uint32_t* row_bar,
+                                 const SelectParams& params, cudaStream_t stream);
 
 template <typename W, typename I>
 void launch_sparse_decode_cuda(const I* index, const acc_t<W>* values, const W* weight, const W* bias,

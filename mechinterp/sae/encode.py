@@ -9,6 +9,8 @@ decoder rows of the active latents and sums them in float32.
 
 On Hopper GPUs, bfloat16 ReLU / JumpReLU / BatchTopK SAEs skip the chunks: the threshold runs
 in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches memory.
+bfloat16 TopK SAEs there encode one chunk, a sample of their latents, and the fused GEMM keeps
+from the others only what reaches each row's k-th of the sample.
 
 On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
 bound of the token's k-th largest (the k-th of the chunks merged so far, or the chunk's own
@@ -118,8 +120,8 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
     """Sparse feature activations of ``x [..., d_in]``; equals ``sae.encode(x)`` densified.
 
     The encoder runs in chunks of latents, so peak extra memory is one chunk of
-    pre-activations (``chunk_bytes``; on CUDA 128 MiB for TopK and 256 MiB otherwise, 16 MiB on
-    the CPU) plus the output.
+    pre-activations (``chunk_bytes``; on CUDA 128 MiB for a chunked TopK encode and 256 MiB
+    otherwise, 16 MiB on the CPU) plus the output.
     float32 / float16 / bfloat16 SAEs use the compiled selectors; float64 SAEs, TopK with
     ``k > 256`` on CUDA, and devices without kernels use the same chunking with torch
     operations. On CPUs without AVX-512, 16-bit SAEs multiply in float32 (torch has no fast
@@ -131,7 +133,9 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
 
     bfloat16 ReLU, JumpReLU and BatchTopK SAEs on Hopper GPUs encode in one GEMM with the
     threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then bounds its
-    survivor records (``d_sae / 8`` bytes a row) instead of a chunk.
+    survivor records (``d_sae / 8`` bytes a row) instead of a chunk. With ``fused=True``,
+    bfloat16 TopK SAEs there (``k`` up to 256, not ranked by decoder norms) take the same GEMM
+    past a sample of their latents, keeping what reaches each row's k-th of the sample.
 
     Args:
         sae: the autoencoder.
@@ -140,7 +144,8 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
         screen: screen a float32 TopK encode on the CPU. Default: where the CPU has bfloat16
             instructions (AVX512-BF16 or AMX), on which the bf16 GEMM is the faster one.
         fused: encode through the fused GEMM. Default: wherever it applies (see
-            :func:`mechinterp.sae.fused.unsupported_reason`); ``False`` takes the chunked path.
+            :func:`mechinterp.sae.fused.unsupported_reason`) but for TopK SAEs, whose fused
+            encode is not yet faster; ``False`` takes the chunked path.
 
     Raises:
         ShapeError: ``x`` does not end in ``d_in``.
@@ -245,11 +250,13 @@ class _Plan:
     gemm_dtype: torch.dtype
     screen: bool  # whole rows, screened by a bf16 GEMM (float32 TopK on the CPU)
     fused: bool = False  # whole rows through the fused GEMM (chunks only for rows encoded again)
+    chunk_bytes: int = 0  # the budget the chunks were cut to
 
     @staticmethod
     def make(sae: SAE, x: torch.Tensor, chunk_bytes: int | None, screen: bool | None,
              fused: bool | None = None) -> _Plan:
         device = x.device.type
+        use_fused = _wants_fused(sae, x.device, fused)
         if chunk_bytes is None:
             chunk_bytes = _CHUNK_BYTES.get(device, _CHUNK_BYTES["cuda"])
             if device == "cuda" and sae.architecture == "topk":
@@ -264,7 +271,6 @@ class _Plan:
             and not (sae.architecture == "topk" and device == "cuda"
                      and sae.k > _ops.TOPK_CUDA_MAX_K)
         )
-        use_fused = _wants_fused(sae, x.device, fused)
         gemm_dtype = sae.dtype
         if device == "cpu" and sae.dtype in (torch.float16, torch.bfloat16) and \
                 torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
@@ -292,7 +298,7 @@ class _Plan:
             tile = _ops.SAE_FUSED_TILE_M
             fit = chunk_bytes // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
             return _Plan(_fused.aligned(x), max(tile, min(rows, fit)), cols, compiled,
-                         gemm_dtype, False, fused=True)
+                         gemm_dtype, False, fused=True, chunk_bytes=chunk_bytes)
         return _Plan(x, block_rows, cols, compiled, gemm_dtype, False)
 
     def blocks(self):
@@ -312,6 +318,11 @@ def _wants_fused(sae: SAE, device: torch.device, fused: bool | None) -> bool:
         msg = f"fused must be True, False or None; got {fused!r}"
         raise InputError(msg)
     if fused is False:
+        return False
+    if fused is None and sae.architecture == "topk":
+        # The fused TopK encode is exact but no faster yet: its sample (a quarter of the latents
+        # through cuBLAS, then the running top k) and the host's work around the GEMM left it at
+        # 0.97-1.08x the chunked encode's time (H100, bf16, 16,384 tokens, the bench's shapes).
         return False
     why_not = _fused.unsupported_reason(sae, device)
     if fused and why_not is not None:
@@ -359,9 +370,28 @@ def _encode_topk(sae: SAE, plan: _Plan):
     screen = _screen.screen_weights(sae) if plan.screen else None
     if screen is not None:
         bias, scale = _f32(sae.b_enc), _f32(scale)
+    if plan.fused:
+        bias = _fused.aligned(bias)
+
+        def sample(xb: torch.Tensor, cols: int):
+            # The sample's pre-activations are one chunk: of fewer rows, where all would not fit.
+            step = max(1, plan.chunk_bytes // (cols * xb.element_size()))
+            if step >= xb.shape[0]:
+                return _topk_block_running(xb, weight, bias, None, k, [(0, cols)])
+            out = _running_start(xb.shape[0], k, xb.device)
+            for r0 in range(0, xb.shape[0], step):
+                _topk_block_running(xb[r0:r0 + step], weight, bias, None, k, [(0, cols)],
+                                    out=tuple(t[r0:r0 + step] for t in out))
+            return out
+
+        def again(xb: torch.Tensor):
+            return _topk_block_running(xb, weight, bias, None, k, chunks)[:2]
+
     for xb in plan.blocks():
         if screen is not None:
             top_v, top_i = _screen.screened_topk_block(xb, screen, bias, scale, k)
+        elif plan.fused:
+            top_v, top_i = _fused.encode_topk_block(xb, weight, bias, k, sample, again)
         elif plan.compiled:
             top_v, top_i = _topk_block_compiled(xb, weight, bias, scale, k, chunks)
         else:
@@ -379,7 +409,7 @@ def _encode_topk(sae: SAE, plan: _Plan):
 def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
     device = xb.device
     if device.type == "cuda":
-        return _topk_block_running(xb, weight, bias, scale, k, chunks)
+        return _topk_block_running(xb, weight, bias, scale, k, chunks)[:2]
     widths = [_ops.topk_segments(c1 - c0, device) * k for c0, c1 in chunks]
     cand_v = torch.empty(xb.shape[0], sum(widths), dtype=torch.float32, device=device)
     cand_i = torch.empty(xb.shape[0], sum(widths), dtype=torch.int32, device=device)
@@ -396,26 +426,33 @@ def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
     return cand_v, cand_i
 
 
-def _topk_block_running(xb, weight, bias, scale, k, chunks):
+def _topk_block_running(xb, weight, bias, scale, k, chunks, out=None):
     """CUDA: after each chunk's GEMM, keep what can still be in a row's top k, then merge it.
 
     The row's bar (its running k-th value) rises as chunks are merged, so later chunks let
     through few values; the exact ranking happens once per row and chunk, on those few.
+    Returns ``(top_values, top_index, row_bar)``: ``out`` if given (from
+    :func:`_running_start`), else new.
     """
-    rows, device = xb.shape[0], xb.device
     top_v = top_i = row_bar = None
     for c0, c1 in chunks:
         h = torch.addmm(_cut(bias, c0, c1, xb.dtype), xb, _cut(weight, c0, c1, xb.dtype))
         if row_bar is None:
             # Allocated once the first GEMM is queued, so that the GPU starts sooner.
-            top_v = torch.full((rows, k), -math.inf, dtype=torch.float32, device=device)
-            top_i = torch.full((rows, k), -1, dtype=torch.int32, device=device)
-            row_bar = torch.zeros(rows, dtype=torch.int32, device=device)
+            top_v, top_i, row_bar = out if out is not None else _running_start(
+                xb.shape[0], k, xb.device)
         candidates = _ops.topk_candidates(h, k, row_bar=row_bar, col_offset=c0,
                                           scale=None if scale is None else scale[c0:c1])
         del h  # free this chunk before the next one is allocated
         _ops.topk_merge(top_v, top_i, candidates, row_bar)
-    return top_v, top_i
+    return top_v, top_i, row_bar
+
+
+def _running_start(rows: int, k: int, device: torch.device):
+    """An empty running top k: ``(-inf values, -1 indices, zero bars)``."""
+    return (torch.full((rows, k), -math.inf, dtype=torch.float32, device=device),
+            torch.full((rows, k), -1, dtype=torch.int32, device=device),
+            torch.zeros(rows, dtype=torch.int32, device=device))
 
 
 def _topk_block_torch(xb, weight, bias, scale, k, chunks):

@@ -1,9 +1,18 @@
-"""The threshold encode fused into the encoder GEMM (bfloat16 SAEs on Hopper GPUs).
+"""The encode fused into the encoder GEMM (bfloat16 SAEs on Hopper GPUs).
 
 On a GPU of compute capability 9.0, ReLU, JumpReLU and BatchTopK (at inference) SAEs in
 bfloat16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
 threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations never reach
 memory. Two small kernels then turn the survivors into compressed rows.
+
+TopK SAEs first take the exact top ``k`` of a sample of their latents (the first
+:func:`topk_sample_cols`, through the chunked path). A row's k-th largest of the sample is a
+floor under its k-th largest overall, so the fused GEMM over the other latents keeps, per row,
+only what reaches that floor (:func:`encode_topk_block`), and a per-row merge folds those few
+into the sample's top ``k``. The GEMM's work is the dense encode's; the sample's
+pre-activations are one chunk, the rest none. It is exact, and taken on request
+(``encode_sparse(..., fused=True)``): at the bench's shapes it is not yet faster than the
+chunked encode.
 
 Each value is ``bf16(x @ W_enc + b_enc)`` with float32 sums and one rounding, as cuBLAS's
 ``addmm`` computes it in the chunked encode, and a latent survives iff that value exceeds
@@ -18,6 +27,7 @@ default wherever :func:`unsupported_reason` finds nothing against it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,7 +37,8 @@ from mechinterp import _C, _ops
 from mechinterp.sae.sae import SAE
 
 __all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "encode_block",
-           "record_bytes_per_row", "schedule_for", "unsupported_reason"]
+           "encode_topk_block", "record_bytes_per_row", "schedule_for", "topk_sample_cols",
+           "unsupported_reason"]
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
 #: densities (L0 / d_sae of 1% or less) leaves room several times over.
@@ -35,7 +46,12 @@ RECORDS_PER_WARP = 128
 # Rows with at most this many entries are ordered by the compaction kernel (whose work grows
 # with the square of a row's entries); wider ones by one sort.
 _KERNEL_ORDER_MAX = 1024
-_ARCHITECTURES = ("relu", "jumprelu", "batchtopk")
+_ARCHITECTURES = ("relu", "jumprelu", "batchtopk", "topk")
+# TopK: the sample is this share of the latents, and at least this many times k. A row's
+# candidates past the sample are then about k / sample of its latents, at most 1/64: 64 of a
+# record region's 4,096 pre-activations on average, half its RECORDS_PER_WARP.
+_SAMPLE_SHARE = 4
+_SAMPLE_MIN_PER_K = 64
 
 # The chunked encode of some rows, as (row_ptr, indices, values, nnz).
 RowsEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
@@ -51,6 +67,10 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
         return f"it runs {', '.join(_ARCHITECTURES)} SAEs, and this one is {sae.architecture}"
     if sae.d_in % 8 or sae.d_sae % 8:
         return f"d_in and d_sae must be multiples of 8, and are {sae.d_in} and {sae.d_sae}"
+    if sae.architecture == "topk":
+        why_not = _topk_unsupported_reason(sae)
+        if why_not is not None:
+            return why_not
     if not sae.W_enc.is_contiguous() or sae.W_enc.data_ptr() % 16:
         return "W_enc must be contiguous and start on a 16-byte boundary"
     if not _ops.fused_threshold_available(device):
@@ -59,6 +79,35 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
                     "and CUTLASS's headers at build time)")
         return f"it needs a GPU of compute capability 9.0 (Hopper), and {device} is not one"
     return None
+
+
+def _topk_unsupported_reason(sae: SAE) -> str | None:
+    if sae.k > _ops.TOPK_CUDA_MAX_K:
+        return f"it runs TopK SAEs with k up to {_ops.TOPK_CUDA_MAX_K}, and this one has k={sae.k}"
+    if sae.rescale_acts_by_decoder_norm:
+        return ("it ranks pre-activations as they are, and this TopK SAE ranks them scaled by its "
+                "decoder norms")
+    sample = topk_sample_cols(sae.d_sae, sae.k)
+    if 2 * sample > sae.d_sae:
+        return (f"a TopK SAE needs at least twice its sample of {sample} latents (for k={sae.k}), "
+                f"and this one has d_sae={sae.d_sae}")
+    return None
+
+
+def topk_sample_cols(d_sae: int, k: int) -> int:
+    """How many of the first latents give a TopK encode its floor: a quarter of them, at least
+    64k, in whole tiles of the GEMM (a multiple of 8, as the GEMM's weight block needs) and, from
+    one selector segment up, in whole segments (the selector's fast path).
+
+    Each row's candidates past the sample number about ``k * (d_sae / sample - 1)``: 3k.
+
+    Examples:
+        >>> topk_sample_cols(32768, 32), topk_sample_cols(131072, 64), topk_sample_cols(4096, 8)
+        (8192, 32768, 1024)
+    """
+    share = max(d_sae // _SAMPLE_SHARE, _SAMPLE_MIN_PER_K * k)
+    step = _ops.SAE_CUDA_SEGMENT if share >= _ops.SAE_CUDA_SEGMENT else _ops.SAE_FUSED_TILE_N
+    return _round_up(share, step)
 
 
 class FusedSchedule(NamedTuple):
@@ -173,10 +222,7 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     done = _ops.fused_encode_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
                                   **schedule_for(rows, xb.shape[1], d_sae)._asdict())
     row_ptr, nnz = done.row_ptr, done.entries
-    again = None
-    if done.overflowed:
-        flags = done.scratch.tensor("tile_overflow")
-        again = flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
+    again = _overflowed_rows(done, rows)
     order = done.widest <= _KERNEL_ORDER_MAX
     indices, values = _ops.fused_pass_rows(done, order=order)
     del done
@@ -188,6 +234,54 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                             again_indices, again_values)
         nnz += again_nnz
     return row_ptr, indices, values, nnz
+
+
+# The running top k of some rows over latents [0, cols), as (top_values, top_index, row_bar).
+SampleEncoder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# The chunked top k of some rows, as (top_values, top_index).
+TopkEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
+                      encode_sample: SampleEncoder, encode_again: TopkEncoder):
+    """The top ``k`` of one block of inputs: ``(values float32, index int32)`` ``[rows, k]`` in
+    descending order, ties to the lower index, as :func:`mechinterp._ops.topk_merge` keeps them.
+
+    ``xb``, ``weight`` and ``bias`` as for :func:`encode_block`. ``encode_sample`` gives the
+    exact top ``k`` of the first :func:`topk_sample_cols` latents (the chunked path); the fused
+    GEMM over the rest keeps what reaches each row's k-th of those (and NaN, which ranks by its
+    bits), and the merge folds it in. Rows of a tile that ran out of record slots go through
+    ``encode_again``. One host sync in the usual case.
+    """
+    rows, d_sae = xb.shape[0], weight.shape[1]
+    if rows == 0:
+        return encode_again(xb)
+    sample = topk_sample_cols(d_sae, k)
+    # The host's share of the GEMM's launch first: the sample keeps the GPU busy meanwhile.
+    rest, rest_bias = weight[:, sample:], bias[sample:]
+    schedule = schedule_for(rows, xb.shape[1], d_sae - sample)._asdict()
+    top_v, top_i, row_bar = encode_sample(xb, sample)
+    # A NaN k-th (the row's sample ranks NaN above everything) gives no floor: the row keeps
+    # everything and its tile row overflows into encode_again.
+    floor = top_v[:, k - 1].nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    done = _ops.fused_encode_pass(xb, rest, rest_bias, floor.to(torch.bfloat16),
+                                  cap=RECORDS_PER_WARP, row_floor=True, **schedule)
+    again = _overflowed_rows(done, rows)
+    cand_index, cand_values = _ops.fused_pass_entries(done)
+    _ops.topk_merge_rows(top_v, top_i, done.row_ptr, cand_index, cand_values, row_bar,
+                         col_offset=sample)
+    del done
+    if again is not None:
+        top_v[again], top_i[again] = encode_again(xb[again])
+    return top_v, top_i
+
+
+def _overflowed_rows(done: _ops.FusedPass, rows: int) -> torch.Tensor | None:
+    """The rows of the tile rows whose records overflowed (their ranges are empty), or None."""
+    if not done.overflowed:
+        return None
+    flags = done.scratch.tensor("tile_overflow")
+    return flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
 
 
 def _ordered(row_ptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, d_sae: int):

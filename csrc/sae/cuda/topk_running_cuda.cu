@@ -392,18 +392,54 @@ __device__ __forceinline__ void absorb_buffer(unsigned long long (&running)[R],
   bitonic_absorb<R>(running, batch);
 }
 
+// Where a merge reads a row's candidates: spans of entries, each with a start and a count.
+// topk_candidates' slots: one span per segment, float32 values, columns as given.
+struct SlotCandidates {
+  const float* values;
+  const std::int32_t* index;
+  const std::int32_t* count;
+  int segments;
+  int cap;
+
+  __device__ int spans() const { return segments; }
+  __device__ std::int64_t start(std::int64_t row, int span) const {
+    return (row * segments + span) * cap;
+  }
+  __device__ int size(std::int64_t row, int span) const {
+    return min(count[row * segments + span], cap);
+  }
+  __device__ std::uint32_t key(std::int64_t j) const { return float_key(values[j]); }
+  __device__ std::int32_t column(std::int64_t j) const { return index[j]; }
+};
+
+// Compressed rows (the fused GEMM's survivors above a floor): one span a row, bfloat16 values,
+// columns counted from col_offset.
+struct RowCandidates {
+  const std::int64_t* row_ptr;
+  const std::int32_t* index;
+  const __nv_bfloat16* values;
+  std::int32_t col_offset;
+
+  __device__ int spans() const { return 1; }
+  __device__ std::int64_t start(std::int64_t row, int) const { return row_ptr[row]; }
+  __device__ int size(std::int64_t row, int) const {
+    return static_cast<int>(row_ptr[row + 1] - row_ptr[row]);
+  }
+  __device__ std::uint32_t key(std::int64_t j) const {
+    return float_key(__bfloat162float(values[j]));
+  }
+  __device__ std::int32_t column(std::int64_t j) const { return index[j] + col_offset; }
+};
+
 // One warp per row. The running top-k (descending, padding last) sits in the warp's registers,
 // R = ceil(k / 32) entries a lane. The row's candidates that reach its bar are packed into a
 // per-warp buffer in shared memory; each 32 R of them are sorted and absorbed by a bitonic
 // merge, so a row costs O(candidates log^2 k) shuffles and no block-wide barriers. Entries below
 // the bar cannot be among the k largest: at least k entries reach it.
-template <int R>
+template <int R, class Source>
 __global__ void __launch_bounds__(kMergeWarps * 32)
     TopkMergeKernel(float* __restrict__ top_values, std::int32_t* __restrict__ top_index,
-                    const float* __restrict__ cand_values,
-                    const std::int32_t* __restrict__ cand_index,
-                    const std::int32_t* __restrict__ cand_count,
-                    std::uint32_t* __restrict__ row_bar, SelectParams p) {
+                    const Source source, std::uint32_t* __restrict__ row_bar, SelectParams p) {
   constexpr int kBatch = 32 * R;
   __shared__ unsigned long long s_buffer[kMergeWarps][kBatch + 32];
   const int lane = threadIdx.x % 32;
@@ -412,14 +448,9 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   if (row >= p.rows) return;  // the whole warp: no barrier below spans warps
   unsigned long long* buffer = s_buffer[warp];
   const int k = static_cast<int>(p.k);
-  const int cap = static_cast<int>(p.cap);
-  const int segments = static_cast<int>(p.segments);
   const std::uint32_t bar = row_bar[row];
   float* top_v = top_values + row * p.out_row_stride;
   std::int32_t* top_i = top_index + row * p.out_row_stride;
-  const float* row_v = cand_values + row * segments * cap;
-  const std::int32_t* row_i = cand_index + row * segments * cap;
-  const std::int32_t* row_count = cand_count + row * segments;
   const unsigned before_me = (1u << lane) - 1u;
 
   unsigned long long running[R];
@@ -430,15 +461,16 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     if (e < k && top_i[e] >= 0) running[r] = compose(float_key(top_v[e]), top_i[e]);
   }
   int fill = 0;  // the same in every lane
-  for (int segment = 0; segment < segments; ++segment) {
-    const int count = min(row_count[segment], cap);
+  for (int span = 0; span < source.spans(); ++span) {
+    const std::int64_t start = source.start(row, span);
+    const int count = source.size(row, span);
     for (int base = 0; base < count; base += 32) {
-      const int j = segment * cap + base + lane;
+      const std::int64_t j = start + base + lane;
       std::uint32_t key = 0;
-      if (base + lane < count) key = float_key(row_v[j]);
+      if (base + lane < count) key = source.key(j);
       const bool keep = key != 0u && key >= bar;
       const unsigned mask = __ballot_sync(0xffffffffu, keep);
-      if (keep) buffer[fill + __popc(mask & before_me)] = compose(key, row_i[j]);
+      if (keep) buffer[fill + __popc(mask & before_me)] = compose(key, source.column(j));
       fill += __popc(mask);
       if (fill >= kBatch) {
         absorb_buffer<R>(running, buffer, kBatch);
@@ -473,6 +505,27 @@ unsigned grid_size(std::int64_t blocks, const char* op) {
   MECHINTERP_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": at most ",
                    std::numeric_limits<int>::max(), " blocks, got ", blocks);
   return static_cast<unsigned>(blocks);
+}
+
+// The merge kernel for k (at most 256): R = ceil(k / 32) rounded up to a power of two.
+template <class Source>
+void launch_merge(float* top_values, std::int32_t* top_index, const Source& source,
+                  std::uint32_t* row_bar, const SelectParams& params, cudaStream_t stream) {
+  const unsigned blocks = grid_size((params.rows + kMergeWarps - 1) / kMergeWarps, "topk_merge");
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kMergeWarps * 32, 0, stream>>>(top_values, top_index, source, row_bar,
+                                                    params);
+  };
+  if (params.k <= 32) {
+    launch(TopkMergeKernel<1, Source>);
+  } else if (params.k <= 64) {
+    launch(TopkMergeKernel<2, Source>);
+  } else if (params.k <= 128) {
+    launch(TopkMergeKernel<4, Source>);
+  } else {
+    launch(TopkMergeKernel<8, Source>);
+  }
+  MECHINTERP_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -511,21 +564,19 @@ void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const fl
                             const std::int32_t* cand_index, const std::int32_t* cand_count,
                             std::uint32_t* row_bar, const SelectParams& params,
                             cudaStream_t stream) {
-  const unsigned blocks = grid_size((params.rows + kMergeWarps - 1) / kMergeWarps, "topk_merge");
-  auto launch = [&](auto kernel) {
-    kernel<<<blocks, kMergeWarps * 32, 0, stream>>>(top_values, top_index, cand_values,
-                                                    cand_index, cand_count, row_bar, params);
-  };
-  if (params.k <= 32) {
-    launch(TopkMergeKernel<1>);
-  } else if (params.k <= 64) {
-    launch(TopkMergeKernel<2>);
-  } else if (params.k <= 128) {
-    launch(TopkMergeKernel<4>);
-  } else {
-    launch(TopkMergeKernel<8>);
-  }
-  MECHINTERP_CUDA_LAUNCH_CHECK();
+  const SlotCandidates source{cand_values, cand_index, cand_count,
+                              static_cast<int>(params.segments), static_cast<int>(params.cap)};
+  launch_merge(top_values, top_index, source, row_bar, params, stream);
+}
+
+void launch_topk_merge_rows_cuda(float* top_values, std::int32_t* top_index,
+                                 const std::int64_t* row_ptr, const std::int32_t* cand_index,
+                                 const std::uint16_t* cand_values, std::uint32_t* row_bar,
+                                 const SelectParams& params, cudaStream_t stream) {
+  const RowCandidates source{row_ptr, cand_index,
+                             reinterpret_cast<const __nv_bfloat16*>(cand_values),
+                             static_cast<std::int32_t>(params.col_offset)};
+  launch_merge(top_values, top_index, source, row_bar, params, stream);
 }
 
 template void launch_topk_candidates_cuda<float>(const float*, float*, std::int32_t*,

@@ -5,7 +5,8 @@
 //
 // A survivor is a column c of row r with v = bf16(acc + bias[c]) > bound[c], where bound is the
 // threshold rounded down to bfloat16 with the ReLU folded in (bound >= 0), so the packed 16-bit
-// compare is exact. Each becomes a 32-bit record (row in tile << 24 | column in tile << 16 |
+// compare is exact; or, with a floor per row (a TopK encode's lower bound of each row's k-th
+// largest), v >= floor[r] or v NaN (which ranks by its bits). Each becomes a 32-bit record (row in tile << 24 | column in tile << 16 |
 // v's bits) in a fixed region of `cap` records per (tile, consumer warp); records_cuda.cu turns
 // the records into compressed rows.
 #pragma once
@@ -46,7 +47,7 @@ using namespace cute;
 // each, whatever the GEMM's tile: a kernel whose tiles are TileM = kFusedTileM / 2 rows tall
 // (ping-pong, one warpgroup of 4 warps a tile) fills the upper or lower half of a record tile's
 // regions, so the tally and the compaction read every kernel's records alike.
-template <int TileM, int WarpsPerTile>
+template <int TileM, int WarpsPerTile, bool RowFloor>
 struct RecordSink {
   static_assert(kFusedTileM % TileM == 0 && WarpsPerTile * (kFusedTileM / TileM) == kFusedWarps,
                 "GEMM tiles must split a record tile's rows and regions evenly");
@@ -179,7 +180,11 @@ struct RecordSink {
       for (int q = 0; q < Size / 2; ++q) {
         pairs[q] = __floats2bfloat162_rn(static_cast<float>(pre[2 * q]),
                                          static_cast<float>(pre[2 * q + 1]));
-        masks[q] = __hgt2_mask(pairs[q], bound2[q]);
+        if constexpr (RowFloor) {
+          masks[q] = __hge2_mask(pairs[q], bound2[q]) | __hneu2_mask(pairs[q], pairs[q]);
+        } else {
+          masks[q] = __hgt2_mask(pairs[q], bound2[q]);
+        }
         any |= masks[q];
       }
       if (__any_sync(0xffffffffu, any != 0)) {
@@ -228,7 +233,11 @@ struct RecordSink {
 // epilogue together while the tensor cores idle. Ping-pong kernels give each warpgroup its own
 // 64 x 256 tile and alternate them, so one warpgroup's epilogue overlaps the other's main loop:
 // the epilogue's share is largest where d_in (the main loop) is short.
-template <int ClusterM, int ClusterN, bool PingPong>
+//
+// RowFloor swaps the bound per latent for a floor per row (a column vector broadcast along the
+// tile), and the weight may be a block of columns of a wider matrix (its row stride
+// weight_ld), so that a TopK encode can run on the latents past the ones it sampled.
+template <int ClusterM, int ClusterN, bool PingPong, bool RowFloor>
 struct ThresholdGemm {
   using Element = cutlass::bfloat16_t;
   using Layout = cutlass::layout::RowMajor;
@@ -247,11 +256,13 @@ struct ThresholdGemm {
 
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, float>;
-  using Bound = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, Element>;
+  using Bound = std::conditional_t<
+      RowFloor, cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Element, Element>,
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, Element, Element>>;
   using PreActivation = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
       cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
-  using Sink = RecordSink<kTileM, PingPong ? kFusedWarps / 2 : kFusedWarps>;
+  using Sink = RecordSink<kTileM, PingPong ? kFusedWarps / 2 : kFusedWarps, RowFloor>;
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<Sink, PreActivation, Bound>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -275,6 +286,7 @@ struct ThresholdGemm {
               k = static_cast<int>(p.d_in);
     auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(m, k, 1));
     auto stride_b = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
+    get<1>(stride_b) = p.weight_ld;  // a block of columns steps by the whole matrix's rows
     auto stride_c = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, make_shape(m, n, 1));
     auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
     cutlass::KernelHardwareInfo hw;

@@ -3,6 +3,6 @@
 
 namespace mechinterp::sae {
 
-FusedGemmEntry cluster_1x2_gemm() { return fused_sm90::ThresholdGemm<1, 2, false>::entry(); }
+FusedGemmEntry cluster_1x2_gemm() { return fused_sm90::ThresholdGemm<1, 2, false, false>::entry(); }
 
 }  // namespace mechinterp::sae

@@ -3,6 +3,6 @@
 
 namespace mechinterp::sae {
 
-FusedGemmEntry cluster_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, false>::entry(); }
+FusedGemmEntry cluster_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, false, false>::entry(); }
 
 }  // namespace mechinterp::sae

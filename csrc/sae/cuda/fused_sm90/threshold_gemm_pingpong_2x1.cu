@@ -4,6 +4,6 @@
 
 namespace mechinterp::sae {
 
-FusedGemmEntry pingpong_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, true>::entry(); }
+FusedGemmEntry pingpong_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, true, false>::entry(); }
 
 }  // namespace mechinterp::sae
