@@ -322,7 +322,7 @@ def _wants_fused(sae: SAE, device: torch.device, fused: bool | None) -> bool:
     if fused is None and sae.architecture == "topk":
         # The fused TopK encode is exact but no faster yet: its sample (a quarter of the latents
         # through cuBLAS, then the running top k) and the host's work around the GEMM left it at
-        # 0.97-1.08x the chunked encode's time (H100, bf16, 16,384 tokens, the bench's shapes).
+        # 0.96-1.17x the chunked encode's time (H100, bf16, 16,384 tokens, the bench's shapes).
         return False
     why_not = _fused.unsupported_reason(sae, device)
     if fused and why_not is not None:
