@@ -1,7 +1,8 @@
 """SAE encode and decode: mechinterp's chunked sparse encode against a bare GEMM and SAELens.
 
 For each (d_in, d_sae, k) of ``--shapes`` and each architecture (TopK with k, JumpReLU with
-thresholds set so that the mean L0 is about k), on N = ``--tokens`` random tokens, in bf16:
+thresholds set so that the mean L0 is about k; ``--archs gated`` adds gated SAEs whose gates
+open for about k, without SAELens), on N = ``--tokens`` random tokens, in bf16:
 
 - ``gemm``: one ``torch.mm`` of the same shape and dtype (cuBLAS), the floor any encode pays;
   it, ``ours``, the bf16 ``dense`` and SAELens's bf16 encode are timed in turn (one call of
@@ -54,6 +55,14 @@ def random_sae(d_in: int, d_sae: int, k: int, arch: str, device, dtype, seed: in
                   "architecture": arch}
     if arch == "topk":
         fields["k"] = k
+    elif arch == "gated":
+        # Gates open at the quantile of x W_enc that leaves about k on; magnitudes scaled by
+        # exp(r_mag) around 1, and shifted down a little, which closes a few more.
+        x = torch.randn(256, d_in, generator=g)
+        level = torch.quantile((x @ w_enc).flatten()[: 1 << 24].float(), 1 - k / d_sae)
+        fields["b_gate"] = torch.full((d_sae,), -float(level))
+        fields["r_mag"] = 0.1 * torch.randn(d_sae, generator=g)
+        fields["b_mag"] = b_enc
     else:
         # One threshold for all latents at the pre-activation quantile that leaves about k on.
         x = torch.randn(256, d_in, generator=g)
@@ -65,6 +74,9 @@ def random_sae(d_in: int, d_sae: int, k: int, arch: str, device, dtype, seed: in
 
 def dense_encode(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """What SAELens computes: the dense pre-activations, then the activation, densely."""
+    if sae.architecture == "gated":
+        h = x @ sae.W_enc
+        return (h + sae.b_gate > 0) * torch.relu(h * torch.exp(sae.r_mag) + sae.b_mag)
     h = torch.addmm(sae.b_enc, x, sae.W_enc)
     if sae.architecture == "topk":
         values, index = h.topk(sae.k, dim=-1)
@@ -95,8 +107,8 @@ def import_saelens():
 def saelens_encoder(sae: SAE, dtype: torch.dtype | None, folder: str):
     """SAELens's encode on the same weights, or None when sae_lens is not installed."""
     LensSAE = import_saelens()
-    if isinstance(LensSAE, str):
-        return None
+    if isinstance(LensSAE, str) or sae.architecture == "gated":
+        return None  # SAELens does not load the gated files save_sae writes
     path = os.path.join(folder, f"{sae.architecture}-{sae.d_sae}")
     if not os.path.exists(path):
         save_sae(sae.to(dtype=torch.float32), path)

@@ -7,6 +7,10 @@ chunked encode and the fused CUTLASS GEMM must both give, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -17,8 +21,12 @@ from mechinterp.sae import fused as fused_module
 from mechinterp.sae.fused import (
     FusedSchedule,
     bf16_bounds,
+    gated_bounds,
+    gated_magnitudes,
+    gated_params,
     record_bytes_per_row,
     schedule_for,
+    threshold_params,
     unsupported_reason,
 )
 from tests.kernels import CUDA_OK
@@ -42,6 +50,15 @@ def exact_sae(d_in: int, d_sae: int, arch: str, *, seed: int = 0, device: str = 
         threshold = 2.0 * (d_in ** 0.5) * (1 + 0.3 * torch.rand(d_sae, generator=g))
         threshold[:6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -3.0, 0.0, -0.0])
         fields["threshold"] = threshold
+    if arch == "gated":
+        # Gates open for about one pre-activation in twenty; a third of those have a magnitude
+        # of 0. Then edge cases: open at 0 or just below, no scale to speak of, a huge one.
+        fields["b_gate"] = -2.0 * (d_in ** 0.5) * (1 + 0.3 * torch.rand(d_sae, generator=g))
+        fields["r_mag"] = 2 * torch.rand(d_sae, generator=g) - 1
+        fields["b_mag"] = torch.randint(-16, 17, (d_sae,), generator=g) / 8.0
+        fields["b_gate"][:4] = torch.tensor([0.0, -0.0, 0.125, 1.0])
+        fields["r_mag"][4:6] = torch.tensor([-60.0, 60.0])
+        fields["b_mag"][:6] = torch.tensor([-0.0, 0.0, -1.0, 2.0, 0.5, -0.5])
     return SAE(**fields).to(device=device, dtype=torch.bfloat16)
 
 
@@ -51,16 +68,27 @@ def exact_inputs(rows: int, d_in: int, *, seed: int = 1, device: str = "cpu") ->
 
 
 def reference(sae: SAE, x: torch.Tensor):
-    """(row_ptr, indices, values) of bf16(x W + b) > max(threshold, 0), from float64 sums."""
-    h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
-    bound = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
-    if sae.threshold is not None:
-        bound = sae.threshold.double().clamp_min(0)  # NaN stays NaN: nothing passes it
-    keep = (h.double() > bound) & (h.double() > 0)
+    """(row_ptr, indices, values) of bf16(x W + b) > max(threshold, 0), from float64 sums.
+
+    Gated: h = bf16(x W), kept where the gate h + b_gate > 0 is open and the magnitude
+    relu(h * exp(r_mag) + b_mag) > 0, in float32 rounded after each operation (the selectors'
+    arithmetic; exp(r_mag) in bf16, as SAELens computes it), rounded to bf16."""
+    if sae.architecture == "gated":
+        h = (x.double() @ sae.W_enc.double()).to(torch.bfloat16).float()
+        scale = torch.exp(sae.r_mag).float()
+        magnitude = torch.relu(h * scale + sae.b_mag.float())
+        keep = (h + sae.b_gate.float() > 0) & (magnitude > 0)
+        values = magnitude.to(torch.bfloat16)
+    else:
+        values = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        bound = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
+        if sae.threshold is not None:
+            bound = sae.threshold.double().clamp_min(0)  # NaN stays NaN: nothing passes it
+        keep = (values.double() > bound) & (values.double() > 0)
     rows, cols = keep.nonzero(as_tuple=True)
     row_ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(keep.sum(1), 0, out=row_ptr[1:])
-    return row_ptr, cols, h[rows, cols]
+    return row_ptr, cols, values[rows, cols]
 
 
 def assert_same(features, want) -> None:
@@ -100,6 +128,87 @@ def test_bf16_bounds_keep_exactly_the_values_above_the_threshold():
     assert torch.equal(bf16_bounds(None, 3, torch.device("cpu")), torch.zeros(3, dtype=torch.bfloat16))
 
 
+def every_bf16_against_the_selector(gate, scale, shift, device):
+    """Each non-NaN bfloat16 h against each latent's gated parameters, through the compiled
+    selector: (h [V], kept [V, d] bool, the selector's activations [V, d] float32)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    every = bits.view(torch.bfloat16)
+    every = every[~torch.isnan(every)].to(device)
+    d = gate.shape[0]
+    values = every[:, None].expand(-1, d).contiguous()
+    kept, index, count = _ops.select_threshold(values, cap=d, bias=gate, mag_scale=scale,
+                                               mag_bias=shift)
+    slots = torch.arange(d, device=device) < count[:, :1]
+    found = torch.zeros(values.shape, dtype=torch.bool, device=device)
+    activation = torch.zeros(values.shape, dtype=torch.float32, device=device)
+    rows = torch.arange(values.shape[0], device=device)[:, None].expand(-1, d)
+    found[rows[slots], index[:, 0][slots].long()] = True
+    activation[rows[slots], index[:, 0][slots].long()] = kept[:, 0][slots]
+    return every, found, activation
+
+
+def gated_edge_params(device):
+    """float32 gated parameters with edge cases: zero and signed-zero biases, scales from
+    1e-30 to 1e30, biases near the bfloat16 extremes."""
+    g = torch.Generator().manual_seed(3)
+    gate = torch.cat([torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 0.0, 5.0]),
+                      6 * torch.rand(16, generator=g) - 3])
+    scale = torch.cat([torch.tensor([1.0, 1e-30, 1e30, 1.0, 2.0, 1.0, 0.5, 1e-3]),
+                       torch.exp(8 * torch.rand(16, generator=g) - 4)])
+    shift = torch.cat([torch.tensor([-0.0, 0.0, -3.0, 1e-30, -1.0, 3e38, -3e38, 0.0]),
+                       6 * torch.rand(16, generator=g) - 3])
+    return gate.to(device), scale.to(device), shift.to(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")])])
+def test_gated_bounds_keep_exactly_what_the_selector_keeps(device):
+    gate, scale, shift = gated_edge_params(device)
+    bound = gated_bounds(gate, scale, shift)
+    assert bound.dtype == torch.bfloat16 and bound.shape == gate.shape
+    every, found, activation = every_bf16_against_the_selector(gate, scale, shift, device)
+    assert torch.equal(every.float()[:, None] > bound.float(), found)
+    # The survivors' activations, worked out after the GEMM, are the selector's.
+    rows, cols = found.nonzero(as_tuple=True)
+    assert torch.equal(gated_magnitudes(cols, every[rows], mag_scale=scale, mag_bias=shift),
+                       activation[rows, cols].to(torch.bfloat16))
+
+
+def test_threshold_params_are_worked_out_again_when_the_parameters_change():
+    def bits(t):  # NaN bounds compare equal by their bits
+        return t.view(torch.int16).tolist()
+
+    sae = exact_sae(16, 64, "jumprelu")
+    bias, bound, finish = threshold_params(sae)
+    assert finish is None and torch.equal(bias, sae.b_enc)
+    assert bits(bound) == bits(bf16_bounds(sae.threshold, 64, torch.device("cpu")))
+    assert threshold_params(sae)[1] is bound  # kept
+    sae.threshold.add_(1.0)  # in place
+    assert bits(threshold_params(sae)[1]) == bits(bf16_bounds(sae.threshold, 64,
+                                                              torch.device("cpu")))
+    sae.threshold = torch.zeros(64, dtype=torch.bfloat16)  # another tensor
+    assert threshold_params(sae)[1].abs().max() == 0
+    gated = exact_sae(16, 64, "gated")
+    bias, bound, finish = threshold_params(gated)
+    assert bias.abs().max() == 0 and finish is not None
+    gate, scale, shift = gated_params(gated)
+    assert bits(bound) == bits(gated_bounds(gate, scale, shift))
+    gated.r_mag.fill_(0.0)
+    assert bits(threshold_params(gated)[1]) == bits(
+        gated_bounds(gated.b_gate.float(), torch.ones(64), gated.b_mag.float()))
+
+
+def test_kept_bounds_go_with_their_sae():
+    jumprelu, gated = exact_sae(16, 64, "jumprelu"), exact_sae(16, 64, "gated")
+    threshold_params(jumprelu)
+    threshold_params(gated)
+    sources = [weakref.ref(t) for t in (jumprelu.threshold, jumprelu.b_enc, gated.b_gate,
+                                        gated.r_mag, gated.b_mag)]
+    del jumprelu, gated
+    gc.collect()
+    assert [ref() for ref in sources] == [None] * 5
+
+
 def test_record_bytes_per_row_counts_every_tile_region():
     tiles_n = -(-1000 // _ops.SAE_FUSED_TILE_N)
     slots = tiles_n * _ops.SAE_FUSED_WARPS * fused_module.RECORDS_PER_WARP
@@ -111,11 +220,12 @@ def test_unsupported_reasons_are_named():
     sae = exact_sae(16, 64, "jumprelu")
     assert "CUDA" in unsupported_reason(sae, torch.device("cpu"))
     assert "bfloat16" in unsupported_reason(sae.to(dtype=torch.float32), torch.device("cuda"))
-    assert "gated" in unsupported_reason(
-        SAE(W_enc=torch.zeros(16, 64), b_enc=torch.zeros(64), W_dec=torch.zeros(64, 16),
-            b_dec=torch.zeros(16), b_gate=torch.zeros(64), r_mag=torch.zeros(64),
-            b_mag=torch.zeros(64), architecture="gated").to(dtype=torch.bfloat16),
-        torch.device("cuda"))
+    gated = exact_sae(16, 64, "gated")
+    for name, bad in (("r_mag", 100.0), ("r_mag", float("nan")), ("b_gate", float("inf")),
+                      ("b_mag", float("-inf"))):
+        edited = dataclasses.replace(gated, **{name: getattr(gated, name).clone()})
+        getattr(edited, name)[3] = bad  # exp(100) overflows bf16
+        assert "finite" in unsupported_reason(edited, torch.device("cuda")), name
     odd = exact_sae(12, 64, "relu")
     assert "multiples of 8" in unsupported_reason(odd, torch.device("cuda"))
 
@@ -172,7 +282,7 @@ def test_schedule_for_bands_only_where_they_do_not_pad_the_tile_grid():
 @pytest.mark.cuda
 @needs_fused
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
-@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk", "gated"])
 @pytest.mark.parametrize(("rows", "d_in", "d_sae"), [
     (300, 72, 904),     # partial tiles every way; 44 rows in the last record tile
     (129, 1032, 520),   # one row in the last record tile
@@ -197,12 +307,16 @@ def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, schedule,
 @needs_fused
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("dense_rows", [range(128), range(64, 100)])
-def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dense_rows):
-    # Tile row 0 has dense rows (ReLU, no threshold) that overflow its record regions: all of
-    # them, or some of the second warpgroup's only. The other rows are zero, so their
-    # pre-activations are the biases, <= 0.
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dense_rows, arch):
+    # Tile row 0 has dense rows (ReLU, no threshold; gated, gates open above 0) that overflow
+    # its record regions: all of them, or some of the second warpgroup's only. The other rows
+    # are zero, so their pre-activations are the biases, <= 0 (gated: 0, which no gate passes).
     use_schedule(monkeypatch, schedule)
-    sae = exact_sae(64, 2056, "relu", device="cuda", most_bias=0.0)
+    sae = exact_sae(64, 2056, arch, device="cuda", most_bias=0.0)
+    if arch == "gated":
+        sae.b_gate.zero_()
+        sae.b_mag.fill_(0.5)
     x = torch.zeros(300, 64, dtype=torch.bfloat16, device="cuda")
     dense = torch.tensor(list(dense_rows), device="cuda")
     x[dense] = exact_inputs(len(dense_rows), 64, device="cuda")

@@ -7,8 +7,8 @@ activation lets through: the top ``k`` per token (TopK) or the latents above the
 time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
 decoder rows of the active latents and sums them in float32.
 
-On Hopper GPUs, bfloat16 ReLU / JumpReLU / BatchTopK SAEs skip the chunks: the threshold runs
-in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches memory.
+On Hopper GPUs, bfloat16 ReLU / JumpReLU / BatchTopK / gated SAEs skip the chunks: the threshold
+runs in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches memory.
 bfloat16 TopK SAEs there encode one chunk, a sample of their latents, and the fused GEMM keeps
 from the others only what reaches each row's k-th of the sample.
 
@@ -131,7 +131,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
     bounds every pre-activation and only the latents that can reach the top ``k`` are computed
     in float32; the result is the exact float32 top-k, values rounded once.
 
-    bfloat16 ReLU, JumpReLU and BatchTopK SAEs on Hopper GPUs encode in one GEMM with the
+    bfloat16 ReLU, JumpReLU, BatchTopK and gated SAEs on Hopper GPUs encode in one GEMM with the
     threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then bounds its
     survivor records (``d_sae / 8`` bytes a row) instead of a chunk. With ``fused=True``,
     bfloat16 TopK SAEs there (``k`` up to 256, not ranked by decoder norms) take the same GEMM
@@ -478,6 +478,10 @@ def _selector_params(sae: SAE, dtype: torch.dtype):
         return t.to(dtype).contiguous()
 
     if sae.architecture == "gated":
+        if dtype == torch.float32:
+            # The very tensors the fused encode's bounds are worked out from.
+            gate, scale, shift = _fused.gated_params(sae)
+            return gate, None, scale, shift
         return cast(sae.b_gate), None, cast(torch.exp(sae.r_mag)), cast(sae.b_mag)
     if sae.architecture == "relu":
         return None, None, None, None
@@ -502,15 +506,14 @@ def _encode_threshold(sae: SAE, plan: _Plan):
         return _threshold_rows(xb, sae, gemm_bias, selector, list(plan.chunks(sae.d_sae)), plan)
 
     if plan.fused:
-        bias = _fused.aligned(sae.b_enc)
-        bound = _fused.aligned(_fused.bf16_bounds(sae.threshold, sae.d_sae, sae.device))
+        bias, bound, finish = _fused.threshold_params(sae)
     device = sae.device
     ptr_blocks, index_blocks, value_blocks = [], [], []
     start = 0  # entries of the earlier blocks
     for xb in plan.blocks():
         if plan.fused:
             block_ptr, indices, values, nnz = _fused.encode_block(xb, sae.W_enc, bias, bound,
-                                                                  chunked)
+                                                                  chunked, finish)
         else:
             block_ptr, indices, values, nnz = chunked(xb)
         ptr_blocks.append(block_ptr if not ptr_blocks else block_ptr[1:] + start)

@@ -1,9 +1,11 @@
 """The encode fused into the encoder GEMM (bfloat16 SAEs on Hopper GPUs).
 
-On a GPU of compute capability 9.0, ReLU, JumpReLU and BatchTopK (at inference) SAEs in
-bfloat16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
+On a GPU of compute capability 9.0, ReLU, JumpReLU, BatchTopK (at inference) and gated SAEs
+in bfloat16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
 threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations never reach
-memory. Two small kernels then turn the survivors into compressed rows.
+memory. Two small kernels then turn the survivors into compressed rows. A gated SAE's two tests
+(its gate open, its magnitude positive) both rise with the pre-activation, so they make one
+bound per latent (:func:`gated_bounds`), and its few survivors' magnitudes are computed after.
 
 TopK SAEs first take the exact top ``k`` of a sample of their latents (the first
 :func:`topk_sample_cols`, through the chunked path). A row's k-th largest of the sample is a
@@ -27,6 +29,7 @@ default wherever :func:`unsupported_reason` finds nothing against it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -34,10 +37,12 @@ from typing import NamedTuple
 import torch
 
 from mechinterp import _C, _ops
+from mechinterp.sae.derived import derived
 from mechinterp.sae.sae import SAE
 
 __all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "encode_block",
-           "encode_topk_block", "record_bytes_per_row", "schedule_for", "topk_sample_cols",
+           "encode_topk_block", "gated_bounds", "gated_magnitudes", "gated_params",
+           "record_bytes_per_row", "schedule_for", "threshold_params", "topk_sample_cols",
            "unsupported_reason"]
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
@@ -46,7 +51,7 @@ RECORDS_PER_WARP = 128
 # Rows with at most this many entries are ordered by the compaction kernel (whose work grows
 # with the square of a row's entries); wider ones by one sort.
 _KERNEL_ORDER_MAX = 1024
-_ARCHITECTURES = ("relu", "jumprelu", "batchtopk", "topk")
+_ARCHITECTURES = ("relu", "jumprelu", "batchtopk", "gated", "topk")
 # TopK: the sample is this share of the latents, and at least this many times k. A row's
 # candidates past the sample are then about k / sample of its latents, at most 1/64: 64 of a
 # record region's 4,096 pre-activations on average, half its RECORDS_PER_WARP.
@@ -67,8 +72,9 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
         return f"it runs {', '.join(_ARCHITECTURES)} SAEs, and this one is {sae.architecture}"
     if sae.d_in % 8 or sae.d_sae % 8:
         return f"d_in and d_sae must be multiples of 8, and are {sae.d_in} and {sae.d_sae}"
-    if sae.architecture == "topk":
-        why_not = _topk_unsupported_reason(sae)
+    if sae.architecture in ("topk", "gated"):
+        why_not = (_topk_unsupported_reason if sae.architecture == "topk"
+                   else _gated_unsupported_reason)(sae)
         if why_not is not None:
             return why_not
     if not sae.W_enc.is_contiguous() or sae.W_enc.data_ptr() % 16:
@@ -91,6 +97,19 @@ def _topk_unsupported_reason(sae: SAE) -> str | None:
     if 2 * sample > sae.d_sae:
         return (f"a TopK SAE needs at least twice its sample of {sample} latents (for k={sae.k}), "
                 f"and this one has d_sae={sae.d_sae}")
+    return None
+
+
+def _gated_unsupported_reason(sae: SAE) -> str | None:
+    def finite() -> bool:
+        gate, scale, shift = gated_params(sae)
+        return bool((torch.isfinite(gate).all() & torch.isfinite(shift).all()
+                     & torch.isfinite(scale).all() & (scale > 0).all()).item())
+
+    # One host sync per set of parameters, not per encode.
+    if not derived("gated_finite", (sae.b_gate, sae.r_mag, sae.b_mag), finite):
+        return ("it bounds each latent of a gated SAE by one threshold, which needs finite gate "
+                "and magnitude biases and magnitude scales exp(r_mag) finite and above 0")
     return None
 
 
@@ -204,14 +223,110 @@ def bf16_bounds(threshold: torch.Tensor | None, d_sae: int, device: torch.device
     return down.view(torch.bfloat16).contiguous()
 
 
+# What becomes of the fused GEMM's survivors: (indices, values) -> activations.
+Finish = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def threshold_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, Finish | None]:
+    """``(bias, bound, finish)`` of a threshold SAE's fused encode, worked out once while its
+    parameters stand (:func:`mechinterp.sae.derived.derived`).
+
+    The GEMM keeps column ``c`` of a row where ``bf16(x W + bias[c]) > bound[c]``;
+    ``finish(indices, values)`` (None: nothing to do) turns the kept values into activations.
+    ReLU / JumpReLU / BatchTopK: the encoder bias and :func:`bf16_bounds`. Gated: no bias (the
+    gate and magnitude read ``x W`` alone), :func:`gated_bounds`, and
+    :func:`gated_magnitudes`.
+    """
+    if sae.architecture == "gated":
+        gate, scale, shift = gated_params(sae)
+
+        def gated() -> tuple[torch.Tensor, torch.Tensor]:
+            zeros = torch.zeros(sae.d_sae, dtype=torch.bfloat16, device=sae.device)
+            return zeros, aligned(gated_bounds(gate, scale, shift))
+
+        bias, bound = derived("fused_gated", (sae.b_gate, sae.r_mag, sae.b_mag), gated)
+        return bias, bound, functools.partial(gated_magnitudes, mag_scale=scale, mag_bias=shift)
+
+    def bounds() -> torch.Tensor:
+        return aligned(bf16_bounds(sae.threshold, sae.d_sae, sae.device))  # a new tensor
+
+    # The bias is the SAE's own (the cache must not hold it); ReLU's zeros are kept by b_enc.
+    bound = derived("fused_bound", (sae.b_enc,) if sae.threshold is None else (sae.threshold,),
+                    bounds)
+    return aligned(sae.b_enc), bound, None
+
+
+def gated_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated SAE's ``(gate bias, magnitude scale, magnitude bias)``, float32 ``[d_sae]`` each,
+    as the chunked selector takes them: the scale is ``exp(r_mag)`` in the SAE's dtype, widened."""
+    def widened() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Copies even where the SAE is float32 already: the cache must not hold its tensors.
+        return tuple(t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                     for t in (sae.b_gate, torch.exp(sae.r_mag), sae.b_mag))
+
+    return derived("gated_params", (sae.b_gate, sae.r_mag, sae.b_mag), widened)
+
+
+# bfloat16 values in order as int32 keys: negatives by falling magnitude, then positives;
+# -0 and +0 are neighbours, -inf and +inf the ends (NaNs lie past them).
+_NEGATIVE_INF_KEY = 0x7FFF - 0x7F80
+_POSITIVE_INF_KEY = 0x8000 + 0x7F80
+
+
+def _bf16_of_keys(keys: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(keys >= 0x8000, keys - 0x8000, (0x7FFF - keys) | 0x8000)
+    bits = torch.where(bits >= 0x8000, bits - 0x10000, bits)  # int16's two's complement
+    return bits.to(torch.int16).view(torch.bfloat16)
+
+
+def gated_bounds(gate_bias: torch.Tensor, mag_scale: torch.Tensor,
+                 mag_bias: torch.Tensor) -> torch.Tensor:
+    """A gated SAE's bound per latent, bf16 ``[d_sae]``: for every bfloat16 ``h`` (``x W``
+    rounded), ``h > bound`` exactly when the chunked selector keeps the latent, that is when its
+    gate ``h + gate_bias > 0`` is open and its magnitude ``relu(h * mag_scale + mag_bias)``
+    (float32, rounded after the multiply) is above 0.
+
+    Arguments are float32 ``[d_sae]`` (:func:`gated_params`), finite, with ``mag_scale > 0``: both
+    tests then rise with ``h``, and the bound is the largest bfloat16 that fails them, found by
+    bisection over the bfloat16 values in order (17 halvings of their 65,282 keys, every latent
+    at once, with the selector's own float32 arithmetic).
+
+    Examples:
+        >>> import torch
+        >>> gate, scale, shift = torch.tensor([1.0, -0.5]), torch.tensor([2.0, 1.0]), torch.tensor([-3.0, 0.0])
+        >>> gated_bounds(gate, scale, shift).float().tolist()  # h > 1.5 and h > 0.5
+        [1.5, 0.5]
+    """
+    lo = torch.full(gate_bias.shape, _NEGATIVE_INF_KEY, dtype=torch.int32,
+                    device=gate_bias.device)
+    hi = torch.full_like(lo, _POSITIVE_INF_KEY + 1)  # kept (past the end) by convention
+    for _ in range(17):  # 2**17 keys > the span: one key apart after, and then it holds
+        mid = (lo + hi) // 2
+        h = _bf16_of_keys(mid).to(torch.float32)
+        keep = (h + gate_bias > 0) & (torch.relu(h * mag_scale + mag_bias) > 0)
+        lo = torch.where(keep, lo, mid)
+        hi = torch.where(keep, mid, hi)
+    return _bf16_of_keys(lo)
+
+
+def gated_magnitudes(indices: torch.Tensor, values: torch.Tensor, *, mag_scale: torch.Tensor,
+                     mag_bias: torch.Tensor) -> torch.Tensor:
+    """The activations of a gated SAE's survivors: ``relu(h * mag_scale + mag_bias)`` in float32,
+    rounded after the multiply as the chunked selector computes it, in ``values``' dtype.
+    ``values`` are the survivors' ``h`` at latents ``indices``."""
+    product = values.to(torch.float32) * mag_scale[indices]
+    return torch.relu(product + mag_bias[indices]).to(values.dtype)
+
+
 def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 bound: torch.Tensor, encode_again: RowsEncoder):
+                 bound: torch.Tensor, encode_again: RowsEncoder, finish: Finish | None = None):
     """Compressed rows ``(row_ptr, indices, values, nnz)`` of one block of inputs.
 
     ``xb`` bf16 ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` bf16 ``[d_in,
-    d_sae]``, ``bias`` and ``bound`` bf16 ``[d_sae]``. Rows of a tile that ran out of
-    record slots go through ``encode_again``. One host sync in the usual case (the number of
-    entries), two when rows were encoded again.
+    d_sae]``, ``bias`` and ``bound`` bf16 ``[d_sae]`` (:func:`threshold_params`). ``finish``
+    turns the GEMM's survivors into activations. Rows of a tile that ran out of record slots go
+    through ``encode_again``. One host sync in the usual case (the number of entries), two when
+    rows were encoded again.
     """
     rows, d_sae = xb.shape[0], weight.shape[1]
     if rows == 0:
@@ -228,6 +343,8 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     del done
     if not order:
         indices, values = _ordered(row_ptr, indices, values, d_sae)
+    if finish is not None:
+        values = finish(indices, values)
     if again is not None:
         again_ptr, again_indices, again_values, again_nnz = encode_again(xb[again])
         row_ptr, indices, values = _spliced(row_ptr, indices, values, again, again_ptr,
