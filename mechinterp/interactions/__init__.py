@@ -53,6 +53,7 @@ from mechinterp.interactions.weights import INDICES, index_weights
 # the package does not need it.
 _LAZY = {name: "mechinterp.interactions.model_games"
          for name in ("BaselineLearning", "ComponentGame", "ModelGame", "TokenGame")}
+_LAZY["FeatureGame"] = "mechinterp.interactions.feature_games"
 
 
 def __getattr__(name: str) -> object:
@@ -72,6 +73,7 @@ __all__ = [
     "BaselineLearning",
     "CallableGame",
     "ComponentGame",
+    "FeatureGame",
     "Game",
     "GeneralizableAndOrResult",
     "InteractionResult",

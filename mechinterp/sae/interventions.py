@@ -96,7 +96,7 @@ class SAEEdit(TensorEdit):
             )
             raise InputError(msg)
         self.sae = sae
-        self.ablate = _feature_list("ablate", ablate, sae.d_sae, site)
+        self.ablate = feature_indices("ablate", ablate, sae.d_sae, site)
         self.clamp = _feature_map("clamp", clamp, sae.d_sae, site)
         self.steer = _feature_map("steer", steer, sae.d_sae, site)
         seen: dict[int, str] = {}
@@ -159,18 +159,26 @@ class SAEEdit(TensorEdit):
         if self.steer:
             change[..., n_read:] = torch.tensor(list(self.steer.values()), dtype=sae.dtype,
                                                 device=sae.device)
-        decoder = sae.W_dec[index]
-        if sae.rescale_acts_by_decoder_norm:
-            # decode() divides every activation by its decoder row's norm before the product.
-            change = change / decoder.norm(dim=-1)
-        out = change @ decoder  # b_dec cancels in the difference of two decodes
-        # decode() works in the normalised space; the normalisation's inverse is affine, and only
-        # its linear part survives the difference.
-        if sae.normalize_activations == "constant_norm_rescale":
-            out = out / (math.sqrt(sae.d_in) / x.norm(dim=-1, keepdim=True))
-        elif sae.normalize_activations == "layer_norm":
-            out = out * (x - x.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
-        return out
+        return decoded_change(sae, x, change, index)
+
+
+def decoded_change(sae: SAE, x: torch.Tensor, change: torch.Tensor,
+                   features: torch.Tensor) -> torch.Tensor:
+    """``x̂' - x̂`` ``[..., d_in]``: how the SAE's reconstruction of activations ``x [..., d_in]``
+    (its dtype) moves when the activations of ``features`` (int64 ``[F]``) change by ``change
+    [..., F]``. ``change``'s leading dimensions broadcast against ``x``'s."""
+    decoder = sae.W_dec[features]
+    if sae.rescale_acts_by_decoder_norm:
+        # decode() divides every activation by its decoder row's norm before the product.
+        change = change / decoder.norm(dim=-1)
+    out = change @ decoder  # b_dec cancels in the difference of two decodes
+    # decode() works in the normalised space; the normalisation's inverse is affine, and only
+    # its linear part survives the difference.
+    if sae.normalize_activations == "constant_norm_rescale":
+        out = out / (math.sqrt(sae.d_in) / x.norm(dim=-1, keepdim=True))
+    elif sae.normalize_activations == "layer_norm":
+        out = out * (x - x.mean(dim=-1, keepdim=True)).std(dim=-1, keepdim=True)
+    return out
 
 
 def feature_activations(model, inputs, site: Site, sae: SAE) -> torch.Tensor:
@@ -216,7 +224,9 @@ def _feature(name: str, value: object, d_sae: int, site: Site) -> int:
     return feature
 
 
-def _feature_list(name: str, features: object, d_sae: int, site: Site) -> tuple[int, ...]:
+def feature_indices(name: str, features: object, d_sae: int, site: Site) -> tuple[int, ...]:
+    """``features`` as distinct int latent indices in ``[0, d_sae)``; an :class:`InputError`
+    naming ``name`` and ``site`` otherwise."""
     if isinstance(features, (str, bytes, Mapping)) or not isinstance(features, Iterable):
         msg = f"{name} for {site} must be a sequence of int feature indices; got {features!r}"
         raise InputError(msg)
