@@ -1185,7 +1185,8 @@ def fused_threshold_gemm(
     ``x`` bf16 ``[rows, d_in]`` and ``weight`` bf16 ``[d_in, d_sae]`` (both contiguous, 16-byte
     aligned, ``d_in`` and ``d_sae`` multiples of 8), ``bias`` and ``bound`` bf16 ``[d_sae]``:
     column ``c`` of row ``r`` survives iff ``bf16(x[r] @ weight[:, c] + bias[c]) >
-    bound[c]`` (``bound`` >= 0 or NaN; see :func:`mechinterp.sae.fused.bf16_bounds`).
+    bound[c]`` (a bf16 compare, exact for any bound: see
+    :func:`mechinterp.sae.fused.threshold_params`).
 
     Survivors become int32 records (row in tile << 24 | column in tile << 16 | the value's bf16
     bits) in regions of ``cap`` per (tile, warp); a region's count above ``cap`` means records
