@@ -36,7 +36,7 @@ import torch
 
 from mechinterp.errors import DeviceError, InputError, ShapeError
 from mechinterp.interactions.model_games import ABLATIONS, ModelGame, Output
-from mechinterp.interventions import TensorEdit
+from mechinterp.interventions import Add
 from mechinterp.model import Inputs, InterpModel
 from mechinterp.sae.encode import encode_subset
 from mechinterp.sae.interventions import decoded_change, feature_indices
@@ -44,17 +44,6 @@ from mechinterp.sae.sae import SAE
 from mechinterp.sites import Site
 
 __all__ = ["FeatureGame"]
-
-
-class _AddDelta(TensorEdit):
-    """Adds a precomputed ``[rows, pos, d]`` change to a site's tensor."""
-
-    def __init__(self, site: Site, delta: torch.Tensor):
-        super().__init__(site)
-        self.delta = delta
-
-    def write(self, tensor: torch.Tensor, current: torch.Tensor | None) -> None:
-        tensor += self.delta.to(tensor.dtype)
 
 
 class FeatureGame(ModelGame):
@@ -121,6 +110,7 @@ class FeatureGame(ModelGame):
             msg = f"sae must be on the model's device {self.model.device}; got {self.sae.device}"
             raise DeviceError(msg)
         self._x = self._activation(self.tokens)  # [1, pos, d_in], the SAE's dtype
+        self._model_dtype = next(self.model._module.parameters()).dtype  # what the delta adds to
         seq_len = self._x.shape[1]
         where = _positions(self._positions_arg, seq_len)
         features = self._choose(where)
@@ -186,8 +176,8 @@ class FeatureGame(ModelGame):
         rows = coalitions.shape[0]
         absent = (~coalitions).to(self._change.dtype)  # [rows, F]
         change = absent[:, None, :] * self._change  # [rows, pos, F]
-        delta = decoded_change(self.sae, self._x, change, self._index)
-        return self._forward(self.tokens.repeat(rows), [_AddDelta(self.site, delta)])
+        delta = decoded_change(self.sae, self._x, change, self._index).to(self._model_dtype)
+        return self._forward(self.tokens.repeat(rows), [Add(self.site, delta)])
 
 
 def _site_of(sae: SAE, site: Site | None) -> Site:
