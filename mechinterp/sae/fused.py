@@ -54,7 +54,11 @@ _KERNEL_ORDER_MAX = 1024
 _ARCHITECTURES = ("relu", "jumprelu", "batchtopk", "gated", "topk")
 # TopK: the sample is this share of the latents, and at least this many times k. A row's
 # candidates past the sample are then about k / sample of its latents, at most 1/64: 64 of a
-# record region's 4,096 pre-activations on average, half its RECORDS_PER_WARP.
+# record region's 4,096 pre-activations on average, half its RECORDS_PER_WARP. Smaller samples
+# cost more than they save: with an eighth or a sixteenth of the latents the encode took 1.69x
+# and 1.97x the GEMM at 768 x 32768 (a quarter: 1.59x) and 1.18x and 1.23x at 4096 x 131072
+# (1.16x; H100, bf16, 16,384 tokens): the GEMM's epilogue and the merge handle the extra
+# candidates slower than the sample's chunk costs.
 _SAMPLE_SHARE = 4
 _SAMPLE_MIN_PER_K = 64
 
@@ -333,7 +337,9 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         empty = torch.empty(0, dtype=torch.int64, device=xb.device)
         return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
     # The GEMM, the tally and the host's wait for the summary, in one call. The rows of
-    # overflowed tile rows get empty ranges, which drops their records.
+    # overflowed tile rows get empty ranges, which drops their records. (Queuing the compaction
+    # before the wait too, into buffers sized from the last encode's entries, was measured no
+    # faster: their allocation moved before the GEMM's launch what it saved after the wait.)
     done = _ops.fused_encode_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
                                   **schedule_for(rows, xb.shape[1], d_sae)._asdict())
     row_ptr, nnz = done.row_ptr, done.entries
