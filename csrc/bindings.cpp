@@ -333,6 +333,23 @@ PYBIND11_MODULE(_C, m) {
       "the summary: returns (entries, overflowed tile rows, widest row).");
 
   m.def(
+      "fused_gated_magnitudes",
+      [](py::handle index, py::handle values, py::handle scale, py::handle bias,
+         std::uintptr_t stream) {
+        const auto index_view = mechinterp::view_from_py(index, "index");
+        const auto values_view = mechinterp::view_from_py(values, "values");
+        const auto scale_view = mechinterp::view_from_py(scale, "scale");
+        const auto bias_view = mechinterp::view_from_py(bias, "bias");
+        py::gil_scoped_release release;
+        mechinterp::sae::fused_gated_magnitudes(index_view, values_view, scale_view, bias_view,
+                                                stream);
+      },
+      py::arg("index"), py::arg("values"), py::arg("scale"), py::arg("bias"), py::arg("stream"),
+      "A gated SAE's survivors' activations in place: values bf16 [n] become "
+      "bf16(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the "
+      "add; index int64 [n] in [0, d_sae), scale and bias float32 [d_sae].");
+
+  m.def(
       "fused_records_to_rows",
       [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle cursor,
          py::handle scratch_index, py::handle scratch_values, py::handle out_index,

@@ -1289,6 +1289,23 @@ def _pass_rows(done: FusedPass, *, order: bool):
     return arrival, (out_index, out_values)
 
 
+def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor) -> torch.Tensor:
+    """A gated SAE's fused-encode survivors turned into activations, in place, in one launch.
+
+    ``values`` bf16 ``[n]`` (the survivors' ``h = x W_enc``) become ``bf16(relu(h * scale[index]
+    + bias[index]))`` in float32 with the multiply rounded before the add, exactly as torch
+    computes it one operation at a time. ``index`` int64 ``[n]`` holds their latents, which
+    must lie in ``[0, d_sae)`` (the compaction's columns; the device does not check), and
+    ``scale`` / ``bias`` are float32 ``[d_sae]``. CUDA, fused builds only. Returns ``values``.
+    """
+    op = "fused_gated_magnitudes"
+    _check_device(values, op, "values")
+    _C.fused_gated_magnitudes(_view(index), _view(values), _view(scale), _view(bias),
+                              _stream(values))
+    return values
+
+
 def fused_tally(
     row_count: torch.Tensor, tile_overflow: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,6 +172,30 @@ def test_gated_bounds_keep_exactly_what_the_selector_keeps(device):
     rows, cols = found.nonzero(as_tuple=True)
     assert torch.equal(gated_magnitudes(cols, every[rows], mag_scale=scale, mag_bias=shift),
                        activation[rows, cols].to(torch.bfloat16))
+    if device == "cuda" and FUSED_OK:
+        # The fused encode's one-launch version: the same bits, for the survivors and for every
+        # other value and latent too (its ReLU included: torch's on CUDA turns -0 into +0).
+        in_place = _ops.fused_gated_magnitudes_(cols, every[rows], scale, shift)
+        assert torch.equal(in_place, activation[rows, cols].to(torch.bfloat16))
+        cols = torch.arange(gate.shape[0], device=device).repeat(every.shape[0])
+        h = every.repeat_interleave(gate.shape[0])
+        want = gated_magnitudes(cols, h, mag_scale=scale, mag_bias=shift)
+        got = _ops.fused_gated_magnitudes_(cols, h.clone(), scale, shift)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_fused_gated_magnitudes_bad_input_is_named():
+    index = torch.zeros(4, dtype=torch.int64, device="cuda")
+    values = torch.zeros(4, dtype=torch.bfloat16, device="cuda")
+    scale = torch.ones(8, device="cuda")
+    with pytest.raises(ValueError, match="fused_gated_magnitudes: values must be bfloat16"):
+        _ops.fused_gated_magnitudes_(index, values.float(), scale, scale)
+    with pytest.raises(ValueError, match=r"fused_gated_magnitudes: bias must be a contiguous \[8\]"):
+        _ops.fused_gated_magnitudes_(index, values, scale, scale[:4])
+    with pytest.raises(ValueError, match=r"fused_gated_magnitudes: values must be a contiguous \[4\]"):
+        _ops.fused_gated_magnitudes_(index, values[:2], scale, scale)
 
 
 def test_threshold_params_are_worked_out_again_when_the_parameters_change():

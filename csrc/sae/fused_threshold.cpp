@@ -15,8 +15,8 @@ constexpr const char* kRowsOp = "fused_records_to_rows";
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// The records' tile grid of a [rows, d_sae] problem, checked against the launch limits of the
-// kernels that read them (grid y of 65,535 tile rows).
+// The records' tile grid of a [rows, d_sae] problem: at most 65,535 tile rows (8,388,480 rows)
+// a call, far past what a call's record budget lets the encode ask for.
 void check_problem(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae, const char* op) {
   MECHINTERP_CHECK(rows >= 1 && rows <= INT32_MAX && d_in >= 8 && d_in <= INT32_MAX &&
                        d_sae >= 8 && d_sae <= INT32_MAX,
@@ -375,6 +375,31 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   (void)order;
   (void)stream;
   throw_not_built(kRowsOp);
+#endif
+}
+
+void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
+                            const TensorView& scale, const TensorView& bias,
+                            std::uintptr_t stream) {
+  constexpr const char* kOp = "fused_gated_magnitudes";
+  MECHINTERP_CHECK(index.dim() == 1, kOp, ": index must be [n], got ", index.shape_string());
+  MECHINTERP_CHECK(scale.dim() == 1, kOp, ": scale must be [d_sae], got ",
+                   scale.shape_string());
+  const std::int64_t n = index.size(0);
+  const std::int64_t d_sae = scale.size(0);
+  check_block(index, {n}, DType::Int64, index, kOp, "index", "index");
+  check_block(values, {n}, DType::BFloat16, index, kOp, "values", "index");
+  check_block(scale, {d_sae}, DType::Float32, index, kOp, "scale", "index");
+  check_block(bias, {d_sae}, DType::Float32, index, kOp, "bias", "index");
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+  MECHINTERP_CHECK(index.is_cuda(), kOp, ": runs on CUDA only, got ", device_name(index.device));
+  const CudaDeviceGuard guard(index.device.index);
+  launch_gated_magnitudes(index.data_as<std::int64_t>(), values.data_as<std::uint16_t>(),
+                          scale.data_as<float>(), bias.data_as<float>(), n,
+                          reinterpret_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  throw_not_built(kOp);
 #endif
 }
 

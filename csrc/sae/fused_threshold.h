@@ -42,6 +42,11 @@
 //   out in ascending column order (one warp ranks a row's entries, O(l0^2 / 32) per row); without
 //   it they stay in scratch_index / scratch_values in arrival order and out_* are neither checked
 //   nor written.
+// fused_gated_magnitudes: a gated SAE's survivors (from the GEMM run without a bias against its
+//   bounds) turned into activations in place: values bfloat16 [n] become
+//   bf16(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the add.
+//   index int64 [n] in [0, d_sae) (the compaction's columns; not checked on the device), scale
+//   and bias float32 [d_sae]. One launch where torch takes seven.
 #pragma once
 
 #include <array>
@@ -126,6 +131,10 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
                            const TensorView& out_index, const TensorView& out_values, bool order,
                            std::uintptr_t stream);
 
+void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
+                            const TensorView& scale, const TensorView& bias,
+                            std::uintptr_t stream);
+
 // ---- launch parameters ----
 
 struct FusedGemmParams {
@@ -185,6 +194,9 @@ void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32
                                   std::int32_t* scratch_index, std::uint16_t* scratch_values,
                                   std::int64_t* out_index, std::uint16_t* out_values,
                                   const FusedRowsParams& params, cudaStream_t stream);
+
+void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, const float* scale,
+                             const float* bias, std::int64_t n, cudaStream_t stream);
 #endif
 
 }  // namespace mechinterp::sae
