@@ -209,3 +209,21 @@ def test_merge_of_compressed_rows_equals_a_sort(k):
         order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), int(index[i])))[:k]
         assert top_i[r].tolist() == index[order].tolist(), r
         assert top_v[r].tolist() == values[order].tolist(), r
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and the CUDA kernels")
+def test_merges_name_a_bad_running_top_k():
+    top_v = torch.zeros(3, 4, device="cuda")
+    top_i = torch.zeros(3, 4, dtype=torch.int32, device="cuda")
+    bar = torch.zeros(3, dtype=torch.int32, device="cuda")
+    row_ptr = torch.zeros(4, dtype=torch.int64, device="cuda")
+    cand_i = torch.zeros(0, dtype=torch.int32, device="cuda")
+    cand_v = torch.zeros(0, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="topk_merge_rows: top_index must be int32"):
+        _ops.topk_merge_rows(top_v, top_i.long(), row_ptr, cand_i, cand_v, bar)
+    with pytest.raises(ValueError, match=r"topk_merge_rows: row_bar must be a contiguous \[3\]"):
+        _ops.topk_merge_rows(top_v, top_i, row_ptr, cand_i, cand_v, bar[:2])
+    candidates = _ops.topk_candidates(torch.zeros(3, 64, device="cuda"), 4, row_bar=bar)
+    with pytest.raises(ValueError, match="topk_merge: top_values must be float32"):
+        _ops.topk_merge(top_v.double(), top_i, candidates, bar)

@@ -246,6 +246,20 @@ void require_cuda(const TensorView& t, const char* op) {
                    "pass), got ", device_name(t.device));
 }
 
+// A running top k on CUDA: top_values float32 / top_index int32 [rows, k] and row_bar int32
+// [rows], as the merges take it.
+void check_running_top(const TensorView& top_values, const TensorView& top_index,
+                       const TensorView& row_bar, const char* op) {
+  MECHINTERP_CHECK(top_values.dim() == 2, op, ": top_values must be [rows, k], got ",
+                   top_values.shape_string());
+  require_cuda(top_values, op);
+  const std::int64_t rows = top_values.size(0);
+  const std::int64_t k = top_values.size(1);
+  check_block(top_values, {rows, k}, DType::Float32, top_values, op, "top_values");
+  check_block(top_index, {rows, k}, DType::Int32, top_values, op, "top_index");
+  check_block(row_bar, {rows}, DType::Int32, top_values, op, "row_bar");
+}
+
 }  // namespace
 
 void compact_slots(const TensorView& kept, const TensorView& index, const TensorView& count,
@@ -370,9 +384,7 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
                 const TensorView& cand_values, const TensorView& cand_index,
                 const TensorView& cand_count, const TensorView& row_bar, std::uintptr_t stream) {
   constexpr const char* kOp = "topk_merge";
-  MECHINTERP_CHECK(top_values.dim() == 2, kOp, ": top_values must be [rows, k], got ",
-                   top_values.shape_string());
-  require_cuda(top_values, kOp);
+  check_running_top(top_values, top_index, row_bar, kOp);
   const std::int64_t rows = top_values.size(0);
   const std::int64_t k = top_values.size(1);
   MECHINTERP_CHECK(cand_values.dim() == 3 && cand_values.size(0) == rows, kOp,
@@ -384,12 +396,9 @@ void topk_merge(const TensorView& top_values, const TensorView& top_index,
   MECHINTERP_CHECK(segments >= 1 && segments <= INT32_MAX / cap, kOp,
                    ": need at least one segment and segments x cap within int32, got ", segments,
                    " segments of ", cap);
-  check_block(top_values, {rows, k}, DType::Float32, top_values, kOp, "top_values");
-  check_block(top_index, {rows, k}, DType::Int32, top_values, kOp, "top_index");
   check_block(cand_values, {rows, segments, cap}, DType::Float32, top_values, kOp, "cand_values");
   check_block(cand_index, {rows, segments, cap}, DType::Int32, top_values, kOp, "cand_index");
   check_block(cand_count, {rows, segments}, DType::Int32, top_values, kOp, "cand_count");
-  check_block(row_bar, {rows}, DType::Int32, top_values, kOp, "row_bar");
   SelectParams p{};
   p.rows = rows;
   p.segments = segments;
@@ -415,9 +424,7 @@ void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
                      const TensorView& cand_values, std::int64_t col_offset,
                      const TensorView& row_bar, std::uintptr_t stream) {
   constexpr const char* kOp = "topk_merge_rows";
-  MECHINTERP_CHECK(top_values.dim() == 2, kOp, ": top_values must be [rows, k], got ",
-                   top_values.shape_string());
-  require_cuda(top_values, kOp);
+  check_running_top(top_values, top_index, row_bar, kOp);
   const std::int64_t rows = top_values.size(0);
   const std::int64_t k = top_values.size(1);
   MECHINTERP_CHECK(k >= 1 && k <= kCudaMaxK, kOp, ": k must lie in [1, ", kCudaMaxK, "], got ", k);
@@ -426,12 +433,9 @@ void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
   const std::int64_t nnz = cand_index.size(0);
   MECHINTERP_CHECK(col_offset >= 0 && col_offset <= INT32_MAX, kOp,
                    ": col_offset must lie in [0, 2^31), got ", col_offset);
-  check_block(top_values, {rows, k}, DType::Float32, top_values, kOp, "top_values");
-  check_block(top_index, {rows, k}, DType::Int32, top_values, kOp, "top_index");
   check_block(row_ptr, {rows + 1}, DType::Int64, top_values, kOp, "row_ptr");
   check_block(cand_index, {nnz}, DType::Int32, top_values, kOp, "cand_index");
   check_block(cand_values, {nnz}, DType::BFloat16, top_values, kOp, "cand_values");
-  check_block(row_bar, {rows}, DType::Int32, top_values, kOp, "row_bar");
   SelectParams p{};
   p.rows = rows;
   p.k = k;
