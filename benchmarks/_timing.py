@@ -95,13 +95,19 @@ def interleaved_medians(device: torch.device, fns: dict, repeats: int) -> dict:
 
     Ratios between them are then taken at the same clocks: a GPU slows as it heats over a run
     of heavy calls (an H100 by up to 10% over a few hundred ms of GEMMs), which biases ratios of
-    runs timed one after another.
+    runs timed one after another. Each round starts one place further along, so that every
+    call follows every other equally often: a call right after a long GEMM runs at the clocks
+    the GEMM's power draw left, and a fixed order charged that to whichever call came next (an
+    H100 encode at 4096 x 131072 timed right after ``torch.mm`` took 1.18-1.22x its time, the
+    same encode timed two places later 1.10-1.17x).
     """
     for fn in fns.values():
         fn()
     seconds = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_ in range(repeats):
+        start_at = round_ % len(order)
+        for name, fn in order[start_at:] + order[:start_at]:
             sync(device)
             start = time.perf_counter()
             fn()

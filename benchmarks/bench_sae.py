@@ -39,7 +39,7 @@ import torch
 from benchmarks._timing import device_name, interleaved_medians, median_time, write_json
 from benchmarks._timing import peak_extra_gib as peak_extra
 from mechinterp.sae import SAE, decode_sparse, encode_sparse, save_sae
-from mechinterp.sae.fused import unsupported_reason
+from mechinterp.sae.fused import default_reason, unsupported_reason
 from mechinterp.sae.screen import fast_bf16_cpu
 
 GiB = float(1 << 30)
@@ -173,8 +173,8 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
     timed = {"gemm": functools.partial(torch.mm, x, sae.W_enc), "ours": encode,
              "dense_bf16": dense}
     fusable = unsupported_reason(sae, x.device) is None
-    # TopK takes the fused GEMM on request only (encode_sparse's default is chunked there).
-    row["ours_path"] = "fused" if fusable and arch != "topk" else "chunked"
+    # encode_sparse's default path; the other one is timed too where the fused GEMM applies.
+    row["ours_path"] = "fused" if default_reason(sae, x.device) is None else "chunked"
     if row["ours_path"] == "fused":
         timed["ours_chunked"] = functools.partial(encode_sparse, sae, x, fused=False)
     elif fusable:

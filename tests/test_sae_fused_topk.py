@@ -17,6 +17,7 @@ import torch
 from mechinterp import _C, _ops
 from mechinterp.errors import InputError
 from mechinterp.sae import SAE, encode_sparse
+from mechinterp.sae import encode as encode_module
 from mechinterp.sae import fused as fused_module
 from mechinterp.sae.fused import FusedSchedule, topk_sample_cols, unsupported_reason
 from tests.kernels import CUDA_OK
@@ -70,6 +71,22 @@ def test_topk_unsupported_reasons_are_named():
     scaled = replace(exact_topk_sae(16, 8192, 8), rescale_acts_by_decoder_norm=True)
     assert "decoder norms" in unsupported_reason(scaled, cuda)
     assert "twice its sample of 512 latents" in unsupported_reason(exact_topk_sae(16, 1016, 8), cuda)
+
+
+def test_topk_takes_the_fused_encode_on_request_only(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    sae = exact_topk_sae(64, 1024, 8)
+    # Where the fused encode does not apply, that is the reason (here: no CUDA device).
+    assert fused_module.default_reason(sae, cpu) == unsupported_reason(sae, cpu)
+    # Where it applies, TopK still defaults to the chunked encode, and encode_sparse follows.
+    monkeypatch.setattr(fused_module, "unsupported_reason", lambda sae, device: None)
+    assert "fused=True" in fused_module.default_reason(sae, cuda)
+    assert not encode_module._wants_fused(sae, cuda, None)
+    assert encode_module._wants_fused(sae, cuda, True)
+    relu = SAE(W_enc=sae.W_enc.float(), b_enc=sae.b_enc.float(), W_dec=sae.W_dec.float(),
+               b_dec=sae.b_dec.float(), architecture="relu")
+    assert fused_module.default_reason(relu, cuda) is None
+    assert encode_module._wants_fused(relu, cuda, None)
 
 
 # ---- on a Hopper GPU ----

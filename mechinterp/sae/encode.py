@@ -53,11 +53,22 @@ __all__ = ["SparseFeatures", "decode_sparse", "encode_sparse", "encode_subset", 
 # Pre-activations held at once: enough for the GEMM to run at full speed, a small fraction of
 # the [tokens, d_sae] matrix at realistic sizes. The CPU keeps its chunk nearer its caches.
 # On an H100 (bf16, 16,384 tokens) chunked GEMMs ran at 1.02-1.04x one GEMM's time with 64-128
-# MiB chunks and 1.02-1.12x with 256 MiB; the running top-k was fastest with 128 MiB (its merge
-# costs the same per chunk whatever the width, which rules out smaller ones), the threshold
-# selector with 256 MiB.
+# MiB chunks and 1.02-1.12x with 256 MiB; the threshold selector was fastest with 256 MiB.
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+# The running top k's merge costs the same per chunk whatever its width, so wider chunks are
+# faster, but the peak memory grows with them: at 768 x 32768, 1.47x the GEMM with 512 MiB,
+# 1.53x with 256 MiB and 1.58-1.69x with 128 MiB, peaks of 0.62, 0.32 and 0.18 GiB against
+# SAELens's 2.0 GiB. 128 MiB keeps it under an eighth of SAELens's.
 _TOPK_CUDA_CHUNK_BYTES = 128 << 20
+# A fused TopK encode holds a sixteenth of the [tokens, d_sae] pre-activations' size at once
+# (its sample's chunk, then the GEMM's records), within these bounds. Its peak (1.2-1.7x the
+# budget) is then a ninth of that size or less wherever the lower bound does not apply: under
+# an eighth of a dense encode's, which holds the whole matrix at least twice (the
+# pre-activations and the scattered output). At 4096 x 131072 (three interleaved rounds on
+# each of two machines) that is 256 MiB, one block of rows where 128 MiB made two: 1.05-1.16x
+# the GEMM against 1.09-1.21x. The chunked encode ran no faster with 256 MiB there
+# (1.10-1.17x against 1.09-1.17x) and keeps 128 MiB.
+_TOPK_FUSED_CHUNK_BYTES = (128 << 20, 512 << 20)
 # Latents a CUDA selector block covers.
 _SEGMENT = _ops.SAE_CUDA_SEGMENT
 # Threshold selectors start with this many slots per segment (a density of 0.4%); rows that
@@ -133,9 +144,9 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
 
     bfloat16 ReLU, JumpReLU, BatchTopK and gated SAEs on Hopper GPUs encode in one GEMM with the
     threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then bounds its
-    survivor records (``d_sae / 8`` bytes a row) instead of a chunk. With ``fused=True``,
-    bfloat16 TopK SAEs there (``k`` up to 256, not ranked by decoder norms) take the same GEMM
-    past a sample of their latents, keeping what reaches each row's k-th of the sample.
+    survivor records (``d_sae / 8`` bytes a row) instead of a chunk. bfloat16 TopK SAEs there
+    (``k`` up to 256, not ranked by decoder norms) take the same GEMM past a sample of their
+    latents, keeping what reaches each row's k-th of the sample, with ``fused=True``.
 
     Args:
         sae: the autoencoder.
@@ -144,8 +155,9 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
         screen: screen a float32 TopK encode on the CPU. Default: where the CPU has bfloat16
             instructions (AVX512-BF16 or AMX), on which the bf16 GEMM is the faster one.
         fused: encode through the fused GEMM. Default: wherever it applies (see
-            :func:`mechinterp.sae.fused.unsupported_reason`) but for TopK SAEs, whose fused
-            encode is not yet faster; ``False`` takes the chunked path.
+            :func:`mechinterp.sae.fused.unsupported_reason`) but for TopK SAEs, whose chunked
+            encode is as fast or faster (:func:`mechinterp.sae.fused.default_reason`);
+            ``False`` takes the chunked path.
 
     Raises:
         ShapeError: ``x`` does not end in ``d_in``.
@@ -259,7 +271,11 @@ class _Plan:
         use_fused = _wants_fused(sae, x.device, fused)
         if chunk_bytes is None:
             chunk_bytes = _CHUNK_BYTES.get(device, _CHUNK_BYTES["cuda"])
-            if device == "cuda" and sae.architecture == "topk":
+            if device == "cuda" and sae.architecture == "topk" and use_fused:
+                low, high = _TOPK_FUSED_CHUNK_BYTES
+                dense = max(x.shape[0], 1) * sae.d_sae * sae.dtype.itemsize
+                chunk_bytes = min(max(dense // 16, low), high)
+            elif device == "cuda" and sae.architecture == "topk":
                 chunk_bytes = _TOPK_CUDA_CHUNK_BYTES
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             msg = f"chunk_bytes must be a positive int; got {chunk_bytes!r}"
@@ -319,16 +335,13 @@ def _wants_fused(sae: SAE, device: torch.device, fused: bool | None) -> bool:
         raise InputError(msg)
     if fused is False:
         return False
-    if fused is None and sae.architecture == "topk":
-        # The fused TopK encode is exact but no faster yet: its sample (a quarter of the latents
-        # through cuBLAS, then the running top k) and the host's work around the GEMM left it at
-        # 0.96-1.17x the chunked encode's time (H100, bf16, 16,384 tokens, the bench's shapes).
-        return False
+    if fused is None:
+        return _fused.default_reason(sae, device) is None
     why_not = _fused.unsupported_reason(sae, device)
-    if fused and why_not is not None:
+    if why_not is not None:
         msg = f"fused=True cannot encode this SAE: {why_not}"
         raise InputError(msg)
-    return why_not is None
+    return True
 
 
 def _wants_screen(sae: SAE, device: str, compiled: bool, screen: bool | None) -> bool:

@@ -13,8 +13,7 @@ floor under its k-th largest overall, so the fused GEMM over the other latents k
 only what reaches that floor (:func:`encode_topk_block`), and a per-row merge folds those few
 into the sample's top ``k``. The GEMM's work is the dense encode's; the sample's
 pre-activations are one chunk, the rest none. It is exact, and taken on request
-(``encode_sparse(..., fused=True)``): at the bench's shapes it is not yet faster than the
-chunked encode.
+(``encode_sparse(..., fused=True)``, :func:`default_reason`).
 
 Each value is ``bf16(x @ W_enc + b_enc)`` with float32 sums and one rounding, as cuBLAS's
 ``addmm`` computes it in the chunked encode, and a latent survives iff that value exceeds
@@ -40,7 +39,8 @@ from mechinterp import _C, _ops
 from mechinterp.sae.derived import derived
 from mechinterp.sae.sae import SAE
 
-__all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "encode_block",
+__all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "default_reason",
+           "encode_block",
            "encode_topk_block", "gated_bounds", "gated_magnitudes", "gated_params",
            "record_bytes_per_row", "schedule_for", "threshold_params", "topk_sample_cols",
            "unsupported_reason"]
@@ -89,6 +89,25 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
                     "and CUTLASS's headers at build time)")
         return f"it needs a GPU of compute capability 9.0 (Hopper), and {device} is not one"
     return None
+
+
+def default_reason(sae: SAE, device: torch.device) -> str | None:
+    """Why :func:`encode_sparse <mechinterp.sae.encode_sparse>` does not take the fused encode
+    for ``sae`` on ``device`` by default, or None where it does: wherever it applies
+    (:func:`unsupported_reason`) but for TopK SAEs.
+
+    The fused TopK encode is not reliably the faster one (H100, bf16, 16,384 tokens): against
+    the chunked encode it took 1.71-1.94x the GEMM against 1.62-1.70x at 768 x 32768, tied at
+    2304 x 65536 (1.25-1.32x against 1.26-1.29x), and at 4096 x 131072 it won in runs of the
+    encodes alone (1.05-1.16x against 1.09-1.17x) and lost in the bench's company (1.20-1.21x
+    against 1.17x), where cuBLAS's GEMM, which the chunked encode runs, took 22.5 ms rather
+    than 24-25 ms.
+    """
+    why_not = unsupported_reason(sae, device)
+    if why_not is None and sae.architecture == "topk":
+        return ("the chunked encode is as fast or faster for TopK SAEs (fused=True takes the "
+                "fused one)")
+    return why_not
 
 
 def _topk_unsupported_reason(sae: SAE) -> str | None:
