@@ -1256,18 +1256,19 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
     if not order:
         index, values = fused_pass_entries(done)
         return index.to(torch.int64), values
-    return _pass_rows(done, order=True)[1]
+    return _pass_rows(done, order=True)
 
 
 def fused_pass_entries(done: FusedPass) -> tuple[torch.Tensor, torch.Tensor]:
     """A :class:`FusedPass`'s records as compressed rows in arrival order: ``(index int32,
     values bf16)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
-    return _pass_rows(done, order=False)[0]
+    return _pass_rows(done, order=False)
 
 
 def _pass_rows(done: FusedPass, *, order: bool):
-    """``((index int32, values bf16) in arrival order, (index int64, values bf16) ordered by
-    column, empty without ``order``)``."""
+    """``(index int64, values bf16)`` ordered by column with ``order``, else ``(index int32,
+    values bf16)`` in arrival order. Only the tensors returned are cut from the allocations,
+    after the compaction's launch, so that the GPU starts it while the host makes the views."""
     scratch, nnz = done.scratch, done.entries
     device = scratch.buffer.device
     # One allocation for the compaction's two scratch arrays (int32 columns, bf16 values).
@@ -1278,15 +1279,17 @@ def _pass_rows(done: FusedPass, *, order: bool):
     size = nnz if order else 0
     # And one for the outputs: int64 columns, then bf16 values.
     out = torch.empty(5 * size, dtype=torch.int16, device=device)
-    out_index = out[:4 * size].view(torch.int64)
-    out_values = out[4 * size:].view(torch.bfloat16)
+    out_base = out.data_ptr()
+    out_index = (out_base, "int64", (size,), (1,), "cuda", scratch.index)
+    out_values = (out_base + 8 * size, "bfloat16", (size,), (1,), "cuda", scratch.index)
     _C.fused_records_to_rows(
         scratch.view("records"), scratch.view("warp_count"), _view(done.row_ptr),
-        scratch.view("cursor"), work_index, work_values, _view(out_index), _view(out_values),
-        bool(order), _stream(work),
+        scratch.view("cursor"), work_index, work_values, out_index, out_values, bool(order),
+        _stream(work),
     )
-    arrival = (work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(torch.bfloat16))
-    return arrival, (out_index, out_values)
+    if order:
+        return out[:4 * size].view(torch.int64), out[4 * size:].view(torch.bfloat16)
+    return work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(torch.bfloat16)
 
 
 def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
