@@ -95,25 +95,50 @@ def interleaved_medians(device: torch.device, fns: dict, repeats: int) -> dict:
 
     Ratios between them are then taken at the same clocks: a GPU slows as it heats over a run
     of heavy calls (an H100 by up to 10% over a few hundred ms of GEMMs), which biases ratios of
-    runs timed one after another. Each round starts one place further along, so that every
-    call follows every other equally often: a call right after a long GEMM runs at the clocks
-    the GEMM's power draw left, and a fixed order charged that to whichever call came next (an
-    H100 encode at 4096 x 131072 timed right after ``torch.mm`` took 1.18-1.22x its time, the
-    same encode timed two places later 1.10-1.17x).
+    runs timed one after another. The rounds' orders come from :func:`balanced_orders`, so that
+    every call comes right after every other equally often: a call right after a long GEMM runs
+    at the clocks the GEMM's power draw left, and a fixed order charged that to whichever call
+    came next (an H100 encode at 4096 x 131072 timed right after ``torch.mm`` took 1.18-1.22x
+    its time, the same encode timed two places later 1.10-1.17x).
     """
     for fn in fns.values():
         fn()
     seconds = {name: [] for name in fns}
-    order = list(fns.items())
+    items = list(fns.items())
+    orders = balanced_orders(len(items))
     for round_ in range(repeats):
-        start_at = round_ % len(order)
-        for name, fn in order[start_at:] + order[:start_at]:
+        for index in orders[round_ % len(orders)]:
+            name, fn = items[index]
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which each ordered pair of neighbours occurs equally often, and
+    each item comes first equally often: a Williams design, ``n`` orders for even ``n`` and
+    ``2n`` (each with its reverse) for odd ``n``.
+
+    Examples:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    if n <= 1:
+        return [list(range(n))]
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(item + shift) % n for item in first] for shift in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
 
 
 def peak_extra_gib(device: torch.device, fn) -> float:
