@@ -40,10 +40,9 @@ from mechinterp.sae.derived import derived
 from mechinterp.sae.sae import SAE
 
 __all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "default_reason",
-           "encode_block",
-           "encode_topk_block", "gated_bounds", "gated_magnitudes", "gated_params",
-           "record_bytes_per_row", "schedule_for", "threshold_params", "topk_sample_cols",
-           "unsupported_reason"]
+           "encode_block", "encode_topk_block", "gated_bounds", "gated_magnitudes",
+           "gated_params", "record_bytes_per_row", "schedule_for", "threshold_params",
+           "topk_sample_cols", "unsupported_reason"]
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
 #: densities (L0 / d_sae of 1% or less) leaves room several times over.
