@@ -13,7 +13,12 @@ from mechinterp import Site
 from mechinterp.errors import DeviceError, InputError, ShapeError
 from mechinterp.interactions import FeatureGame, exact
 from mechinterp.sae import SAE
-from tests.test_interactions_model_games import ATOL, every_coalition, last_logits, log_odds
+from tests.test_interactions_model_games import (
+    assert_game_values,
+    every_coalition,
+    last_logits,
+    log_odds,
+)
 
 PROMPT = families.token_ids(1, 6, seed=3)
 D_MODEL, D_SAE = 32, 48
@@ -92,11 +97,8 @@ def check_against_reference(hf, game, sae, ablated, where):
     coalitions = every_coalition(game.n_players)
     theirs = [reference_value(hf, sae, game.features, c, ablated, where, game.target)
               for c in coalitions]
-    torch.testing.assert_close(game(coalitions), torch.tensor(theirs, dtype=torch.float64),
-                               rtol=0, atol=ATOL)
     # The full coalition edits nothing: the model's own output.
-    assert game.full_value == pytest.approx(log_odds(last_logits(hf, input_ids=PROMPT),
-                                                     game.target), abs=ATOL)
+    assert_game_values(game, coalitions, theirs, hf, PROMPT)
 
 
 def test_zero_ablation_matches_the_reference(gpt2):

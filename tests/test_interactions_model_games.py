@@ -276,9 +276,15 @@ def test_component_game_heads_match_hooks(loaded, ablation):
     coalitions = some_coalitions(game.n_players, rows=10, seed=2)
     theirs = [log_odds(reference_heads(family, hf, PROMPT, c, game.sites, source), game.target)
               for c in coalitions]
+    assert_game_values(game, coalitions, theirs, hf, PROMPT)
+
+
+def assert_game_values(game, coalitions, theirs, hf, prompt) -> None:
+    """The game's values of ``coalitions`` are the reference's ``theirs``, and its full value
+    (nothing edited) is the model's own log-odds on ``prompt``."""
     torch.testing.assert_close(game(coalitions), torch.tensor(theirs, dtype=torch.float64),
                                rtol=0, atol=ATOL)
-    assert game.full_value == pytest.approx(log_odds(last_logits(hf, input_ids=PROMPT),
+    assert game.full_value == pytest.approx(log_odds(last_logits(hf, input_ids=prompt),
                                                      game.target), abs=ATOL)
 
 
