@@ -25,12 +25,8 @@ D_MODEL, D_SAE = 32, 48
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards: a second OpenMP thread per operation costs more than it saves here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny forwards run on one thread (see conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")

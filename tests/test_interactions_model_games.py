@@ -18,12 +18,8 @@ ATOL = 2e-5  # float32 forwards in different batch shapes agree to rounding
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forwards: a second OpenMP thread per operation costs more than it saves here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny forwards run on one thread (see conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)
