@@ -2,7 +2,8 @@
 
 For each (d_in, d_sae, k) of ``--shapes`` and each architecture (TopK with k, JumpReLU with
 thresholds set so that the mean L0 is about k; ``--archs gated`` adds gated SAEs whose gates
-open for about k, without SAELens), on N = ``--tokens`` random tokens, in bf16:
+open for about k, without SAELens), on N = ``--tokens`` random tokens, in bf16 (``--dtype float16``:
+fp16, with the keys below named ``fp16`` for ``bf16``):
 
 - ``gemm``: one ``torch.mm`` of the same shape and dtype (cuBLAS), the floor any encode pays;
   it, ``ours``, the bf16 ``dense`` and SAELens's bf16 encode are timed in turn (one call of
@@ -131,15 +132,16 @@ def _dense_sets(dense: torch.Tensor) -> list[set[int]]:
     return [set(r.nonzero().flatten().tolist()) for r in dense.cpu()]
 
 
-def set_agreement(sae: SAE, x: torch.Tensor, features, rows: int = 512) -> dict:
-    """Ours and the bf16 dense encode against the float32 reference on the same weights.
+def set_agreement(sae: SAE, x: torch.Tensor, features, tag: str, rows: int = 512) -> dict:
+    """Ours and the dense encode in the SAE's dtype (``tag``: bf16 or fp16) against the float32
+    reference on the same weights.
 
     The issue's criteria: index Jaccard >= 0.98 and mean L0 within 1% of float32; the share of
     rows whose set equals the bf16 dense encode's shows how often the two bf16 paths differ.
     """
     rows = min(rows, x.shape[0])
     reference = _dense_sets(dense_encode(sae.to(dtype=torch.float32), x[:rows].float()))
-    dense_bf16 = _dense_sets(dense_encode(sae, x[:rows]))
+    dense_half = _dense_sets(dense_encode(sae, x[:rows]))
     ours = _row_sets(features, rows)
 
     def jaccard(sets):
@@ -149,9 +151,9 @@ def set_agreement(sae: SAE, x: torch.Tensor, features, rows: int = 512) -> dict:
         return sum(map(len, sets)) / rows
 
     return {"rows_compared": rows, "jaccard_ours_vs_fp32": jaccard(ours),
-            "jaccard_dense_bf16_vs_fp32": jaccard(dense_bf16), "l0_fp32": mean_l0(reference),
-            "l0_ours": mean_l0(ours), "l0_dense_bf16": mean_l0(dense_bf16),
-            "identical_to_dense_bf16": sum(a == b for a, b in zip(ours, dense_bf16)) / rows}
+            f"jaccard_dense_{tag}_vs_fp32": jaccard(dense_half), "l0_fp32": mean_l0(reference),
+            "l0_ours": mean_l0(ours), f"l0_dense_{tag}": mean_l0(dense_half),
+            f"identical_to_dense_{tag}": sum(a == b for a, b in zip(ours, dense_half)) / rows}
 
 
 def copy_bandwidth(device) -> float:
@@ -162,16 +164,22 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() * 4 / seconds
 
 
-def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
-    dtype = torch.bfloat16
+_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder,
+                dtype: torch.dtype = torch.bfloat16) -> dict:
+    tag = _TAGS[dtype]
     sae = random_sae(d_in, d_sae, k, arch, device, dtype)
     x = torch.randn(n, d_in, device=device, dtype=dtype)
-    row = {"d_in": d_in, "d_sae": d_sae, "k": k, "arch": arch, "tokens": n, "dtype": "bfloat16"}
+    row = {"d_in": d_in, "d_sae": d_sae, "k": k, "arch": arch, "tokens": n,
+           "dtype": str(dtype).removeprefix("torch.")}
     encode = functools.partial(encode_sparse, sae, x)
     dense = functools.partial(dense_encode, sae, x)
-    # The bf16 calls whose ratios the targets name are timed in turn, at the same clocks.
+    # The calls in the SAE's dtype whose ratios the targets name are timed in turn, at the same
+    # clocks.
     timed = {"gemm": functools.partial(torch.mm, x, sae.W_enc), "ours": encode,
-             "dense_bf16": dense}
+             f"dense_{tag}": dense}
     fusable = unsupported_reason(sae, x.device) is None
     # encode_sparse's default path; the other one is timed too where the fused GEMM applies.
     row["ours_path"] = "fused" if default_reason(sae, x.device) is None else "chunked"
@@ -179,9 +187,9 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
         timed["ours_chunked"] = functools.partial(encode_sparse, sae, x, fused=False)
     elif fusable:
         timed["ours_fused"] = functools.partial(encode_sparse, sae, x, fused=True)
-    lens_bf16 = saelens_encoder(sae, torch.bfloat16, folder)
-    if lens_bf16 is not None:
-        timed["saelens_bf16"] = functools.partial(_no_grad_encode, lens_bf16, x)
+    lens_half = saelens_encoder(sae, dtype, folder)
+    if lens_half is not None:
+        timed[f"saelens_{tag}"] = functools.partial(_no_grad_encode, lens_half, x)
     for name, seconds in interleaved_medians(device, timed, repeats).items():
         row[f"{name}_s"] = seconds
     row["ours_peak_gib"] = peak_extra(device, encode)
@@ -191,11 +199,11 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
             row[f"{other}_vs_gemm"] = row[f"{other}_s"] / row["gemm_s"]
     row["gemm_tflops"] = 2 * n * d_in * d_sae / row["gemm_s"] / 1e12
     features = encode()
-    row.update(set_agreement(sae, x, features))
-    row["dense_bf16_peak_gib"] = peak_extra(device, dense)
-    if lens_bf16 is not None:
-        row["saelens_bf16_peak_gib"] = peak_extra(device, timed.pop("saelens_bf16"))
-        del lens_bf16
+    row.update(set_agreement(sae, x, features, tag))
+    row[f"dense_{tag}_peak_gib"] = peak_extra(device, dense)
+    if lens_half is not None:
+        row[f"saelens_{tag}_peak_gib"] = peak_extra(device, timed.pop(f"saelens_{tag}"))
+        del lens_half
 
     sae32, x32 = sae.to(dtype=torch.float32), x.float()
     dense32 = functools.partial(dense_encode, sae32, x32)
@@ -207,10 +215,10 @@ def bench_shape(d_in, d_sae, k, arch, n, device, repeats, folder) -> dict:
         row["saelens_default_s"] = median_time(device, call, max(2, repeats // 2))
         row["saelens_default_peak_gib"] = peak_extra(device, call)
         del lens, call
-    for peer in ("dense_bf16", "dense_fp32", "saelens_bf16", "saelens_default"):
+    for peer in (f"dense_{tag}", "dense_fp32", f"saelens_{tag}", "saelens_default"):
         if f"{peer}_s" in row:
             row[f"speedup_vs_{peer}"] = row[f"{peer}_s"] / row["ours_s"]
-    for peer in ("dense_bf16", "saelens_bf16"):
+    for peer in (f"dense_{tag}", f"saelens_{tag}"):
         if f"{peer}_peak_gib" in row:
             row[f"memory_ratio_vs_{peer}"] = row["ours_peak_gib"] / row[f"{peer}_peak_gib"]
 
@@ -265,6 +273,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="768x32768x32,2304x65536x64,4096x131072x64")
     parser.add_argument("--archs", default="topk,jumprelu")
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="the SAE's and the tokens' dtype (the GPU rows)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu", action="store_true", help="also time the CPU encode")
     parser.add_argument("--cpu-tokens", type=int, default=1024)
@@ -285,7 +295,7 @@ def main() -> None:
                 d_in, d_sae, k = map(int, shape.split("x"))
                 for arch in args.archs.split(","):
                     row = bench_shape(d_in, d_sae, k, arch, args.tokens, device, args.repeats,
-                                      folder)
+                                      folder, getattr(torch, args.dtype))
                     row["decode_fraction_of_copy_bw"] = (row["decode_bytes_per_s"]
                                                          / out["copy_bandwidth_bytes_per_s"])
                     out["rows"].append(row)

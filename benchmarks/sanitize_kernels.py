@@ -7,6 +7,8 @@ non-default stream cover the edge cases. Every result is checked against its ref
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from mechinterp import _ops, _reference
@@ -218,25 +220,26 @@ def fused_sae_cases() -> int:
     """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
     so there is one right answer): partial tiles, every kernel (cluster shape) in CUTLASS's
     default tile order and in bands of 8 tile rows, a tile row that overflows its records, rows
-    ordered by the kernel and by a sort."""
+    ordered by the kernel and by a sort; in bfloat16 and float16."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
 
     checked = 0
     g = torch.Generator().manual_seed(3)
-    for rows, d_in, d_sae, arch in ((300, 72, 904, "jumprelu"), (129, 1032, 520, "relu"),
-                                    (800, 64, 1600, "jumprelu")):
+    for (rows, d_in, d_sae, arch), dtype in itertools.product(
+            ((300, 72, 904, "jumprelu"), (129, 1032, 520, "relu"), (800, 64, 1600, "jumprelu")),
+            fused.DTYPES):
         fields = {"W_enc": torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
                   "b_enc": torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
                   "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.zeros(d_in),
                   "architecture": arch}
         if arch == "jumprelu":
             fields["threshold"] = 2.0 * d_in ** 0.5 * (1 + 0.3 * torch.rand(d_sae, generator=g))
-        sae = SAE(**fields).to(dtype=torch.bfloat16)
-        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(torch.bfloat16)
+        sae = SAE(**fields).to(dtype=dtype)
+        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(dtype)
         x[128:] *= 0  # relu: tile row 0 dense (it overflows), the rest sparse
-        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(dtype)
         bound = sae.threshold.double() if sae.threshold is not None else torch.zeros(d_sae)
         want = (h.double() > bound.clamp_min(0)) & (h.double() > 0)
         want_values = torch.where(want, h, torch.zeros((), dtype=h.dtype))
@@ -254,7 +257,7 @@ def fused_sae_cases() -> int:
                 dense = got.to_dense()
                 wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()
                 assert wrong.numel() == 0, (
-                    f"{arch} {rows}x{d_in}x{d_sae} {schedule} order_max {order_max}: rows "
+                    f"{arch} {dtype} {rows}x{d_in}x{d_sae} {schedule} order_max {order_max}: rows "
                     f"{wrong.flatten()[:8].tolist()} differ; first: got "
                     f"{got.indices[got.row_ptr[wrong[0, 0]]:got.row_ptr[wrong[0, 0] + 1]][:12].tolist()}"
                     f" want {want[wrong[0, 0]].nonzero().flatten()[:12].tolist()}")
@@ -269,21 +272,26 @@ def fused_sae_cases() -> int:
 def fused_topk_cases() -> int:
     """The fused Hopper TopK encode (sample, GEMM with a floor per row, merge) against an exact
     CPU reference: heavy ties, a tile row of all-equal rows that overflows its records, both
-    kernels with a floor in CUTLASS's default tile order and in bands."""
+    kernels with a floor in CUTLASS's default tile order and in bands; in bfloat16 and float16
+    (cuBLAS, which encodes the sample, reducing float16 sums in float32)."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
 
     checked = 0
     g = torch.Generator().manual_seed(4)
-    for rows, d_in, d_sae, k in ((300, 72, 1032, 7), (800, 64, 8192, 64), (129, 1032, 4104, 32)):
+    matmul = torch.backends.cuda.matmul
+    reduced = matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_fp16_reduced_precision_reduction = False
+    for (rows, d_in, d_sae, k), dtype in itertools.product(
+            ((300, 72, 1032, 7), (800, 64, 8192, 64), (129, 1032, 4104, 32)), fused.DTYPES):
         sae = SAE(W_enc=torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
                   b_enc=torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
                   W_dec=torch.randn(d_sae, d_in, generator=g), b_dec=torch.zeros(d_in),
-                  architecture="topk", k=k).to(dtype=torch.bfloat16)
-        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(torch.bfloat16)
+                  architecture="topk", k=k).to(dtype=dtype)
+        x = torch.randint(-3, 4, (rows, d_in), generator=g).to(dtype)
         x[:128] = 0  # tile row 0: every pre-activation its bias, ties everywhere
-        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(dtype)
         top_i = torch.sort(h.float(), dim=1, descending=True, stable=True).indices[:, :k]
         want_values = torch.relu(h.gather(1, top_i))
         saved = fused.schedule_for
@@ -297,12 +305,13 @@ def fused_topk_cases() -> int:
                     wrong = ((got_i != top_i).any(1) |
                              (got.values.view(rows, k) != want_values).any(1)).nonzero()
                     assert wrong.numel() == 0, (
-                        f"topk {rows}x{d_in}x{d_sae} k={k} {schedule}: rows "
+                        f"topk {dtype} {rows}x{d_in}x{d_sae} k={k} {schedule}: rows "
                         f"{wrong.flatten()[:8].tolist()} differ; first: got "
                         f"{got_i[wrong[0, 0]][:12].tolist()} want {top_i[wrong[0, 0]][:12].tolist()}")
                     checked += 1
         finally:
             fused.schedule_for = saved
+    matmul.allow_fp16_reduced_precision_reduction = reduced
     return checked
 
 

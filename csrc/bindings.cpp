@@ -243,9 +243,10 @@ PYBIND11_MODULE(_C, m) {
         "Whether this build has the fused sm_90 SAE encode and the CUDA device can run it.");
   m.def("fused_threshold_workspace", &mechinterp::sae::fused_threshold_workspace, py::arg("rows"),
         py::arg("d_in"), py::arg("d_sae"), py::arg("device_index"), py::arg("kernel"),
-        py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"),
+        py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("float16"),
         "Workspace bytes of fused_threshold_gemm for this problem on that device, kernel (an "
-        "index into SAE_FUSED_KERNELS), tile order and kind of bound.");
+        "index into SAE_FUSED_KERNELS), tile order, kind of bound and element type (float16, "
+        "else bfloat16).");
 
   m.def(
       "fused_threshold_gemm",
@@ -272,12 +273,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("workspace"),
       py::arg("kernel"), py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"),
       py::arg("stream"),
-      "sm_90: x bf16 [rows, d_in] @ weight bf16 [d_in, d_sae] + bias bf16, rounded to bf16; the "
-      "entries above bound (bf16 [d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
+      "sm_90: x [rows, d_in] @ weight [d_in, d_sae] + bias, rounded to x's type (bf16 or fp16, "
+      "as are weight, bias and bound); the "
+      "entries above bound ([d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
       "counts per region (warp_count) and per row (row_count) and a flag per tile row whose "
       "regions overflowed (tile_overflow), all zeroed by the caller; kernel indexes "
       "SAE_FUSED_KERNELS, raster SAE_FUSED_RASTERS, and swizzle (1, 2, 4 or 8) is the width of "
-      "the bands of tiles walked. With row_floor, bound is bf16 [rows] and an entry survives "
+      "the bands of tiles walked. With row_floor, bound is [rows] and an entry survives "
       "iff it is at least its row's bound or NaN (weight may then be a block of columns).");
 
   m.def(
@@ -345,8 +347,8 @@ PYBIND11_MODULE(_C, m) {
                                                 stream);
       },
       py::arg("index"), py::arg("values"), py::arg("scale"), py::arg("bias"), py::arg("stream"),
-      "A gated SAE's survivors' activations in place: values bf16 [n] become "
-      "bf16(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the "
+      "A gated SAE's survivors' activations in place: values bf16 or fp16 [n] become "
+      "relu(v * scale[index] + bias[index]) in float32, the multiply rounded before the "
       "add; index int64 [n] in [0, d_sae), scale and bias float32 [d_sae].");
 
   m.def(
@@ -373,7 +375,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out_values"), py::arg("order"), py::arg("stream"),
       "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
       "(entries past a row's range are dropped): ordered by column into out_index int64 / "
-      "out_values bf16, or in arrival order left in scratch_index / scratch_values.");
+      "out_values (the values' bf16 or fp16), or in arrival order left in scratch_index / "
+      "scratch_values.");
 
   m.def(
       "topk_candidates",
@@ -436,8 +439,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("top_values"), py::arg("top_index"), py::arg("row_ptr"), py::arg("cand_index"),
       py::arg("cand_values"), py::arg("col_offset"), py::arg("row_bar"), py::arg("stream"),
-      "CUDA: topk_merge with candidates as compressed rows (int32 columns from col_offset, bf16 "
-      "values).");
+      "CUDA: topk_merge with candidates as compressed rows (int32 columns from col_offset, bf16 or "
+      "fp16 values).");
 
   m.def(
       "screened_topk",

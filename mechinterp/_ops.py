@@ -935,7 +935,7 @@ def topk_merge_rows(
     """:func:`topk_merge` with candidates as compressed rows, in place (CUDA).
 
     Row ``r``'s candidates are ``cand_index`` (int32, columns counted from ``col_offset``) and
-    ``cand_values`` (bf16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows + 1]``), in any
+    ``cand_values`` (bfloat16 or float16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows + 1]``), in any
     order: what :func:`fused_pass_entries` gives. ``top_values`` / ``top_index`` / ``row_bar``
     as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
     """
@@ -1122,8 +1122,10 @@ class _FusedScratch:
             raise ShapeError(msg)
         device = x.device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.dtype = x.dtype  # the records' values' type (the GEMM checks it)
         layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, self.index,
-                                 kernel, raster, swizzle, bool(row_floor))
+                                 kernel, raster, swizzle, bool(row_floor),
+                                 x.dtype == torch.float16)
         self.schedule, self._regions, size = layout
         self.buffer = torch.empty(size, dtype=torch.int32, device=device)
         self._base = self.buffer.data_ptr()
@@ -1143,7 +1145,7 @@ class _FusedScratch:
 
 @functools.lru_cache(maxsize=64)
 def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: int, kernel: str,
-                    raster: str, swizzle: int, row_floor: bool):
+                    raster: str, swizzle: int, row_floor: bool, float16: bool):
     """``(schedule, regions, int32 elements)`` of a :class:`_FusedScratch`: worked out
     once per problem, since the encode's host time before the GEMM is time the GPU waits."""
     for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
@@ -1159,7 +1161,7 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
     schedule = (SAE_FUSED_KERNELS.index(kernel), SAE_FUSED_RASTERS.index(raster), swizzle,
                 row_floor)
     tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
-    workspace = _C.fused_threshold_workspace(rows, d_in, d_sae, index, *schedule)
+    workspace = _C.fused_threshold_workspace(rows, d_in, d_sae, index, *schedule, float16)
     # Workspace and records start on 16-byte boundaries (TMA and vector access); the counts
     # (int32, read and written one by one) come last and back to back, so that one memset
     # clears them.
@@ -1180,15 +1182,15 @@ def fused_threshold_gemm(
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
     row_floor: bool = False,
 ) -> FusedRecords:
-    """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16).
+    """The encoder GEMM with the threshold in its epilogue (sm_90, bfloat16 or float16).
 
-    ``x`` bf16 ``[rows, d_in]`` and ``weight`` bf16 ``[d_in, d_sae]`` (both contiguous, 16-byte
-    aligned, ``d_in`` and ``d_sae`` multiples of 8), ``bias`` and ``bound`` bf16 ``[d_sae]``:
-    column ``c`` of row ``r`` survives iff ``bf16(x[r] @ weight[:, c] + bias[c]) >
-    bound[c]`` (a bf16 compare, exact for any bound: see
+    ``x`` ``[rows, d_in]`` and ``weight`` ``[d_in, d_sae]`` (both contiguous, 16-byte aligned,
+    ``d_in`` and ``d_sae`` multiples of 8), ``bias`` and ``bound`` ``[d_sae]``, all bfloat16 or
+    all float16 (call it E): column ``c`` of row ``r`` survives iff ``E(x[r] @ weight[:, c] +
+    bias[c]) > bound[c]`` (a compare in E, exact for any bound: see
     :func:`mechinterp.sae.fused.threshold_params`).
 
-    Survivors become int32 records (row in tile << 24 | column in tile << 16 | the value's bf16
+    Survivors become int32 records (row in tile << 24 | column in tile << 16 | the value's 16
     bits) in regions of ``cap`` per (tile, warp); a region's count above ``cap`` means records
     were dropped, and its tile row is flagged. All counts are zeroed in one launch.
     ``kernel`` (one of :data:`SAE_FUSED_KERNELS`), ``raster`` (one of
@@ -1197,7 +1199,7 @@ def fused_threshold_gemm(
     current stream; nothing is synchronised.
 
     With ``row_floor`` (a TopK encode; kernels :data:`SAE_FUSED_FLOOR_KERNELS`), ``bound`` is
-    a floor per row, bf16 ``[rows]``: column ``c`` of row ``r`` survives iff its value is at
+    a floor per row, E ``[rows]``: column ``c`` of row ``r`` survives iff its value is at
     least ``bound[r]`` or NaN; ``weight`` may then be a block of columns of a wider matrix
     (``W[:, c0:c1]``, ``c0`` a multiple of 8).
     """
@@ -1252,7 +1254,8 @@ def fused_encode_pass(
 
 
 def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_records_to_rows` of a :class:`FusedPass`: ``(index int64, values bf16)``."""
+    """:func:`fused_records_to_rows` of a :class:`FusedPass`: ``(index int64, values)``, the
+    values in the pass's element type."""
     if not order:
         index, values = fused_pass_entries(done)
         return index.to(torch.int64), values
@@ -1261,43 +1264,46 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
 
 def fused_pass_entries(done: FusedPass) -> tuple[torch.Tensor, torch.Tensor]:
     """A :class:`FusedPass`'s records as compressed rows in arrival order: ``(index int32,
-    values bf16)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
+    values)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
     return _pass_rows(done, order=False)
 
 
 def _pass_rows(done: FusedPass, *, order: bool):
-    """``(index int64, values bf16)`` ordered by column with ``order``, else ``(index int32,
-    values bf16)`` in arrival order. Only the tensors returned are cut from the allocations,
-    after the compaction's launch, so that the GPU starts it while the host makes the views."""
-    scratch, nnz = done.scratch, done.entries
+    """``(index int64, values)`` ordered by column with ``order``, else ``(index int32,
+    values)`` in arrival order, the values in the pass's element type. Only the tensors returned
+    are cut from the allocations, after the compaction's launch, so that the GPU starts it while
+    the host makes the views."""
+    scratch, nnz, dtype = done.scratch, done.entries, done.scratch.dtype
     device = scratch.buffer.device
-    # One allocation for the compaction's two scratch arrays (int32 columns, bf16 values).
+    dtype_name = _DTYPE_NAMES[dtype]
+    # One allocation for the compaction's two scratch arrays (int32 columns, 16-bit values).
     work = torch.empty(3 * nnz, dtype=torch.int16, device=device)
     base = work.data_ptr()
     work_index = (base, "int32", (nnz,), (1,), "cuda", scratch.index)
-    work_values = (base + 4 * nnz, "bfloat16", (nnz,), (1,), "cuda", scratch.index)
+    work_values = (base + 4 * nnz, dtype_name, (nnz,), (1,), "cuda", scratch.index)
     size = nnz if order else 0
-    # And one for the outputs: int64 columns, then bf16 values.
+    # And one for the outputs: int64 columns, then 16-bit values.
     out = torch.empty(5 * size, dtype=torch.int16, device=device)
     out_base = out.data_ptr()
     out_index = (out_base, "int64", (size,), (1,), "cuda", scratch.index)
-    out_values = (out_base + 8 * size, "bfloat16", (size,), (1,), "cuda", scratch.index)
+    out_values = (out_base + 8 * size, dtype_name, (size,), (1,), "cuda", scratch.index)
     _C.fused_records_to_rows(
         scratch.view("records"), scratch.view("warp_count"), _view(done.row_ptr),
         scratch.view("cursor"), work_index, work_values, out_index, out_values, bool(order),
         _stream(work),
     )
     if order:
-        return out[:4 * size].view(torch.int64), out[4 * size:].view(torch.bfloat16)
-    return work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(torch.bfloat16)
+        return out[:4 * size].view(torch.int64), out[4 * size:].view(dtype)
+    return work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(dtype)
 
 
 def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
                             bias: torch.Tensor) -> torch.Tensor:
     """A gated SAE's fused-encode survivors turned into activations, in place, in one launch.
 
-    ``values`` bf16 ``[n]`` (the survivors' ``h = x W_enc``) become ``bf16(relu(h * scale[index]
-    + bias[index]))`` in float32 with the multiply rounded before the add, exactly as torch
+    ``values`` bfloat16 or float16 ``[n]`` (the survivors' ``h = x W_enc``) become ``relu(h *
+    scale[index] + bias[index])`` in float32, rounded to their type, with the multiply rounded
+    before the add, exactly as torch
     computes it one operation at a time. ``index`` int64 ``[n]`` holds their latents, which
     must lie in ``[0, d_sae)`` (the compaction's columns; the device does not check), and
     ``scale`` / ``bias`` are float32 ``[d_sae]``. CUDA, fused builds only. Returns ``values``.
@@ -1330,9 +1336,10 @@ def fused_tally(
 
 def fused_records_to_rows(
     records: torch.Tensor, warp_count: torch.Tensor, row_ptr: torch.Tensor, nnz: int, *,
-    order: bool = True, cursor: torch.Tensor | None = None,
+    order: bool = True, cursor: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_threshold_gemm`'s records as compressed rows ``(index int64, values bf16)``.
+    """:func:`fused_threshold_gemm`'s records as compressed rows ``(index int64, values)``, the
+    values of type ``dtype`` (the GEMM's element type: bfloat16 or float16).
 
     Row ``r``'s entries fill ``[row_ptr[r], row_ptr[r + 1])`` (``row_ptr`` int64 ``[rows + 1]``,
     whose last entry is ``nnz``); entries past a row's range are dropped. With
@@ -1342,17 +1349,20 @@ def fused_records_to_rows(
     """
     op = "fused_records_to_rows"
     _check_device(records, op, "records")
+    if dtype not in (torch.bfloat16, torch.float16):
+        msg = f"{op}: dtype must be torch.bfloat16 or torch.float16, got {dtype}"
+        raise InputError(msg)
     device = records.device
     rows = row_ptr.shape[0] - 1
     if cursor is None:
         cursor = torch.zeros(rows, dtype=torch.int32, device=device)
     scratch = torch.empty(3 * nnz, dtype=torch.int16, device=device)  # one allocation for both
     scratch_index = scratch[:2 * nnz].view(torch.int32)
-    scratch_values = scratch[2 * nnz:].view(torch.bfloat16)
+    scratch_values = scratch[2 * nnz:].view(dtype)
     # Unordered, the out_* buffers are not written: zero-sized views of the right kind stand in.
     size = nnz if order else 0
     out_index = torch.empty(size, dtype=torch.int64, device=device)
-    out_values = torch.empty(size, dtype=torch.bfloat16, device=device)
+    out_values = torch.empty(size, dtype=dtype, device=device)
     _C.fused_records_to_rows(
         _view(records), _view(warp_count), _view(row_ptr), _view(cursor), _view(scratch_index),
         _view(scratch_values), _view(out_index), _view(out_values), bool(order),

@@ -1,8 +1,9 @@
 """The fused Hopper threshold encode, held to an exact reference.
 
 Inputs are small integers and weights multiples of 1/8, so every float32 sum is exact in any
-order: the reference ``bf16(x W + b) > max(threshold, 0)`` is then the one answer that cuBLAS's
-chunked encode and the fused CUTLASS GEMM must both give, bit for bit.
+order: the reference ``E(x W + b) > max(threshold, 0)`` (E bfloat16 or float16, the SAE's dtype)
+is then the one answer that cuBLAS's chunked encode and the fused CUTLASS GEMM must both give,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from mechinterp.errors import InputError, ShapeError
 from mechinterp.sae import SAE, encode_sparse
 from mechinterp.sae import fused as fused_module
 from mechinterp.sae.fused import (
+    DTYPES,
     FusedSchedule,
-    bf16_bounds,
     gated_bounds,
     gated_magnitudes,
     gated_params,
     record_bytes_per_row,
+    rounded_bounds,
     schedule_for,
     threshold_params,
     unsupported_reason,
@@ -37,9 +39,9 @@ needs_fused = pytest.mark.skipif(
 
 
 def exact_sae(d_in: int, d_sae: int, arch: str, *, seed: int = 0, device: str = "cpu",
-              most_bias: float = 1.0) -> SAE:
-    """A bf16 SAE whose encoder sums are exact in float32 for inputs in [-3, 3], with biases in
-    [-5, most_bias]."""
+              most_bias: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> SAE:
+    """An SAE of ``dtype`` whose encoder sums are exact in float32 for inputs in [-3, 3], with
+    biases in [-5, most_bias]."""
     g = torch.Generator().manual_seed(seed)
     w_enc = torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0
     b_enc = torch.randint(-40, int(8 * most_bias) + 1, (d_sae,), generator=g) / 8.0
@@ -57,30 +59,35 @@ def exact_sae(d_in: int, d_sae: int, arch: str, *, seed: int = 0, device: str = 
         fields["r_mag"] = 2 * torch.rand(d_sae, generator=g) - 1
         fields["b_mag"] = torch.randint(-16, 17, (d_sae,), generator=g) / 8.0
         fields["b_gate"][:4] = torch.tensor([0.0, -0.0, 0.125, 1.0])
-        fields["r_mag"][4:6] = torch.tensor([-60.0, 60.0])
+        # exp(r_mag) is taken in the SAE's dtype and must stay finite and above 0 there.
+        edge = 60.0 if dtype == torch.bfloat16 else 9.0
+        fields["r_mag"][4:6] = torch.tensor([-edge, edge])
         fields["b_mag"][:6] = torch.tensor([-0.0, 0.0, -1.0, 2.0, 0.5, -0.5])
-    return SAE(**fields).to(device=device, dtype=torch.bfloat16)
+    return SAE(**fields).to(device=device, dtype=dtype)
 
 
-def exact_inputs(rows: int, d_in: int, *, seed: int = 1, device: str = "cpu") -> torch.Tensor:
+def exact_inputs(rows: int, d_in: int, *, seed: int = 1, device: str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(-3, 4, (rows, d_in), generator=g).to(device=device, dtype=torch.bfloat16)
+    return torch.randint(-3, 4, (rows, d_in), generator=g).to(device=device, dtype=dtype)
 
 
 def reference(sae: SAE, x: torch.Tensor):
-    """(row_ptr, indices, values) of bf16(x W + b) > max(threshold, 0), from float64 sums.
+    """(row_ptr, indices, values) of E(x W + b) > max(threshold, 0), from float64 sums (E the
+    SAE's dtype).
 
-    Gated: h = bf16(x W), kept where the gate h + b_gate > 0 is open and the magnitude
+    Gated: h = E(x W), kept where the gate h + b_gate > 0 is open and the magnitude
     relu(h * exp(r_mag) + b_mag) > 0, in float32 rounded after each operation (the selectors'
-    arithmetic; exp(r_mag) in bf16, as SAELens computes it), rounded to bf16."""
+    arithmetic; exp(r_mag) in E, as SAELens computes it), rounded to E."""
+    dtype = sae.dtype
     if sae.architecture == "gated":
-        h = (x.double() @ sae.W_enc.double()).to(torch.bfloat16).float()
+        h = (x.double() @ sae.W_enc.double()).to(dtype).float()
         scale = torch.exp(sae.r_mag).float()
         magnitude = torch.relu(h * scale + sae.b_mag.float())
         keep = (h + sae.b_gate.float() > 0) & (magnitude > 0)
-        values = magnitude.to(torch.bfloat16)
+        values = magnitude.to(dtype)
     else:
-        values = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+        values = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(dtype)
         bound = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
         if sae.threshold is not None:
             bound = sae.threshold.double().clamp_min(0)  # NaN stays NaN: nothing passes it
@@ -95,7 +102,7 @@ def assert_same(features, want) -> None:
     row_ptr, indices, values = want
     assert torch.equal(features.row_ptr, row_ptr)
     assert torch.equal(features.indices, indices)
-    assert features.values.dtype == torch.bfloat16
+    assert features.values.dtype == values.dtype
     assert torch.equal(features.values.view(torch.int16), values.view(torch.int16))
 
 
@@ -117,22 +124,29 @@ class GemmSpy:
 # ---- everywhere ----
 
 
-def test_bf16_bounds_keep_exactly_the_values_above_the_threshold():
-    threshold = torch.tensor([0.1, 1 / 3, -2.0, 0.0, 3.0, float("nan"), float("inf"), 3.3e38])
-    bound = bf16_bounds(threshold, 8, torch.device("cpu"))
-    assert bound.dtype == torch.bfloat16
-    # Every bf16 value, against every threshold: the bf16 compare equals the exact one.
-    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+def every_value(dtype: torch.dtype) -> torch.Tensor:
+    """All 65,536 values of a 16-bit float type, NaNs included."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rounded_bounds_keep_exactly_the_values_above_the_threshold(dtype):
+    # 1e-6: below float16's smallest normal; 7e4 and 3.3e38: past its range.
+    threshold = torch.tensor([0.1, 1 / 3, -2.0, 0.0, 3.0, float("nan"), float("inf"), 3.3e38,
+                              1e-6, 7e4, 65504.0, -1e-8])
+    bound = rounded_bounds(threshold, 12, torch.device("cpu"), dtype)
+    assert bound.dtype == dtype
+    # Every value, against every threshold: the compare in the dtype equals the exact one.
+    every = every_value(dtype)
     exact = (every.double()[:, None] > threshold.double().clamp_min(0)) & (every.double()[:, None] > 0)
     assert torch.equal(every.float()[:, None] > bound.float(), exact)
-    assert torch.equal(bf16_bounds(None, 3, torch.device("cpu")), torch.zeros(3, dtype=torch.bfloat16))
+    assert torch.equal(rounded_bounds(None, 3, torch.device("cpu"), dtype), torch.zeros(3, dtype=dtype))
 
 
-def every_bf16_against_the_selector(gate, scale, shift, device):
-    """Each non-NaN bfloat16 h against each latent's gated parameters, through the compiled
+def every_value_against_the_selector(gate, scale, shift, device, dtype):
+    """Each non-NaN h of ``dtype`` against each latent's gated parameters, through the compiled
     selector: (h [V], kept [V, d] bool, the selector's activations [V, d] float32)."""
-    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-    every = bits.view(torch.bfloat16)
+    every = every_value(dtype)
     every = every[~torch.isnan(every)].to(device)
     d = gate.shape[0]
     values = every[:, None].expand(-1, d).contiguous()
@@ -160,23 +174,24 @@ def gated_edge_params(device):
     return gate.to(device), scale.to(device), shift.to(device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs CUDA")])])
-def test_gated_bounds_keep_exactly_what_the_selector_keeps(device):
+def test_gated_bounds_keep_exactly_what_the_selector_keeps(device, dtype):
     gate, scale, shift = gated_edge_params(device)
-    bound = gated_bounds(gate, scale, shift)
-    assert bound.dtype == torch.bfloat16 and bound.shape == gate.shape
-    every, found, activation = every_bf16_against_the_selector(gate, scale, shift, device)
+    bound = gated_bounds(gate, scale, shift, dtype)
+    assert bound.dtype == dtype and bound.shape == gate.shape
+    every, found, activation = every_value_against_the_selector(gate, scale, shift, device, dtype)
     assert torch.equal(every.float()[:, None] > bound.float(), found)
     # The survivors' activations, worked out after the GEMM, are the selector's.
     rows, cols = found.nonzero(as_tuple=True)
     assert torch.equal(gated_magnitudes(cols, every[rows], mag_scale=scale, mag_bias=shift),
-                       activation[rows, cols].to(torch.bfloat16))
+                       activation[rows, cols].to(dtype))
     if device == "cuda" and FUSED_OK:
         # The fused encode's one-launch version: the same bits, for the survivors and for every
         # other value and latent too (its ReLU included: torch's on CUDA turns -0 into +0).
         in_place = _ops.fused_gated_magnitudes_(cols, every[rows], scale, shift)
-        assert torch.equal(in_place, activation[rows, cols].to(torch.bfloat16))
+        assert torch.equal(in_place, activation[rows, cols].to(dtype))
         cols = torch.arange(gate.shape[0], device=device).repeat(every.shape[0])
         h = every.repeat_interleave(gate.shape[0])
         want = gated_magnitudes(cols, h, mag_scale=scale, mag_bias=shift)
@@ -190,7 +205,7 @@ def test_fused_gated_magnitudes_bad_input_is_named():
     index = torch.zeros(4, dtype=torch.int64, device="cuda")
     values = torch.zeros(4, dtype=torch.bfloat16, device="cuda")
     scale = torch.ones(8, device="cuda")
-    with pytest.raises(ValueError, match="fused_gated_magnitudes: values must be bfloat16"):
+    with pytest.raises(ValueError, match="fused_gated_magnitudes: values must be bfloat16 or float16"):
         _ops.fused_gated_magnitudes_(index, values.float(), scale, scale)
     with pytest.raises(ValueError, match=r"fused_gated_magnitudes: bias must be a contiguous \[8\]"):
         _ops.fused_gated_magnitudes_(index, values, scale, scale[:4])
@@ -205,10 +220,10 @@ def test_threshold_params_are_worked_out_again_when_the_parameters_change():
     sae = exact_sae(16, 64, "jumprelu")
     bias, bound, finish = threshold_params(sae)
     assert finish is None and torch.equal(bias, sae.b_enc)
-    assert bits(bound) == bits(bf16_bounds(sae.threshold, 64, torch.device("cpu")))
+    assert bits(bound) == bits(rounded_bounds(sae.threshold, 64, torch.device("cpu")))
     assert threshold_params(sae)[1] is bound  # kept
     sae.threshold.add_(1.0)  # in place
-    assert bits(threshold_params(sae)[1]) == bits(bf16_bounds(sae.threshold, 64,
+    assert bits(threshold_params(sae)[1]) == bits(rounded_bounds(sae.threshold, 64,
                                                               torch.device("cpu")))
     sae.threshold = torch.zeros(64, dtype=torch.bfloat16)  # another tensor
     assert threshold_params(sae)[1].abs().max() == 0
@@ -220,6 +235,14 @@ def test_threshold_params_are_worked_out_again_when_the_parameters_change():
     gated.r_mag.fill_(0.0)
     assert bits(threshold_params(gated)[1]) == bits(
         gated_bounds(gated.b_gate.float(), torch.ones(64), gated.b_mag.float()))
+    # A float16 SAE's are float16, rounded as float16.
+    half, half_gated = (exact_sae(16, 64, arch, dtype=torch.float16) for arch in ("jumprelu", "gated"))
+    bias, bound, _ = threshold_params(half)
+    assert bias.dtype == bound.dtype == torch.float16
+    assert bits(bound) == bits(rounded_bounds(half.threshold, 64, torch.device("cpu"), torch.float16))
+    bias, bound, _ = threshold_params(half_gated)
+    assert bias.dtype == bound.dtype == torch.float16
+    assert bits(bound) == bits(gated_bounds(*gated_params(half_gated), torch.float16))
 
 
 def test_kept_bounds_go_with_their_sae():
@@ -243,7 +266,8 @@ def test_record_bytes_per_row_counts_every_tile_region():
 def test_unsupported_reasons_are_named():
     sae = exact_sae(16, 64, "jumprelu")
     assert "CUDA" in unsupported_reason(sae, torch.device("cpu"))
-    assert "bfloat16" in unsupported_reason(sae.to(dtype=torch.float32), torch.device("cuda"))
+    assert "bfloat16 and float16" in unsupported_reason(sae.to(dtype=torch.float32),
+                                                        torch.device("cuda"))
     gated = exact_sae(16, 64, "gated")
     for name, bad in (("r_mag", 100.0), ("r_mag", float("nan")), ("b_gate", float("inf")),
                       ("b_mag", float("-inf"))):
@@ -274,6 +298,13 @@ SCHEDULES = [FusedSchedule(kernel, "heuristic", 1) for kernel in _ops.SAE_FUSED_
 
 def use_schedule(monkeypatch, schedule: FusedSchedule) -> None:
     monkeypatch.setattr(fused_module, "schedule_for", lambda rows, d_in, d_sae: schedule)
+
+
+def exact_cublas(monkeypatch) -> None:
+    """cuBLAS's float16 GEMMs reduce in float32 (torch lets them reduce split sums in float16
+    by default), so that the chunked encode rounds the exact sums once, as the reference does."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction",
+                        False)
 
 
 def test_schedule_for_bands_only_where_they_do_not_pad_the_tile_grid():
@@ -313,11 +344,13 @@ def test_schedule_for_bands_only_where_they_do_not_pad_the_tile_grid():
     (1, 8, 8),          # the smallest problem
     (800, 64, 1600),    # 7 x 7 tiles, partial both ways: bands of 8 apply
 ])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, schedule, arch, rows,
-                                                          d_in, d_sae):
+                                                          d_in, d_sae, dtype):
     use_schedule(monkeypatch, schedule)
-    sae = exact_sae(d_in, d_sae, arch, device="cuda")
-    x = exact_inputs(rows, d_in, device="cuda")
+    exact_cublas(monkeypatch)
+    sae = exact_sae(d_in, d_sae, arch, device="cuda", dtype=dtype)
+    x = exact_inputs(rows, d_in, device="cuda", dtype=dtype)
     if arch == "relu":
         x = x * (torch.rand(rows, 1, device="cuda") < 0.3)  # some sparse, some dense rows
     spy = GemmSpy(monkeypatch)
@@ -422,6 +455,10 @@ def test_kernel_bad_input_is_named():
         _ops.fused_threshold_gemm(x, w, bias[:100], bound, cap=4)
     with pytest.raises(ValueError, match="weight must be bfloat16"):
         _ops.fused_threshold_gemm(x, w.float(), bias, bound, cap=4)
+    with pytest.raises(ValueError, match="bound must be bfloat16, got float16"):
+        _ops.fused_threshold_gemm(x, w, bias, bound.half(), cap=4)
+    with pytest.raises(ValueError, match="x must be a contiguous bfloat16 or float16"):
+        _ops.fused_threshold_gemm(x.float(), w.float(), bias.float(), bound.float(), cap=4)
     with pytest.raises(InputError, match="kernel must be one of"):
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, kernel="fastest")
     with pytest.raises(InputError, match="raster must be one of"):
@@ -429,11 +466,11 @@ def test_kernel_bad_input_is_named():
     with pytest.raises(InputError, match=r"swizzle must be one of \(1, 2, 4, 8\); got 3"):
         _ops.fused_threshold_gemm(x, w, bias, bound, cap=4, swizzle=3)
     with pytest.raises(ValueError, match=r"kernel must lie in \[0, 3\), got 7"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1, False)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 7, 0, 1, False, False)
     with pytest.raises(ValueError, match=r"raster must lie in \[0, 3\), got 3"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1, False)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1, False, False)
     with pytest.raises(ValueError, match="swizzle must be 1, 2, 4 or 8, got 16"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16, False)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16, False, True)
     with pytest.raises(ValueError, match=r"tile_overflow must be a contiguous \[3\]"):
         _ops.fused_tally(torch.zeros(300, dtype=torch.int32, device="cuda"),
                          torch.zeros(2, dtype=torch.int32, device="cuda"))
@@ -441,6 +478,9 @@ def test_kernel_bad_input_is_named():
     row_ptr = torch.zeros(300, dtype=torch.int64, device="cuda")  # 299 rows: not this tile grid
     with pytest.raises(ValueError, match="does not fit 299 rows"):
         _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
+    with pytest.raises(InputError, match="fused_records_to_rows: dtype must be torch.bfloat16 or "
+                                         "torch.float16, got torch.float32"):
+        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0, dtype=torch.float32)
     with pytest.raises(InputError, match="fused_encode_pass: kernel must be one of"):
         _ops.fused_encode_pass(x, w, bias, bound, cap=4, kernel="fastest")
     with pytest.raises(ShapeError, match="fused_encode_pass: x and weight must be 2-d"):
@@ -454,7 +494,7 @@ def test_encode_pass_equals_the_gemm_then_the_tally(cap):
     sae = exact_sae(64, 1600, "jumprelu", device="cuda")
     x = exact_inputs(800, 64, device="cuda")
     bias = sae.b_enc
-    bound = bf16_bounds(sae.threshold, sae.d_sae, torch.device("cuda"))
+    bound = rounded_bounds(sae.threshold, sae.d_sae, torch.device("cuda"))
     schedule = schedule_for(800, 64, 1600)._asdict()
     found = _ops.fused_threshold_gemm(x, sae.W_enc, bias, bound, cap=cap, **schedule)
     row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)

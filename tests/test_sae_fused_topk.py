@@ -21,11 +21,11 @@ from mechinterp.sae import encode as encode_module
 from mechinterp.sae import fused as fused_module
 from mechinterp.sae.fused import FusedSchedule, topk_sample_cols, unsupported_reason
 from tests.kernels import CUDA_OK
-from tests.test_sae_fused import GemmSpy, exact_inputs, needs_fused, use_schedule
+from tests.test_sae_fused import GemmSpy, exact_cublas, exact_inputs, needs_fused, use_schedule
 
 
 def exact_topk_sae(d_in: int, d_sae: int, k: int, *, seed: int = 0, device: str = "cpu",
-                   zero_bias: bool = False) -> SAE:
+                   zero_bias: bool = False, dtype: torch.dtype = torch.bfloat16) -> SAE:
     g = torch.Generator().manual_seed(seed)
     w_enc = torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0
     b_enc = torch.randint(-40, 9, (d_sae,), generator=g) / 8.0
@@ -33,13 +33,13 @@ def exact_topk_sae(d_in: int, d_sae: int, k: int, *, seed: int = 0, device: str 
         b_enc.zero_()
     sae = SAE(W_enc=w_enc, b_enc=b_enc, W_dec=torch.randn(d_sae, d_in, generator=g),
               b_dec=torch.zeros(d_in), architecture="topk", k=k)
-    return sae.to(device=device, dtype=torch.bfloat16)
+    return sae.to(device=device, dtype=dtype)
 
 
 def reference_topk(sae: SAE, x: torch.Tensor):
-    """(indices [rows, k], values [rows, k]) of the top k of bf16(x W + b) from float64 sums:
-    descending, ties to the lower index, values through a ReLU."""
-    h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(torch.bfloat16)
+    """(indices [rows, k], values [rows, k]) of the top k of E(x W + b) from float64 sums (E the
+    SAE's dtype): descending, ties to the lower index, values through a ReLU."""
+    h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(sae.dtype)
     index = torch.sort(h.float(), dim=1, descending=True, stable=True).indices[:, :sae.k]
     return index, torch.relu(h.gather(1, index))
 
@@ -49,7 +49,7 @@ def assert_topk_same(features, want) -> None:
     rows, k = index.shape
     assert torch.equal(features.row_ptr, torch.arange(rows + 1, device=index.device) * k)
     assert torch.equal(features.indices.view(rows, k), index)
-    assert features.values.dtype == torch.bfloat16
+    assert features.values.dtype == values.dtype
     assert torch.equal(features.values.view(rows, k), values)
 
 
@@ -106,11 +106,13 @@ FLOOR_SCHEDULES = [FusedSchedule(kernel, raster, swizzle)
     (800, 64, 8192, 64),
     (200, 64, 32768, 200),   # k past 128: the widest merge; a sample of two segments
 ])
+@pytest.mark.parametrize("dtype", fused_module.DTYPES, ids=str)
 def test_fused_topk_is_exact_and_equals_the_chunked_one(monkeypatch, schedule, rows, d_in,
-                                                        d_sae, k):
+                                                        d_sae, k, dtype):
     use_schedule(monkeypatch, schedule)
-    sae = exact_topk_sae(d_in, d_sae, k, device="cuda")
-    x = exact_inputs(rows, d_in, device="cuda")
+    exact_cublas(monkeypatch)
+    sae = exact_topk_sae(d_in, d_sae, k, device="cuda", dtype=dtype)
+    x = exact_inputs(rows, d_in, device="cuda", dtype=dtype)
     spy = GemmSpy(monkeypatch)
     want = reference_topk(sae, x)
     assert_topk_same(encode_sparse(sae, x, fused=True), want)
@@ -185,9 +187,12 @@ def test_floor_kernel_bad_input_is_named():
         _ops.fused_threshold_gemm(x, w[:, 256:], bias, floor, cap=4, kernel="cluster_1x2",
                                   row_floor=True)
     with pytest.raises(ValueError, match="has no variant with a floor per row"):
-        _C.fused_threshold_workspace(10, 72, 256, 0, 1, 0, 1, True)
+        _C.fused_threshold_workspace(10, 72, 256, 0, 1, 0, 1, True, True)
     with pytest.raises(ValueError, match=r"bound must be a contiguous \[10\]"):
         _ops.fused_threshold_gemm(x, w[:, 256:], bias, bias, cap=4, row_floor=True)
+    with pytest.raises(ValueError, match=r"weight must be float16 \(as x\), got bfloat16"):
+        _ops.fused_threshold_gemm(x.half(), w[:, 256:], bias.half(), floor.half(), cap=4,
+                                  row_floor=True)
     with pytest.raises(ValueError, match="unit column stride"):
         _ops.fused_threshold_gemm(x, w[:, ::2], bias, floor, cap=4, row_floor=True)
     with pytest.raises(ValueError, match="16-byte boundaries"):
@@ -199,8 +204,9 @@ def test_floor_kernel_bad_input_is_named():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k", [1, 5, 32, 64, 100, 256])
-def test_merge_of_compressed_rows_equals_a_sort(k):
+def test_merge_of_compressed_rows_equals_a_sort(k, dtype):
     # Running top k of random rows, then candidates in compressed rows (any order, some rows
     # empty, some with hundreds): the merge equals a stable sort of everything.
     g = torch.Generator().manual_seed(k)
@@ -211,7 +217,8 @@ def test_merge_of_compressed_rows_equals_a_sort(k):
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_ptr[1:])
     nnz = int(row_ptr[-1])
-    cand_values = (torch.randint(-20, 20, (nnz,), generator=g).float() / 4).to(torch.bfloat16)
+    cand_values = (torch.randint(-20, 20, (nnz,), generator=g).float() / 4).to(dtype)
+    cand_values[::7] *= 1e-3  # float16's subnormals, bfloat16's finer steps
     cand_index = torch.cat([torch.randperm(2000, generator=g)[:int(c)] for c in counts]).int()
     top_v, top_i = _ops.select_topk(start.cuda(), k)
     top_v, top_i = top_v[:, :k].contiguous(), top_i[:, :k].contiguous()
@@ -241,6 +248,9 @@ def test_merges_name_a_bad_running_top_k():
         _ops.topk_merge_rows(top_v, top_i.long(), row_ptr, cand_i, cand_v, bar)
     with pytest.raises(ValueError, match=r"topk_merge_rows: row_bar must be a contiguous \[3\]"):
         _ops.topk_merge_rows(top_v, top_i, row_ptr, cand_i, cand_v, bar[:2])
+    with pytest.raises(ValueError,
+                       match="topk_merge_rows: cand_values must be bfloat16 or float16, got float32"):
+        _ops.topk_merge_rows(top_v, top_i, row_ptr, cand_i, cand_v.float(), bar)
     candidates = _ops.topk_candidates(torch.zeros(3, 64, device="cuda"), 4, row_bar=bar)
     with pytest.raises(ValueError, match="topk_merge: top_values must be float32"):
         _ops.topk_merge(top_v.double(), top_i, candidates, bar)

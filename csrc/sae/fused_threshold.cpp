@@ -47,11 +47,15 @@ int sm_count(int device) {
   return count;
 }
 
-FusedGemmEntry gemm_entry(int kernel, bool row_floor) {
+FusedGemmEntry gemm_entry(int kernel, bool row_floor, bool float16) {
   switch (static_cast<FusedKernel>(kernel)) {
-    case FusedKernel::kCluster2x1: return row_floor ? cluster_2x1_floor_gemm() : cluster_2x1_gemm();
-    case FusedKernel::kCluster1x2: return cluster_1x2_gemm();  // no floor variant: check_kernel
+    case FusedKernel::kCluster2x1:
+      if (float16) return row_floor ? cluster_2x1_floor_gemm_f16() : cluster_2x1_gemm_f16();
+      return row_floor ? cluster_2x1_floor_gemm() : cluster_2x1_gemm();
+    case FusedKernel::kCluster1x2:  // no floor variant: check_kernel
+      return float16 ? cluster_1x2_gemm_f16() : cluster_1x2_gemm();
     case FusedKernel::kPingPong2x1:
+      if (float16) return row_floor ? pingpong_2x1_floor_gemm_f16() : pingpong_2x1_gemm_f16();
       return row_floor ? pingpong_2x1_floor_gemm() : pingpong_2x1_gemm();
   }
   return {};  // unreachable: check_kernel ran first
@@ -64,6 +68,11 @@ void check_kernel(int kernel, bool row_floor, const char* op) {
   MECHINTERP_CHECK(!row_floor || fused_kernel_has_row_floor(kernel), op, ": kernel ",
                    fused_kernel_name(kernel), " has no variant with a floor per row (row_floor); "
                    "cluster_2x1 and pingpong_2x1 do");
+}
+
+void check_half_values(const TensorView& values, const char* op, const char* name) {
+  MECHINTERP_CHECK(values.dtype == DType::BFloat16 || values.dtype == DType::Float16, op, ": ",
+                   name, " must be bfloat16 or float16, got ", dtype_name(values.dtype));
 }
 
 void check_raster(int raster, const char* op) {
@@ -119,7 +128,7 @@ bool fused_threshold_available(int device_index) {
 
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
                                        int device_index, int kernel, int raster, int swizzle,
-                                       bool row_floor) {
+                                       bool row_floor, bool float16) {
   constexpr const char* kOp = "fused_threshold_workspace";
   check_problem(rows, d_in, d_sae, kOp);
   check_kernel(kernel, row_floor, kOp);
@@ -137,9 +146,10 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
   p.raster = raster;
   p.swizzle = swizzle;
   p.weight_ld = d_sae;
-  return static_cast<std::int64_t>(gemm_entry(kernel, row_floor).workspace_bytes(p));
+  return static_cast<std::int64_t>(gemm_entry(kernel, row_floor, float16).workspace_bytes(p));
 #else
   (void)device_index;
+  (void)float16;
   throw_not_built(kOp);
 #endif
 }
@@ -150,9 +160,11 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                           const TensorView& tile_overflow, const TensorView& workspace,
                           int kernel, int raster, int swizzle, bool row_floor,
                           std::uintptr_t stream) {
-  MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype == DType::BFloat16, kGemmOp,
-                   ": x must be a contiguous bfloat16 [rows, d_in], got ", dtype_name(x.dtype),
-                   " ", x.shape_string());
+  MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                       (x.dtype == DType::BFloat16 || x.dtype == DType::Float16),
+                   kGemmOp, ": x must be a contiguous bfloat16 or float16 [rows, d_in], got ",
+                   dtype_name(x.dtype), " ", x.shape_string());
+  const DType element = x.dtype;  // the weight, bias and bound's too
   const std::int64_t rows = x.size(0);
   const std::int64_t d_in = x.size(1);
   MECHINTERP_CHECK(weight.dim() == 2 && weight.size(0) == d_in, kGemmOp,
@@ -163,8 +175,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   check_schedule(raster, swizzle, kGemmOp);
   if (row_floor) {
     // A block of columns of a wider weight: TMA needs unit column stride and 16-byte rows.
-    MECHINTERP_CHECK(weight.dtype == DType::BFloat16, kGemmOp,
-                     ": weight must be bfloat16, got ", dtype_name(weight.dtype));
+    MECHINTERP_CHECK(weight.dtype == element, kGemmOp, ": weight must be ", dtype_name(element),
+                     " (as x), got ", dtype_name(weight.dtype));
     check_same_device(weight, x, kGemmOp, "weight", "x");
     MECHINTERP_CHECK(weight.stride(1) == 1 && weight.stride(0) >= d_sae &&
                          weight.stride(0) % 8 == 0,
@@ -172,10 +184,10 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
                      "multiple of 8 and at least d_sae=", d_sae, ", got strides (",
                      weight.stride(0), ", ", weight.stride(1), ")");
   } else {
-    check_block(weight, {d_in, d_sae}, DType::BFloat16, x, kGemmOp, "weight", "x");
+    check_block(weight, {d_in, d_sae}, element, x, kGemmOp, "weight", "x");
   }
-  check_block(bias, {d_sae}, DType::BFloat16, x, kGemmOp, "bias", "x");
-  check_block(bound, {row_floor ? rows : d_sae}, DType::BFloat16, x, kGemmOp, "bound", "x");
+  check_block(bias, {d_sae}, element, x, kGemmOp, "bias", "x");
+  check_block(bound, {row_floor ? rows : d_sae}, element, x, kGemmOp, "bound", "x");
   const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
   const std::int64_t tiles_n = fused_tiles(d_sae, kFusedTileN);
   MECHINTERP_CHECK(records.dim() == 4, kGemmOp, ": records must be [", tiles_m, ", ", tiles_n,
@@ -220,7 +232,8 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.tile_overflow = tile_overflow.data_as<std::int32_t>();
   p.workspace_bytes = static_cast<std::size_t>(workspace.numel()) * dtype_itemsize(workspace.dtype);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  const char* refused = gemm_entry(kernel, row_floor).run(p, workspace.data, cuda_stream);
+  const char* refused = gemm_entry(kernel, row_floor, element == DType::Float16)
+                            .run(p, workspace.data, cuda_stream);
   MECHINTERP_CHECK(refused[0] == '\0', kGemmOp, ": ", refused, " (rows ", rows, ", d_in ", d_in,
                    ", d_sae ", d_sae, ", kernel ", fused_kernel_name(kernel), ", raster ",
                    fused_raster_name(raster), ", swizzle ", swizzle, ")");
@@ -347,11 +360,15 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
                    scratch_index.shape_string());
   const std::int64_t nnz = scratch_index.size(0);
   check_block(scratch_index, {nnz}, DType::Int32, records, kRowsOp, "scratch_index", "records");
-  check_block(scratch_values, {nnz}, DType::BFloat16, records, kRowsOp, "scratch_values",
+  // The records' 16 bits are copied as they are: either 16-bit float type, as long as both
+  // value arrays agree.
+  check_half_values(scratch_values, kRowsOp, "scratch_values");
+  check_block(scratch_values, {nnz}, scratch_values.dtype, records, kRowsOp, "scratch_values",
               "records");
   if (order) {  // without order, out_* are not touched
     check_block(out_index, {nnz}, DType::Int64, records, kRowsOp, "out_index", "records");
-    check_block(out_values, {nnz}, DType::BFloat16, records, kRowsOp, "out_values", "records");
+    check_block(out_values, {nnz}, scratch_values.dtype, records, kRowsOp, "out_values",
+                "records");
   }
   if (rows == 0 || tiles_n == 0) return;
 #if defined(MECHINTERP_WITH_SM90_FUSED)
@@ -388,7 +405,8 @@ void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
   const std::int64_t n = index.size(0);
   const std::int64_t d_sae = scale.size(0);
   check_block(index, {n}, DType::Int64, index, kOp, "index", "index");
-  check_block(values, {n}, DType::BFloat16, index, kOp, "values", "index");
+  check_half_values(values, kOp, "values");
+  check_block(values, {n}, values.dtype, index, kOp, "values", "index");
   check_block(scale, {d_sae}, DType::Float32, index, kOp, "scale", "index");
   check_block(bias, {d_sae}, DType::Float32, index, kOp, "bias", "index");
 #if defined(MECHINTERP_WITH_SM90_FUSED)
@@ -396,7 +414,7 @@ void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
   const CudaDeviceGuard guard(index.device.index);
   launch_gated_magnitudes(index.data_as<std::int64_t>(), values.data_as<std::uint16_t>(),
                           scale.data_as<float>(), bias.data_as<float>(), n,
-                          reinterpret_cast<cudaStream_t>(stream));
+                          values.dtype == DType::Float16, reinterpret_cast<cudaStream_t>(stream));
 #else
   (void)stream;
   throw_not_built(kOp);

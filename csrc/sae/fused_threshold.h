@@ -1,27 +1,29 @@
-// The threshold encode (ReLU, JumpReLU, BatchTopK at inference) of a bfloat16 SAE fused into a
-// CUTLASS GEMM on Hopper (sm_90): survivors leave the GEMM's epilogue as records, and the
-// [tokens, d_sae] pre-activations are never written. Built when the CUDA architectures include
-// 90 and CUTLASS's headers are found (csrc/sae/cuda/fused_sm90/); elsewhere
+// The threshold encode (ReLU, JumpReLU, BatchTopK at inference) of a bfloat16 or float16 SAE
+// fused into a CUTLASS GEMM on Hopper (sm_90): survivors leave the GEMM's epilogue as records,
+// and the [tokens, d_sae] pre-activations are never written. Built when the CUDA architectures
+// include 90 and CUTLASS's headers are found (csrc/sae/cuda/fused_sm90/); elsewhere
 // fused_threshold_available answers false and the chunked encode (sae.h) does the work.
 //
-// fused_threshold_gemm: x bfloat16 [rows, d_in] (contiguous) times W bfloat16 [d_in, d_sae]
-//   (contiguous), bias bfloat16 [d_sae] added to the float32 sums before one rounding to
-//   bfloat16 (v), bound bfloat16 [d_sae]: column c of row r survives iff v > bound[c]. The
-//   bound must be >= 0 or NaN (the caller folds the ReLU in and rounds thresholds down to
-//   bfloat16, which keeps the compare exact). Each survivor adds 1 to row_count[r] (int32
-//   [rows], zeroed by the caller) and becomes a record (row in tile << 24 | column in tile << 16
-//   | v's bits) in records int32 [tiles_m, tiles_n, kFusedWarps, cap], tiles of kFusedTileM x
-//   kFusedTileN; warp_count int32 [tiles_m, tiles_n, kFusedWarps] gets each region's count,
-//   which exceeds cap when records were dropped: every row of that tile row is then
-//   incomplete, and tile_overflow int32 [tiles_m] gets 1 for it. The caller zeroes all the
-//   counts and flags. d_in and d_sae must be multiples of 8 (16-byte rows for TMA).
-//   `kernel` picks the GEMM's cluster shape (FusedKernel), `raster` and `swizzle` the order the
-//   persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2, 4 or 8); they differ in
-//   speed only.
-//   With row_floor (a TopK encode; the 2 x 1 kernels), bound is a floor per row, bfloat16
-//   [rows]: column c of row r survives iff v >= bound[r] or v is NaN. The weight may then be a
-//   block of columns of a wider matrix (unit column stride, a row stride that is a multiple of
-//   8 and at least d_sae); threshold encodes take it contiguous.
+// Every 16-bit argument below (x, weight, bias, bound, values) has one element type, bfloat16 or
+// float16 (call it E): x's.
+//
+// fused_threshold_gemm: x E [rows, d_in] (contiguous) times W E [d_in, d_sae] (contiguous),
+//   bias E [d_sae] added to the float32 sums before one rounding to E (v), bound E [d_sae]:
+//   column c of row r survives iff v > bound[c]. The bound must be >= 0 or NaN (the caller
+//   folds the ReLU in and rounds thresholds down to E, which keeps the compare exact). Each
+//   survivor adds 1 to row_count[r] (int32 [rows], zeroed by the caller) and becomes a record
+//   (row in tile << 24 | column in tile << 16 | v's bits) in records int32 [tiles_m, tiles_n,
+//   kFusedWarps, cap], tiles of kFusedTileM x kFusedTileN; warp_count int32 [tiles_m, tiles_n,
+//   kFusedWarps] gets each region's count, which exceeds cap when records were dropped: every
+//   row of that tile row is then incomplete, and tile_overflow int32 [tiles_m] gets 1 for it.
+//   The caller zeroes all the counts and flags. d_in and d_sae must be multiples of 8 (16-byte
+//   rows for TMA). `kernel` picks the GEMM's cluster shape (FusedKernel), `raster` and
+//   `swizzle` the order the persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2, 4
+//   or 8); they differ in speed only.
+//   With row_floor (a TopK encode; the 2 x 1 kernels), bound is a floor per row, E [rows]:
+//   column c of row r survives iff v >= bound[r] or v is NaN. The weight may then be a block of
+//   columns of a wider matrix (unit column stride, a row stride that is a multiple of 8 and at
+//   least d_sae); threshold encodes take it contiguous.
 //
 // fused_tally: what the host needs after the GEMM, in one small launch: row_ptr int64
 //   [rows + 1] gets the running sums of row_count with the rows of overflowed tile rows counted
@@ -35,16 +37,16 @@
 //   GPU has nothing else to do.
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
-//   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values bfloat16 [nnz],
-//   out_index int64 / out_values bfloat16 [nnz]. Row r's entries land in [row_ptr[r],
-//   row_ptr[r + 1]); entries that do not fit there are dropped (a caller that empties the
-//   ranges of incomplete rows re-encodes them elsewhere). With order, each row's entries come
-//   out in ascending column order (one warp ranks a row's entries, O(l0^2 / 32) per row); without
-//   it they stay in scratch_index / scratch_values in arrival order and out_* are neither checked
-//   nor written.
+//   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values E [nnz],
+//   out_index int64 / out_values E [nnz] (the records' element type: their 16 bits are copied
+//   as they are). Row r's entries land in [row_ptr[r], row_ptr[r + 1]); entries that do not fit
+//   there are dropped (a caller that empties the ranges of incomplete rows re-encodes them
+//   elsewhere). With order, each row's entries come out in ascending column order (one warp
+//   ranks a row's entries, O(l0^2 / 32) per row); without it they stay in scratch_index /
+//   scratch_values in arrival order and out_* are neither checked nor written.
 // fused_gated_magnitudes: a gated SAE's survivors (from the GEMM run without a bias against its
-//   bounds) turned into activations in place: values bfloat16 [n] become
-//   bf16(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the add.
+//   bounds) turned into activations in place: values E [n] become
+//   E(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the add.
 //   index int64 [n] in [0, d_sae) (the compaction's columns; not checked on the device), scale
 //   and bias float32 [d_sae]. One launch where torch takes seven.
 #pragma once
@@ -103,10 +105,10 @@ constexpr std::int64_t fused_tiles(std::int64_t extent, std::int64_t tile) {
 // Whether this build has the fused encode and device_index is an sm_90 GPU.
 bool fused_threshold_available(int device_index);
 
-// Workspace bytes the GEMM needs for this problem on that device.
+// Workspace bytes the GEMM needs for this problem on that device (float16: E is float16).
 std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std::int64_t d_sae,
                                        int device_index, int kernel, int raster, int swizzle,
-                                       bool row_floor);
+                                       bool row_floor, bool float16);
 
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
@@ -178,12 +180,18 @@ struct FusedGemmEntry {
   const char* (*run)(const FusedGemmParams& params, void* workspace, cudaStream_t stream);
   std::size_t (*workspace_bytes)(const FusedGemmParams& params);
 };
-// One translation unit each (fused_sm90/threshold_gemm_*.cu), so that they compile in parallel.
+// One translation unit each (fused_sm90/*_gemm_*.cu), so that they compile in parallel; *_f16
+// take float16, the others bfloat16.
 FusedGemmEntry cluster_2x1_gemm();
 FusedGemmEntry cluster_1x2_gemm();
 FusedGemmEntry pingpong_2x1_gemm();
 FusedGemmEntry cluster_2x1_floor_gemm();
 FusedGemmEntry pingpong_2x1_floor_gemm();
+FusedGemmEntry cluster_2x1_gemm_f16();
+FusedGemmEntry cluster_1x2_gemm_f16();
+FusedGemmEntry pingpong_2x1_gemm_f16();
+FusedGemmEntry cluster_2x1_floor_gemm_f16();
+FusedGemmEntry pingpong_2x1_floor_gemm_f16();
 
 void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
                         std::int64_t* row_ptr, std::int64_t* summary,
@@ -196,7 +204,8 @@ void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32
                                   const FusedRowsParams& params, cudaStream_t stream);
 
 void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, const float* scale,
-                             const float* bias, std::int64_t n, cudaStream_t stream);
+                             const float* bias, std::int64_t n, bool float16,
+                             cudaStream_t stream);
 #endif
 
 }  // namespace mechinterp::sae

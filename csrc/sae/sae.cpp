@@ -435,7 +435,10 @@ void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
                    ": col_offset must lie in [0, 2^31), got ", col_offset);
   check_block(row_ptr, {rows + 1}, DType::Int64, top_values, kOp, "row_ptr");
   check_block(cand_index, {nnz}, DType::Int32, top_values, kOp, "cand_index");
-  check_block(cand_values, {nnz}, DType::BFloat16, top_values, kOp, "cand_values");
+  MECHINTERP_CHECK(cand_values.dtype == DType::BFloat16 || cand_values.dtype == DType::Float16,
+                   kOp, ": cand_values must be bfloat16 or float16, got ",
+                   dtype_name(cand_values.dtype));
+  check_block(cand_values, {nnz}, cand_values.dtype, top_values, kOp, "cand_values");
   SelectParams p{};
   p.rows = rows;
   p.k = k;
@@ -447,6 +450,7 @@ void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
   launch_topk_merge_rows_cuda(top_values.data_as<float>(), top_index.data_as<std::int32_t>(),
                               row_ptr.data_as<std::int64_t>(), cand_index.data_as<std::int32_t>(),
                               cand_values.data_as<std::uint16_t>(),
+                              cand_values.dtype == DType::Float16,
                               reinterpret_cast<std::uint32_t*>(row_bar.data_as<std::int32_t>()), p,
                               reinterpret_cast<cudaStream_t>(stream));
 #else

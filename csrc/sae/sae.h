@@ -45,7 +45,7 @@
 //
 // topk_merge_rows (CUDA): topk_merge with candidates as compressed rows: row r's are
 //   [row_ptr[r], row_ptr[r + 1]) of cand_index int32 (columns from col_offset) and cand_values
-//   bfloat16 (the fused GEMM's survivors above a floor, in any order).
+//   bfloat16 or float16 (the fused GEMM's survivors above a floor, in any order).
 //
 // screened_topk (CPU): the exact float32 top-k of rows of (x W + bias) * scale, from screen
 //   bfloat16 [rows, d_sae] = bf16(x) bf16(W) (any GEMM with float32 sums), x float32 [rows,
@@ -237,8 +237,9 @@ void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const fl
 
 void launch_topk_merge_rows_cuda(float* top_values, std::int32_t* top_index,
                                  const std::int64_t* row_ptr, const std::int32_t* cand_index,
-                                 const std::uint16_t* cand_values, std::uint32_t* row_bar,
-                                 const SelectParams& params, cudaStream_t stream);
+                                 const std::uint16_t* cand_values, bool float16,
+                                 std::uint32_t* row_bar, const SelectParams& params,
+                                 cudaStream_t stream);
 
 template <typename W, typename I>
 void launch_sparse_decode_cuda(const I* index, const acc_t<W>* values, const W* weight, const W* bias,

@@ -7,9 +7,9 @@ activation lets through: the top ``k`` per token (TopK) or the latents above the
 time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
 decoder rows of the active latents and sums them in float32.
 
-On Hopper GPUs, bfloat16 ReLU / JumpReLU / BatchTopK / gated SAEs skip the chunks: the threshold
-runs in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches memory.
-bfloat16 TopK SAEs there encode one chunk, a sample of their latents, and the fused GEMM keeps
+On Hopper GPUs, bfloat16 and float16 ReLU / JumpReLU / BatchTopK / gated SAEs skip the chunks: the
+threshold runs in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches
+memory. TopK SAEs of those dtypes there encode one chunk, a sample of their latents, and the fused GEMM keeps
 from the others only what reaches each row's k-th of the sample.
 
 On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
@@ -142,9 +142,9 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
     bounds every pre-activation and only the latents that can reach the top ``k`` are computed
     in float32; the result is the exact float32 top-k, values rounded once.
 
-    bfloat16 ReLU, JumpReLU, BatchTopK and gated SAEs on Hopper GPUs encode in one GEMM with the
-    threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then bounds its
-    survivor records (``d_sae / 8`` bytes a row) instead of a chunk. bfloat16 TopK SAEs there
+    bfloat16 and float16 ReLU, JumpReLU, BatchTopK and gated SAEs on Hopper GPUs encode in one
+    GEMM with the threshold in its epilogue (:mod:`mechinterp.sae.fused`); ``chunk_bytes`` then
+    bounds its survivor records (``d_sae / 8`` bytes a row) instead of a chunk. TopK SAEs there
     (``k`` up to 256, not ranked by decoder norms) take the same GEMM past a sample of their
     latents, keeping what reaches each row's k-th of the sample, with ``fused=True``.
 

@@ -1,7 +1,7 @@
-"""The encode fused into the encoder GEMM (bfloat16 SAEs on Hopper GPUs).
+"""The encode fused into the encoder GEMM (bfloat16 and float16 SAEs on Hopper GPUs).
 
 On a GPU of compute capability 9.0, ReLU, JumpReLU, BatchTopK (at inference) and gated SAEs
-in bfloat16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
+in bfloat16 or float16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
 threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations never reach
 memory. Two small kernels then turn the survivors into compressed rows. A gated SAE's two tests
 (its gate open, its magnitude positive) both rise with the pre-activation, so they make one
@@ -15,8 +15,8 @@ into the sample's top ``k``. The GEMM's work is the dense encode's; the sample's
 pre-activations are one chunk, the rest none. It is exact, and taken on request
 (``encode_sparse(..., fused=True)``, :func:`default_reason`).
 
-Each value is ``bf16(x @ W_enc + b_enc)`` with float32 sums and one rounding, as cuBLAS's
-``addmm`` computes it in the chunked encode, and a latent survives iff that value exceeds
+Each value is ``E(x @ W_enc + b_enc)`` (E the SAE's dtype) with float32 sums and one rounding, as
+cuBLAS's ``addmm`` computes it in the chunked encode, and a latent survives iff that value exceeds
 ``max(threshold, 0)`` (strictly). The GEMM's summation order is CUTLASS's, so a value can differ
 from cuBLAS's by the last bit where the float32 sums round differently.
 
@@ -39,10 +39,13 @@ from mechinterp import _C, _ops
 from mechinterp.sae.derived import derived
 from mechinterp.sae.sae import SAE
 
-__all__ = ["RECORDS_PER_WARP", "FusedSchedule", "aligned", "bf16_bounds", "default_reason",
+__all__ = ["DTYPES", "RECORDS_PER_WARP", "FusedSchedule", "aligned", "default_reason",
            "encode_block", "encode_topk_block", "gated_bounds", "gated_magnitudes",
-           "gated_params", "record_bytes_per_row", "schedule_for", "threshold_params",
-           "topk_sample_cols", "unsupported_reason"]
+           "gated_params", "record_bytes_per_row", "rounded_bounds", "schedule_for",
+           "threshold_params", "topk_sample_cols", "unsupported_reason"]
+
+#: The SAE dtypes the fused GEMM runs: its inputs, weights, biases and values.
+DTYPES = (torch.bfloat16, torch.float16)
 
 #: Survivor records per (tile, warp): 1/32 of the tile's pre-activations, which at realistic
 #: densities (L0 / d_sae of 1% or less) leaves room several times over.
@@ -69,8 +72,8 @@ def unsupported_reason(sae: SAE, device: torch.device) -> str | None:
     """Why ``sae`` cannot encode through the fused GEMM on ``device``, or None if it can."""
     if device.type != "cuda":
         return f"it runs on CUDA devices, and the SAE is on {device}"
-    if sae.dtype != torch.bfloat16:
-        return f"it runs bfloat16 SAEs, and this one is {sae.dtype}"
+    if sae.dtype not in DTYPES:
+        return f"it runs bfloat16 and float16 SAEs, and this one is {sae.dtype}"
     if sae.architecture not in _ARCHITECTURES:
         return f"it runs {', '.join(_ARCHITECTURES)} SAEs, and this one is {sae.architecture}"
     if sae.d_in % 8 or sae.d_sae % 8:
@@ -220,29 +223,34 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def bf16_bounds(threshold: torch.Tensor | None, d_sae: int, device: torch.device) -> torch.Tensor:
-    """``max(threshold, 0)`` rounded down to bfloat16, ``[d_sae]``: for any bfloat16 ``v``,
-    ``v > bound`` exactly when ``v > threshold`` and ``v > 0``. NaN thresholds stay NaN (no
-    value passes them), as in the dense encode. ``None`` (ReLU) gives zeros.
+def rounded_bounds(threshold: torch.Tensor | None, d_sae: int, device: torch.device,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``max(threshold, 0)`` rounded down to ``dtype`` (bfloat16 or float16), ``[d_sae]``: for
+    any ``v`` of that dtype, ``v > bound`` exactly when ``v > threshold`` and ``v > 0``. NaN
+    thresholds stay NaN (no value passes them), as in the dense encode; a float16 bound past
+    float16's range is its largest finite value, which only ``inf`` exceeds. ``None`` (ReLU)
+    gives zeros.
 
     Examples:
         >>> import torch
         >>> t = torch.tensor([0.1, -2.0, float("nan"), float("inf")])
-        >>> bf16_bounds(t, 4, torch.device("cpu")).float().tolist()[1:]
+        >>> rounded_bounds(t, 4, torch.device("cpu")).float().tolist()[1:]
         [0.0, nan, inf]
-        >>> float(bf16_bounds(t, 4, torch.device("cpu"))[0]) <= 0.1
+        >>> float(rounded_bounds(t, 4, torch.device("cpu"))[0]) <= 0.1
         True
+        >>> rounded_bounds(torch.tensor([1e6]), 1, torch.device("cpu"), torch.float16).tolist()
+        [65504.0]
     """
     if threshold is None:
-        return torch.zeros(d_sae, dtype=torch.bfloat16, device=device)
-    if threshold.dtype == torch.bfloat16:
+        return torch.zeros(d_sae, dtype=dtype, device=device)
+    if threshold.dtype == dtype:
         return threshold.clamp_min(0).contiguous()  # one launch: no rounding to do
     t = threshold.to(torch.float32).clamp_min(0)  # clamp keeps NaN
-    near = t.to(torch.bfloat16)
+    near = t.to(dtype)
     bits = near.view(torch.int16)
-    # Rounding up moved the bound above t: step one bfloat16 down (t >= 0, so bits go down).
+    # Rounding up moved the bound above t: step one value down (t >= 0, so bits go down).
     down = torch.where(near.to(torch.float32) > t, bits - 1, bits)
-    return down.view(torch.bfloat16).contiguous()
+    return down.view(dtype).contiguous()
 
 
 # What becomes of the fused GEMM's survivors: (indices, values) -> activations.
@@ -255,7 +263,7 @@ def threshold_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, Finish | Non
 
     The GEMM keeps column ``c`` of a row where ``bf16(x W + bias[c]) > bound[c]``;
     ``finish(indices, values)`` (None: nothing to do) turns the kept values into activations.
-    ReLU / JumpReLU / BatchTopK: the encoder bias and :func:`bf16_bounds`. Gated: no bias (the
+    ReLU / JumpReLU / BatchTopK: the encoder bias and :func:`rounded_bounds`. Gated: no bias (the
     gate and magnitude read ``x W`` alone), :func:`gated_bounds`, and
     :func:`gated_magnitudes`.
     """
@@ -263,8 +271,8 @@ def threshold_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, Finish | Non
         gate, scale, shift = gated_params(sae)
 
         def gated() -> tuple[torch.Tensor, torch.Tensor]:
-            zeros = torch.zeros(sae.d_sae, dtype=torch.bfloat16, device=sae.device)
-            return zeros, aligned(gated_bounds(gate, scale, shift))
+            zeros = torch.zeros(sae.d_sae, dtype=sae.dtype, device=sae.device)
+            return zeros, aligned(gated_bounds(gate, scale, shift, sae.dtype))
 
         bias, bound = derived("fused_gated", (sae.b_gate, sae.r_mag, sae.b_mag), gated)
         # gated_magnitudes of the survivors, in place in one launch where torch takes seven
@@ -273,7 +281,8 @@ def threshold_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, Finish | Non
                                               bias=shift)
 
     def bounds() -> torch.Tensor:
-        return aligned(bf16_bounds(sae.threshold, sae.d_sae, sae.device))  # a new tensor
+        # A new tensor, in the SAE's dtype.
+        return aligned(rounded_bounds(sae.threshold, sae.d_sae, sae.device, sae.dtype))
 
     # The bias is the SAE's own (the cache must not hold it); ReLU's zeros are kept by b_enc.
     bound = derived("fused_bound", (sae.b_enc,) if sae.threshold is None else (sae.threshold,),
@@ -292,46 +301,49 @@ def gated_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return derived("gated_params", (sae.b_gate, sae.r_mag, sae.b_mag), widened)
 
 
-# bfloat16 values in order as int32 keys: negatives by falling magnitude, then positives;
-# -0 and +0 are neighbours, -inf and +inf the ends (NaNs lie past them).
-_NEGATIVE_INF_KEY = 0x7FFF - 0x7F80
-_POSITIVE_INF_KEY = 0x8000 + 0x7F80
+# A 16-bit float type's values in order as int32 keys: negatives by falling magnitude, then
+# positives; -0 and +0 are neighbours, -inf and +inf the ends (NaNs lie past them). The bits of
+# +inf, per type:
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
-def _bf16_of_keys(keys: torch.Tensor) -> torch.Tensor:
+def _values_of_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = torch.where(keys >= 0x8000, keys - 0x8000, (0x7FFF - keys) | 0x8000)
     bits = torch.where(bits >= 0x8000, bits - 0x10000, bits)  # int16's two's complement
-    return bits.to(torch.int16).view(torch.bfloat16)
+    return bits.to(torch.int16).view(dtype)
 
 
-def gated_bounds(gate_bias: torch.Tensor, mag_scale: torch.Tensor,
-                 mag_bias: torch.Tensor) -> torch.Tensor:
-    """A gated SAE's bound per latent, bf16 ``[d_sae]``: for every bfloat16 ``h`` (``x W``
-    rounded), ``h > bound`` exactly when the chunked selector keeps the latent, that is when its
-    gate ``h + gate_bias > 0`` is open and its magnitude ``relu(h * mag_scale + mag_bias)``
-    (float32, rounded after the multiply) is above 0.
+def gated_bounds(gate_bias: torch.Tensor, mag_scale: torch.Tensor, mag_bias: torch.Tensor,
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A gated SAE's bound per latent, ``[d_sae]`` of ``dtype`` (bfloat16 or float16): for every
+    ``h`` of that dtype (``x W`` rounded), ``h > bound`` exactly when the chunked selector keeps
+    the latent, that is when its gate ``h + gate_bias > 0`` is open and its magnitude
+    ``relu(h * mag_scale + mag_bias)`` (float32, rounded after the multiply) is above 0.
 
     Arguments are float32 ``[d_sae]`` (:func:`gated_params`), finite, with ``mag_scale > 0``: both
-    tests then rise with ``h``, and the bound is the largest bfloat16 that fails them, found by
-    bisection over the bfloat16 values in order (17 halvings of their 65,282 keys, every latent
-    at once, with the selector's own float32 arithmetic).
+    tests then rise with ``h``, and the bound is the largest value that fails them, found by
+    bisection over the dtype's values in order (17 halvings of their 65,282 or 63,490 keys, every
+    latent at once, with the selector's own float32 arithmetic).
 
     Examples:
         >>> import torch
         >>> gate, scale, shift = torch.tensor([1.0, -0.5]), torch.tensor([2.0, 1.0]), torch.tensor([-3.0, 0.0])
         >>> gated_bounds(gate, scale, shift).float().tolist()  # h > 1.5 and h > 0.5
         [1.5, 0.5]
+        >>> gated_bounds(gate, scale, shift, torch.float16).tolist()
+        [1.5, 0.5]
     """
-    lo = torch.full(gate_bias.shape, _NEGATIVE_INF_KEY, dtype=torch.int32,
+    inf = _INF_BITS[dtype]
+    lo = torch.full(gate_bias.shape, 0x7FFF - inf, dtype=torch.int32,  # -inf
                     device=gate_bias.device)
-    hi = torch.full_like(lo, _POSITIVE_INF_KEY + 1)  # kept (past the end) by convention
+    hi = torch.full_like(lo, 0x8000 + inf + 1)  # past +inf: kept, by convention
     for _ in range(17):  # 2**17 keys > the span: one key apart after, and then it holds
         mid = (lo + hi) // 2
-        h = _bf16_of_keys(mid).to(torch.float32)
+        h = _values_of_keys(mid, dtype).to(torch.float32)
         keep = (h + gate_bias > 0) & (torch.relu(h * mag_scale + mag_bias) > 0)
         lo = torch.where(keep, lo, mid)
         hi = torch.where(keep, mid, hi)
-    return _bf16_of_keys(lo)
+    return _values_of_keys(lo, dtype)
 
 
 def gated_magnitudes(indices: torch.Tensor, values: torch.Tensor, *, mag_scale: torch.Tensor,
@@ -347,8 +359,9 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  bound: torch.Tensor, encode_again: RowsEncoder, finish: Finish | None = None):
     """Compressed rows ``(row_ptr, indices, values, nnz)`` of one block of inputs.
 
-    ``xb`` bf16 ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` bf16 ``[d_in,
-    d_sae]``, ``bias`` and ``bound`` bf16 ``[d_sae]`` (:func:`threshold_params`). ``finish``
+    ``xb`` ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` ``[d_in, d_sae]``,
+    ``bias`` and ``bound`` ``[d_sae]`` (:func:`threshold_params`), all of one of
+    :data:`DTYPES`. ``finish``
     turns the GEMM's survivors into activations. Rows of a tile that ran out of record slots go
     through ``encode_again``. One host sync in the usual case (the number of entries), two when
     rows were encoded again.
@@ -408,7 +421,7 @@ def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # A NaN k-th (the row's sample ranks NaN above everything) gives no floor: the row keeps
     # everything and its tile row overflows into encode_again.
     floor = top_v[:, k - 1].nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    done = _ops.fused_encode_pass(xb, rest, rest_bias, floor.to(torch.bfloat16),
+    done = _ops.fused_encode_pass(xb, rest, rest_bias, floor.to(xb.dtype),
                                   cap=RECORDS_PER_WARP, row_floor=True, **schedule)
     again = _overflowed_rows(done, rows)
     cand_index, cand_values = _ops.fused_pass_entries(done)

@@ -412,12 +412,13 @@ struct SlotCandidates {
   __device__ std::int32_t column(std::int64_t j) const { return index[j]; }
 };
 
-// Compressed rows (the fused GEMM's survivors above a floor): one span a row, bfloat16 values,
-// columns counted from col_offset.
+// Compressed rows (the fused GEMM's survivors above a floor): one span a row, bfloat16 or
+// float16 values (Value), columns counted from col_offset.
+template <class Value>
 struct RowCandidates {
   const std::int64_t* row_ptr;
   const std::int32_t* index;
-  const __nv_bfloat16* values;
+  const Value* values;
   std::int32_t col_offset;
 
   __device__ int spans() const { return 1; }
@@ -426,7 +427,7 @@ struct RowCandidates {
     return static_cast<int>(row_ptr[row + 1] - row_ptr[row]);
   }
   __device__ std::uint32_t key(std::int64_t j) const {
-    return float_key(__bfloat162float(values[j]));
+    return float_key(static_cast<float>(values[j]));
   }
   __device__ std::int32_t column(std::int64_t j) const { return index[j] + col_offset; }
 };
@@ -571,12 +572,19 @@ void launch_topk_merge_cuda(float* top_values, std::int32_t* top_index, const fl
 
 void launch_topk_merge_rows_cuda(float* top_values, std::int32_t* top_index,
                                  const std::int64_t* row_ptr, const std::int32_t* cand_index,
-                                 const std::uint16_t* cand_values, std::uint32_t* row_bar,
-                                 const SelectParams& params, cudaStream_t stream) {
-  const RowCandidates source{row_ptr, cand_index,
-                             reinterpret_cast<const __nv_bfloat16*>(cand_values),
-                             static_cast<std::int32_t>(params.col_offset)};
-  launch_merge(top_values, top_index, source, row_bar, params, stream);
+                                 const std::uint16_t* cand_values, bool float16,
+                                 std::uint32_t* row_bar, const SelectParams& params,
+                                 cudaStream_t stream) {
+  const auto col_offset = static_cast<std::int32_t>(params.col_offset);
+  if (float16) {
+    const RowCandidates<__half> source{row_ptr, cand_index,
+                                       reinterpret_cast<const __half*>(cand_values), col_offset};
+    launch_merge(top_values, top_index, source, row_bar, params, stream);
+  } else {
+    const RowCandidates<__nv_bfloat16> source{
+        row_ptr, cand_index, reinterpret_cast<const __nv_bfloat16*>(cand_values), col_offset};
+    launch_merge(top_values, top_index, source, row_bar, params, stream);
+  }
 }
 
 template void launch_topk_candidates_cuda<float>(const float*, float*, std::int32_t*,

@@ -4,6 +4,7 @@
 // and a count plus scan per (row, tile) were both slower on an H100 (0.7-2.9 ms and 0.2 ms at
 // 768 x 32768 against 0.1 ms).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -163,20 +164,33 @@ __global__ void order_rows_kernel(const std::int64_t* row_ptr, const std::int32_
   }
 }
 
+// The bits of a 16-bit float value as float32 and back (rounded to nearest).
+template <bool Float16>
+__device__ float widened(std::uint16_t bits) {
+  if constexpr (Float16) return __half2float(__ushort_as_half(bits));
+  else return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+template <bool Float16>
+__device__ std::uint16_t narrowed(float f) {
+  if constexpr (Float16) return __half_as_ushort(__float2half_rn(f));
+  else return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
 // A gated SAE's survivors' activations, in place: relu(h * scale[c] + bias[c]) in float32, the
 // multiply rounded before the add (no fused multiply-add), as torch computes it one operation at
-// a time in the chunked selector's reference, then rounded to bfloat16.
+// a time in the chunked selector's reference, then rounded to the values' type.
+template <bool Float16>
 __global__ void gated_magnitudes_kernel(const std::int64_t* index, std::uint16_t* values,
                                         const float* scale, const float* bias, std::int64_t n) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const std::int64_t c = index[i];
-  const float h = __bfloat162float(__ushort_as_bfloat16(values[i]));
+  const float h = widened<Float16>(values[i]);
   const float m = __fadd_rn(__fmul_rn(h, scale[c]), bias[c]);
   // As torch.relu on CUDA: NaN passes, -0 becomes +0 (on the CPU torch keeps -0). A survivor's
   // magnitude is above 0 (its bound says so), so this matters only to other callers.
   const float relu = m <= 0.0f ? 0.0f : m;
-  values[i] = __bfloat16_as_ushort(__float2bfloat16_rn(relu));
+  values[i] = narrowed<Float16>(relu);
 }
 
 }  // namespace
@@ -210,11 +224,13 @@ void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32
 }
 
 void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, const float* scale,
-                             const float* bias, std::int64_t n, cudaStream_t stream) {
+                             const float* bias, std::int64_t n, bool float16,
+                             cudaStream_t stream) {
   if (n == 0) return;
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  gated_magnitudes_kernel<<<blocks, kThreads, 0, stream>>>(index, values, scale, bias, n);
+  const auto kernel = float16 ? gated_magnitudes_kernel<true> : gated_magnitudes_kernel<false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(index, values, scale, bias, n);
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,17 +1,18 @@
-// The threshold encode of a bfloat16 SAE fused into a CUTLASS Hopper GEMM (sm_90a): the
-// epilogue turns each tile's accumulators into survivors and never writes the [tokens, d_sae]
-// matrix. Included by one translation unit per kernel (they compile in parallel, and each
-// costs about 4 GB of compiler memory).
+// The threshold encode of a bfloat16 or float16 SAE fused into a CUTLASS Hopper GEMM (sm_90a):
+// the epilogue turns each tile's accumulators into survivors and never writes the [tokens,
+// d_sae] matrix. Included by one translation unit per kernel and element type (they compile in
+// parallel, and each costs about 4 GB of compiler memory).
 //
-// A survivor is a column c of row r with v = bf16(acc + bias[c]) > bound[c], where bound is the
-// threshold rounded down to bfloat16 with the ReLU folded in (bound >= 0), so the packed 16-bit
-// compare is exact; or, with a floor per row (a TopK encode's lower bound of each row's k-th
+// A survivor is a column c of row r with v = E(acc + bias[c]) > bound[c] (E the element type),
+// where bound is the threshold rounded down to E with the ReLU folded in (bound >= 0), so the
+// packed 16-bit compare is exact; or, with a floor per row (a TopK encode's lower bound of each row's k-th
 // largest), v >= floor[r] or v NaN (which ranks by its bits). Each becomes a 32-bit record (row in tile << 24 | column in tile << 16 |
 // v's bits) in a fixed region of `cap` records per (tile, consumer warp); records_cuda.cu turns
 // the records into compressed rows.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -34,6 +35,21 @@ namespace mechinterp::sae::fused_sm90 {
 
 using namespace cute;
 
+// An element type's packed pair, and two floats rounded into one (the compares below are
+// overloaded on the pair type).
+template <class Element>
+struct PairOf;
+template <>
+struct PairOf<cutlass::bfloat16_t> {
+  using type = __nv_bfloat162;
+  static CUTLASS_DEVICE type round(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct PairOf<cutlass::half_t> {
+  using type = __half2;
+  static CUTLASS_DEVICE type round(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
 // The epilogue's sink: consumes the pre-activation and bound fragments, writes records.
 //
 // Slots within a warp's region come from a warp scan, so the epilogue never waits on a global
@@ -47,8 +63,9 @@ using namespace cute;
 // each, whatever the GEMM's tile: a kernel whose tiles are TileM = kFusedTileM / 2 rows tall
 // (ping-pong, one warpgroup of 4 warps a tile) fills the upper or lower half of a record tile's
 // regions, so the tally and the compaction read every kernel's records alike.
-template <int TileM, int WarpsPerTile, bool RowFloor>
+template <int TileM, int WarpsPerTile, bool RowFloor, class Element>
 struct RecordSink {
+  using Pair = typename PairOf<Element>::type;
   static_assert(kFusedTileM % TileM == 0 && WarpsPerTile * (kFusedTileM / TileM) == kFusedWarps,
                 "GEMM tiles must split a record tile's rows and regions evenly");
   // With a void D, CUTLASS's epilogue builder sizes its (unused) store types from the fusion's
@@ -121,7 +138,7 @@ struct RecordSink {
     // the kernel threefold and slowed it): survivors as a bit set, one warp scan for the slots,
     // loops over set bits that are not unrolled.
     template <int Size>
-    CUTLASS_DEVICE int append(const unsigned* masks, const __nv_bfloat162* pairs, int epi_v,
+    CUTLASS_DEVICE int append(const unsigned* masks, const Pair* pairs, int epi_v,
                               int epi_m, int epi_n, int filled_before) {
       static_assert(Size <= 64, "a fragment's survivors fit one 64-bit set");
       std::uint64_t bits = 0;
@@ -172,14 +189,14 @@ struct RecordSink {
                               cutlass::Array<Pre, Size> const& pre,
                               cutlass::Array<Bound, Size> const& bound) {
       static_assert(Size % 2 == 0, "the compare runs on pairs");
-      __nv_bfloat162 pairs[Size / 2];
+      Pair pairs[Size / 2];
       unsigned masks[Size / 2];
       unsigned any = 0;
-      const auto* bound2 = reinterpret_cast<const __nv_bfloat162*>(bound.data());
+      const auto* bound2 = reinterpret_cast<const Pair*>(bound.data());
       CUTLASS_PRAGMA_UNROLL
       for (int q = 0; q < Size / 2; ++q) {
-        pairs[q] = __floats2bfloat162_rn(static_cast<float>(pre[2 * q]),
-                                         static_cast<float>(pre[2 * q + 1]));
+        pairs[q] = PairOf<Element>::round(static_cast<float>(pre[2 * q]),
+                                          static_cast<float>(pre[2 * q + 1]));
         if constexpr (RowFloor) {
           masks[q] = __hge2_mask(pairs[q], bound2[q]) | __hneu2_mask(pairs[q], pairs[q]);
         } else {
@@ -226,8 +243,8 @@ struct RecordSink {
 };
 
 // x [rows, d_in] row-major times W [d_in, d_sae] row-major (16-bit wgmma reads either
-// layout), fp32 accumulators, the bf16 bias added in fp32 before one rounding to bf16 (as
-// cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides records.
+// layout), fp32 accumulators, the bias added in fp32 before one rounding to the element type
+// (as cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides records.
 //
 // Cooperative kernels split each 128 x 256 tile between two consumer warpgroups, which run the
 // epilogue together while the tensor cores idle. Ping-pong kernels give each warpgroup its own
@@ -237,9 +254,10 @@ struct RecordSink {
 // RowFloor swaps the bound per latent for a floor per row (a column vector broadcast along the
 // tile), and the weight may be a block of columns of a wider matrix (its row stride
 // weight_ld), so that a TopK encode can run on the latents past the ones it sampled.
-template <int ClusterM, int ClusterN, bool PingPong, bool RowFloor>
+//
+// Element is cutlass::bfloat16_t or cutlass::half_t: x, the weight, the bias and the bound.
+template <int ClusterM, int ClusterN, bool PingPong, bool RowFloor, class Element>
 struct ThresholdGemm {
-  using Element = cutlass::bfloat16_t;
   using Layout = cutlass::layout::RowMajor;
   static constexpr int kTileM = PingPong ? kFusedTileM / 2 : kFusedTileM;
   using TileShape = Shape<Int<kTileM>, Int<kFusedTileN>, _64>;
@@ -262,7 +280,7 @@ struct ThresholdGemm {
   using PreActivation = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, float, float, kRound>,
       cutlass::epilogue::fusion::Sm90AccFetch, Bias>;
-  using Sink = RecordSink<kTileM, PingPong ? kFusedWarps / 2 : kFusedWarps, RowFloor>;
+  using Sink = RecordSink<kTileM, PingPong ? kFusedWarps / 2 : kFusedWarps, RowFloor, Element>;
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<Sink, PreActivation, Bound>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<

@@ -1,8 +1,11 @@
-// The fused threshold encode with thread-block clusters of 1 x 2 (see threshold_gemm.cuh).
+// The fused threshold encode with thread-block clusters of 1 x 2, bfloat16 (see
+// threshold_gemm.cuh).
 #include "sae/cuda/fused_sm90/threshold_gemm.cuh"
 
 namespace mechinterp::sae {
 
-FusedGemmEntry cluster_1x2_gemm() { return fused_sm90::ThresholdGemm<1, 2, false, false>::entry(); }
+FusedGemmEntry cluster_1x2_gemm() {
+  return fused_sm90::ThresholdGemm<1, 2, false, false, cutlass::bfloat16_t>::entry();
+}
 
 }  // namespace mechinterp::sae

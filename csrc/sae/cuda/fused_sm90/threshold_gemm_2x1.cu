@@ -1,8 +1,11 @@
-// The fused threshold encode with thread-block clusters of 2 x 1 (see threshold_gemm.cuh).
+// The fused threshold encode with thread-block clusters of 2 x 1, bfloat16 (see
+// threshold_gemm.cuh).
 #include "sae/cuda/fused_sm90/threshold_gemm.cuh"
 
 namespace mechinterp::sae {
 
-FusedGemmEntry cluster_2x1_gemm() { return fused_sm90::ThresholdGemm<2, 1, false, false>::entry(); }
+FusedGemmEntry cluster_2x1_gemm() {
+  return fused_sm90::ThresholdGemm<2, 1, false, false, cutlass::bfloat16_t>::entry();
+}
 
 }  // namespace mechinterp::sae

@@ -1,0 +1,11 @@
+// The fused GEMM with a floor per row (a TopK encode), ping-pong kernel with thread-block clusters
+// of 2 x 1, float16 (see threshold_gemm.cuh).
+#include "sae/cuda/fused_sm90/threshold_gemm.cuh"
+
+namespace mechinterp::sae {
+
+FusedGemmEntry pingpong_2x1_floor_gemm_f16() {
+  return fused_sm90::ThresholdGemm<2, 1, true, true, cutlass::half_t>::entry();
+}
+
+}  // namespace mechinterp::sae

@@ -1,0 +1,11 @@
+// The fused threshold encode, ping-pong kernel with thread-block clusters of 2 x 1, float16 (see
+// threshold_gemm.cuh).
+#include "sae/cuda/fused_sm90/threshold_gemm.cuh"
+
+namespace mechinterp::sae {
+
+FusedGemmEntry pingpong_2x1_gemm_f16() {
+  return fused_sm90::ThresholdGemm<2, 1, true, false, cutlass::half_t>::entry();
+}
+
+}  // namespace mechinterp::sae
