@@ -268,6 +268,9 @@ def test_unsupported_reasons_are_named():
     assert "CUDA" in unsupported_reason(sae, torch.device("cpu"))
     assert "bfloat16 and float16" in unsupported_reason(sae.to(dtype=torch.float32),
                                                         torch.device("cuda"))
+    # float16 passes the dtype rule: the next rule is the one that speaks.
+    odd_half = exact_sae(12, 64, "relu", dtype=torch.float16)
+    assert "multiples of 8" in unsupported_reason(odd_half, torch.device("cuda"))
     gated = exact_sae(16, 64, "gated")
     for name, bad in (("r_mag", 100.0), ("r_mag", float("nan")), ("b_gate", float("inf")),
                       ("b_mag", float("-inf"))):

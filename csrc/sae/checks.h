@@ -37,4 +37,10 @@ inline void check_block(const TensorView& t, std::initializer_list<std::int64_t>
   check_same_device(t, ref, op, name, ref_name);
 }
 
+// A 16-bit float tensor: bfloat16 or float16 (the fused encode's element types).
+inline void check_half_values(const TensorView& t, const char* op, const char* name) {
+  MECHINTERP_CHECK(t.dtype == DType::BFloat16 || t.dtype == DType::Float16, op, ": ", name,
+                   " must be bfloat16 or float16, got ", dtype_name(t.dtype));
+}
+
 }  // namespace mechinterp::sae

@@ -70,11 +70,6 @@ void check_kernel(int kernel, bool row_floor, const char* op) {
                    "cluster_2x1 and pingpong_2x1 do");
 }
 
-void check_half_values(const TensorView& values, const char* op, const char* name) {
-  MECHINTERP_CHECK(values.dtype == DType::BFloat16 || values.dtype == DType::Float16, op, ": ",
-                   name, " must be bfloat16 or float16, got ", dtype_name(values.dtype));
-}
-
 void check_raster(int raster, const char* op) {
   MECHINTERP_CHECK(raster >= 0 && raster < kFusedRasterCount, op, ": raster must lie in [0, ",
                    kFusedRasterCount, "), got ", raster);

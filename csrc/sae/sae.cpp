@@ -435,9 +435,7 @@ void topk_merge_rows(const TensorView& top_values, const TensorView& top_index,
                    ": col_offset must lie in [0, 2^31), got ", col_offset);
   check_block(row_ptr, {rows + 1}, DType::Int64, top_values, kOp, "row_ptr");
   check_block(cand_index, {nnz}, DType::Int32, top_values, kOp, "cand_index");
-  MECHINTERP_CHECK(cand_values.dtype == DType::BFloat16 || cand_values.dtype == DType::Float16,
-                   kOp, ": cand_values must be bfloat16 or float16, got ",
-                   dtype_name(cand_values.dtype));
+  check_half_values(cand_values, kOp, "cand_values");
   check_block(cand_values, {nnz}, cand_values.dtype, top_values, kOp, "cand_values");
   SelectParams p{};
   p.rows = rows;
