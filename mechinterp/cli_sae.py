@@ -10,7 +10,9 @@
 Every subcommand works offline on the shipped model and SAE by default
 (``--model induction-2l --sae induction-2l-sae``); ``--model`` also takes a local model
 directory and ``--sae`` a local SAE folder or file (any format :func:`~mechinterp.sae.load_sae`
-reads).
+reads). ``--dtype`` casts the SAE (the model keeps its own; its activations are cast to the
+SAE's dtype): on a Hopper GPU, bfloat16 and float16 SAEs encode through the fused GEMM
+wherever it applies (:func:`mechinterp.sae.fused.default_reason`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 from pathlib import Path
 
 _DEFAULT_MODEL = "induction-2l"
+_DTYPES = ("float32", "bfloat16", "float16")
 _DEFAULT_SAE = "induction-2l-sae"
 # An induction prompt for the shipped model: the next token should be "fafi".
 _DEMO_PROMPT = "fuba bu mabi fafi vetu fuba bu mabi"
@@ -55,6 +58,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", default=None,
                         help="site to read, e.g. resid_post.0 (default: the SAE's hook_name)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                        help="cast the SAE to this dtype; the model's activations follow it "
+                             "(default: as stored)")
 
 
 def _load_model(args: argparse.Namespace):
@@ -77,6 +83,10 @@ def _load_sae(args: argparse.Namespace):
         msg = (f"--sae must be a shipped SAE ({', '.join(sorted(ZOO_SAES))}) or an existing SAE "
                f"folder or file; got {args.sae!r}")
         raise InputError(msg)
+    if args.dtype is not None:
+        import torch
+
+        sae = sae.to(dtype=getattr(torch, args.dtype))
     return sae, resolve_site(sae, args.site)
 
 

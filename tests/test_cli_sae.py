@@ -203,6 +203,38 @@ def test_steer_ablating_the_previous_token_latent_breaks_induction(model, sae, d
     assert "greedy continuation (2 tokens)" in table and "unedited: fafi vetu" in table
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dtype_casts_the_sae_for_every_subcommand(model, sae, tmp_path, capsys, dtype) -> None:
+    name = str(dtype).removeprefix("torch.")
+    half = sae.to(dtype=dtype)
+    result = model.run(PROMPT, cache=[sae_site(sae)])
+    ids, features = result.tokens.input_ids[0], encode_sparse(half, result.cache[sae_site(sae)][0])
+    code, printed, _ = run(capsys, "top-features", "--prompt", PROMPT, "--top", "3", "--json",
+                           "--dtype", name)
+    assert code == 0
+    for pos, entry in enumerate(json.loads(printed)["positions"]):
+        assert [item["latent"] for item in entry["latents"]] == top_latents(features, pos, 3)
+    out = tmp_path / "features"
+    code, _, _ = run(capsys, "encode", "--prompt", PROMPT, "--out", str(out), "--no-progress",
+                     "--dtype", name)
+    store = FeatureStore(out)
+    assert code == 0 and store.manifest["dtype"] == name
+    stored = store.features(slice(None))
+    assert stored.values.dtype == dtype and torch.equal(stored.to_dense(), features.to_dense())
+    # Another dtype is another SAE: the store is not resumed from.
+    code, _, err = run(capsys, "encode", "--prompt", PROMPT, "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+    # The edit runs on the cast SAE; the model keeps its own dtype.
+    latent = top_latents(features, 4, 1)[0]
+    code, printed, _ = run(capsys, "steer", "--latent", str(latent), "--value", "0", "--json",
+                           "--dtype", name)
+    assert code == 0
+    logits = model.logits(ids[None], edits=[SAEEdit(sae_site(sae), half, clamp={latent: 0.0})])
+    probs = torch.softmax(logits[0, -1].double(), dim=-1)
+    for token in json.loads(printed)["edited"]:
+        assert token["prob"] == pytest.approx(float(probs[token["token_id"]]), rel=1e-6)
+
+
 def test_steer_errors(capsys) -> None:
     code, _, err = run(capsys, "steer", "--latent", "600", "--value", "1")
     assert code == 2 and "feature 600 is out of range [0, d_sae=512)" in err
