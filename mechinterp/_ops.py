@@ -935,8 +935,8 @@ def topk_merge_rows(
     """:func:`topk_merge` with candidates as compressed rows, in place (CUDA).
 
     Row ``r``'s candidates are ``cand_index`` (int32, columns counted from ``col_offset``) and
-    ``cand_values`` (bfloat16 or float16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows + 1]``), in any
-    order: what :func:`fused_pass_entries` gives. ``top_values`` / ``top_index`` / ``row_bar``
+    ``cand_values`` (bfloat16 or float16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows +
+    1]``), in any order: what :func:`fused_pass_entries` gives. ``top_values`` / ``top_index`` / ``row_bar``
     as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
     """
     op = "topk_merge_rows"

@@ -7,10 +7,10 @@ activation lets through: the top ``k`` per token (TopK) or the latents above the
 time, and the result is compressed rows (:class:`SparseFeatures`). ``decode_sparse`` gathers the
 decoder rows of the active latents and sums them in float32.
 
-On Hopper GPUs, bfloat16 and float16 ReLU / JumpReLU / BatchTopK / gated SAEs skip the chunks: the
-threshold runs in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation reaches
-memory. TopK SAEs of those dtypes there encode one chunk, a sample of their latents, and the fused GEMM keeps
-from the others only what reaches each row's k-th of the sample.
+On Hopper GPUs, bfloat16 and float16 ReLU / JumpReLU / BatchTopK / gated SAEs skip the chunks:
+the threshold runs in the GEMM's epilogue (:mod:`mechinterp.sae.fused`), so no pre-activation
+reaches memory. TopK SAEs of those dtypes there encode one chunk, a sample of their latents, and
+the fused GEMM keeps from the others only what reaches each row's k-th of the sample.
 
 On CUDA the top ``k`` is a running one: each chunk keeps only the values that reach a lower
 bound of the token's k-th largest (the k-th of the chunks merged so far, or the chunk's own

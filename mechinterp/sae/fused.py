@@ -1,11 +1,12 @@
 """The encode fused into the encoder GEMM (bfloat16 and float16 SAEs on Hopper GPUs).
 
 On a GPU of compute capability 9.0, ReLU, JumpReLU, BatchTopK (at inference) and gated SAEs
-in bfloat16 or float16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that pass the
-threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations never reach
-memory. Two small kernels then turn the survivors into compressed rows. A gated SAE's two tests
-(its gate open, its magnitude positive) both rise with the pre-activation, so they make one
-bound per latent (:func:`gated_bounds`), and its few survivors' magnitudes are computed after.
+in bfloat16 or float16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that
+pass the threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations
+never reach memory. Two small kernels then turn the survivors into compressed rows. A gated
+SAE's two tests (its gate open, its magnitude positive) both rise with the pre-activation, so
+they make one bound per latent (:func:`gated_bounds`), and its few survivors' magnitudes are
+computed after.
 
 TopK SAEs first take the exact top ``k`` of a sample of their latents (the first
 :func:`topk_sample_cols`, through the chunked path). A row's k-th largest of the sample is a
@@ -261,7 +262,8 @@ def threshold_params(sae: SAE) -> tuple[torch.Tensor, torch.Tensor, Finish | Non
     """``(bias, bound, finish)`` of a threshold SAE's fused encode, worked out once while its
     parameters stand (:func:`mechinterp.sae.derived.derived`).
 
-    The GEMM keeps column ``c`` of a row where ``bf16(x W + bias[c]) > bound[c]``;
+    The GEMM keeps column ``c`` of a row where ``E(x W + bias[c]) > bound[c]`` (E the SAE's
+    dtype);
     ``finish(indices, values)`` (None: nothing to do) turns the kept values into activations.
     ReLU / JumpReLU / BatchTopK: the encoder bias and :func:`rounded_bounds`. Gated: no bias (the
     gate and magnitude read ``x W`` alone), :func:`gated_bounds`, and

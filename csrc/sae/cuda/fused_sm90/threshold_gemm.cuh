@@ -5,10 +5,10 @@
 //
 // A survivor is a column c of row r with v = E(acc + bias[c]) > bound[c] (E the element type),
 // where bound is the threshold rounded down to E with the ReLU folded in (bound >= 0), so the
-// packed 16-bit compare is exact; or, with a floor per row (a TopK encode's lower bound of each row's k-th
-// largest), v >= floor[r] or v NaN (which ranks by its bits). Each becomes a 32-bit record (row in tile << 24 | column in tile << 16 |
-// v's bits) in a fixed region of `cap` records per (tile, consumer warp); records_cuda.cu turns
-// the records into compressed rows.
+// packed 16-bit compare is exact; or, with a floor per row (a TopK encode's lower bound of each
+// row's k-th largest), v >= floor[r] or v NaN (which ranks by its bits). Each becomes a 32-bit
+// record (row in tile << 24 | column in tile << 16 | v's bits) in a fixed region of `cap` records
+// per (tile, consumer warp); records_cuda.cu turns the records into compressed rows.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -244,7 +244,8 @@ struct RecordSink {
 
 // x [rows, d_in] row-major times W [d_in, d_sae] row-major (16-bit wgmma reads either
 // layout), fp32 accumulators, the bias added in fp32 before one rounding to the element type
-// (as cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides records.
+// (as cuBLAS's addmm does), and the sink. C and D are void: nothing is loaded or stored besides
+// records.
 //
 // Cooperative kernels split each 128 x 256 tile between two consumer warpgroups, which run the
 // epilogue together while the tensor cores idle. Ping-pong kernels give each warpgroup its own
