@@ -382,16 +382,18 @@ def test_fp32_agrees_with_saelens(saelens_peer, case):
             )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", _params(BF16_CASES))
-def test_our_bf16_agrees_with_saelens_fp32(saelens_peer, case):
+def test_our_half_precision_agrees_with_saelens_fp32(saelens_peer, case, dtype):
+    # The bf16 bars, held by float16 too (its longer mantissa flips fewer latents).
     sae, x = _ours(case)
     lens = saelens_peer(case)
-    ours = sae.to(dtype=torch.bfloat16)
+    ours = sae.to(dtype=dtype)
     with torch.no_grad():
         their_active = _rows(lens.encode(x)) != 0
-        our_active = _rows(ours.encode(x.bfloat16())) != 0
+        our_active = _rows(ours.encode(x.to(dtype))) != 0
         their_recon = _rows(lens(x))
-        our_recon = _rows(ours.forward(x.bfloat16())).float()
+        our_recon = _rows(ours.forward(x.to(dtype))).float()
 
     union = (our_active | their_active).sum(dim=-1)
     shared = (our_active & their_active).sum(dim=-1)
