@@ -304,7 +304,7 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow, py::handle cursor,
          py::handle row_ptr, py::handle summary, py::handle workspace, int kernel, int raster,
-         int swizzle, bool row_floor, std::uintptr_t stream) {
+         int swizzle, bool row_floor, bool wait, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -323,16 +323,18 @@ PYBIND11_MODULE(_C, m) {
           host = mechinterp::sae::fused_encode_pass(
               x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
               row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
-              workspace_view, kernel, raster, swizzle, row_floor, stream);
+              workspace_view, kernel, raster, swizzle, row_floor, wait, stream);
         }
         return py::make_tuple(host[0], host[1], host[2]);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("cursor"),
       py::arg("row_ptr"), py::arg("summary"), py::arg("workspace"), py::arg("kernel"),
-      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("stream"),
+      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("wait"),
+      py::arg("stream"),
       "Zeroes the counts and cursor, runs fused_threshold_gemm and fused_tally, and waits for "
-      "the summary: returns (entries, overflowed tile rows, widest row).");
+      "the summary: returns (entries, overflowed tile rows, widest row). Without wait the "
+      "summary stays on the device and it returns (-1, -1, -1).");
 
   m.def(
       "fused_gated_magnitudes",

@@ -936,8 +936,9 @@ def topk_merge_rows(
 
     Row ``r``'s candidates are ``cand_index`` (int32, columns counted from ``col_offset``) and
     ``cand_values`` (bfloat16 or float16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows +
-    1]``), in any order: what :func:`fused_pass_entries` gives. ``top_values`` / ``top_index`` / ``row_bar``
-    as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
+    1]``), in any order: what :func:`fused_pass_entries` or :func:`fused_queued_entries` gives
+    (entries past ``row_ptr[rows]`` are not read). ``top_values`` / ``top_index`` /
+    ``row_bar`` as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
     """
     op = "topk_merge_rows"
     for name, t in (("top_values", top_values), ("top_index", top_index), ("row_ptr", row_ptr),
@@ -1237,20 +1238,51 @@ def fused_encode_pass(
     one call into _C: the launches the host would otherwise queue one by one while the GPU
     waits for the GEMM. Arguments as for :func:`fused_threshold_gemm`.
     """
-    scratch = _FusedScratch("fused_encode_pass", x, weight, cap, kernel, raster, swizzle,
-                            row_floor)
+    scratch, row_ptr, _, host = _launch_pass("fused_encode_pass", x, weight, bias, bound, cap,
+                                             kernel, raster, swizzle, row_floor, wait=True)
+    return FusedPass(scratch, row_ptr, *host)
+
+
+class QueuedPass(NamedTuple):
+    """What :func:`fused_queue_pass` leaves: a :class:`FusedPass` whose summary is still on the
+    device."""
+
+    scratch: _FusedScratch  #: records and counts (``tensor(name)`` gives a torch view)
+    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
+    summary: torch.Tensor  #: int64 ``[3]``: entries, overflowed tile rows, widest row
+
+
+def fused_queue_pass(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
+    kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
+    row_floor: bool = False,
+) -> QueuedPass:
+    """:func:`fused_encode_pass` without the host's wait: the launches are queued and the call
+    returns at once, so that the host can queue what follows (:func:`fused_queued_entries`)
+    while the GEMM runs. Arguments as for :func:`fused_threshold_gemm`.
+    """
+    scratch, row_ptr, summary, _ = _launch_pass("fused_queue_pass", x, weight, bias, bound, cap,
+                                                kernel, raster, swizzle, row_floor, wait=False)
+    return QueuedPass(scratch, row_ptr, summary)
+
+
+def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor, *,
+                 wait: bool):
+    """``(scratch, row_ptr, summary, host summary)`` of one pass (the host's (-1, -1, -1)
+    without ``wait``)."""
+    scratch = _FusedScratch(op, x, weight, cap, kernel, raster, swizzle, row_floor)
     rows = x.shape[0]
     pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
     base = pointers.data_ptr()
     row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
     summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
-    entries, overflowed, widest = _C.fused_encode_pass(
+    host = _C.fused_encode_pass(
         _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
         scratch.view("cursor"), row_ptr_view, summary_view, scratch.view("workspace"),
-        *scratch.schedule, _stream(x),
+        *scratch.schedule, wait, _stream(x),
     )
-    return FusedPass(scratch, pointers[:rows + 1], entries, overflowed, widest)
+    return scratch, pointers[:rows + 1], pointers[rows + 1:], host
 
 
 def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1259,21 +1291,29 @@ def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tenso
     if not order:
         index, values = fused_pass_entries(done)
         return index.to(torch.int64), values
-    return _pass_rows(done, order=True)
+    return _pass_rows(done.scratch, done.row_ptr, done.entries, order=True)
 
 
 def fused_pass_entries(done: FusedPass) -> tuple[torch.Tensor, torch.Tensor]:
     """A :class:`FusedPass`'s records as compressed rows in arrival order: ``(index int32,
     values)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
-    return _pass_rows(done, order=False)
+    return _pass_rows(done.scratch, done.row_ptr, done.entries, order=False)
 
 
-def _pass_rows(done: FusedPass, *, order: bool):
+def fused_queued_entries(queued: QueuedPass) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_pass_entries` of a :class:`QueuedPass`, queued without a host sync: the
+    arrays hold as many entries as the records have slots, the entries number
+    ``queued.row_ptr[-1]``, and what lies past them is not written."""
+    slots = queued.scratch.tensor("records").numel()
+    return _pass_rows(queued.scratch, queued.row_ptr, slots, order=False)
+
+
+def _pass_rows(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, *, order: bool):
     """``(index int64, values)`` ordered by column with ``order``, else ``(index int32,
-    values)`` in arrival order, the values in the pass's element type. Only the tensors returned
-    are cut from the allocations, after the compaction's launch, so that the GPU starts it while
-    the host makes the views."""
-    scratch, nnz, dtype = done.scratch, done.entries, done.scratch.dtype
+    values)`` in arrival order, the values in the pass's element type, each ``[nnz]``. Only the
+    tensors returned are cut from the allocations, after the compaction's launch, so that the
+    GPU starts it while the host makes the views."""
+    dtype = scratch.dtype
     device = scratch.buffer.device
     dtype_name = _DTYPE_NAMES[dtype]
     # One allocation for the compaction's two scratch arrays (int32 columns, 16-bit values).
@@ -1288,7 +1328,7 @@ def _pass_rows(done: FusedPass, *, order: bool):
     out_index = (out_base, "int64", (size,), (1,), "cuda", scratch.index)
     out_values = (out_base + 8 * size, dtype_name, (size,), (1,), "cuda", scratch.index)
     _C.fused_records_to_rows(
-        scratch.view("records"), scratch.view("warp_count"), _view(done.row_ptr),
+        scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
         scratch.view("cursor"), work_index, work_values, out_index, out_values, bool(order),
         _stream(work),
     )

@@ -107,18 +107,21 @@ def assert_same(features, want) -> None:
 
 
 class GemmSpy:
-    """Counts the encode's fused GEMM passes and keeps each one's region counts."""
+    """Counts the encode's fused GEMM passes (waited for or queued) and keeps each one's region
+    counts."""
 
     def __init__(self, monkeypatch):
         self.warp_counts = []
-        real = _ops.fused_encode_pass
+        for name in ("fused_encode_pass", "fused_queue_pass"):
+            monkeypatch.setattr(_ops, name, self._spying(getattr(_ops, name)))
 
+    def _spying(self, real):
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
             self.warp_counts.append(out.scratch.tensor("warp_count").clone())
             return out
 
-        monkeypatch.setattr(_ops, "fused_encode_pass", spy)
+        return spy
 
 
 # ---- everywhere ----
@@ -516,3 +519,15 @@ def test_encode_pass_equals_the_gemm_then_the_tally(cap):
         _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule), order=False)
     assert unordered_i.dtype == torch.int64 and unordered_v.dtype == torch.bfloat16
     assert sorted(unordered_i.tolist()) == sorted(indices.tolist())
+    # Queued without the wait: the same summary (left on the device) and the same rows, in
+    # arrays as long as the records.
+    queued = _ops.fused_queue_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
+    assert queued.summary.tolist() == summary.tolist()
+    assert torch.equal(queued.row_ptr, row_ptr)
+    queued_i, queued_v = _ops.fused_queued_entries(queued)
+    assert queued_i.numel() == queued_v.numel() == queued.scratch.tensor("records").numel()
+    entries = done.entries
+    row = torch.repeat_interleave(torch.arange(800, device="cuda"), row_ptr.diff())
+    order = torch.argsort(row * 1600 + queued_i[:entries])
+    assert torch.equal(queued_i[:entries][order].long(), indices)
+    assert torch.equal(queued_v[:entries][order].view(torch.int16), values.view(torch.int16))

@@ -178,6 +178,25 @@ def test_topk_row_blocks_follow_the_record_budget(monkeypatch):
 
 @pytest.mark.cuda
 @needs_fused
+def test_rows_encoded_again_land_in_their_block(monkeypatch):
+    # Three blocks of two tile rows. Tile row 3 (the second block's second) is all ties at 0,
+    # so it overflows; its rows are encoded again after the whole encode is queued.
+    sae = exact_topk_sae(72, 1032, 8, device="cuda", zero_bias=True)
+    x = exact_inputs(600, 72, device="cuda")
+    x[384:512] = 0
+    spy = GemmSpy(monkeypatch)
+    budget = 256 * fused_module.record_bytes_per_row(1032)
+    features = encode_sparse(sae, x, chunk_bytes=budget, fused=True)
+    overflowed = [(c > fused_module.RECORDS_PER_WARP).flatten(1).any(1) for c in spy.warp_counts]
+    assert [o.shape[0] for o in overflowed] == [2, 2, 1]
+    assert bool(overflowed[1][1])
+    assert_topk_same(features, reference_topk(sae, x))
+    assert torch.equal(features.indices.view(600, 8)[384:512],
+                       torch.arange(8, device="cuda").expand(128, 8))
+
+
+@pytest.mark.cuda
+@needs_fused
 def test_floor_kernel_bad_input_is_named():
     x = exact_inputs(10, 72, device="cuda")
     w = torch.zeros(72, 512, dtype=torch.bfloat16, device="cuda")

@@ -34,7 +34,8 @@
 //   warp_count, tile_overflow, row_count and cursor, runs fused_threshold_gemm and fused_tally,
 //   copies the summary to the host and waits for it. Returns (entries, overflowed tile rows,
 //   widest row). Every Python-side launch costs the host about 10 us, and before the GEMM the
-//   GPU has nothing else to do.
+//   GPU has nothing else to do. Without wait it only queues the launches, leaves the summary on
+//   the device and returns (-1, -1, -1): for callers whose next steps need no sizes from it.
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
 //   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values E [nnz],
@@ -125,7 +126,7 @@ std::array<std::int64_t, 3> fused_encode_pass(
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    bool row_floor, std::uintptr_t stream);
+    bool row_floor, bool wait, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,

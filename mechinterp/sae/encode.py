@@ -61,8 +61,10 @@ _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 # SAELens's 2.0 GiB. 128 MiB keeps it under an eighth of SAELens's.
 _TOPK_CUDA_CHUNK_BYTES = 128 << 20
 # A fused TopK encode holds a sixteenth of the [tokens, d_sae] pre-activations' size at once
-# (its sample's chunk, then the GEMM's records), within these bounds. Its peak (1.2-1.7x the
-# budget) is then a ninth of that size or less wherever the lower bound does not apply: under
+# (its sample's chunk, then the GEMM's records, and its survivors in arrays as long as the
+# records, sized without waiting for their count), within these bounds. Its peak (1.3-2.5x the
+# budget: 0.16 / 0.31 / 0.60 GiB at 768 x 32768, 2304 x 65536 and 4096 x 131072 with 16,384
+# tokens) is then a sixth of that size or less wherever the lower bound does not apply: under
 # an eighth of a dense encode's, which holds the whole matrix at least twice (the
 # pre-activations and the scattered output). At 4096 x 131072 (three interleaved rounds on
 # each of two machines) that is 256 MiB, one block of rows where 128 MiB made two: 1.05-1.16x
@@ -387,24 +389,22 @@ def _encode_topk(sae: SAE, plan: _Plan):
         bias = _fused.aligned(bias)
 
         def sample(xb: torch.Tensor, cols: int):
-            # The sample's pre-activations are one chunk: of fewer rows, where all would not fit.
+            # The sample's pre-activations are one chunk: of fewer rows, where all would not fit
+            # (each block's running top k is made after its GEMM is queued, then joined).
             step = max(1, plan.chunk_bytes // (cols * xb.element_size()))
             if step >= xb.shape[0]:
                 return _topk_block_running(xb, weight, bias, None, k, [(0, cols)])
-            out = _running_start(xb.shape[0], k, xb.device)
-            for r0 in range(0, xb.shape[0], step):
-                _topk_block_running(xb[r0:r0 + step], weight, bias, None, k, [(0, cols)],
-                                    out=tuple(t[r0:r0 + step] for t in out))
-            return out
+            parts = [_topk_block_running(xb[r0:r0 + step], weight, bias, None, k, [(0, cols)])
+                     for r0 in range(0, xb.shape[0], step)]
+            return tuple(torch.cat(part) for part in zip(*parts))
 
-        def again(xb: torch.Tensor):
-            return _topk_block_running(xb, weight, bias, None, k, chunks)[:2]
-
+    again_blocks = []  # fused: per row, whether it must be encoded again
     for xb in plan.blocks():
         if screen is not None:
             top_v, top_i = _screen.screened_topk_block(xb, screen, bias, scale, k)
         elif plan.fused:
-            top_v, top_i = _fused.encode_topk_block(xb, weight, bias, k, sample, again)
+            top_v, top_i, again = _fused.encode_topk_block(xb, weight, bias, k, sample)
+            again_blocks.append(again)
         elif plan.compiled:
             top_v, top_i = _topk_block_compiled(xb, weight, bias, scale, k, chunks)
         else:
@@ -416,6 +416,14 @@ def _encode_topk(sae: SAE, plan: _Plan):
     indices = (_joined(index_blocks).reshape(-1) if index_blocks
                else torch.empty(0, dtype=torch.int64, device=sae.device))
     row_ptr = torch.arange(n + 1, dtype=torch.int64, device=sae.device) * k
+    if again_blocks:
+        # The fused encode's one host sync, once everything else is queued: the rows whose
+        # GEMM tile ran out of record slots, encoded again by the chunked path.
+        again = torch.cat(again_blocks).nonzero().flatten()
+        if again.numel():
+            top_v, top_i = _topk_block_running(plan.x[again], weight, bias, None, k, chunks)[:2]
+            values.view(n, k)[again] = torch.relu(top_v).to(sae.dtype)
+            indices.view(n, k)[again] = top_i.to(torch.int64)
     return row_ptr, indices, values
 
 
@@ -439,21 +447,19 @@ def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
     return cand_v, cand_i
 
 
-def _topk_block_running(xb, weight, bias, scale, k, chunks, out=None):
+def _topk_block_running(xb, weight, bias, scale, k, chunks):
     """CUDA: after each chunk's GEMM, keep what can still be in a row's top k, then merge it.
 
     The row's bar (its running k-th value) rises as chunks are merged, so later chunks let
     through few values; the exact ranking happens once per row and chunk, on those few.
-    Returns ``(top_values, top_index, row_bar)``: ``out`` if given (from
-    :func:`_running_start`), else new.
+    Returns ``(top_values, top_index, row_bar)``.
     """
     top_v = top_i = row_bar = None
     for c0, c1 in chunks:
         h = torch.addmm(_cut(bias, c0, c1, xb.dtype), xb, _cut(weight, c0, c1, xb.dtype))
         if row_bar is None:
             # Allocated once the first GEMM is queued, so that the GPU starts sooner.
-            top_v, top_i, row_bar = out if out is not None else _running_start(
-                xb.shape[0], k, xb.device)
+            top_v, top_i, row_bar = _running_start(xb.shape[0], k, xb.device)
         candidates = _ops.topk_candidates(h, k, row_bar=row_bar, col_offset=c0,
                                           scale=None if scale is None else scale[c0:c1])
         del h  # free this chunk before the next one is allocated

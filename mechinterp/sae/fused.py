@@ -99,12 +99,11 @@ def default_reason(sae: SAE, device: torch.device) -> str | None:
     for ``sae`` on ``device`` by default, or None where it does: wherever it applies
     (:func:`unsupported_reason`) but for TopK SAEs.
 
-    The fused TopK encode is not reliably the faster one (H100, bf16, 16,384 tokens): against
-    the chunked encode it took 1.71-1.94x the GEMM against 1.62-1.70x at 768 x 32768, tied at
-    2304 x 65536 (1.25-1.32x against 1.26-1.29x), and at 4096 x 131072 it won in runs of the
-    encodes alone (1.05-1.16x against 1.09-1.17x) and lost in the bench's company (1.20-1.21x
-    against 1.17x), where cuBLAS's GEMM, which the chunked encode runs, took 22.5 ms rather
-    than 24-25 ms.
+    The fused TopK encode is not the faster one (H100, bf16): interleaved with the chunked
+    encode it took 1.05x / 1.01x / 1.02x its time at 768 x 32768, 2304 x 65536 and
+    4096 x 131072 with 16,384 tokens, and 1.36-2.25x with 128 tokens. In three bench runs
+    (16,384 tokens) it took 1.55-1.90x / 1.25-1.32x / 1.12-1.15x the GEMM against
+    1.61-1.69x / 1.25-1.29x / 1.13-1.19x.
     """
     why_not = unsupported_reason(sae, device)
     if why_not is None and sae.architecture == "topk":
@@ -397,42 +396,43 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 # The running top k of some rows over latents [0, cols), as (top_values, top_index, row_bar).
 SampleEncoder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-# The chunked top k of some rows, as (top_values, top_index).
-TopkEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
-                      encode_sample: SampleEncoder, encode_again: TopkEncoder):
-    """The top ``k`` of one block of inputs: ``(values float32, index int32)`` ``[rows, k]`` in
-    descending order, ties to the lower index, as :func:`mechinterp._ops.topk_merge` keeps them.
+                      encode_sample: SampleEncoder):
+    """The top ``k`` of one block of inputs, queued without a host sync: ``(values float32,
+    index int32, again)``, the first two ``[rows, k]`` in descending order, ties to the lower
+    index, as :func:`mechinterp._ops.topk_merge` keeps them; ``again`` is int32 ``[rows]``,
+    nonzero for the rows whose top ``k`` must be encoded again (their GEMM tile ran out of
+    record slots; their values here are wrong).
 
     ``xb``, ``weight`` and ``bias`` as for :func:`encode_block`. ``encode_sample`` gives the
     exact top ``k`` of the first :func:`topk_sample_cols` latents (the chunked path); the fused
     GEMM over the rest keeps what reaches each row's k-th of those (and NaN, which ranks by its
-    bits), and the merge folds it in. Rows of a tile that ran out of record slots go through
-    ``encode_again``. One host sync in the usual case.
+    bits), and the merge folds it in. Nothing here waits for the GPU: the merge reads the
+    survivors' count from the device, so the host queues the whole encode while the GEMM runs
+    and the caller waits once, for ``again``.
     """
     rows, d_sae = xb.shape[0], weight.shape[1]
     if rows == 0:
-        return encode_again(xb)
+        empty = torch.empty(0, k, dtype=torch.int32, device=xb.device)
+        return empty.float(), empty, empty.new_empty(0)
     sample = topk_sample_cols(d_sae, k)
-    # The host's share of the GEMM's launch first: the sample keeps the GPU busy meanwhile.
-    rest, rest_bias = weight[:, sample:], bias[sample:]
-    schedule = schedule_for(rows, xb.shape[1], d_sae - sample)._asdict()
+    # The sample's GEMM first, so that the GPU starts while the host works out the rest.
     top_v, top_i, row_bar = encode_sample(xb, sample)
+    rest, rest_bias = weight[:, sample:], bias[sample:]
     # A NaN k-th (the row's sample ranks NaN above everything) gives no floor: the row keeps
-    # everything and its tile row overflows into encode_again.
+    # everything and its tile row overflows, to be encoded again.
     floor = top_v[:, k - 1].nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    done = _ops.fused_encode_pass(xb, rest, rest_bias, floor.to(xb.dtype),
-                                  cap=RECORDS_PER_WARP, row_floor=True, **schedule)
-    again = _overflowed_rows(done, rows)
-    cand_index, cand_values = _ops.fused_pass_entries(done)
-    _ops.topk_merge_rows(top_v, top_i, done.row_ptr, cand_index, cand_values, row_bar,
+    queued = _ops.fused_queue_pass(xb, rest, rest_bias, floor.to(xb.dtype),
+                                   cap=RECORDS_PER_WARP, row_floor=True,
+                                   **schedule_for(rows, xb.shape[1], d_sae - sample)._asdict())
+    cand_index, cand_values = _ops.fused_queued_entries(queued)
+    _ops.topk_merge_rows(top_v, top_i, queued.row_ptr, cand_index, cand_values, row_bar,
                          col_offset=sample)
-    del done
-    if again is not None:
-        top_v[again], top_i[again] = encode_again(xb[again])
-    return top_v, top_i
+    tile_overflow = queued.scratch.tensor("tile_overflow")
+    again = tile_overflow.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows]
+    return top_v, top_i, again
 
 
 def _overflowed_rows(done: _ops.FusedPass, rows: int) -> torch.Tensor | None:

@@ -426,9 +426,7 @@ struct RowCandidates {
   __device__ int size(std::int64_t row, int) const {
     return static_cast<int>(row_ptr[row + 1] - row_ptr[row]);
   }
-  __device__ std::uint32_t key(std::int64_t j) const {
-    return float_key(static_cast<float>(values[j]));
-  }
+  __device__ std::uint32_t key(std::int64_t j) const { return float_key(to_float(values[j])); }
   __device__ std::int32_t column(std::int64_t j) const { return index[j] + col_offset; }
 };
 

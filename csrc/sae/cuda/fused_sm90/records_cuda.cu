@@ -14,6 +14,7 @@
 #include <cub/block/block_store.cuh>
 
 #include "common/check.h"
+#include "sae/cuda/select_common.cuh"
 #include "sae/fused_threshold.h"
 
 namespace mechinterp::sae {
@@ -164,33 +165,22 @@ __global__ void order_rows_kernel(const std::int64_t* row_ptr, const std::int32_
   }
 }
 
-// The bits of a 16-bit float value as float32 and back (rounded to nearest).
-template <bool Float16>
-__device__ float widened(std::uint16_t bits) {
-  if constexpr (Float16) return __half2float(__ushort_as_half(bits));
-  else return __bfloat162float(__ushort_as_bfloat16(bits));
-}
-template <bool Float16>
-__device__ std::uint16_t narrowed(float f) {
-  if constexpr (Float16) return __half_as_ushort(__float2half_rn(f));
-  else return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-
 // A gated SAE's survivors' activations, in place: relu(h * scale[c] + bias[c]) in float32, the
 // multiply rounded before the add (no fused multiply-add), as torch computes it one operation at
-// a time in the chunked selector's reference, then rounded to the values' type.
-template <bool Float16>
-__global__ void gated_magnitudes_kernel(const std::int64_t* index, std::uint16_t* values,
+// a time in the chunked selector's reference, then rounded to the values' type (Value:
+// __nv_bfloat16 or __half).
+template <class Value>
+__global__ void gated_magnitudes_kernel(const std::int64_t* index, Value* values,
                                         const float* scale, const float* bias, std::int64_t n) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const std::int64_t c = index[i];
-  const float h = widened<Float16>(values[i]);
+  const float h = select_device::to_float(values[i]);
   const float m = __fadd_rn(__fmul_rn(h, scale[c]), bias[c]);
   // As torch.relu on CUDA: NaN passes, -0 becomes +0 (on the CPU torch keeps -0). A survivor's
   // magnitude is above 0 (its bound says so), so this matters only to other callers.
   const float relu = m <= 0.0f ? 0.0f : m;
-  values[i] = narrowed<Float16>(relu);
+  select_device::store_float(values + i, relu);
 }
 
 }  // namespace
@@ -229,8 +219,13 @@ void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, c
   if (n == 0) return;
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
-  const auto kernel = float16 ? gated_magnitudes_kernel<true> : gated_magnitudes_kernel<false>;
-  kernel<<<blocks, kThreads, 0, stream>>>(index, values, scale, bias, n);
+  if (float16) {
+    gated_magnitudes_kernel<<<blocks, kThreads, 0, stream>>>(
+        index, reinterpret_cast<__half*>(values), scale, bias, n);
+  } else {
+    gated_magnitudes_kernel<<<blocks, kThreads, 0, stream>>>(
+        index, reinterpret_cast<__nv_bfloat16*>(values), scale, bias, n);
+  }
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 }
 
