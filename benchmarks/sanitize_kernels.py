@@ -220,7 +220,8 @@ def fused_sae_cases() -> int:
     """The fused Hopper threshold encode against an exact CPU reference (sums exact in float32,
     so there is one right answer): partial tiles, every kernel (cluster shape) in CUTLASS's
     default tile order and in bands of 8 tile rows, a tile row that overflows its records, rows
-    ordered by the kernel and by a sort; in bfloat16 and float16."""
+    ordered by the kernel and by a sort, a compaction queued into arrays too short for it (so
+    compacted again); in bfloat16 and float16."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
@@ -249,8 +250,12 @@ def fused_sae_cases() -> int:
             # compaction kernel, then the chosen schedule with rows ordered by a sort.
             schedules = [fused.FusedSchedule(k, r, s) for k in _ops.SAE_FUSED_KERNELS
                          for r, s in (("heuristic", 1), ("along_n", 8))]
-            runs = [(saved[0], s) for s in schedules] + [(3, saved[1](rows, d_in, d_sae))]
-            for order_max, schedule in runs:
+            chosen = saved[1](rows, d_in, d_sae)
+            runs = [(saved[0], s, None) for s in schedules] + [(3, chosen, None),
+                                                               (saved[0], chosen, 1)]
+            for order_max, schedule, last_entries in runs:
+                if last_entries is not None:  # room for 1/8 more than this, plus 64
+                    fused._last_entries[(rows, d_in, d_sae)] = last_entries
                 fused._KERNEL_ORDER_MAX = order_max
                 fused.schedule_for = lambda _rows, _d_in, _d_sae, schedule=schedule: schedule
                 got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")

@@ -304,7 +304,7 @@ PYBIND11_MODULE(_C, m) {
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow, py::handle cursor,
          py::handle row_ptr, py::handle summary, py::handle workspace, int kernel, int raster,
-         int swizzle, bool row_floor, bool wait, std::uintptr_t stream) {
+         int swizzle, bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -317,24 +317,32 @@ PYBIND11_MODULE(_C, m) {
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
         const auto summary_view = mechinterp::view_from_py(summary, "summary");
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
-        std::array<std::int64_t, 3> host{};
-        {
-          py::gil_scoped_release release;
-          host = mechinterp::sae::fused_encode_pass(
-              x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
-              row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
-              workspace_view, kernel, raster, swizzle, row_floor, wait, stream);
-        }
-        return py::make_tuple(host[0], host[1], host[2]);
+        py::gil_scoped_release release;
+        mechinterp::sae::fused_encode_pass(
+            x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
+            row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
+            workspace_view, kernel, raster, swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
       py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("cursor"),
       py::arg("row_ptr"), py::arg("summary"), py::arg("workspace"), py::arg("kernel"),
-      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("wait"),
-      py::arg("stream"),
-      "Zeroes the counts and cursor, runs fused_threshold_gemm and fused_tally, and waits for "
-      "the summary: returns (entries, overflowed tile rows, widest row). Without wait the "
-      "summary stays on the device and it returns (-1, -1, -1).");
+      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("stream"),
+      "Zeroes the counts and cursor and queues fused_threshold_gemm and fused_tally.");
+
+  m.def(
+      "fused_summary",
+      [](py::handle summary, std::uintptr_t stream) {
+        const auto summary_view = mechinterp::view_from_py(summary, "summary");
+        std::array<std::int64_t, 3> host{};
+        {
+          py::gil_scoped_release release;
+          host = mechinterp::sae::fused_summary(summary_view, stream);
+        }
+        return py::make_tuple(host[0], host[1], host[2]);
+      },
+      py::arg("summary"), py::arg("stream"),
+      "Waits for a fused_tally summary (int64 [3] on the device) on the stream and returns it: "
+      "(entries, overflowed tile rows, widest row).");
 
   m.def(
       "fused_gated_magnitudes",
@@ -357,7 +365,7 @@ PYBIND11_MODULE(_C, m) {
       "fused_records_to_rows",
       [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle cursor,
          py::handle scratch_index, py::handle scratch_values, py::handle out_index,
-         py::handle out_values, bool order, std::uintptr_t stream) {
+         py::handle out_values, bool order, std::int64_t order_max, std::uintptr_t stream) {
         const auto records_view = mechinterp::view_from_py(records, "records");
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
@@ -370,15 +378,16 @@ PYBIND11_MODULE(_C, m) {
         mechinterp::sae::fused_records_to_rows(records_view, warp_count_view, row_ptr_view,
                                                cursor_view, scratch_index_view,
                                                scratch_values_view, out_index_view,
-                                               out_values_view, order, stream);
+                                               out_values_view, order, order_max, stream);
       },
       py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("cursor"),
       py::arg("scratch_index"), py::arg("scratch_values"), py::arg("out_index"),
-      py::arg("out_values"), py::arg("order"), py::arg("stream"),
+      py::arg("out_values"), py::arg("order"), py::arg("order_max"), py::arg("stream"),
       "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
-      "(entries past a row's range are dropped): ordered by column into out_index int64 / "
-      "out_values (the values' bf16 or fp16), or in arrival order left in scratch_index / "
-      "scratch_values.");
+      "(entries past a row's range or past the arrays' nnz are dropped): ordered by column "
+      "into out_index int64 / out_values (the values' bf16 or fp16; rows of more than "
+      "order_max entries, or ending past nnz, are not written), or in arrival order left in "
+      "scratch_index / scratch_values.");
 
   m.def(
       "topk_candidates",

@@ -936,8 +936,8 @@ def topk_merge_rows(
 
     Row ``r``'s candidates are ``cand_index`` (int32, columns counted from ``col_offset``) and
     ``cand_values`` (bfloat16 or float16) at ``row_ptr[r]:row_ptr[r + 1]`` (int64 ``[rows +
-    1]``), in any order: what :func:`fused_pass_entries` or :func:`fused_queued_entries` gives
-    (entries past ``row_ptr[rows]`` are not read). ``top_values`` / ``top_index`` /
+    1]``), in any order: what :func:`fused_queued_entries` gives (entries past
+    ``row_ptr[rows]`` are not read). ``top_values`` / ``top_index`` /
     ``row_bar`` as for :func:`topk_merge`; ``k`` at most ``TOPK_CUDA_MAX_K``.
     """
     op = "topk_merge_rows"
@@ -1216,36 +1216,9 @@ def fused_threshold_gemm(
                           ("records", "warp_count", "tile_overflow", "row_count", "cursor")))
 
 
-class FusedPass(NamedTuple):
-    """What :func:`fused_encode_pass` leaves: the GEMM's records and counts, the row pointers,
-    and the summary the host waited for."""
-
-    scratch: _FusedScratch  #: records and counts (``tensor(name)`` gives a torch view)
-    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
-    entries: int  #: ``row_ptr[-1]``
-    overflowed: int  #: tile rows whose records overflowed (their rows must be encoded again)
-    widest: int  #: the most entries of one row
-
-
-def fused_encode_pass(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
-    kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
-    row_floor: bool = False,
-) -> FusedPass:
-    """:func:`fused_threshold_gemm` and :func:`fused_tally` in one call, up to the host sync.
-
-    The counts are zeroed, the GEMM and the tally run, and the summary comes back, all from
-    one call into _C: the launches the host would otherwise queue one by one while the GPU
-    waits for the GEMM. Arguments as for :func:`fused_threshold_gemm`.
-    """
-    scratch, row_ptr, _, host = _launch_pass("fused_encode_pass", x, weight, bias, bound, cap,
-                                             kernel, raster, swizzle, row_floor, wait=True)
-    return FusedPass(scratch, row_ptr, *host)
-
-
 class QueuedPass(NamedTuple):
-    """What :func:`fused_queue_pass` leaves: a :class:`FusedPass` whose summary is still on the
-    device."""
+    """What :func:`fused_queue_pass` leaves: the GEMM's records and counts, the row pointers,
+    and the summary the host waits for, all on the device."""
 
     scratch: _FusedScratch  #: records and counts (``tensor(name)`` gives a torch view)
     row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
@@ -1257,72 +1230,95 @@ def fused_queue_pass(
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
     row_floor: bool = False,
 ) -> QueuedPass:
-    """:func:`fused_encode_pass` without the host's wait: the launches are queued and the call
-    returns at once, so that the host can queue what follows (:func:`fused_queued_entries`)
-    while the GEMM runs. Arguments as for :func:`fused_threshold_gemm`.
+    """:func:`fused_threshold_gemm` and :func:`fused_tally`, queued from one call into _C.
+
+    The counts are zeroed and the GEMM and the tally queued (launches the host would otherwise
+    make one by one while the GPU waits for the GEMM), and the call returns at once, so that
+    the host can queue what follows (:func:`fused_queued_entries`, :func:`fused_queued_rows`)
+    while the GEMM runs, then wait for the summary (:func:`fused_wait_summary`). Arguments as
+    for :func:`fused_threshold_gemm`.
     """
-    scratch, row_ptr, summary, _ = _launch_pass("fused_queue_pass", x, weight, bias, bound, cap,
-                                                kernel, raster, swizzle, row_floor, wait=False)
-    return QueuedPass(scratch, row_ptr, summary)
+    return QueuedPass(*_launch_pass("fused_queue_pass", x, weight, bias, bound, cap, kernel,
+                                    raster, swizzle, row_floor))
 
 
-def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor, *,
-                 wait: bool):
-    """``(scratch, row_ptr, summary, host summary)`` of one pass (the host's (-1, -1, -1)
-    without ``wait``)."""
+def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
+    """Waits for a :class:`QueuedPass`'s summary: ``(entries, overflowed tile rows, widest
+    row)``."""
+    return _C.fused_summary(_view(queued.summary), _stream(queued.summary))
+
+
+def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor):
+    """``(scratch, row_ptr, summary)`` of one queued pass."""
     scratch = _FusedScratch(op, x, weight, cap, kernel, raster, swizzle, row_floor)
     rows = x.shape[0]
     pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
     base = pointers.data_ptr()
     row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
     summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
-    host = _C.fused_encode_pass(
+    _C.fused_encode_pass(
         _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
         scratch.view("cursor"), row_ptr_view, summary_view, scratch.view("workspace"),
-        *scratch.schedule, wait, _stream(x),
+        *scratch.schedule, _stream(x),
     )
-    return scratch, pointers[:rows + 1], pointers[rows + 1:], host
-
-
-def fused_pass_rows(done: FusedPass, *, order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_records_to_rows` of a :class:`FusedPass`: ``(index int64, values)``, the
-    values in the pass's element type."""
-    if not order:
-        index, values = fused_pass_entries(done)
-        return index.to(torch.int64), values
-    return _pass_rows(done.scratch, done.row_ptr, done.entries, order=True)
-
-
-def fused_pass_entries(done: FusedPass) -> tuple[torch.Tensor, torch.Tensor]:
-    """A :class:`FusedPass`'s records as compressed rows in arrival order: ``(index int32,
-    values)``, each ``[entries]``, row ``r``'s at ``done.row_ptr[r]:done.row_ptr[r + 1]``."""
-    return _pass_rows(done.scratch, done.row_ptr, done.entries, order=False)
+    return scratch, pointers[:rows + 1], pointers[rows + 1:]
 
 
 def fused_queued_entries(queued: QueuedPass) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_pass_entries` of a :class:`QueuedPass`, queued without a host sync: the
-    arrays hold as many entries as the records have slots, the entries number
-    ``queued.row_ptr[-1]``, and what lies past them is not written."""
+    """A :class:`QueuedPass`'s records as compressed rows in arrival order, queued without a
+    host sync: ``(index int32, values)`` (the pass's element type), row ``r``'s at
+    ``queued.row_ptr[r]:queued.row_ptr[r + 1]``. The arrays hold as many entries as the records
+    have slots; the entries number ``queued.row_ptr[-1]``, and what lies past them is not
+    written."""
     slots = queued.scratch.tensor("records").numel()
-    return _pass_rows(queued.scratch, queued.row_ptr, slots, order=False)
+    work, _ = _compact(queued.scratch, queued.row_ptr, slots, False, _ORDER_ALL)
+    return _arrival_views(work, slots, queued.scratch.dtype)
 
 
-def _pass_rows(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, *, order: bool):
-    """``(index int64, values)`` ordered by column with ``order``, else ``(index int32,
-    values)`` in arrival order, the values in the pass's element type, each ``[nnz]``. Only the
-    tensors returned are cut from the allocations, after the compaction's launch, so that the
-    GPU starts it while the host makes the views."""
-    dtype = scratch.dtype
+class QueuedRows(NamedTuple):
+    """:func:`fused_queued_rows`' arrays, each ``[capacity]``, whose first ``row_ptr[-1]``
+    entries hold the rows when that many fit."""
+
+    index: torch.Tensor  #: int64, each row's columns ascending (rows left to a sort unwritten)
+    values: torch.Tensor  #: in the same order, the pass's element type
+    arrival_index: torch.Tensor  #: int32, each row's entries in arrival order
+    arrival_values: torch.Tensor  #: in the same order
+
+
+def fused_queued_rows(queued: QueuedPass, capacity: int, *, order_max: int) -> QueuedRows:
+    """A :class:`QueuedPass`'s records as compressed rows, queued before the number of entries
+    is known, into arrays of ``capacity`` entries.
+
+    Once the summary is read: with entries up to ``capacity``, ``index`` / ``values`` hold the
+    ordered rows, but for rows of more than ``order_max`` entries (where the summary's widest
+    row exceeds it, sort the arrival-order arrays instead); with more, entries past
+    ``capacity`` were dropped and the rows must be compacted again (zero the cursor first).
+    """
+    work, out = _compact(queued.scratch, queued.row_ptr, capacity, True, order_max)
+    dtype = queued.scratch.dtype
+    return QueuedRows(*_ordered_views(out, capacity, dtype),
+                      *_arrival_views(work, capacity, dtype))
+
+
+# No row is too wide for the compaction's ordering.
+_ORDER_ALL = 2**62
+
+
+def _compact(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, order: bool,
+             order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the compaction of a pass's records into arrays of ``nnz`` entries: ``(work,
+    out)``, int16 allocations holding the arrival-order arrays (int32 columns, then 16-bit
+    values) and the ordered ones (int64 columns, then 16-bit values; empty without ``order``).
+    Torch views are cut only of what the caller returns, after the launch, so that the GPU
+    starts it while the host makes them."""
     device = scratch.buffer.device
-    dtype_name = _DTYPE_NAMES[dtype]
-    # One allocation for the compaction's two scratch arrays (int32 columns, 16-bit values).
+    dtype_name = _DTYPE_NAMES[scratch.dtype]
     work = torch.empty(3 * nnz, dtype=torch.int16, device=device)
     base = work.data_ptr()
     work_index = (base, "int32", (nnz,), (1,), "cuda", scratch.index)
     work_values = (base + 4 * nnz, dtype_name, (nnz,), (1,), "cuda", scratch.index)
     size = nnz if order else 0
-    # And one for the outputs: int64 columns, then 16-bit values.
     out = torch.empty(5 * size, dtype=torch.int16, device=device)
     out_base = out.data_ptr()
     out_index = (out_base, "int64", (size,), (1,), "cuda", scratch.index)
@@ -1330,11 +1326,17 @@ def _pass_rows(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, *, order
     _C.fused_records_to_rows(
         scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
         scratch.view("cursor"), work_index, work_values, out_index, out_values, bool(order),
-        _stream(work),
+        order_max, _stream(work),
     )
-    if order:
-        return out[:4 * size].view(torch.int64), out[4 * size:].view(dtype)
+    return work, out
+
+
+def _arrival_views(work: torch.Tensor, nnz: int, dtype: torch.dtype):
     return work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(dtype)
+
+
+def _ordered_views(out: torch.Tensor, nnz: int, dtype: torch.dtype):
+    return out[:4 * nnz].view(torch.int64), out[4 * nnz:].view(dtype)
 
 
 def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
@@ -1405,7 +1407,7 @@ def fused_records_to_rows(
     out_values = torch.empty(size, dtype=dtype, device=device)
     _C.fused_records_to_rows(
         _view(records), _view(warp_count), _view(row_ptr), _view(cursor), _view(scratch_index),
-        _view(scratch_values), _view(out_index), _view(out_values), bool(order),
+        _view(scratch_values), _view(out_index), _view(out_values), bool(order), _ORDER_ALL,
         _stream(records),
     )
     if not order:

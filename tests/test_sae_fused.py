@@ -107,21 +107,18 @@ def assert_same(features, want) -> None:
 
 
 class GemmSpy:
-    """Counts the encode's fused GEMM passes (waited for or queued) and keeps each one's region
-    counts."""
+    """Counts the encode's fused GEMM passes and keeps each one's region counts."""
 
     def __init__(self, monkeypatch):
         self.warp_counts = []
-        for name in ("fused_encode_pass", "fused_queue_pass"):
-            monkeypatch.setattr(_ops, name, self._spying(getattr(_ops, name)))
+        real = _ops.fused_queue_pass
 
-    def _spying(self, real):
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
             self.warp_counts.append(out.scratch.tensor("warp_count").clone())
             return out
 
-        return spy
+        monkeypatch.setattr(_ops, "fused_queue_pass", spy)
 
 
 # ---- everywhere ----
@@ -257,6 +254,15 @@ def test_kept_bounds_go_with_their_sae():
     del jumprelu, gated
     gc.collect()
     assert [ref() for ref in sources] == [None] * 5
+
+
+def test_fused_summary_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"fused_summary: summary must be a contiguous \[3\]"):
+        _C.fused_summary(_ops._view(torch.zeros(2, dtype=torch.int64)), 0)
+    with pytest.raises(ValueError, match="fused_summary: summary must be int64, got int32"):
+        _C.fused_summary(_ops._view(torch.zeros(3, dtype=torch.int32)), 0)
+    with pytest.raises(ValueError, match="fused_summary: summary must be on a CUDA device, got"):
+        _C.fused_summary(_ops._view(torch.zeros(3, dtype=torch.int64)), 0)
 
 
 def test_record_bytes_per_row_counts_every_tile_region():
@@ -414,9 +420,44 @@ def test_tally_matches_torch(rows):
 @needs_fused
 def test_wide_rows_are_ordered_by_a_sort(monkeypatch):
     monkeypatch.setattr(fused_module, "_KERNEL_ORDER_MAX", 3)
+    monkeypatch.setattr(fused_module, "_last_entries", {})
     sae = exact_sae(72, 904, "jumprelu", device="cuda")
     x = exact_inputs(300, 72, device="cuda")
-    assert_same(encode_sparse(sae, x), reference(sae, x))
+    for _ in range(2):  # compacted after the count is known, then before it
+        assert_same(encode_sparse(sae, x), reference(sae, x))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_compaction_sized_from_the_last_encode_is_exact(monkeypatch):
+    # An encode's compaction has room for a little more than the last encode of its size
+    # had; a denser input than that is compacted again once its count is known.
+    monkeypatch.setattr(fused_module, "_last_entries", {})
+    capacities = []
+    real = _ops.fused_queued_rows
+
+    def spy(queued, capacity, **kwargs):
+        capacities.append(capacity)
+        return real(queued, capacity, **kwargs)
+
+    monkeypatch.setattr(_ops, "fused_queued_rows", spy)
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    dense = exact_inputs(300, 72, device="cuda")
+    sparse = dense * (torch.arange(300, device="cuda") % 5 == 0).unsqueeze(1)
+
+    def encode(x):
+        capacities.clear()
+        want = reference(sae, x)
+        assert_same(encode_sparse(sae, x), want)
+        return int(want[0][-1]), list(capacities)
+
+    n_sparse, calls = encode(sparse)
+    assert calls == [n_sparse]  # the first encode of its size: compacted after the count
+    room = n_sparse + n_sparse // 8 + 64
+    assert encode(sparse) == (n_sparse, [room])
+    n_dense, calls = encode(dense)
+    assert n_dense > room and calls == [room, n_dense]  # too little room: compacted again
+    assert encode(dense) == (n_dense, [n_dense + n_dense // 8 + 64])
 
 
 @pytest.mark.cuda
@@ -487,10 +528,10 @@ def test_kernel_bad_input_is_named():
     with pytest.raises(InputError, match="fused_records_to_rows: dtype must be torch.bfloat16 or "
                                          "torch.float16, got torch.float32"):
         _ops.fused_records_to_rows(records, warp_count, row_ptr, 0, dtype=torch.float32)
-    with pytest.raises(InputError, match="fused_encode_pass: kernel must be one of"):
-        _ops.fused_encode_pass(x, w, bias, bound, cap=4, kernel="fastest")
-    with pytest.raises(ShapeError, match="fused_encode_pass: x and weight must be 2-d"):
-        _ops.fused_encode_pass(x, w[0], bias, bound, cap=4)
+    with pytest.raises(InputError, match="fused_queue_pass: kernel must be one of"):
+        _ops.fused_queue_pass(x, w, bias, bound, cap=4, kernel="fastest")
+    with pytest.raises(ShapeError, match="fused_queue_pass: x and weight must be 2-d"):
+        _ops.fused_queue_pass(x, w[0], bias, bound, cap=4)
 
 
 @pytest.mark.cuda
@@ -504,30 +545,27 @@ def test_encode_pass_equals_the_gemm_then_the_tally(cap):
     schedule = schedule_for(800, 64, 1600)._asdict()
     found = _ops.fused_threshold_gemm(x, sae.W_enc, bias, bound, cap=cap, **schedule)
     row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
-    done = _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
-    assert [done.entries, done.overflowed, done.widest] == summary.tolist()
-    assert (done.overflowed == 7) == (cap == 1)
-    assert torch.equal(done.row_ptr, row_ptr)
-    for name in ("warp_count", "tile_overflow", "row_count"):
-        assert torch.equal(done.scratch.tensor(name), getattr(found, name)), name
-    # The compaction of either gives the same rows.
-    indices, values = _ops.fused_pass_rows(done)
-    want_i, want_v = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr,
-                                                done.entries, cursor=found.cursor)
-    assert torch.equal(indices, want_i) and torch.equal(values, want_v)
-    unordered_i, unordered_v = _ops.fused_pass_rows(
-        _ops.fused_encode_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule), order=False)
-    assert unordered_i.dtype == torch.int64 and unordered_v.dtype == torch.bfloat16
-    assert sorted(unordered_i.tolist()) == sorted(indices.tolist())
-    # Queued without the wait: the same summary (left on the device) and the same rows, in
-    # arrays as long as the records.
     queued = _ops.fused_queue_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
-    assert queued.summary.tolist() == summary.tolist()
+    entries, overflowed, widest = _ops.fused_wait_summary(queued)
+    assert [entries, overflowed, widest] == summary.tolist()
+    assert (overflowed == 7) == (cap == 1)
     assert torch.equal(queued.row_ptr, row_ptr)
-    queued_i, queued_v = _ops.fused_queued_entries(queued)
-    assert queued_i.numel() == queued_v.numel() == queued.scratch.tensor("records").numel()
-    entries = done.entries
+    for name in ("warp_count", "tile_overflow", "row_count"):
+        assert torch.equal(queued.scratch.tensor(name), getattr(found, name)), name
+    # The compaction of either gives the same rows; in arrival order, the same entries.
+    rows = _ops.fused_queued_rows(queued, entries, order_max=1 << 40)
+    want_i, want_v = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr,
+                                                entries, cursor=found.cursor)
+    assert torch.equal(rows.index, want_i) and torch.equal(rows.values, want_v)
+    assert rows.arrival_index.dtype == torch.int32 and rows.arrival_values.dtype == torch.bfloat16
     row = torch.repeat_interleave(torch.arange(800, device="cuda"), row_ptr.diff())
+    order = torch.argsort(row * 1600 + rows.arrival_index)
+    assert torch.equal(rows.arrival_index[order].long(), want_i)
+    assert torch.equal(rows.arrival_values[order].view(torch.int16), want_v.view(torch.int16))
+    # The TopK path's entries: arrays as long as the records, the same rows at their head.
+    again = _ops.fused_queue_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
+    queued_i, queued_v = _ops.fused_queued_entries(again)
+    assert queued_i.numel() == queued_v.numel() == again.scratch.tensor("records").numel()
     order = torch.argsort(row * 1600 + queued_i[:entries])
-    assert torch.equal(queued_i[:entries][order].long(), indices)
-    assert torch.equal(queued_v[:entries][order].view(torch.int16), values.view(torch.int16))
+    assert torch.equal(queued_i[:entries][order].long(), want_i)
+    assert torch.equal(queued_v[:entries][order].view(torch.int16), want_v.view(torch.int16))

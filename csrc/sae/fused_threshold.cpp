@@ -267,12 +267,12 @@ void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
 #endif
 }
 
-std::array<std::int64_t, 3> fused_encode_pass(
+void fused_encode_pass(
     const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    bool row_floor, bool wait, std::uintptr_t stream) {
+    bool row_floor, std::uintptr_t stream) {
   constexpr const char* kOp = "fused_encode_pass";
   MECHINTERP_CHECK(x.dim() == 2 && weight.dim() == 2, kOp, ": x and weight must be 2-d, got ",
                    x.shape_string(), " and ", weight.shape_string());
@@ -313,28 +313,39 @@ std::array<std::int64_t, 3> fused_encode_pass(
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
                        workspace, kernel, raster, swizzle, row_floor, stream);
   fused_tally(row_count, tile_overflow, row_ptr, summary, stream);
-  std::array<std::int64_t, 3> host{-1, -1, -1};
-  if (!wait) return host;
-  MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(host.data(), summary.data, sizeof(host),
-                                        cudaMemcpyDeviceToHost, cuda_stream));
-  MECHINTERP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream));
-  return host;
 #else
   // Without the fused build the GEMM's own call names the reason.
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
                        workspace, kernel, raster, swizzle, row_floor, stream);
   (void)row_ptr;
   (void)summary;
-  (void)wait;
-  return {};
 #endif
+}
+
+std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintptr_t stream) {
+  constexpr const char* kOp = "fused_summary";
+  check_block(summary, {3}, DType::Int64, summary, kOp, "summary", "summary");
+  MECHINTERP_CHECK(summary.is_cuda(), kOp, ": summary must be on a CUDA device, got ",
+                   device_name(summary.device));
+  std::array<std::int64_t, 3> host{};
+#if defined(MECHINTERP_WITH_SM90_FUSED)
+  const CudaDeviceGuard guard(summary.device.index);
+  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
+  MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(host.data(), summary.data, sizeof(host),
+                                        cudaMemcpyDeviceToHost, cuda_stream));
+  MECHINTERP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream));
+#else
+  (void)stream;
+  throw_not_built(kOp);
+#endif
+  return host;
 }
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,
                            const TensorView& scratch_index, const TensorView& scratch_values,
                            const TensorView& out_index, const TensorView& out_values, bool order,
-                           std::uintptr_t stream) {
+                           std::int64_t order_max, std::uintptr_t stream) {
   MECHINTERP_CHECK(records.dim() == 4 && records.size(2) == kFusedWarps, kRowsOp,
                    ": records must be [tiles_m, tiles_n, ", kFusedWarps, ", cap], got ",
                    records.shape_string());
@@ -362,6 +373,7 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   check_half_values(scratch_values, kRowsOp, "scratch_values");
   check_block(scratch_values, {nnz}, scratch_values.dtype, records, kRowsOp, "scratch_values",
               "records");
+  MECHINTERP_CHECK(order_max >= 0, kRowsOp, ": order_max must be at least 0, got ", order_max);
   if (order) {  // without order, out_* are not touched
     check_block(out_index, {nnz}, DType::Int64, records, kRowsOp, "out_index", "records");
     check_block(out_values, {nnz}, scratch_values.dtype, records, kRowsOp, "out_values",
@@ -378,6 +390,7 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   p.tiles_n = tiles_n;
   p.cap = cap;
   p.nnz = nnz;
+  p.order_max = order_max;
   p.order = order;
   launch_fused_records_to_rows(
       records.data_as<std::uint32_t>(), warp_count.data_as<std::int32_t>(),

@@ -30,20 +30,23 @@
 //   as empty, summary int64 [3] the entries (row_ptr[rows]), the number of overflowed tile rows
 //   and the widest row.
 //
-// fused_encode_pass: the encode's launches up to its one host sync, in one call: zeroes
-//   warp_count, tile_overflow, row_count and cursor, runs fused_threshold_gemm and fused_tally,
-//   copies the summary to the host and waits for it. Returns (entries, overflowed tile rows,
-//   widest row). Every Python-side launch costs the host about 10 us, and before the GEMM the
-//   GPU has nothing else to do. Without wait it only queues the launches, leaves the summary on
-//   the device and returns (-1, -1, -1): for callers whose next steps need no sizes from it.
+// fused_encode_pass: the encode's launches up to its host sync, in one call: zeroes
+//   warp_count, tile_overflow, row_count and cursor, and runs fused_threshold_gemm and
+//   fused_tally. Every Python-side launch costs the host about 10 us, and before the GEMM the
+//   GPU has nothing else to do.
+// fused_summary: copies a tally's summary int64 [3] to the host once the stream reaches it
+//   (waiting for it) and returns it: (entries, overflowed tile rows, widest row).
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
 //   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values E [nnz],
 //   out_index int64 / out_values E [nnz] (the records' element type: their 16 bits are copied
 //   as they are). Row r's entries land in [row_ptr[r], row_ptr[r + 1]); entries that do not fit
 //   there are dropped (a caller that empties the ranges of incomplete rows re-encodes them
-//   elsewhere). With order, each row's entries come out in ascending column order (one warp
-//   ranks a row's entries, O(l0^2 / 32) per row); without it they stay in scratch_index /
+//   elsewhere), and so are entries at or past nnz (a caller that sized the arrays before it knew
+//   row_ptr[rows] compacts again when they were too short). With order, each row's entries
+//   come out in ascending column order (one warp ranks a row's entries, O(l0^2 / 32) per row),
+//   but for rows of more than order_max entries and rows that end past nnz, which are not
+//   written (the caller sorts wide rows); without it they stay in scratch_index /
 //   scratch_values in arrival order and out_* are neither checked nor written.
 // fused_gated_magnitudes: a gated SAE's survivors (from the GEMM run without a bias against its
 //   bounds) turned into activations in place: values E [n] become
@@ -121,18 +124,20 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
 void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
                  const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
 
-std::array<std::int64_t, 3> fused_encode_pass(
+void fused_encode_pass(
     const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    bool row_floor, bool wait, std::uintptr_t stream);
+    bool row_floor, std::uintptr_t stream);
+
+std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
                            const TensorView& row_ptr, const TensorView& cursor,
                            const TensorView& scratch_index, const TensorView& scratch_values,
                            const TensorView& out_index, const TensorView& out_values, bool order,
-                           std::uintptr_t stream);
+                           std::int64_t order_max, std::uintptr_t stream);
 
 void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
                             const TensorView& scale, const TensorView& bias,
@@ -172,6 +177,7 @@ struct FusedRowsParams {
   std::int64_t tiles_n;
   std::int64_t cap;
   std::int64_t nnz;
+  std::int64_t order_max;
   bool order;
 };
 

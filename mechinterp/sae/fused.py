@@ -362,28 +362,42 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
     ``xb`` ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` ``[d_in, d_sae]``,
     ``bias`` and ``bound`` ``[d_sae]`` (:func:`threshold_params`), all of one of
-    :data:`DTYPES`. ``finish``
-    turns the GEMM's survivors into activations. Rows of a tile that ran out of record slots go
-    through ``encode_again``. One host sync in the usual case (the number of entries), two when
-    rows were encoded again.
+    :data:`DTYPES`. ``finish`` turns the GEMM's survivors into activations. Rows of a tile that
+    ran out of record slots go through ``encode_again``.
+
+    One host sync in the usual case, for the number of entries. From the second encode of a
+    problem size on, the compaction is queued before it, into arrays with room for a little
+    more than the last encode's entries (:data:`_last_entries`), so that the GPU runs it right
+    after the GEMM while the host waits; where they turn out too short, it runs again after.
     """
     rows, d_sae = xb.shape[0], weight.shape[1]
     if rows == 0:
         empty = torch.empty(0, dtype=torch.int64, device=xb.device)
         return torch.zeros(1, dtype=torch.int64, device=xb.device), empty, xb.new_empty(0), 0
-    # The GEMM, the tally and the host's wait for the summary, in one call. The rows of
-    # overflowed tile rows get empty ranges, which drops their records. (Queuing the compaction
-    # before the wait too, into buffers sized from the last encode's entries, was measured no
-    # faster: their allocation moved before the GEMM's launch what it saved after the wait.)
-    done = _ops.fused_encode_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
-                                  **schedule_for(rows, xb.shape[1], d_sae)._asdict())
-    row_ptr, nnz = done.row_ptr, done.entries
-    again = _overflowed_rows(done, rows)
-    order = done.widest <= _KERNEL_ORDER_MAX
-    indices, values = _ops.fused_pass_rows(done, order=order)
-    del done
-    if not order:
-        indices, values = _ordered(row_ptr, indices, values, d_sae)
+    # The rows of overflowed tile rows get empty ranges, which drops their records. (Arrays
+    # for the compaction allocated before the GEMM's launch gained nothing: the host time saved
+    # after the wait was spent before the launch. Allocated after it, they cost nothing.)
+    queued = _ops.fused_queue_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
+                                   **schedule_for(rows, xb.shape[1], d_sae)._asdict())
+    size = (rows, xb.shape[1], d_sae)
+    last = _last_entries.get(size)
+    capacity = None if last is None else last + last // 8 + 64
+    compacted = (None if capacity is None
+                 else _ops.fused_queued_rows(queued, capacity, order_max=_KERNEL_ORDER_MAX))
+    nnz, overflowed, widest = _ops.fused_wait_summary(queued)
+    _remember_entries(size, nnz)
+    if compacted is None or nnz > capacity:
+        if compacted is not None:
+            queued.scratch.tensor("cursor").zero_()  # the first compaction counted its rows
+        compacted = _ops.fused_queued_rows(queued, nnz, order_max=_KERNEL_ORDER_MAX)
+    row_ptr = queued.row_ptr
+    if widest <= _KERNEL_ORDER_MAX:
+        indices, values = compacted.index[:nnz], compacted.values[:nnz]
+    else:
+        indices, values = _ordered(row_ptr, compacted.arrival_index[:nnz],
+                                   compacted.arrival_values[:nnz], d_sae)
+    again = _overflowed_rows(queued, overflowed, rows)
+    del queued, compacted
     if finish is not None:
         values = finish(indices, values)
     if again is not None:
@@ -392,6 +406,18 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                             again_indices, again_values)
         nnz += again_nnz
     return row_ptr, indices, values, nnz
+
+
+#: Entries of the last fused encode of each problem size (rows, d_in, d_sae), which size the
+#: next one's compaction before its count is known.
+_last_entries: dict[tuple[int, int, int], int] = {}
+_LAST_ENTRIES_KEPT = 64
+
+
+def _remember_entries(size: tuple[int, int, int], nnz: int) -> None:
+    if size not in _last_entries and len(_last_entries) >= _LAST_ENTRIES_KEPT:
+        _last_entries.pop(next(iter(_last_entries)))  # the oldest size
+    _last_entries[size] = nnz
 
 
 # The running top k of some rows over latents [0, cols), as (top_values, top_index, row_bar).
@@ -435,11 +461,11 @@ def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return top_v, top_i, again
 
 
-def _overflowed_rows(done: _ops.FusedPass, rows: int) -> torch.Tensor | None:
+def _overflowed_rows(queued: _ops.QueuedPass, overflowed: int, rows: int) -> torch.Tensor | None:
     """The rows of the tile rows whose records overflowed (their ranges are empty), or None."""
-    if not done.overflowed:
+    if not overflowed:
         return None
-    flags = done.scratch.tensor("tile_overflow")
+    flags = queued.scratch.tensor("tile_overflow")
     return flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
 
 

@@ -141,7 +141,9 @@ __global__ void __launch_bounds__(kPlaceThreads)
     const std::int64_t m = tm * kFusedTileM + (r >> 24);
     if (m >= p.rows) continue;  // not produced by the kernel; kept out all the same
     const std::int64_t at = row_ptr[m] + atomicAdd(cursor + m, 1);
-    if (at >= row_ptr[m + 1]) continue;  // an incomplete row whose range was emptied
+    // An incomplete row whose range was emptied, or arrays sized before the count was known
+    // and too short: the caller compacts again.
+    if (at >= row_ptr[m + 1] || at >= p.nnz) continue;
     scratch_index[at] = static_cast<std::int32_t>(tn * kFusedTileN + ((r >> 16) & 0xffu));
     scratch_values[at] = static_cast<std::uint16_t>(r & 0xffffu);
   }
@@ -149,12 +151,16 @@ __global__ void __launch_bounds__(kPlaceThreads)
 
 __global__ void order_rows_kernel(const std::int64_t* row_ptr, const std::int32_t* scratch_index,
                                   const std::uint16_t* scratch_values, std::int64_t* out_index,
-                                  std::uint16_t* out_values, std::int64_t rows) {
+                                  std::uint16_t* out_values, std::int64_t rows,
+                                  std::int64_t nnz, std::int64_t order_max) {
   const std::int64_t m = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (m >= rows) return;
   const std::int64_t base = row_ptr[m];
-  const int n = static_cast<int>(row_ptr[m + 1] - base);
+  const std::int64_t end = row_ptr[m + 1];
+  // Wide rows are left to the caller's sort; rows past the arrays to its second compaction.
+  if (end - base > order_max || end > nnz) return;  // warp-uniform
+  const int n = static_cast<int>(end - base);
   const std::int32_t* cols = scratch_index + base;
   for (int i = lane; i < n; i += 32) {
     const std::int32_t key = cols[i];  // a row's columns are distinct
@@ -209,7 +215,8 @@ void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32
   const std::int64_t rows_per_block = kOrderThreads / 32;
   const auto blocks = static_cast<unsigned>((params.rows + rows_per_block - 1) / rows_per_block);
   order_rows_kernel<<<blocks, kOrderThreads, 0, stream>>>(row_ptr, scratch_index, scratch_values,
-                                                          out_index, out_values, params.rows);
+                                                          out_index, out_values, params.rows,
+                                                          params.nnz, params.order_max);
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 }
 
