@@ -1345,10 +1345,10 @@ def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: to
 
     ``values`` bfloat16 or float16 ``[n]`` (the survivors' ``h = x W_enc``) become ``relu(h *
     scale[index] + bias[index])`` in float32, rounded to their type, with the multiply rounded
-    before the add, exactly as torch
-    computes it one operation at a time. ``index`` int64 ``[n]`` holds their latents, which
-    must lie in ``[0, d_sae)`` (the compaction's columns; the device does not check), and
-    ``scale`` / ``bias`` are float32 ``[d_sae]``. CUDA, fused builds only. Returns ``values``.
+    before the add, exactly as torch computes it one operation at a time. ``index`` int64
+    ``[n]`` holds their latents, which must lie in ``[0, d_sae)`` (the compaction's columns; the
+    device does not check), and ``scale`` / ``bias`` are float32 ``[d_sae]``. CUDA, fused builds
+    only. Returns ``values``.
     """
     op = "fused_gated_magnitudes"
     _check_device(values, op, "values")

@@ -412,8 +412,9 @@ def _encode_topk(sae: SAE, plan: _Plan):
             top_v, top_i = _topk_block_compiled(xb, weight, bias, scale, k, chunks)
         else:
             top_v, top_i = _topk_block_torch(xb, weight, bias, scale, k, chunks)
-        value_blocks.append(torch.relu(top_v).to(sae.dtype))
-        index_blocks.append(top_i.to(torch.int64))
+        values, indices = _topk_activations(top_v, top_i, sae.dtype)
+        value_blocks.append(values)
+        index_blocks.append(indices)
     n = plan.x.shape[0]
     values = _joined(value_blocks).reshape(-1) if value_blocks else sae.W_enc.new_empty(0)
     indices = (_joined(index_blocks).reshape(-1) if index_blocks
@@ -425,9 +426,15 @@ def _encode_topk(sae: SAE, plan: _Plan):
         again = torch.cat(again_blocks).nonzero().flatten()
         if again.numel():
             top_v, top_i = _topk_block_running(plan.x[again], weight, bias, None, k, chunks)[:2]
-            values.view(n, k)[again] = torch.relu(top_v).to(sae.dtype)
-            indices.view(n, k)[again] = top_i.to(torch.int64)
+            values.view(n, k)[again], indices.view(n, k)[again] = _topk_activations(
+                top_v, top_i, sae.dtype)
     return row_ptr, indices, values
+
+
+def _topk_activations(top_v: torch.Tensor, top_i: torch.Tensor, dtype: torch.dtype):
+    """A running top k's ``(values float32, index int32)`` as the encode's ``(activations in
+    the SAE's dtype, through a ReLU, int64 latents)``."""
+    return torch.relu(top_v).to(dtype), top_i.to(torch.int64)
 
 
 def _topk_block_compiled(xb, weight, bias, scale, k, chunks):
