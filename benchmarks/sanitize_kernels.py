@@ -221,7 +221,9 @@ def fused_sae_cases() -> int:
     so there is one right answer): partial tiles, every kernel (cluster shape) in CUTLASS's
     default tile order and in bands of 8 tile rows, a tile row that overflows its records, rows
     ordered by the kernel and by a sort, a compaction queued into arrays too short for it (so
-    compacted again); in bfloat16 and float16."""
+    compacted again); in bfloat16 and float16. The inputs carry a decoder bias (exactly), which
+    the GEMM's launch subtracts; with rows ordered by a sort they start 2 bytes past a 16-byte
+    boundary (centred one element a thread)."""
     if not _ops.fused_threshold_available(torch.device("cuda")):
         return 0
     from mechinterp.sae import SAE, encode_sparse, fused
@@ -233,11 +235,12 @@ def fused_sae_cases() -> int:
             fused.DTYPES):
         fields = {"W_enc": torch.randint(-8, 9, (d_in, d_sae), generator=g) / 8.0,
                   "b_enc": torch.randint(-40, 9, (d_sae,), generator=g) / 8.0,
-                  "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.zeros(d_in),
-                  "architecture": arch}
+                  "W_dec": torch.randn(d_sae, d_in, generator=g),
+                  "b_dec": torch.arange(d_in) % 5 - 2.0, "architecture": arch}
         if arch == "jumprelu":
             fields["threshold"] = 2.0 * d_in ** 0.5 * (1 + 0.3 * torch.rand(d_sae, generator=g))
         sae = SAE(**fields).to(dtype=dtype)
+        sae_cuda = sae.to("cuda")
         x = torch.randint(-3, 4, (rows, d_in), generator=g).to(dtype)
         x[128:] *= 0  # relu: tile row 0 dense (it overflows), the rest sparse
         h = (x.double() @ sae.W_enc.double() + sae.b_enc.double()).to(dtype)
@@ -258,7 +261,11 @@ def fused_sae_cases() -> int:
                     fused._last_entries[(rows, d_in, d_sae)] = last_entries
                 fused._KERNEL_ORDER_MAX = order_max
                 fused.schedule_for = lambda _rows, _d_in, _d_sae, schedule=schedule: schedule
-                got = encode_sparse(sae.to("cuda"), x.cuda(), fused=True).to("cpu")
+                shifted = (x + sae.b_dec).cuda()  # x exactly, once centred
+                if order_max == 3:
+                    flat = torch.empty(shifted.numel() + 1, dtype=dtype, device="cuda")
+                    shifted = flat[1:].view_as(shifted).copy_(shifted)
+                got = encode_sparse(sae_cuda, shifted, fused=True).to("cpu")
                 dense = got.to_dense()
                 wrong = ((dense != want_values).any(1) | (got.l0 != want.sum(1))).nonzero()
                 assert wrong.numel() == 0, (

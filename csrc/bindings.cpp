@@ -301,11 +301,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_encode_pass",
-      [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
-         py::handle warp_count, py::handle row_count, py::handle tile_overflow, py::handle cursor,
-         py::handle row_ptr, py::handle summary, py::handle workspace, int kernel, int raster,
-         int swizzle, bool row_floor, std::uintptr_t stream) {
+      [](py::handle x, py::handle center, py::handle centered, py::handle weight,
+         py::handle bias, py::handle bound, py::handle records, py::handle warp_count,
+         py::handle row_count, py::handle tile_overflow, py::handle cursor, py::handle row_ptr,
+         py::handle summary, py::handle workspace, int kernel, int raster, int swizzle,
+         bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
+        std::optional<mechinterp::TensorView> center_view, centered_view;
+        if (!center.is_none()) center_view = mechinterp::view_from_py(center, "center");
+        if (!centered.is_none()) centered_view = mechinterp::view_from_py(centered, "centered");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
         const auto bound_view = mechinterp::view_from_py(bound, "bound");
@@ -319,15 +323,19 @@ PYBIND11_MODULE(_C, m) {
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
         py::gil_scoped_release release;
         mechinterp::sae::fused_encode_pass(
-            x_view, weight_view, bias_view, bound_view, records_view, warp_count_view,
+            x_view, center_view ? &*center_view : nullptr,
+            centered_view ? &*centered_view : nullptr, weight_view, bias_view, bound_view,
+            records_view, warp_count_view,
             row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
             workspace_view, kernel, raster, swizzle, row_floor, stream);
       },
-      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
-      py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("cursor"),
-      py::arg("row_ptr"), py::arg("summary"), py::arg("workspace"), py::arg("kernel"),
-      py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"), py::arg("stream"),
-      "Zeroes the counts and cursor and queues fused_threshold_gemm and fused_tally.");
+      py::arg("x"), py::arg("center"), py::arg("centered"), py::arg("weight"), py::arg("bias"),
+      py::arg("bound"), py::arg("records"), py::arg("warp_count"), py::arg("row_count"),
+      py::arg("tile_overflow"), py::arg("cursor"), py::arg("row_ptr"), py::arg("summary"),
+      py::arg("workspace"), py::arg("kernel"), py::arg("raster"), py::arg("swizzle"),
+      py::arg("row_floor"), py::arg("stream"),
+      "Zeroes the counts and cursor and queues fused_threshold_gemm and fused_tally; with "
+      "center (else None), x - center is first written to centered and the GEMM reads it.");
 
   m.def(
       "fused_summary",

@@ -1115,7 +1115,7 @@ class _FusedScratch:
     _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # back to back, in order
 
     def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
-                 raster: str, swizzle: int, row_floor: bool = False):
+                 raster: str, swizzle: int, row_floor: bool = False, centered: bool = False):
         _check_device(x, op, "x")
         if x.ndim != 2 or weight.ndim != 2:
             msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
@@ -1126,7 +1126,7 @@ class _FusedScratch:
         self.dtype = x.dtype  # the records' values' type (the GEMM checks it)
         layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, self.index,
                                  kernel, raster, swizzle, bool(row_floor),
-                                 x.dtype == torch.float16)
+                                 x.dtype == torch.float16, centered)
         self.schedule, self._regions, size = layout
         self.buffer = torch.empty(size, dtype=torch.int32, device=device)
         self._base = self.buffer.data_ptr()
@@ -1143,10 +1143,23 @@ class _FusedScratch:
         """The four count regions (with their padding) as one flat tensor."""
         return self.buffer[self._regions[self._COUNTS[0]][0]:]
 
+    def centered_view(self) -> _View:
+        """The centred inputs' region (``centered=True``) as a ``[rows, d_in]`` view of the
+        inputs' type."""
+        offset, (rows, words), _ = self._regions["centered"]  # two 16-bit inputs a word
+        return (self._base + 4 * offset, _DTYPE_NAMES[self.dtype], (rows, 2 * words),
+                (2 * words, 1), "cuda", self.index)
+
+    def centered(self) -> torch.Tensor:
+        """The centred inputs as a ``[rows, d_in]`` tensor of the inputs' type."""
+        start, (rows, words), _ = self._regions["centered"]
+        return self.buffer[start:start + rows * words].view(self.dtype).view(rows, 2 * words)
+
 
 @functools.lru_cache(maxsize=64)
 def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: int, kernel: str,
-                    raster: str, swizzle: int, row_floor: bool, float16: bool):
+                    raster: str, swizzle: int, row_floor: bool, float16: bool,
+                    centered: bool = False):
     """``(schedule, regions, int32 elements)`` of a :class:`_FusedScratch`: worked out
     once per problem, since the encode's host time before the GEMM is time the GPU waits."""
     for name, given, allowed in (("kernel", kernel, SAE_FUSED_KERNELS),
@@ -1168,6 +1181,8 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
     # clears them.
     shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap), "warp_count": tiles,
               "tile_overflow": (tiles[0],), "row_count": (rows,), "cursor": (rows,)}
+    if centered:  # 16-bit inputs minus the decoder bias (d_in is even: a multiple of 8)
+        shapes = {"centered": (rows, d_in // 2), **shapes}
     regions, end = {}, 0
     for name, shape in shapes.items():
         if name not in _FusedScratch._COUNTS or name == _FusedScratch._COUNTS[0]:
@@ -1228,7 +1243,7 @@ class QueuedPass(NamedTuple):
 def fused_queue_pass(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bound: torch.Tensor, *, cap: int,
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
-    row_floor: bool = False,
+    row_floor: bool = False, center: torch.Tensor | None = None,
 ) -> QueuedPass:
     """:func:`fused_threshold_gemm` and :func:`fused_tally`, queued from one call into _C.
 
@@ -1236,10 +1251,12 @@ def fused_queue_pass(
     make one by one while the GPU waits for the GEMM), and the call returns at once, so that
     the host can queue what follows (:func:`fused_queued_entries`, :func:`fused_queued_rows`)
     while the GEMM runs, then wait for the summary (:func:`fused_wait_summary`). Arguments as
-    for :func:`fused_threshold_gemm`.
+    for :func:`fused_threshold_gemm`; with ``center`` (``[d_in]``, x's type), the GEMM reads
+    ``x - center`` (as torch rounds it), written to the scratch first
+    (``scratch.centered()``), so that ``x`` need only be contiguous.
     """
     return QueuedPass(*_launch_pass("fused_queue_pass", x, weight, bias, bound, cap, kernel,
-                                    raster, swizzle, row_floor))
+                                    raster, swizzle, row_floor, center))
 
 
 def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
@@ -1248,16 +1265,19 @@ def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
     return _C.fused_summary(_view(queued.summary), _stream(queued.summary))
 
 
-def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor):
+def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor,
+                 center=None):
     """``(scratch, row_ptr, summary)`` of one queued pass."""
-    scratch = _FusedScratch(op, x, weight, cap, kernel, raster, swizzle, row_floor)
+    scratch = _FusedScratch(op, x, weight, cap, kernel, raster, swizzle, row_floor,
+                            centered=center is not None)
     rows = x.shape[0]
     pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
     base = pointers.data_ptr()
     row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
     summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
+    centering = (None, None) if center is None else (_view(center), scratch.centered_view())
     _C.fused_encode_pass(
-        _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
+        _view(x), *centering, _view(weight), _view(bias), _view(bound), scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
         scratch.view("cursor"), row_ptr_view, summary_view, scratch.view("workspace"),
         *scratch.schedule, _stream(x),

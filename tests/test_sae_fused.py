@@ -265,6 +265,26 @@ def test_fused_summary_bad_input_is_named():
         _C.fused_summary(_ops._view(torch.zeros(3, dtype=torch.int64)), 0)
 
 
+def test_encode_pass_centring_bad_input_is_named():
+    # Checked before anything is launched, so on any device.
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    w = torch.zeros(8, 8, dtype=torch.bfloat16)
+    small = _ops._view(torch.zeros(8, dtype=torch.bfloat16))
+    counts = _ops._view(torch.zeros(8, dtype=torch.int32))
+
+    def launch(center, centered):
+        _C.fused_encode_pass(_ops._view(x), center, centered, _ops._view(w), small, small,
+                             counts, counts, counts, counts, counts, counts, counts, counts, 0,
+                             0, 1, False, 0)
+
+    with pytest.raises(ValueError, match="center and centered come together"):
+        launch(small, None)
+    with pytest.raises(ValueError, match=r"fused_encode_pass: center must be a contiguous \[8\]"):
+        launch(_ops._view(torch.zeros(7, dtype=torch.bfloat16)), _ops._view(x))
+    with pytest.raises(ValueError, match="fused_encode_pass: centered must be bfloat16"):
+        launch(small, _ops._view(torch.zeros(4, 8, dtype=torch.float16)))
+
+
 def test_record_bytes_per_row_counts_every_tile_region():
     tiles_n = -(-1000 // _ops.SAE_FUSED_TILE_N)
     slots = tiles_n * _ops.SAE_FUSED_WARPS * fused_module.RECORDS_PER_WARP
@@ -377,10 +397,14 @@ def test_fused_encode_is_exact_and_equals_the_chunked_one(monkeypatch, schedule,
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("dense_rows", [range(128), range(64, 100)])
 @pytest.mark.parametrize("arch", ["relu", "gated"])
-def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dense_rows, arch):
+@pytest.mark.parametrize("b_dec", [False, True], ids=["no_b_dec", "b_dec"])
+def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dense_rows, arch,
+                                                     b_dec):
     # Tile row 0 has dense rows (ReLU, no threshold; gated, gates open above 0) that overflow
     # its record regions: all of them, or some of the second warpgroup's only. The other rows
     # are zero, so their pre-activations are the biases, <= 0 (gated: 0, which no gate passes).
+    # With a decoder bias the inputs are shifted by it (exactly), so that the rows encoded
+    # again must be the centred ones.
     use_schedule(monkeypatch, schedule)
     sae = exact_sae(64, 2056, arch, device="cuda", most_bias=0.0)
     if arch == "gated":
@@ -389,8 +413,10 @@ def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dens
     x = torch.zeros(300, 64, dtype=torch.bfloat16, device="cuda")
     dense = torch.tensor(list(dense_rows), device="cuda")
     x[dense] = exact_inputs(len(dense_rows), 64, device="cuda")
+    if b_dec:
+        sae.b_dec.copy_(torch.arange(64, device="cuda") % 5 - 2.0)
     spy = GemmSpy(monkeypatch)
-    features = encode_sparse(sae, x)
+    features = encode_sparse(sae, x + sae.b_dec)
     overflowed = (spy.warp_counts[0] > fused_module.RECORDS_PER_WARP).flatten(1).any(1)
     assert overflowed.tolist() == [True, False, False]
     assert_same(features, reference(sae, x))
@@ -458,6 +484,90 @@ def test_compaction_sized_from_the_last_encode_is_exact(monkeypatch):
     n_dense, calls = encode(dense)
     assert n_dense > room and calls == [room, n_dense]  # too little room: compacted again
     assert encode(dense) == (n_dense, [n_dense + n_dense // 8 + 64])
+
+
+@pytest.mark.cuda
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_encode_pass_centres_as_torch_subtracts(dtype):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    d_in = 72
+    sae = exact_sae(d_in, 904, "jumprelu", device="cuda", dtype=dtype)
+    bound = rounded_bounds(sae.threshold, sae.d_sae, torch.device("cuda"), dtype)
+    center = torch.randn(d_in, generator=g, device="cuda").to(dtype)
+    flat = torch.randn(300 * d_in + 1, generator=g, device="cuda").to(dtype)
+    for x in (flat[:-1].view(300, d_in), flat[1:].view(300, d_in)):  # 8 a load, then 1
+        queued = _ops.fused_queue_pass(x, sae.W_enc, sae.b_enc, bound, cap=128, center=center)
+        summary = _ops.fused_wait_summary(queued)
+        want = x - center
+        assert torch.equal(queued.scratch.centered().view(torch.int16), want.view(torch.int16))
+        plain = _ops.fused_queue_pass(want, sae.W_enc, sae.b_enc, bound, cap=128)
+        assert _ops.fused_wait_summary(plain) == summary
+        assert torch.equal(queued.row_ptr, plain.row_ptr)
+
+
+def shifted_inputs(sae: SAE, rows: int, *, misaligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, centred)``: inputs whose ``x - b_dec`` is exact, optionally 2 bytes past a 16-byte
+    boundary."""
+    centred = exact_inputs(rows, sae.d_in, device="cuda", dtype=sae.dtype)
+    flat = torch.empty(rows * sae.d_in + 1, dtype=sae.dtype, device="cuda")
+    x = (flat[1:] if misaligned else flat[:-1]).view(rows, sae.d_in)
+    x.copy_(centred + sae.b_dec)
+    return x, centred
+
+
+@pytest.mark.cuda
+@needs_fused
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "gated"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_default_encode_centres_in_the_gemm_launch(monkeypatch, arch, misaligned, dtype):
+    exact_cublas(monkeypatch)
+    sae = exact_sae(72, 904, arch, device="cuda", dtype=dtype)
+    sae.b_dec.copy_(torch.arange(72, device="cuda") % 7 / 2 - 1.5)  # exact shifts
+    x, centred = shifted_inputs(sae, 300, misaligned=misaligned)
+    centers = []
+    real = _ops.fused_queue_pass
+
+    def spy(*args, center=None, **kwargs):
+        centers.append(center)
+        return real(*args, center=center, **kwargs)
+
+    monkeypatch.setattr(_ops, "fused_queue_pass", spy)
+    want = reference(sae, centred)
+    assert_same(encode_sparse(sae, x), want)
+    assert len(centers) == 1 and centers[0] is sae.b_dec  # centred by the launch
+    # The general path (a record budget given) centres with torch first.
+    assert_same(encode_sparse(sae, x, chunk_bytes=1 << 30), want)
+    assert centers[1] is None
+    uncentred = dataclasses.replace(sae, apply_b_dec_to_input=False)
+    assert_same(encode_sparse(uncentred, centred), want)  # aligned: read as it is
+    assert centers[2] is None
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_default_encode_follows_parameter_changes():
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    x = exact_inputs(300, 72, device="cuda")
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+    sae.threshold.mul_(0.5)  # in place: the kept bounds are worked out again
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+    sae.W_enc = sae.W_enc.flip(1).contiguous()  # another tensor
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+    sae.b_enc.fill_(-100.0)  # nothing passes
+    assert encode_sparse(sae, x).indices.numel() == 0
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_default_encode_keeps_no_sae_alive():
+    sae = exact_sae(72, 904, "gated", device="cuda")
+    encode_sparse(sae, exact_inputs(10, 72, device="cuda"))
+    sources = [weakref.ref(t) for t in (sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag)]
+    del sae
+    gc.collect()
+    assert [ref() for ref in sources] == [None] * 4
 
 
 @pytest.mark.cuda

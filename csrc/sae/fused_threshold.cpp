@@ -1,5 +1,7 @@
 #include "sae/fused_threshold.h"
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 
 #include "common/check.h"
@@ -41,11 +43,30 @@ void require_available(int device_index, const char* op) {
                    " is not one");
 }
 
+// Asked once a device: the GEMM's launch needs it on every call, and each driver call costs
+// the host time while the GPU waits. Devices past the first 64 are asked every time.
 int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> known{};
+  if (device >= 0 && device < 64) {
+    const int count = known[device].load(std::memory_order_relaxed);
+    if (count > 0) return count;
+  }
   int count = 0;
   MECHINTERP_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) known[device].store(count, std::memory_order_relaxed);
   return count;
 }
+
+// Three int64 of pinned host memory for fused_summary, freed with their thread.
+struct PinnedSummary {
+  std::int64_t* data = nullptr;
+  PinnedSummary() {
+    MECHINTERP_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data), 3 * sizeof(std::int64_t)));
+  }
+  ~PinnedSummary() { (void)cudaFreeHost(data); }  // at exit CUDA may be gone: nothing to do then
+  PinnedSummary(const PinnedSummary&) = delete;
+  PinnedSummary& operator=(const PinnedSummary&) = delete;
+};
 
 FusedGemmEntry gemm_entry(int kernel, bool row_floor, bool float16) {
   switch (static_cast<FusedKernel>(kernel)) {
@@ -103,6 +124,14 @@ const char* fused_raster_name(int raster) {
 
 bool fused_threshold_available(int device_index) {
 #if defined(MECHINTERP_WITH_SM90_FUSED)
+  // A device's compute capability does not change while the process runs, and every launch
+  // asks: the answer is kept for the first 64 devices (0 unknown, 1 yes, 2 no).
+  static std::array<std::atomic<signed char>, 64> known{};
+  const bool kept = device_index >= 0 && device_index < 64;
+  if (kept) {
+    const signed char answer = known[device_index].load(std::memory_order_relaxed);
+    if (answer != 0) return answer == 1;
+  }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || device_index < 0 || device_index >= count) {
     (void)cudaGetLastError();  // no device is not an error here
@@ -114,7 +143,9 @@ bool fused_threshold_available(int device_index) {
   MECHINTERP_CUDA_CHECK(
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index));
   // sm_90a code runs on compute capability 9.0 only.
-  return major == 9 && minor == 0;
+  const bool available = major == 9 && minor == 0;
+  if (kept) known[device_index].store(available ? 1 : 2, std::memory_order_relaxed);
+  return available;
 #else
   (void)device_index;
   return false;
@@ -268,7 +299,8 @@ void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
 }
 
 void fused_encode_pass(
-    const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
+    const TensorView& x, const TensorView* center, const TensorView* centered,
+    const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
@@ -276,6 +308,16 @@ void fused_encode_pass(
   constexpr const char* kOp = "fused_encode_pass";
   MECHINTERP_CHECK(x.dim() == 2 && weight.dim() == 2, kOp, ": x and weight must be 2-d, got ",
                    x.shape_string(), " and ", weight.shape_string());
+  MECHINTERP_CHECK((center == nullptr) == (centered == nullptr), kOp,
+                   ": center and centered come together (both or neither)");
+  if (center != nullptr) {
+    MECHINTERP_CHECK(x.is_contiguous() &&
+                         (x.dtype == DType::BFloat16 || x.dtype == DType::Float16),
+                     kOp, ": x must be a contiguous bfloat16 or float16 [rows, d_in], got ",
+                     dtype_name(x.dtype), " ", x.shape_string());
+    check_block(*center, {x.size(1)}, x.dtype, x, kOp, "center", "x");
+    check_block(*centered, {x.size(0), x.size(1)}, x.dtype, x, kOp, "centered", "x");
+  }
   // The counts are zeroed before the GEMM checks the rest, so their sizes are checked here.
   const std::int64_t rows = x.size(0);
   const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
@@ -310,8 +352,15 @@ void fused_encode_pass(
           cudaMemsetAsync(c->data, 0, c->numel() * sizeof(std::int32_t), cuda_stream));
     }
   }
-  fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
-                       workspace, kernel, raster, swizzle, row_floor, stream);
+  if (center != nullptr && rows > 0 && x.size(1) > 0) {
+    launch_center_rows(x.data_as<std::uint16_t>(), center->data_as<std::uint16_t>(),
+                       centered->data_as<std::uint16_t>(), rows, x.size(1),
+                       x.dtype == DType::Float16, aligned16(x.data), sm_count(x.device.index),
+                       cuda_stream);
+  }
+  fused_threshold_gemm(center != nullptr ? *centered : x, weight, bias, bound, records,
+                       warp_count, row_count, tile_overflow, workspace, kernel, raster, swizzle,
+                       row_floor, stream);
   fused_tally(row_count, tile_overflow, row_ptr, summary, stream);
 #else
   // Without the fused build the GEMM's own call names the reason.
@@ -331,9 +380,13 @@ std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintpt
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   const CudaDeviceGuard guard(summary.device.index);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(host.data(), summary.data, sizeof(host),
+  // Into pinned memory, one a thread: a copy to pageable memory goes through a staging buffer,
+  // which the host waits for after the encode's last kernel.
+  thread_local const PinnedSummary pinned;
+  MECHINTERP_CUDA_CHECK(cudaMemcpyAsync(pinned.data, summary.data, sizeof(host),
                                         cudaMemcpyDeviceToHost, cuda_stream));
   MECHINTERP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream));
+  for (std::size_t i = 0; i < host.size(); ++i) host[i] = pinned.data[i];
 #else
   (void)stream;
   throw_not_built(kOp);

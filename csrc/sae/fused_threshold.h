@@ -33,7 +33,9 @@
 // fused_encode_pass: the encode's launches up to its host sync, in one call: zeroes
 //   warp_count, tile_overflow, row_count and cursor, and runs fused_threshold_gemm and
 //   fused_tally. Every Python-side launch costs the host about 10 us, and before the GEMM the
-//   GPU has nothing else to do.
+//   GPU has nothing else to do. With center (E [d_in]; null: none), x (contiguous) is centred
+//   first: centered E [rows, d_in] (16-byte aligned) gets E(x - center) as torch's subtraction
+//   rounds it, and the GEMM reads centered.
 // fused_summary: copies a tally's summary int64 [3] to the host once the stream reaches it
 //   (waiting for it) and returns it: (entries, overflowed tile rows, widest row).
 //
@@ -125,7 +127,8 @@ void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
                  const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
 
 void fused_encode_pass(
-    const TensorView& x, const TensorView& weight, const TensorView& bias, const TensorView& bound,
+    const TensorView& x, const TensorView* center, const TensorView* centered,
+    const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
     const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
@@ -209,6 +212,12 @@ void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32
                                   std::int32_t* scratch_index, std::uint16_t* scratch_values,
                                   std::int64_t* out_index, std::uint16_t* out_values,
                                   const FusedRowsParams& params, cudaStream_t stream);
+
+// E(x - center) of contiguous x E [rows, d_in] into centered (16-byte aligned); x_aligned:
+// x starts on a 16-byte boundary too (then 8 elements a load). E is float16 or bfloat16.
+void launch_center_rows(const std::uint16_t* x, const std::uint16_t* center,
+                        std::uint16_t* centered, std::int64_t rows, std::int64_t d_in,
+                        bool float16, bool x_aligned, int sm_count, cudaStream_t stream);
 
 void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, const float* scale,
                              const float* bias, std::int64_t n, bool float16,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,7 @@ from mechinterp import _ops
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.sae import fused as _fused
 from mechinterp.sae import screen as _screen
+from mechinterp.sae.derived import derived as _derived
 from mechinterp.sae.sae import SAE
 
 __all__ = ["SparseFeatures", "decode_sparse", "encode_sparse", "encode_subset", "reconstruct"]
@@ -178,6 +180,11 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
         raise InputError(msg)
     shape = tuple(x.shape[:-1])
     x_n, _ = sae._normalize(x.reshape(-1, sae.d_in))
+    if chunk_bytes is None and (screen is None or screen is False) and \
+            (fused is None or fused is True):
+        whole = _fused_whole(sae, x_n)
+        if whole is not None:
+            return SparseFeatures(*whole, sae.d_sae, shape)
     if sae.apply_b_dec_to_input:
         x_n = x_n - sae.b_dec
     plan = _Plan.make(sae, x_n, chunk_bytes, screen, fused)
@@ -518,22 +525,85 @@ def _selector_params(sae: SAE, dtype: torch.dtype):
     return None, cast(sae.threshold.clamp_min(0)), None, None
 
 
-def _encode_threshold(sae: SAE, plan: _Plan):
+class _FusedLane(NamedTuple):
+    """What a threshold SAE's fused encode of one block of all its rows launches with, worked
+    out once while its parameters stand (:func:`_fused_lane`)."""
+
+    bias: torch.Tensor | None  # a gated SAE's zeros; None: the SAE's b_enc (a source, not kept)
+    bound: torch.Tensor
+    finish: _fused.Finish | None
+    rows: int  # the most rows one block holds (the default record budget)
+
+
+def _fused_lane(sae: SAE) -> _FusedLane | None:
+    """The SAE's :class:`_FusedLane`, or None where the default encode is not the fused one."""
+    if sae.architecture == "gated":
+        sources = (sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag)
+    else:
+        sources = (sae.W_enc, sae.b_enc) + (() if sae.threshold is None else (sae.threshold,))
+
+    def make() -> _FusedLane | None:
+        if _fused.default_reason(sae, sae.device) is not None:
+            return None
+        bias, bound, finish = _fused.threshold_params(sae)
+        tile = _ops.SAE_FUSED_TILE_M
+        fit = _CHUNK_BYTES["cuda"] // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
+        return _FusedLane(bias if sae.architecture == "gated" else None, bound, finish,
+                          max(tile, fit))
+
+    return _derived(f"fused_lane_{sae.architecture}", sources, make)
+
+
+def _fused_whole(sae: SAE, x: torch.Tensor):
+    """``(row_ptr, indices, values)`` of the default encode of normalised ``x [N, d_in]`` where
+    it is the fused threshold encode of one block of rows, else None.
+
+    The general path's plan, block loop and centring cost the host about 0.1 ms before the
+    GEMM's launch (H100 host), while the GPU waits: here the SAE's part is worked out once, and
+    ``x - b_dec`` is written by the GEMM's own launch.
+    """
+    if sae.architecture == "topk" or x.device.type != "cuda" or x.shape[0] == 0:
+        return None
+    lane = _fused_lane(sae)
+    if lane is None or x.shape[0] > lane.rows:
+        return None
+    bias = _fused.aligned(sae.b_enc) if lane.bias is None else lane.bias
+    if sae.apply_b_dec_to_input:
+        center, x = sae.b_dec, x.contiguous()
+    else:
+        center, x = None, _fused.aligned(x)
+
+    def encode_again(rows: torch.Tensor):  # centred rows whose tile ran out of records
+        return _threshold_chunked(sae, _Plan.make(sae, rows, None, None, False))(rows)
+
+    row_ptr, indices, values, _ = _fused.encode_block(x, sae.W_enc, bias, lane.bound,
+                                                      encode_again, lane.finish, center)
+    return row_ptr, indices, values
+
+
+def _threshold_chunked(sae: SAE, plan: _Plan):
+    """The chunked encode of a threshold SAE's rows under ``plan``: rows -> ``(row_ptr,
+    indices, values, nnz)``."""
     gemm_bias = None if sae.architecture == "gated" else sae.b_enc
     # The selector's parameters are derived on first use, after the first GEMM is queued, so
     # that the GPU starts while the host prepares them (and once for the overflow retry too);
     # the fused path needs them only for rows encoded again.
-    derived = []
+    params = []
 
     def selector():
-        if not derived:
-            derived.append(_selector_params(
+        if not params:
+            params.append(_selector_params(
                 sae, torch.float32 if plan.compiled else plan.gemm_dtype))
-        return derived[0]
+        return params[0]
 
     def chunked(xb: torch.Tensor):
         return _threshold_rows(xb, sae, gemm_bias, selector, list(plan.chunks(sae.d_sae)), plan)
 
+    return chunked
+
+
+def _encode_threshold(sae: SAE, plan: _Plan):
+    chunked = _threshold_chunked(sae, plan)
     if plan.fused:
         bias, bound, finish = _fused.threshold_params(sae)
     device = sae.device

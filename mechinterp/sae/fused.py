@@ -175,6 +175,7 @@ _MIN_BANDED_ROWS = 2048
 _MAX_PINGPONG_D_IN = 1536
 
 
+@functools.lru_cache(maxsize=256)
 def schedule_for(rows: int, d_in: int, d_sae: int) -> FusedSchedule:
     """The fused GEMM's schedule for a block of ``rows`` inputs of ``d_in`` and ``d_sae`` latents.
 
@@ -357,13 +358,16 @@ def gated_magnitudes(indices: torch.Tensor, values: torch.Tensor, *, mag_scale: 
 
 
 def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 bound: torch.Tensor, encode_again: RowsEncoder, finish: Finish | None = None):
+                 bound: torch.Tensor, encode_again: RowsEncoder, finish: Finish | None = None,
+                 center: torch.Tensor | None = None):
     """Compressed rows ``(row_ptr, indices, values, nnz)`` of one block of inputs.
 
     ``xb`` ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` ``[d_in, d_sae]``,
     ``bias`` and ``bound`` ``[d_sae]`` (:func:`threshold_params`), all of one of
     :data:`DTYPES`. ``finish`` turns the GEMM's survivors into activations. Rows of a tile that
-    ran out of record slots go through ``encode_again``.
+    ran out of record slots go through ``encode_again``. With ``center`` (``[d_in]``), the
+    encode reads ``xb - center``, centred in the GEMM's launch (``xb`` need only be contiguous),
+    and ``encode_again`` gets centred rows.
 
     One host sync in the usual case, for the number of entries. From the second encode of a
     problem size on, the compaction is queued before it, into arrays with room for a little
@@ -377,8 +381,9 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     # The rows of overflowed tile rows get empty ranges, which drops their records. (Arrays
     # for the compaction allocated before the GEMM's launch gained nothing: the host time saved
     # after the wait was spent before the launch. Allocated after it, they cost nothing.)
-    queued = _ops.fused_queue_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP,
-                                   **schedule_for(rows, xb.shape[1], d_sae)._asdict())
+    kernel, raster, swizzle = schedule_for(rows, xb.shape[1], d_sae)
+    queued = _ops.fused_queue_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP, kernel=kernel,
+                                   raster=raster, swizzle=swizzle, center=center)
     size = (rows, xb.shape[1], d_sae)
     last = _last_entries.get(size)
     capacity = None if last is None else last + last // 8 + 64
@@ -397,11 +402,13 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         indices, values = _ordered(row_ptr, compacted.arrival_index[:nnz],
                                    compacted.arrival_values[:nnz], d_sae)
     again = _overflowed_rows(queued, overflowed, rows)
+    if again is not None:  # copied out of the scratch before it goes
+        again_rows = (xb if center is None else queued.scratch.centered())[again]
     del queued, compacted
     if finish is not None:
         values = finish(indices, values)
     if again is not None:
-        again_ptr, again_indices, again_values, again_nnz = encode_again(xb[again])
+        again_ptr, again_indices, again_values, again_nnz = encode_again(again_rows)
         row_ptr, indices, values = _spliced(row_ptr, indices, values, again, again_ptr,
                                             again_indices, again_values)
         nnz += again_nnz

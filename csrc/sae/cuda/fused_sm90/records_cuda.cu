@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cub/block/block_load.cuh>
 #include <cub/block/block_reduce.cuh>
@@ -189,7 +190,71 @@ __global__ void gated_magnitudes_kernel(const std::int64_t* index, Value* values
   select_device::store_float(values + i, relu);
 }
 
+// out = E(x - center[column]) over n = rows * d_in elements, kWidth a thread a step (8: one
+// 16-byte load and store, which needs x and out aligned and d_in a multiple of 8, so that the
+// eight share a row). The difference is taken in float32 and rounded once, as torch does.
+template <typename T, int kWidth>
+__global__ void center_rows_kernel(const T* __restrict__ x, const T* __restrict__ center,
+                                   T* __restrict__ out, std::int64_t n, std::int64_t d_in) {
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.x) * blockDim.x * kWidth;
+  for (std::int64_t i = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) *
+                        kWidth;
+       i < n; i += step) {
+    const std::int64_t c = i % d_in;
+    if constexpr (kWidth == 8) {
+      const uint4 packed = *reinterpret_cast<const uint4*>(x + i);
+      const T* in = reinterpret_cast<const T*>(&packed);
+      uint4 result;
+      T* diff = reinterpret_cast<T*>(&result);
+#pragma unroll
+      for (int v = 0; v < 8; ++v) {
+        select_device::store_float(
+            diff + v, select_device::to_float(in[v]) - select_device::to_float(center[c + v]));
+      }
+      *reinterpret_cast<uint4*>(out + i) = result;
+    } else {
+      select_device::store_float(out + i,
+                                 select_device::to_float(x[i]) - select_device::to_float(center[c]));
+    }
+  }
+}
+
+template <typename T>
+void launch_center_rows_as(const T* x, const T* center, T* out, std::int64_t n,
+                           std::int64_t d_in, bool x_aligned, int sm_count,
+                           cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int width = x_aligned && d_in % 8 == 0 ? 8 : 1;
+  // Enough blocks to fill the GPU a few times over; each then strides through the rest.
+  const std::int64_t wanted = (n / width + kThreads - 1) / kThreads;
+  const auto blocks = static_cast<unsigned>(
+      std::max<std::int64_t>(1, std::min<std::int64_t>(wanted, std::int64_t{sm_count} * 8)));
+  if (width == 8) {
+    center_rows_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(x, center, out, n, d_in);
+  } else {
+    center_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(x, center, out, n, d_in);
+  }
+  MECHINTERP_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void launch_center_rows(const std::uint16_t* x, const std::uint16_t* center,
+                        std::uint16_t* centered, std::int64_t rows, std::int64_t d_in,
+                        bool float16, bool x_aligned, int sm_count, cudaStream_t stream) {
+  const std::int64_t n = rows * d_in;
+  if (float16) {
+    launch_center_rows_as(reinterpret_cast<const __half*>(x),
+                          reinterpret_cast<const __half*>(center),
+                          reinterpret_cast<__half*>(centered), n, d_in, x_aligned, sm_count,
+                          stream);
+  } else {
+    launch_center_rows_as(reinterpret_cast<const __nv_bfloat16*>(x),
+                          reinterpret_cast<const __nv_bfloat16*>(center),
+                          reinterpret_cast<__nv_bfloat16*>(centered), n, d_in, x_aligned,
+                          sm_count, stream);
+  }
+}
 
 void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
                         std::int64_t* row_ptr, std::int64_t* summary,

@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -333,18 +334,55 @@ struct ThresholdGemm {
     return Gemm::get_workspace_size(arguments(p));
   }
 
-  // An empty string, or what CUTLASS refused.
+  // CUTLASS's adapter sets the kernel's shared-memory size and cluster attributes on every
+  // launch; they hold for the process, so they are set once a device (each call into the
+  // driver costs the host microseconds while the GPU waits for this GEMM). Devices past the
+  // mask's 64 bits set them every time.
+  static bool attributes_set(int device) {
+    static std::atomic<std::uint64_t> ready{0};
+    const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+    if (bit != 0 && (ready.load(std::memory_order_acquire) & bit) != 0) return true;
+    const void* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(Kernel::SharedStorageSize)) != cudaSuccess) {
+      (void)cudaGetLastError();  // reported as CUTLASS's setup failing
+      return false;
+    }
+    ready.fetch_or(bit, std::memory_order_acq_rel);
+    return true;
+  }
+
+  // An empty string, or what CUTLASS refused. The launch is CUTLASS's adapter's (grid, block,
+  // shared memory, cluster shape) without its per-call attribute calls.
   static const char* run(const FusedGemmParams& p, void* workspace, cudaStream_t stream) {
     const auto args = arguments(p);
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    if (Gemm::can_implement(args) != cutlass::Status::kSuccess) {
       return "CUTLASS cannot run this problem (pointers and row strides must be 16-byte aligned)";
     }
     if (Gemm::get_workspace_size(args) > p.workspace_bytes) return "the workspace is too small";
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
+    if (Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess ||
+        !attributes_set(p.device)) {
       return "CUTLASS could not set the kernel up (shared memory or workspace)";
     }
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return "the kernel launch failed";
+    auto params = Kernel::to_underlying_arguments(args, workspace);
+    cudaLaunchConfig_t config{};
+    config.gridDim = Gemm::get_grid_shape(params);
+    config.blockDim = Kernel::get_block_shape();
+    config.dynamicSmemBytes = Kernel::SharedStorageSize;
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = ClusterM;
+    cluster.val.clusterDim.y = ClusterN;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    void* kernel_params[] = {&params};
+    const void* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
+    if (cudaLaunchKernelExC(&config, kernel, kernel_params) != cudaSuccess) {
+      (void)cudaGetLastError();  // reported by the caller
+      return "the kernel launch failed";
+    }
     return "";
   }
 
