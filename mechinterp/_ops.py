@@ -1328,26 +1328,33 @@ _ORDER_ALL = 2**62
 def _compact(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, order: bool,
              order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the compaction of a pass's records into arrays of ``nnz`` entries: ``(work,
-    out)``, int16 allocations holding the arrival-order arrays (int32 columns, then 16-bit
-    values) and the ordered ones (int64 columns, then 16-bit values; empty without ``order``).
-    Torch views are cut only of what the caller returns, after the launch, so that the GPU
-    starts it while the host makes them."""
-    device = scratch.buffer.device
-    dtype_name = _DTYPE_NAMES[scratch.dtype]
+    out)``, as :func:`_compact_records`."""
+    return _compact_records(scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
+                            scratch.view("cursor"), scratch.dtype, scratch.buffer.device, nnz,
+                            order, order_max)
+
+
+def _compact_records(records: _View, warp_count: _View, row_ptr: _View, cursor: _View,
+                     dtype: torch.dtype, device: torch.device, nnz: int, order: bool,
+                     order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the compaction of records into arrays of ``nnz`` entries: ``(work, out)``,
+    int16 allocations holding the arrival-order arrays (int32 columns, then 16-bit values of
+    ``dtype``) and the ordered ones (int64 columns, then 16-bit values; empty without
+    ``order``). Torch views are cut only of what the caller returns, after the launch, so that
+    the GPU starts it while the host makes them."""
+    kind, index = records[4], records[5]  # the records' device
+    dtype_name = _DTYPE_NAMES[dtype]
     work = torch.empty(3 * nnz, dtype=torch.int16, device=device)
     base = work.data_ptr()
-    work_index = (base, "int32", (nnz,), (1,), "cuda", scratch.index)
-    work_values = (base + 4 * nnz, dtype_name, (nnz,), (1,), "cuda", scratch.index)
+    work_index = (base, "int32", (nnz,), (1,), kind, index)
+    work_values = (base + 4 * nnz, dtype_name, (nnz,), (1,), kind, index)
     size = nnz if order else 0
     out = torch.empty(5 * size, dtype=torch.int16, device=device)
     out_base = out.data_ptr()
-    out_index = (out_base, "int64", (size,), (1,), "cuda", scratch.index)
-    out_values = (out_base + 8 * size, dtype_name, (size,), (1,), "cuda", scratch.index)
-    _C.fused_records_to_rows(
-        scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
-        scratch.view("cursor"), work_index, work_values, out_index, out_values, bool(order),
-        order_max, _stream(work),
-    )
+    out_index = (out_base, "int64", (size,), (1,), kind, index)
+    out_values = (out_base + 8 * size, dtype_name, (size,), (1,), kind, index)
+    _C.fused_records_to_rows(records, warp_count, row_ptr, cursor, work_index, work_values,
+                             out_index, out_values, bool(order), order_max, _stream(work))
     return work, out
 
 
@@ -1414,22 +1421,12 @@ def fused_records_to_rows(
     if dtype not in (torch.bfloat16, torch.float16):
         msg = f"{op}: dtype must be torch.bfloat16 or torch.float16, got {dtype}"
         raise InputError(msg)
-    device = records.device
     rows = row_ptr.shape[0] - 1
     if cursor is None:
-        cursor = torch.zeros(rows, dtype=torch.int32, device=device)
-    scratch = torch.empty(3 * nnz, dtype=torch.int16, device=device)  # one allocation for both
-    scratch_index = scratch[:2 * nnz].view(torch.int32)
-    scratch_values = scratch[2 * nnz:].view(dtype)
-    # Unordered, the out_* buffers are not written: zero-sized views of the right kind stand in.
-    size = nnz if order else 0
-    out_index = torch.empty(size, dtype=torch.int64, device=device)
-    out_values = torch.empty(size, dtype=dtype, device=device)
-    _C.fused_records_to_rows(
-        _view(records), _view(warp_count), _view(row_ptr), _view(cursor), _view(scratch_index),
-        _view(scratch_values), _view(out_index), _view(out_values), bool(order), _ORDER_ALL,
-        _stream(records),
-    )
+        cursor = torch.zeros(rows, dtype=torch.int32, device=records.device)
+    work, out = _compact_records(_view(records), _view(warp_count), _view(row_ptr),
+                                 _view(cursor), dtype, records.device, nnz, order, _ORDER_ALL)
     if not order:
-        return scratch_index.to(torch.int64), scratch_values
-    return out_index, out_values
+        index, values = _arrival_views(work, nnz, dtype)
+        return index.to(torch.int64), values
+    return _ordered_views(out, nnz, dtype)

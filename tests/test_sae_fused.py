@@ -285,6 +285,15 @@ def test_encode_pass_centring_bad_input_is_named():
         launch(small, _ops._view(torch.zeros(4, 8, dtype=torch.float16)))
 
 
+def test_records_to_rows_off_cuda_is_named():
+    records = torch.zeros(1, 1, _ops.SAE_FUSED_WARPS, 4, dtype=torch.int32)
+    warp_count = torch.zeros(1, 1, _ops.SAE_FUSED_WARPS, dtype=torch.int32)
+    row_ptr = torch.zeros(11, dtype=torch.int64)
+    with pytest.raises(ValueError, match="fused_records_to_rows: (runs on CUDA only|this build "
+                                         "has no fused encode)"):
+        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
+
+
 def test_record_bytes_per_row_counts_every_tile_region():
     tiles_n = -(-1000 // _ops.SAE_FUSED_TILE_N)
     slots = tiles_n * _ops.SAE_FUSED_WARPS * fused_module.RECORDS_PER_WARP
