@@ -101,8 +101,8 @@ def default_reason(sae: SAE, device: torch.device) -> str | None:
 
     The fused TopK encode is not the faster one (H100, bf16): interleaved with the chunked
     encode it took 1.05x / 1.01x / 1.02x its time at 768 x 32768, 2304 x 65536 and
-    4096 x 131072 with 16,384 tokens, and 1.36-2.25x with 128 tokens. In four bench runs
-    (16,384 tokens) it took 1.55-1.90x / 1.25-1.32x / 1.10-1.15x the GEMM against
+    4096 x 131072 with 16,384 tokens, and 1.36-2.25x with 128 tokens. In five bench runs
+    (16,384 tokens) it took 1.53-1.90x / 1.25-1.32x / 1.10-1.16x the GEMM against
     1.61-1.69x / 1.25-1.29x / 1.13-1.19x.
     """
     why_not = unsupported_reason(sae, device)
