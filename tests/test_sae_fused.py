@@ -283,6 +283,9 @@ def test_encode_pass_centring_bad_input_is_named():
         launch(_ops._view(torch.zeros(7, dtype=torch.bfloat16)), _ops._view(x))
     with pytest.raises(ValueError, match="fused_encode_pass: centered must be bfloat16"):
         launch(small, _ops._view(torch.zeros(4, 8, dtype=torch.float16)))
+    shifted = torch.zeros(4 * 8 + 1, dtype=torch.bfloat16)[1:].view(4, 8)
+    with pytest.raises(ValueError, match="centered must start on a 16-byte boundary"):
+        launch(small, _ops._view(shifted))
 
 
 def test_records_to_rows_off_cuda_is_named():

@@ -61,7 +61,9 @@ int sm_count(int device) {
 struct PinnedSummary {
   std::int64_t* data = nullptr;
   PinnedSummary() {
-    MECHINTERP_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&data), 3 * sizeof(std::int64_t)));
+    // Portable: pinned for every device's context, not only the one current here.
+    MECHINTERP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&data),
+                                        3 * sizeof(std::int64_t), cudaHostAllocPortable));
   }
   ~PinnedSummary() { (void)cudaFreeHost(data); }  // at exit CUDA may be gone: nothing to do then
   PinnedSummary(const PinnedSummary&) = delete;
@@ -317,6 +319,8 @@ void fused_encode_pass(
                      dtype_name(x.dtype), " ", x.shape_string());
     check_block(*center, {x.size(1)}, x.dtype, x, kOp, "center", "x");
     check_block(*centered, {x.size(0), x.size(1)}, x.dtype, x, kOp, "centered", "x");
+    MECHINTERP_CHECK(aligned16(centered->data), kOp,
+                     ": centered must start on a 16-byte boundary (the GEMM reads it by TMA)");
   }
   // The counts are zeroed before the GEMM checks the rest, so their sizes are checked here.
   const std::int64_t rows = x.size(0);
