@@ -322,11 +322,8 @@ class _Plan:
         x = x if x.dtype == gemm_dtype else x.to(gemm_dtype)
         x = x.contiguous()
         if use_fused:
-            # Blocks of whole tile rows whose survivor records fit the budget.
-            tile = _ops.SAE_FUSED_TILE_M
-            fit = chunk_bytes // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
-            return _Plan(_fused.aligned(x), max(tile, min(rows, fit)), cols, compiled,
-                         gemm_dtype, False, fused=True, chunk_bytes=chunk_bytes)
+            return _Plan(_fused.aligned(x), min(rows, _fused_block_rows(sae, chunk_bytes)), cols,
+                         compiled, gemm_dtype, False, fused=True, chunk_bytes=chunk_bytes)
         return _Plan(x, block_rows, cols, compiled, gemm_dtype, False)
 
     def blocks(self):
@@ -339,6 +336,14 @@ class _Plan:
     def chunks(self, d_sae: int):
         for c0 in range(0, d_sae, self.chunk_cols):
             yield c0, min(d_sae, c0 + self.chunk_cols)
+
+
+def _fused_block_rows(sae: SAE, chunk_bytes: int) -> int:
+    """Rows a block of the fused encode: whole tile rows whose survivor records fit the
+    budget, at least one."""
+    tile = _ops.SAE_FUSED_TILE_M
+    fit = chunk_bytes // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
+    return max(tile, fit)
 
 
 def _wants_fused(sae: SAE, device: torch.device, fused: bool | None) -> bool:
@@ -546,10 +551,8 @@ def _fused_lane(sae: SAE) -> _FusedLane | None:
         if _fused.default_reason(sae, sae.device) is not None:
             return None
         bias, bound, finish = _fused.threshold_params(sae)
-        tile = _ops.SAE_FUSED_TILE_M
-        fit = _CHUNK_BYTES["cuda"] // _fused.record_bytes_per_row(sae.d_sae) // tile * tile
         return _FusedLane(bias if sae.architecture == "gated" else None, bound, finish,
-                          max(tile, fit))
+                          _fused_block_rows(sae, _CHUNK_BYTES["cuda"]))
 
     return _derived(f"fused_lane_{sae.architecture}", sources, make)
 

@@ -463,17 +463,18 @@ def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     cand_index, cand_values = _ops.fused_queued_entries(queued)
     _ops.topk_merge_rows(top_v, top_i, queued.row_ptr, cand_index, cand_values, row_bar,
                          col_offset=sample)
-    tile_overflow = queued.scratch.tensor("tile_overflow")
-    again = tile_overflow.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows]
-    return top_v, top_i, again
+    return top_v, top_i, _overflow_flags(queued, rows)
+
+
+def _overflow_flags(queued: _ops.QueuedPass, rows: int) -> torch.Tensor:
+    """int32 ``[rows]``: nonzero for the rows of the tile rows whose records overflowed."""
+    flags = queued.scratch.tensor("tile_overflow")
+    return flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows]
 
 
 def _overflowed_rows(queued: _ops.QueuedPass, overflowed: int, rows: int) -> torch.Tensor | None:
     """The rows of the tile rows whose records overflowed (their ranges are empty), or None."""
-    if not overflowed:
-        return None
-    flags = queued.scratch.tensor("tile_overflow")
-    return flags.repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows].nonzero().flatten()
+    return _overflow_flags(queued, rows).nonzero().flatten() if overflowed else None
 
 
 def _ordered(row_ptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, d_sae: int):
