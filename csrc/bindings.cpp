@@ -303,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
       "fused_encode_pass",
       [](py::handle x, py::handle center, py::handle centered, py::handle weight,
          py::handle bias, py::handle bound, py::handle records, py::handle warp_count,
-         py::handle row_count, py::handle tile_overflow, py::handle cursor, py::handle row_ptr,
+         py::handle row_count, py::handle tile_overflow, py::handle row_ptr,
          py::handle summary, py::handle workspace, int kernel, int raster, int swizzle,
          bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
@@ -317,7 +317,6 @@ PYBIND11_MODULE(_C, m) {
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
         const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
-        const auto cursor_view = mechinterp::view_from_py(cursor, "cursor");
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
         const auto summary_view = mechinterp::view_from_py(summary, "summary");
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
@@ -326,15 +325,15 @@ PYBIND11_MODULE(_C, m) {
             x_view, center_view ? &*center_view : nullptr,
             centered_view ? &*centered_view : nullptr, weight_view, bias_view, bound_view,
             records_view, warp_count_view,
-            row_count_view, tile_overflow_view, cursor_view, row_ptr_view, summary_view,
+            row_count_view, tile_overflow_view, row_ptr_view, summary_view,
             workspace_view, kernel, raster, swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("center"), py::arg("centered"), py::arg("weight"), py::arg("bias"),
       py::arg("bound"), py::arg("records"), py::arg("warp_count"), py::arg("row_count"),
-      py::arg("tile_overflow"), py::arg("cursor"), py::arg("row_ptr"), py::arg("summary"),
+      py::arg("tile_overflow"), py::arg("row_ptr"), py::arg("summary"),
       py::arg("workspace"), py::arg("kernel"), py::arg("raster"), py::arg("swizzle"),
       py::arg("row_floor"), py::arg("stream"),
-      "Zeroes the counts and cursor and queues fused_threshold_gemm and fused_tally; with "
+      "Zeroes the counts and queues fused_threshold_gemm and fused_tally; with "
       "center (else None), x - center is first written to centered and the GEMM reads it.");
 
   m.def(
@@ -371,25 +370,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_records_to_rows",
-      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle cursor,
-         py::handle scratch_index, py::handle scratch_values, py::handle out_index,
+      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle scratch_index, py::handle scratch_values, py::handle out_index,
          py::handle out_values, bool order, std::int64_t order_max, std::uintptr_t stream) {
         const auto records_view = mechinterp::view_from_py(records, "records");
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
-        const auto cursor_view = mechinterp::view_from_py(cursor, "cursor");
         const auto scratch_index_view = mechinterp::view_from_py(scratch_index, "scratch_index");
         const auto scratch_values_view = mechinterp::view_from_py(scratch_values, "scratch_values");
         const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
         const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
         py::gil_scoped_release release;
         mechinterp::sae::fused_records_to_rows(records_view, warp_count_view, row_ptr_view,
-                                               cursor_view, scratch_index_view,
+                                               scratch_index_view,
                                                scratch_values_view, out_index_view,
                                                out_values_view, order, order_max, stream);
       },
-      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("cursor"),
-      py::arg("scratch_index"), py::arg("scratch_values"), py::arg("out_index"),
+      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("scratch_index"), py::arg("scratch_values"), py::arg("out_index"),
       py::arg("out_values"), py::arg("order"), py::arg("order_max"), py::arg("stream"),
       "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
       "(entries past a row's range or past the arrays' nnz are dropped): ordered by column "

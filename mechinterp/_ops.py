@@ -1104,7 +1104,6 @@ class FusedRecords(NamedTuple):
     warp_count: torch.Tensor  #: survivors per region ``[tiles_m, tiles_n, warps]``
     tile_overflow: torch.Tensor  #: 1 for each tile row with a region past ``cap`` ``[tiles_m]``
     row_count: torch.Tensor  #: survivors per row ``[rows]``
-    cursor: torch.Tensor  #: zeros ``[rows]`` for :func:`fused_records_to_rows`
 
 
 class _FusedScratch:
@@ -1112,7 +1111,7 @@ class _FusedScratch:
     regions, passed to _C as views built from the pointer (a torch view per region would cost
     the host more than the GEMM's launch), and as torch views only where asked for."""
 
-    _COUNTS = ("warp_count", "tile_overflow", "row_count", "cursor")  # back to back, in order
+    _COUNTS = ("warp_count", "tile_overflow", "row_count")  # back to back, in order
 
     def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
                  raster: str, swizzle: int, row_floor: bool = False, centered: bool = False):
@@ -1180,7 +1179,7 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
     # (int32, read and written one by one) come last and back to back, so that one memset
     # clears them.
     shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap), "warp_count": tiles,
-              "tile_overflow": (tiles[0],), "row_count": (rows,), "cursor": (rows,)}
+              "tile_overflow": (tiles[0],), "row_count": (rows,)}
     if centered:  # 16-bit inputs minus the decoder bias (d_in is even: a multiple of 8)
         shapes = {"centered": (rows, d_in // 2), **shapes}
     regions, end = {}, 0
@@ -1228,7 +1227,7 @@ def fused_threshold_gemm(
         scratch.view("workspace"), *scratch.schedule, _stream(x),
     )
     return FusedRecords(*(scratch.tensor(name) for name in
-                          ("records", "warp_count", "tile_overflow", "row_count", "cursor")))
+                          ("records", "warp_count", "tile_overflow", "row_count")))
 
 
 class QueuedPass(NamedTuple):
@@ -1279,7 +1278,7 @@ def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, 
     _C.fused_encode_pass(
         _view(x), *centering, _view(weight), _view(bias), _view(bound), scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
-        scratch.view("cursor"), row_ptr_view, summary_view, scratch.view("workspace"),
+        row_ptr_view, summary_view, scratch.view("workspace"),
         *scratch.schedule, _stream(x),
     )
     return scratch, pointers[:rows + 1], pointers[rows + 1:]
@@ -1313,7 +1312,7 @@ def fused_queued_rows(queued: QueuedPass, capacity: int, *, order_max: int) -> Q
     Once the summary is read: with entries up to ``capacity``, ``index`` / ``values`` hold the
     ordered rows, but for rows of more than ``order_max`` entries (where the summary's widest
     row exceeds it, sort the arrival-order arrays instead); with more, entries past
-    ``capacity`` were dropped and the rows must be compacted again (zero the cursor first).
+    ``capacity`` were dropped and the rows must be compacted again.
     """
     work, out = _compact(queued.scratch, queued.row_ptr, capacity, True, order_max)
     dtype = queued.scratch.dtype
@@ -1330,12 +1329,10 @@ def _compact(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, order: boo
     """Launches the compaction of a pass's records into arrays of ``nnz`` entries: ``(work,
     out)``, as :func:`_compact_records`."""
     return _compact_records(scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
-                            scratch.view("cursor"), scratch.dtype, scratch.buffer.device, nnz,
-                            order, order_max)
+                            scratch.dtype, scratch.buffer.device, nnz, order, order_max)
 
 
-def _compact_records(records: _View, warp_count: _View, row_ptr: _View, cursor: _View,
-                     dtype: torch.dtype, device: torch.device, nnz: int, order: bool,
+def _compact_records(records: _View, warp_count: _View, row_ptr: _View, dtype: torch.dtype, device: torch.device, nnz: int, order: bool,
                      order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the compaction of records into arrays of ``nnz`` entries: ``(work, out)``,
     int16 allocations holding the arrival-order arrays (int32 columns, then 16-bit values of
@@ -1353,7 +1350,7 @@ def _compact_records(records: _View, warp_count: _View, row_ptr: _View, cursor: 
     out_base = out.data_ptr()
     out_index = (out_base, "int64", (size,), (1,), kind, index)
     out_values = (out_base + 8 * size, dtype_name, (size,), (1,), kind, index)
-    _C.fused_records_to_rows(records, warp_count, row_ptr, cursor, work_index, work_values,
+    _C.fused_records_to_rows(records, warp_count, row_ptr, work_index, work_values,
                              out_index, out_values, bool(order), order_max, _stream(work))
     return work, out
 
@@ -1405,7 +1402,7 @@ def fused_tally(
 
 def fused_records_to_rows(
     records: torch.Tensor, warp_count: torch.Tensor, row_ptr: torch.Tensor, nnz: int, *,
-    order: bool = True, cursor: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+    order: bool = True, dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_threshold_gemm`'s records as compressed rows ``(index int64, values)``, the
     values of type ``dtype`` (the GEMM's element type: bfloat16 or float16).
@@ -1413,19 +1410,15 @@ def fused_records_to_rows(
     Row ``r``'s entries fill ``[row_ptr[r], row_ptr[r + 1])`` (``row_ptr`` int64 ``[rows + 1]``,
     whose last entry is ``nnz``); entries past a row's range are dropped. With
     ``order``, each row's columns ascend (the kernel ranks a row's entries in ``O(l0^2 / 32)``;
-    the caller sorts wide rows instead); without it, they are in arrival order. ``cursor``:
-    int32 zeros ``[rows]`` to use (from :func:`fused_threshold_gemm`), else allocated.
+    the caller sorts wide rows instead); without it, they are in arrival order.
     """
     op = "fused_records_to_rows"
     _check_device(records, op, "records")
     if dtype not in (torch.bfloat16, torch.float16):
         msg = f"{op}: dtype must be torch.bfloat16 or torch.float16, got {dtype}"
         raise InputError(msg)
-    rows = row_ptr.shape[0] - 1
-    if cursor is None:
-        cursor = torch.zeros(rows, dtype=torch.int32, device=records.device)
-    work, out = _compact_records(_view(records), _view(warp_count), _view(row_ptr),
-                                 _view(cursor), dtype, records.device, nnz, order, _ORDER_ALL)
+    work, out = _compact_records(_view(records), _view(warp_count), _view(row_ptr), dtype,
+                                 records.device, nnz, order, _ORDER_ALL)
     if not order:
         index, values = _arrival_views(work, nnz, dtype)
         return index.to(torch.int64), values

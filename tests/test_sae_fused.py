@@ -274,8 +274,8 @@ def test_encode_pass_centring_bad_input_is_named():
 
     def launch(center, centered):
         _C.fused_encode_pass(_ops._view(x), center, centered, _ops._view(w), small, small,
-                             counts, counts, counts, counts, counts, counts, counts, counts, 0,
-                             0, 1, False, 0)
+                             counts, counts, counts, counts, counts, counts, counts, 0, 0, 1,
+                             False, 0)
 
     with pytest.raises(ValueError, match="center and centered come together"):
         launch(small, None)
@@ -677,7 +677,7 @@ def test_encode_pass_equals_the_gemm_then_the_tally(cap):
     # The compaction of either gives the same rows; in arrival order, the same entries.
     rows = _ops.fused_queued_rows(queued, entries, order_max=1 << 40)
     want_i, want_v = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr,
-                                                entries, cursor=found.cursor)
+                                                entries)
     assert torch.equal(rows.index, want_i) and torch.equal(rows.values, want_v)
     assert rows.arrival_index.dtype == torch.int32 and rows.arrival_values.dtype == torch.bfloat16
     row = torch.repeat_interleave(torch.arange(800, device="cuda"), row_ptr.diff())

@@ -304,7 +304,7 @@ void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
+    const TensorView& tile_overflow, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
     bool row_floor, std::uintptr_t stream) {
   constexpr const char* kOp = "fused_encode_pass";
@@ -330,16 +330,15 @@ void fused_encode_pass(
               "x");
   check_block(tile_overflow, {tiles_m}, DType::Int32, x, kOp, "tile_overflow", "x");
   check_block(row_count, {rows}, DType::Int32, x, kOp, "row_count", "x");
-  check_block(cursor, {rows}, DType::Int32, x, kOp, "cursor", "x");
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   MECHINTERP_CHECK(x.is_cuda(), kOp, ": runs on CUDA only, got ", device_name(x.device));
   const CudaDeviceGuard guard(x.device.index);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   // Counts laid back to back (as _ops lays them out) are cleared by one memset; each launch
   // costs the host microseconds while the GPU waits for the GEMM.
-  const TensorView* counts[] = {&warp_count, &tile_overflow, &row_count, &cursor};
+  const TensorView* counts[] = {&warp_count, &tile_overflow, &row_count};
   bool back_to_back = true;
-  for (int i = 1; i < 4; ++i) {
+  for (int i = 1; i < 3; ++i) {
     back_to_back = back_to_back &&
                    static_cast<const char*>(counts[i]->data) ==
                        static_cast<const char*>(counts[i - 1]->data) +
@@ -347,7 +346,7 @@ void fused_encode_pass(
   }
   if (back_to_back) {
     const std::int64_t total =
-        warp_count.numel() + tile_overflow.numel() + row_count.numel() + cursor.numel();
+        warp_count.numel() + tile_overflow.numel() + row_count.numel();
     MECHINTERP_CUDA_CHECK(
         cudaMemsetAsync(warp_count.data, 0, total * sizeof(std::int32_t), cuda_stream));
   } else {
@@ -399,7 +398,7 @@ std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintpt
 }
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr, const TensorView& cursor,
+                           const TensorView& row_ptr,
                            const TensorView& scratch_index, const TensorView& scratch_values,
                            const TensorView& out_index, const TensorView& out_values, bool order,
                            std::int64_t order_max, std::uintptr_t stream) {
@@ -420,7 +419,6 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
                    ": records hold ", tiles_m, " tile rows, which does not fit ", rows,
                    " rows (row_ptr ", row_ptr.shape_string(), ")");
   check_block(row_ptr, {rows + 1}, DType::Int64, records, kRowsOp, "row_ptr", "records");
-  check_block(cursor, {rows}, DType::Int32, records, kRowsOp, "cursor", "records");
   MECHINTERP_CHECK(scratch_index.dim() == 1, kRowsOp, ": scratch_index must be [nnz], got ",
                    scratch_index.shape_string());
   const std::int64_t nnz = scratch_index.size(0);
@@ -451,7 +449,7 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   p.order = order;
   launch_fused_records_to_rows(
       records.data_as<std::uint32_t>(), warp_count.data_as<std::int32_t>(),
-      row_ptr.data_as<std::int64_t>(), cursor.data_as<std::int32_t>(),
+      row_ptr.data_as<std::int64_t>(),
       scratch_index.data_as<std::int32_t>(), scratch_values.data_as<std::uint16_t>(),
       out_index.data_as<std::int64_t>(), out_values.data_as<std::uint16_t>(), p,
       reinterpret_cast<cudaStream_t>(stream));

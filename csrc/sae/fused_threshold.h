@@ -31,7 +31,7 @@
 //   and the widest row.
 //
 // fused_encode_pass: the encode's launches up to its host sync, in one call: zeroes
-//   warp_count, tile_overflow, row_count and cursor, and runs fused_threshold_gemm and
+//   warp_count, tile_overflow and row_count, and runs fused_threshold_gemm and
 //   fused_tally. Every Python-side launch costs the host about 10 us, and before the GEMM the
 //   GPU has nothing else to do. With center (E [d_in]; null: none), x (contiguous) is centred
 //   first: centered E [rows, d_in] (16-byte aligned) gets E(x - center) as torch's subtraction
@@ -40,7 +40,7 @@
 //   (waiting for it) and returns it: (entries, overflowed tile rows, widest row).
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
-//   counts), cursor int32 [rows] (zeroed), scratch_index int32 / scratch_values E [nnz],
+//   counts), scratch_index int32 / scratch_values E [nnz],
 //   out_index int64 / out_values E [nnz] (the records' element type: their 16 bits are copied
 //   as they are). Row r's entries land in [row_ptr[r], row_ptr[r + 1]); entries that do not fit
 //   there are dropped (a caller that empties the ranges of incomplete rows re-encodes them
@@ -130,14 +130,14 @@ void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& cursor, const TensorView& row_ptr,
+    const TensorView& tile_overflow, const TensorView& row_ptr,
     const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
     bool row_floor, std::uintptr_t stream);
 
 std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr, const TensorView& cursor,
+                           const TensorView& row_ptr,
                            const TensorView& scratch_index, const TensorView& scratch_values,
                            const TensorView& out_index, const TensorView& out_values, bool order,
                            std::int64_t order_max, std::uintptr_t stream);
@@ -208,7 +208,7 @@ void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_
                         const FusedTallyParams& params, cudaStream_t stream);
 
 void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
-                                  const std::int64_t* row_ptr, std::int32_t* cursor,
+                                  const std::int64_t* row_ptr,
                                   std::int32_t* scratch_index, std::uint16_t* scratch_values,
                                   std::int64_t* out_index, std::uint16_t* out_values,
                                   const FusedRowsParams& params, cudaStream_t stream);

@@ -392,8 +392,6 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     nnz, overflowed, widest = _ops.fused_wait_summary(queued)
     _remember_entries(size, nnz)
     if compacted is None or nnz > capacity:
-        if compacted is not None:
-            queued.scratch.tensor("cursor").zero_()  # the first compaction counted its rows
         compacted = _ops.fused_queued_rows(queued, nnz, order_max=_KERNEL_ORDER_MAX)
     row_ptr = queued.row_ptr
     if widest <= _KERNEL_ORDER_MAX:

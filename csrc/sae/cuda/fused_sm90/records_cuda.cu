@@ -1,8 +1,8 @@
-// The fused encode's records as compressed rows (see sae/fused_threshold.h): each warp puts the
-// records of 32 record regions in the next free slots of their rows; one warp per row then puts
-// each of the row's entries at its rank among the row's columns. An ordered sweep per row tile
-// and a count plus scan per (row, tile) were both slower on an H100 (0.7-2.9 ms and 0.2 ms at
-// 768 x 32768 against 0.1 ms).
+// The fused encode's records as compressed rows (see sae/fused_threshold.h): one block a tile
+// row, whose warps put the records of 32 record regions at a time in the next free slots of
+// their rows, then put each of a row's entries at its rank among the row's columns. An ordered
+// sweep per row tile and a count plus scan per (row, tile) were both slower on an H100 (0.7-2.9
+// ms and 0.2 ms at 768 x 32768 against 0.1 ms).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,8 +22,7 @@ namespace mechinterp::sae {
 
 namespace {
 
-constexpr int kPlaceThreads = 256;
-constexpr int kOrderThreads = 256;
+constexpr int kTileRowsThreads = 1024;  // a warp for each 32 of a tile row's regions at d_sae 32768
 constexpr int kTallyThreads = 1024;
 constexpr int kTallyItems = 4;  // rows a thread per pass
 
@@ -89,86 +88,99 @@ __global__ void __launch_bounds__(kTallyThreads)
   }
 }
 
-// Each warp places the records of 32 consecutive regions (a lane's count each, one warp scan
-// for where each region's records start in the warp's list), 32 records a step whatever the
-// regions they come from, so that lanes are not left idle by regions of a few records (a
-// handful at realistic densities). At 768 x 32768 (JumpReLU, 131,072 regions, 16,384 rows;
-// H100) it takes 24 us where a warp per region took 39 us; for a TopK encode's candidates
-// there (about 16 a region) 62 us against 65 us. Four records a lane a step, their loads and
-// atomics side by side, took 29 us and 60 us: the atomics' throughput, not their latency,
-// bounds it.
-__global__ void __launch_bounds__(kPlaceThreads)
-    place_records_kernel(const std::uint32_t* records, const std::int32_t* warp_count,
-                         const std::int64_t* row_ptr, std::int32_t* cursor,
-                         std::int32_t* scratch_index, std::uint16_t* scratch_values,
-                         FusedRowsParams p) {
-  const std::int64_t regions = p.tiles_m * p.tiles_n * kFusedWarps;
-  const std::int64_t first =
-      (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * 32;
-  if (first >= regions) return;  // warp-uniform
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const std::int64_t mine = first + lane;
-  const int count =
-      mine < regions ? static_cast<int>(min(static_cast<std::int64_t>(warp_count[mine]), p.cap))
-                     : 0;
-  int upto = count;  // inclusive scan of the counts over the lanes
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int up = __shfl_up_sync(0xffffffffu, upto, d);
-    if (lane >= d) upto += up;
+// One block a tile row. The records of a tile row belong to its kFusedTileM rows alone, so the
+// rows' next free slots are counters in shared memory. Each warp places the records of 32
+// consecutive regions (a lane's count each, one warp scan for where each region's records
+// start in the warp's list), 32 records a step whatever the regions they come from, so that
+// lanes are not left idle by regions of a few records (a handful at realistic densities). Then,
+// with kOrder, a warp a row puts each of the row's entries at its rank among the row's columns
+// (the block's writes are visible to it after the barrier). At 768 x 32768 (JumpReLU, 16,384
+// rows, about 31 entries a row; H100) the ordered rows take 28-29 us where placing with global
+// atomics and ordering in a second kernel took 24 + 10 us, and rows in arrival order 19 us
+// against 24-26 us.
+template <bool kOrder>
+__global__ void __launch_bounds__(kTileRowsThreads)
+    tile_rows_kernel(const std::uint32_t* records, const std::int32_t* warp_count,
+                     const std::int64_t* row_ptr, std::int32_t* scratch_index,
+                     std::uint16_t* scratch_values, std::int64_t* out_index,
+                     std::uint16_t* out_values, FusedRowsParams p) {
+  __shared__ int next[kFusedTileM];            // entries placed so far, per row of the tile row
+  __shared__ long long start[kFusedTileM + 1];  // the rows' ranges
+  const std::int64_t tm = blockIdx.x;
+  const std::int64_t row0 = tm * kFusedTileM;
+  const int rows = static_cast<int>(min(static_cast<std::int64_t>(kFusedTileM), p.rows - row0));
+  for (int i = static_cast<int>(threadIdx.x); i <= rows; i += blockDim.x) {
+    start[i] = row_ptr[row0 + i];
+    if (i < rows) next[i] = 0;
   }
-  const int start = upto - count;  // where this lane's region's records begin in the list
-  const int total = __shfl_sync(0xffffffffu, upto, 31);
-  for (int base = 0; base < total; base += 32) {  // warp-uniform bounds: the shuffles below
-    const int item = base + lane;
-    // The region holding item: the last lane whose start is at most item (empty regions share
-    // their start with the next one, so the search lands past them).
-    int owner = 0, owner_start = 0;  // lane 0's region starts the list
+  __syncthreads();
+  // No entries (none survived, or the tile row overflowed and its ranges are empty).
+  if (start[0] == start[rows]) return;  // block-uniform
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  constexpr int kWarps = kTileRowsThreads / 32;
+  const std::int64_t regions = p.tiles_n * kFusedWarps;  // of this tile row
+  const std::int64_t region0 = tm * regions;
+  for (std::int64_t first = static_cast<std::int64_t>(warp) * 32; first < regions;
+       first += 32 * kWarps) {  // warp-uniform
+    const std::int64_t mine = first + lane;
+    const int count = mine < regions ? static_cast<int>(min(
+                                           static_cast<std::int64_t>(warp_count[region0 + mine]),
+                                           p.cap))
+                                     : 0;
+    int upto = count;  // inclusive scan of the counts over the lanes
 #pragma unroll
-    for (int step = 16; step > 0; step >>= 1) {
-      const int probe = owner + step;
-      const int probe_start = __shfl_sync(0xffffffffu, start, probe);
-      if (probe_start <= item) {
-        owner = probe;
-        owner_start = probe_start;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, upto, d);
+      if (lane >= d) upto += up;
+    }
+    const int begin = upto - count;  // where this lane's region's records begin in the list
+    const int total = __shfl_sync(0xffffffffu, upto, 31);
+    for (int base = 0; base < total; base += 32) {  // warp-uniform bounds: the shuffles below
+      const int item = base + lane;
+      // The region holding item: the last lane whose start is at most item (empty regions
+      // share their start with the next one, so the search lands past them).
+      int owner = 0, owner_begin = 0;
+#pragma unroll
+      for (int step = 16; step > 0; step >>= 1) {
+        const int probe = owner + step;
+        const int probe_begin = __shfl_sync(0xffffffffu, begin, probe);
+        if (probe_begin <= item) {
+          owner = probe;
+          owner_begin = probe_begin;
+        }
+      }
+      if (item >= total) continue;
+      const std::int64_t region = first + owner;
+      const std::uint32_t r = records[(region0 + region) * p.cap + (item - owner_begin)];
+      const int m = static_cast<int>(r >> 24);
+      if (m >= rows) continue;  // not produced by the kernel; kept out all the same
+      const std::int64_t at = start[m] + atomicAdd(next + m, 1);
+      // An incomplete row whose range was emptied, or arrays sized before the count was known
+      // and too short: the caller compacts again.
+      if (at >= start[m + 1] || at >= p.nnz) continue;
+      scratch_index[at] =
+          static_cast<std::int32_t>(region / kFusedWarps * kFusedTileN + ((r >> 16) & 0xffu));
+      scratch_values[at] = static_cast<std::uint16_t>(r & 0xffffu);
+    }
+  }
+  if constexpr (kOrder) {
+    __syncthreads();
+    for (int m = warp; m < rows; m += kWarps) {
+      const std::int64_t base = start[m];
+      const std::int64_t end = start[m + 1];
+      // Wide rows are left to the caller's sort; rows past the arrays to its second compaction.
+      if (end - base > p.order_max || end > p.nnz) continue;  // warp-uniform
+      const int n = static_cast<int>(end - base);
+      const std::int32_t* cols = scratch_index + base;
+      for (int i = lane; i < n; i += 32) {
+        const std::int32_t key = cols[i];  // a row's columns are distinct
+        int rank = 0;
+        for (int j = 0; j < n; ++j) rank += cols[j] < key;
+        out_index[base + rank] = key;
+        out_values[base + rank] = scratch_values[base + i];
       }
     }
-    if (item >= total) continue;
-    const std::int64_t region = first + owner;
-    const std::int64_t tile = region / kFusedWarps;
-    const std::int64_t tm = tile / p.tiles_n;
-    const std::int64_t tn = tile % p.tiles_n;
-    const std::uint32_t r = records[region * p.cap + (item - owner_start)];
-    const std::int64_t m = tm * kFusedTileM + (r >> 24);
-    if (m >= p.rows) continue;  // not produced by the kernel; kept out all the same
-    const std::int64_t at = row_ptr[m] + atomicAdd(cursor + m, 1);
-    // An incomplete row whose range was emptied, or arrays sized before the count was known
-    // and too short: the caller compacts again.
-    if (at >= row_ptr[m + 1] || at >= p.nnz) continue;
-    scratch_index[at] = static_cast<std::int32_t>(tn * kFusedTileN + ((r >> 16) & 0xffu));
-    scratch_values[at] = static_cast<std::uint16_t>(r & 0xffffu);
-  }
-}
-
-__global__ void order_rows_kernel(const std::int64_t* row_ptr, const std::int32_t* scratch_index,
-                                  const std::uint16_t* scratch_values, std::int64_t* out_index,
-                                  std::uint16_t* out_values, std::int64_t rows,
-                                  std::int64_t nnz, std::int64_t order_max) {
-  const std::int64_t m = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  if (m >= rows) return;
-  const std::int64_t base = row_ptr[m];
-  const std::int64_t end = row_ptr[m + 1];
-  // Wide rows are left to the caller's sort; rows past the arrays to its second compaction.
-  if (end - base > order_max || end > nnz) return;  // warp-uniform
-  const int n = static_cast<int>(end - base);
-  const std::int32_t* cols = scratch_index + base;
-  for (int i = lane; i < n; i += 32) {
-    const std::int32_t key = cols[i];  // a row's columns are distinct
-    int rank = 0;
-    for (int j = 0; j < n; ++j) rank += cols[j] < key;
-    out_index[base + rank] = key;
-    out_values[base + rank] = scratch_values[base + i];
   }
 }
 
@@ -265,23 +277,20 @@ void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_
 }
 
 void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
-                                  const std::int64_t* row_ptr, std::int32_t* cursor,
-                                  std::int32_t* scratch_index, std::uint16_t* scratch_values,
-                                  std::int64_t* out_index, std::uint16_t* out_values,
-                                  const FusedRowsParams& params, cudaStream_t stream) {
-  const std::int64_t regions = params.tiles_m * params.tiles_n * kFusedWarps;
-  // 32 regions a warp: as many regions a block as it has threads.
-  const auto place_blocks =
-      static_cast<unsigned>((regions + kPlaceThreads - 1) / kPlaceThreads);
-  place_records_kernel<<<place_blocks, kPlaceThreads, 0, stream>>>(
-      records, warp_count, row_ptr, cursor, scratch_index, scratch_values, params);
-  MECHINTERP_CUDA_CHECK(cudaGetLastError());
-  if (!params.order) return;
-  const std::int64_t rows_per_block = kOrderThreads / 32;
-  const auto blocks = static_cast<unsigned>((params.rows + rows_per_block - 1) / rows_per_block);
-  order_rows_kernel<<<blocks, kOrderThreads, 0, stream>>>(row_ptr, scratch_index, scratch_values,
-                                                          out_index, out_values, params.rows,
-                                                          params.nnz, params.order_max);
+                                  const std::int64_t* row_ptr, std::int32_t* scratch_index,
+                                  std::uint16_t* scratch_values, std::int64_t* out_index,
+                                  std::uint16_t* out_values, const FusedRowsParams& params,
+                                  cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(params.tiles_m);
+  if (params.order) {
+    tile_rows_kernel<true><<<blocks, kTileRowsThreads, 0, stream>>>(
+        records, warp_count, row_ptr, scratch_index, scratch_values, out_index, out_values,
+        params);
+  } else {
+    tile_rows_kernel<false><<<blocks, kTileRowsThreads, 0, stream>>>(
+        records, warp_count, row_ptr, scratch_index, scratch_values, out_index, out_values,
+        params);
+  }
   MECHINTERP_CUDA_CHECK(cudaGetLastError());
 }
 
