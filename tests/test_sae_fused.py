@@ -19,6 +19,7 @@ from mechinterp import _C, _ops
 from mechinterp.errors import InputError, ShapeError
 from mechinterp.sae import SAE, encode_sparse
 from mechinterp.sae import fused as fused_module
+from mechinterp.sae.derived import forget
 from mechinterp.sae.fused import (
     DTYPES,
     FusedSchedule,
@@ -569,6 +570,12 @@ def test_default_encode_follows_parameter_changes():
     assert_same(encode_sparse(sae, x), reference(sae, x))
     sae.b_enc.fill_(-100.0)  # nothing passes
     assert encode_sparse(sae, x).indices.numel() == 0
+    sae.b_enc.data = torch.zeros_like(sae.b_enc)  # other memory, the same version
+    sae.threshold.data = sae.threshold.data * 2
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+    sae.threshold.data.mul_(0.25)  # through .data: seen only once forgotten
+    forget(sae.threshold)
+    assert_same(encode_sparse(sae, x), reference(sae, x))
 
 
 @pytest.mark.cuda
