@@ -324,9 +324,8 @@ PYBIND11_MODULE(_C, m) {
         mechinterp::sae::fused_encode_pass(
             x_view, center_view ? &*center_view : nullptr,
             centered_view ? &*centered_view : nullptr, weight_view, bias_view, bound_view,
-            records_view, warp_count_view,
-            row_count_view, tile_overflow_view, row_ptr_view, summary_view,
-            workspace_view, kernel, raster, swizzle, row_floor, stream);
+            records_view, warp_count_view, row_count_view, tile_overflow_view, row_ptr_view,
+            summary_view, workspace_view, kernel, raster, swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("center"), py::arg("centered"), py::arg("weight"), py::arg("bias"),
       py::arg("bound"), py::arg("records"), py::arg("warp_count"), py::arg("row_count"),
@@ -370,8 +369,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_records_to_rows",
-      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle scratch_index, py::handle scratch_values, py::handle out_index,
-         py::handle out_values, bool order, std::int64_t order_max, std::uintptr_t stream) {
+      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle scratch_index,
+         py::handle scratch_values, py::handle out_index, py::handle out_values, bool order,
+         std::int64_t order_max, std::uintptr_t stream) {
         const auto records_view = mechinterp::view_from_py(records, "records");
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
@@ -381,12 +381,13 @@ PYBIND11_MODULE(_C, m) {
         const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
         py::gil_scoped_release release;
         mechinterp::sae::fused_records_to_rows(records_view, warp_count_view, row_ptr_view,
-                                               scratch_index_view,
-                                               scratch_values_view, out_index_view,
-                                               out_values_view, order, order_max, stream);
+                                               scratch_index_view, scratch_values_view,
+                                               out_index_view, out_values_view, order, order_max,
+                                               stream);
       },
-      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("scratch_index"), py::arg("scratch_values"), py::arg("out_index"),
-      py::arg("out_values"), py::arg("order"), py::arg("order_max"), py::arg("stream"),
+      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("scratch_index"),
+      py::arg("scratch_values"), py::arg("out_index"), py::arg("out_values"), py::arg("order"),
+      py::arg("order_max"), py::arg("stream"),
       "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
       "(entries past a row's range or past the arrays' nnz are dropped): ordered by column "
       "into out_index int64 / out_values (the values' bf16 or fp16; rows of more than "

@@ -304,9 +304,9 @@ void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& row_ptr,
-    const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    bool row_floor, std::uintptr_t stream) {
+    const TensorView& tile_overflow, const TensorView& row_ptr, const TensorView& summary,
+    const TensorView& workspace, int kernel, int raster, int swizzle, bool row_floor,
+    std::uintptr_t stream) {
   constexpr const char* kOp = "fused_encode_pass";
   MECHINTERP_CHECK(x.dim() == 2 && weight.dim() == 2, kOp, ": x and weight must be 2-d, got ",
                    x.shape_string(), " and ", weight.shape_string());
@@ -398,10 +398,10 @@ std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintpt
 }
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr,
-                           const TensorView& scratch_index, const TensorView& scratch_values,
-                           const TensorView& out_index, const TensorView& out_values, bool order,
-                           std::int64_t order_max, std::uintptr_t stream) {
+                           const TensorView& row_ptr, const TensorView& scratch_index,
+                           const TensorView& scratch_values, const TensorView& out_index,
+                           const TensorView& out_values, bool order, std::int64_t order_max,
+                           std::uintptr_t stream) {
   MECHINTERP_CHECK(records.dim() == 4 && records.size(2) == kFusedWarps, kRowsOp,
                    ": records must be [tiles_m, tiles_n, ", kFusedWarps, ", cap], got ",
                    records.shape_string());
@@ -449,8 +449,8 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   p.order = order;
   launch_fused_records_to_rows(
       records.data_as<std::uint32_t>(), warp_count.data_as<std::int32_t>(),
-      row_ptr.data_as<std::int64_t>(),
-      scratch_index.data_as<std::int32_t>(), scratch_values.data_as<std::uint16_t>(),
+      row_ptr.data_as<std::int64_t>(), scratch_index.data_as<std::int32_t>(),
+      scratch_values.data_as<std::uint16_t>(),
       out_index.data_as<std::int64_t>(), out_values.data_as<std::uint16_t>(), p,
       reinterpret_cast<cudaStream_t>(stream));
 #else

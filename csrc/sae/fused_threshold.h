@@ -40,16 +40,15 @@
 //   (waiting for it) and returns it: (entries, overflowed tile rows, widest row).
 //
 // fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
-//   counts), scratch_index int32 / scratch_values E [nnz],
-//   out_index int64 / out_values E [nnz] (the records' element type: their 16 bits are copied
-//   as they are). Row r's entries land in [row_ptr[r], row_ptr[r + 1]); entries that do not fit
-//   there are dropped (a caller that empties the ranges of incomplete rows re-encodes them
-//   elsewhere), and so are entries at or past nnz (a caller that sized the arrays before it knew
-//   row_ptr[rows] compacts again when they were too short). With order, each row's entries
-//   come out in ascending column order (one warp ranks a row's entries, O(l0^2 / 32) per row),
-//   but for rows of more than order_max entries and rows that end past nnz, which are not
-//   written (the caller sorts wide rows); without it they stay in scratch_index /
-//   scratch_values in arrival order and out_* are neither checked nor written.
+//   counts), scratch_index int32 / scratch_values E [nnz], out_index int64 / out_values E [nnz]
+//   (the records' element type: their 16 bits are copied as they are). Row r's entries land in
+//   [row_ptr[r], row_ptr[r + 1]); entries that do not fit there are dropped (a caller that empties
+//   the ranges of incomplete rows re-encodes them elsewhere), and so are entries at or past nnz (a
+//   caller that sized the arrays before it knew row_ptr[rows] compacts again when they were too
+//   short). With order, each row's entries come out in ascending column order (one warp ranks a
+//   row's entries, O(l0^2 / 32) per row), but for rows of more than order_max entries and rows that
+//   end past nnz, which are not written (the caller sorts wide rows); without it they stay in
+//   scratch_index / scratch_values in arrival order and out_* are neither checked nor written.
 // fused_gated_magnitudes: a gated SAE's survivors (from the GEMM run without a bias against its
 //   bounds) turned into activations in place: values E [n] become
 //   E(relu(v * scale[index] + bias[index])) in float32, the multiply rounded before the add.
@@ -130,17 +129,17 @@ void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
     const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& row_ptr,
-    const TensorView& summary, const TensorView& workspace, int kernel, int raster, int swizzle,
-    bool row_floor, std::uintptr_t stream);
+    const TensorView& tile_overflow, const TensorView& row_ptr, const TensorView& summary,
+    const TensorView& workspace, int kernel, int raster, int swizzle, bool row_floor,
+    std::uintptr_t stream);
 
 std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr,
-                           const TensorView& scratch_index, const TensorView& scratch_values,
-                           const TensorView& out_index, const TensorView& out_values, bool order,
-                           std::int64_t order_max, std::uintptr_t stream);
+                           const TensorView& row_ptr, const TensorView& scratch_index,
+                           const TensorView& scratch_values, const TensorView& out_index,
+                           const TensorView& out_values, bool order, std::int64_t order_max,
+                           std::uintptr_t stream);
 
 void fused_gated_magnitudes(const TensorView& index, const TensorView& values,
                             const TensorView& scale, const TensorView& bias,
