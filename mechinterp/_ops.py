@@ -73,10 +73,14 @@ def _stream(t: torch.Tensor) -> int:
     device = t.device
     if device.type != "cuda":
         return 0
+    return _stream_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _stream_on(index: int) -> int:
+    """The calling thread's current stream on CUDA device ``index``, as the integer _C expects."""
     if _raw_current_stream is not None:
-        index = device.index if device.index is not None else torch.cuda.current_device()
         return _raw_current_stream(index)
-    return torch.cuda.current_stream(device).cuda_stream
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 @functools.cache
@@ -1113,21 +1117,11 @@ class _FusedScratch:
 
     _COUNTS = ("warp_count", "tile_overflow", "row_count")  # back to back, in order
 
-    def __init__(self, op: str, x: torch.Tensor, weight: torch.Tensor, cap: int, kernel: str,
-                 raster: str, swizzle: int, row_floor: bool = False, centered: bool = False):
-        _check_device(x, op, "x")
-        if x.ndim != 2 or weight.ndim != 2:
-            msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
-                   f"{tuple(weight.shape)}")
-            raise ShapeError(msg)
-        device = x.device
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.dtype = x.dtype  # the records' values' type (the GEMM checks it)
-        layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, self.index,
-                                 kernel, raster, swizzle, bool(row_floor),
-                                 x.dtype == torch.float16, centered)
-        self.schedule, self._regions, size = layout
-        self.buffer = torch.empty(size, dtype=torch.int32, device=device)
+    def __init__(self, prepared: PreparedPass):
+        self.index = prepared.index
+        self.dtype = prepared.dtype  # the records' values' type (the GEMM checks it)
+        self.schedule, self._regions, size = prepared.layout
+        self.buffer = torch.empty(size, dtype=torch.int32, device=prepared.device)
         self._base = self.buffer.data_ptr()
 
     def view(self, name: str) -> _View:
@@ -1153,6 +1147,41 @@ class _FusedScratch:
         """The centred inputs as a ``[rows, d_in]`` tensor of the inputs' type."""
         start, (rows, words), _ = self._regions["centered"]
         return self.buffer[start:start + rows * words].view(self.dtype).view(rows, 2 * words)
+
+
+class PreparedPass(NamedTuple):
+    """What a fused pass of one problem launches with, worked out once (:func:`prepare_pass`):
+    its scratch's layout and the views of its weight, bias and bound. The views hold addresses,
+    not tensors: whoever queues passes with it keeps those tensors alive and unchanged."""
+
+    layout: tuple  # (schedule, regions, int32 elements) of the scratch (_scratch_layout)
+    index: int  # the device's
+    device: torch.device
+    dtype: torch.dtype  # the inputs'
+    weight: _View
+    bias: _View
+    bound: _View
+
+
+def prepare_pass(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 bound: torch.Tensor, cap: int, kernel: str, raster: str, swizzle: int,
+                 row_floor: bool = False, centered: bool = False) -> PreparedPass:
+    """The :class:`PreparedPass` of inputs shaped as ``x`` (arguments as for
+    :func:`fused_queue_pass`; ``centered``: the pass centres its inputs). A caller that queues
+    many passes of one problem keeps it (:func:`queue_prepared`), since the host's time before
+    the GEMM's launch is time the GPU waits."""
+    _check_device(x, op, "x")
+    if x.ndim != 2 or weight.ndim != 2:
+        msg = (f"{op}: x and weight must be 2-d, got {tuple(x.shape)} and "
+               f"{tuple(weight.shape)}")
+        raise ShapeError(msg)
+    device = x.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    layout = _scratch_layout(op, x.shape[0], x.shape[1], weight.shape[1], cap, index, kernel,
+                             raster, swizzle, bool(row_floor), x.dtype == torch.float16,
+                             centered)
+    return PreparedPass(layout, index, device, x.dtype, _view(weight), _view(bias),
+                        _view(bound))
 
 
 @functools.lru_cache(maxsize=64)
@@ -1218,11 +1247,12 @@ def fused_threshold_gemm(
     least ``bound[r]`` or NaN; ``weight`` may then be a block of columns of a wider matrix
     (``W[:, c0:c1]``, ``c0`` a multiple of 8).
     """
-    scratch = _FusedScratch("fused_threshold_gemm", x, weight, cap, kernel, raster, swizzle,
-                            row_floor)
+    prepared = prepare_pass("fused_threshold_gemm", x, weight, bias, bound, cap, kernel, raster,
+                            swizzle, row_floor)
+    scratch = _FusedScratch(prepared)
     scratch.counts().zero_()
     _C.fused_threshold_gemm(
-        _view(x), _view(weight), _view(bias), _view(bound), scratch.view("records"),
+        _view(x), prepared.weight, prepared.bias, prepared.bound, scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
         scratch.view("workspace"), *scratch.schedule, _stream(x),
     )
@@ -1254,8 +1284,9 @@ def fused_queue_pass(
     ``x - center`` (as torch rounds it), written to the scratch first
     (``scratch.centered()``), so that ``x`` need only be contiguous.
     """
-    return QueuedPass(*_launch_pass("fused_queue_pass", x, weight, bias, bound, cap, kernel,
-                                    raster, swizzle, row_floor, center))
+    prepared = prepare_pass("fused_queue_pass", x, weight, bias, bound, cap, kernel, raster,
+                            swizzle, row_floor, centered=center is not None)
+    return queue_prepared(prepared, x, center)
 
 
 def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
@@ -1264,24 +1295,25 @@ def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
     return _C.fused_summary(_view(queued.summary), _stream(queued.summary))
 
 
-def _launch_pass(op: str, x, weight, bias, bound, cap, kernel, raster, swizzle, row_floor,
-                 center=None):
-    """``(scratch, row_ptr, summary)`` of one queued pass."""
-    scratch = _FusedScratch(op, x, weight, cap, kernel, raster, swizzle, row_floor,
-                            centered=center is not None)
+def queue_prepared(prepared: PreparedPass, x: torch.Tensor,
+                   center: torch.Tensor | None = None) -> QueuedPass:
+    """:func:`fused_queue_pass` of ``x`` (shaped as the inputs it was prepared for; the
+    compiled call checks it) with a :class:`PreparedPass`."""
+    scratch = _FusedScratch(prepared)
     rows = x.shape[0]
-    pointers = torch.empty(rows + 4, dtype=torch.int64, device=x.device)  # then the summary
+    pointers = torch.empty(rows + 4, dtype=torch.int64, device=prepared.device)  # then summary
     base = pointers.data_ptr()
     row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
     summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
     centering = (None, None) if center is None else (_view(center), scratch.centered_view())
     _C.fused_encode_pass(
-        _view(x), *centering, _view(weight), _view(bias), _view(bound), scratch.view("records"),
+        _view(x), *centering, prepared.weight, prepared.bias, prepared.bound,
+        scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
         row_ptr_view, summary_view, scratch.view("workspace"),
-        *scratch.schedule, _stream(x),
+        *scratch.schedule, _stream_on(prepared.index),
     )
-    return scratch, pointers[:rows + 1], pointers[rows + 1:]
+    return QueuedPass(scratch, pointers[:rows + 1], pointers[rows + 1:])
 
 
 def fused_queued_entries(queued: QueuedPass) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,14 +112,14 @@ class GemmSpy:
 
     def __init__(self, monkeypatch):
         self.warp_counts = []
-        real = _ops.fused_queue_pass
+        real = _ops.queue_prepared  # where every pass is launched
 
         def spy(*args, **kwargs):
             out = real(*args, **kwargs)
             self.warp_counts.append(out.scratch.tensor("warp_count").clone())
             return out
 
-        monkeypatch.setattr(_ops, "fused_queue_pass", spy)
+        monkeypatch.setattr(_ops, "queue_prepared", spy)
 
 
 # ---- everywhere ----
@@ -540,13 +540,13 @@ def test_default_encode_centres_in_the_gemm_launch(monkeypatch, arch, misaligned
     sae.b_dec.copy_(torch.arange(72, device="cuda") % 7 / 2 - 1.5)  # exact shifts
     x, centred = shifted_inputs(sae, 300, misaligned=misaligned)
     centers = []
-    real = _ops.fused_queue_pass
+    real = _ops.queue_prepared
 
-    def spy(*args, center=None, **kwargs):
+    def spy(prepared, x, center=None):
         centers.append(center)
-        return real(*args, center=center, **kwargs)
+        return real(prepared, x, center)
 
-    monkeypatch.setattr(_ops, "fused_queue_pass", spy)
+    monkeypatch.setattr(_ops, "queue_prepared", spy)
     want = reference(sae, centred)
     assert_same(encode_sparse(sae, x), want)
     assert len(centers) == 1 and centers[0] is sae.b_dec  # centred by the launch
@@ -576,6 +576,25 @@ def test_default_encode_follows_parameter_changes():
     sae.threshold.data.mul_(0.25)  # through .data: seen only once forgotten
     forget(sae.threshold)
     assert_same(encode_sparse(sae, x), reference(sae, x))
+
+
+@pytest.mark.cuda
+@needs_fused
+def test_default_encode_prepares_a_pass_per_batch_size():
+    from mechinterp.sae.encode import _fused_lane
+
+    sae = exact_sae(72, 904, "jumprelu", device="cuda")
+    for rows in (300, 130, 300):
+        x = exact_inputs(rows, 72, device="cuda")
+        assert_same(encode_sparse(sae, x), reference(sae, x))
+    assert sorted(_fused_lane(sae).passes) == [(130, True), (300, True)]
+    # A b_enc off the 16-byte grid: the lane launches with an aligned copy of it.
+    shifted = torch.empty(905, dtype=sae.dtype, device="cuda")[1:]
+    shifted.copy_(sae.b_enc)
+    sae.b_enc = shifted
+    x = exact_inputs(300, 72, device="cuda")
+    assert_same(encode_sparse(sae, x), reference(sae, x))
+    assert _fused_lane(sae).bias is not None
 
 
 @pytest.mark.cuda

@@ -357,9 +357,9 @@ def gated_magnitudes(indices: torch.Tensor, values: torch.Tensor, *, mag_scale: 
     return torch.relu(product + mag_bias[indices]).to(values.dtype)
 
 
-def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 bound: torch.Tensor, encode_again: RowsEncoder, finish: Finish | None = None,
-                 center: torch.Tensor | None = None):
+def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 bound: torch.Tensor | None, encode_again: RowsEncoder, finish: Finish | None = None,
+                 center: torch.Tensor | None = None, prepared: _ops.PreparedPass | None = None):
     """Compressed rows ``(row_ptr, indices, values, nnz)`` of one block of inputs.
 
     ``xb`` ``[rows, d_in]`` (contiguous, 16-byte aligned), ``weight`` ``[d_in, d_sae]``,
@@ -367,7 +367,9 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     :data:`DTYPES`. ``finish`` turns the GEMM's survivors into activations. Rows of a tile that
     ran out of record slots go through ``encode_again``. With ``center`` (``[d_in]``), the
     encode reads ``xb - center``, centred in the GEMM's launch (``xb`` need only be contiguous),
-    and ``encode_again`` gets centred rows.
+    and ``encode_again`` gets centred rows. With ``prepared`` (a :class:`mechinterp._ops.
+    PreparedPass` of ``weight``, ``bias`` and ``bound`` for this problem), the pass launches
+    with it, and ``bias`` and ``bound`` are not read.
 
     One host sync in the usual case, for the number of entries. From the second encode of a
     problem size on, the compaction is queued before it, into arrays with room for a little
@@ -381,9 +383,12 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     # The rows of overflowed tile rows get empty ranges, which drops their records. (Arrays
     # for the compaction allocated before the GEMM's launch gained nothing: the host time saved
     # after the wait was spent before the launch. Allocated after it, they cost nothing.)
-    kernel, raster, swizzle = schedule_for(rows, xb.shape[1], d_sae)
-    queued = _ops.fused_queue_pass(xb, weight, bias, bound, cap=RECORDS_PER_WARP, kernel=kernel,
-                                   raster=raster, swizzle=swizzle, center=center)
+    if prepared is None:
+        kernel, raster, swizzle = schedule_for(rows, xb.shape[1], d_sae)
+        prepared = _ops.prepare_pass("fused_queue_pass", xb, weight, bias, bound,
+                                     RECORDS_PER_WARP, kernel, raster, swizzle,
+                                     centered=center is not None)
+    queued = _ops.queue_prepared(prepared, xb, center)
     size = (rows, xb.shape[1], d_sae)
     last = _last_entries.get(size)
     capacity = None if last is None else last + last // 8 + 64
