@@ -1308,9 +1308,8 @@ def queue_prepared(prepared: PreparedPass, x: torch.Tensor,
     centering = (None, None) if center is None else (_view(center), scratch.centered_view())
     _C.fused_encode_pass(
         _view(x), *centering, prepared.weight, prepared.bias, prepared.bound,
-        scratch.view("records"),
-        scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
-        row_ptr_view, summary_view, scratch.view("workspace"),
+        scratch.view("records"), scratch.view("warp_count"), scratch.view("row_count"),
+        scratch.view("tile_overflow"), row_ptr_view, summary_view, scratch.view("workspace"),
         *scratch.schedule, _stream_on(prepared.index),
     )
     return QueuedPass(scratch, pointers[:rows + 1], pointers[rows + 1:])
