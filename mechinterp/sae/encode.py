@@ -559,10 +559,9 @@ def _fused_lane(sae: SAE) -> _FusedLane | None:
         if _fused.default_reason(sae, sae.device) is not None:
             return None
         bias, bound, finish = _fused.threshold_params(sae)
-        if sae.architecture != "gated":
-            aligned = _fused.aligned(sae.b_enc)
-            bias = None if aligned is sae.b_enc else aligned
-        return _FusedLane(bias, bound, finish, _fused_block_rows(sae, _CHUNK_BYTES["cuda"]), {})
+        # b_enc itself is a source, which the lane must not keep; an aligned copy is its own.
+        return _FusedLane(None if bias is sae.b_enc else bias, bound, finish,
+                          _fused_block_rows(sae, _CHUNK_BYTES["cuda"]), {})
 
     return _derived(f"fused_lane_{sae.architecture}", sources, make)
 
