@@ -252,8 +252,8 @@ PYBIND11_MODULE(_C, m) {
       "fused_threshold_gemm",
       [](py::handle x, py::handle weight, py::handle bias, py::handle bound, py::handle records,
          py::handle warp_count, py::handle row_count, py::handle tile_overflow,
-         py::handle workspace, int kernel, int raster, int swizzle, bool row_floor,
-         std::uintptr_t stream) {
+         py::handle tile_total, py::handle workspace, int kernel, int raster, int swizzle,
+         bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         const auto weight_view = mechinterp::view_from_py(weight, "weight");
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
@@ -262,49 +262,34 @@ PYBIND11_MODULE(_C, m) {
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
         const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
         const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
+        const auto tile_total_view = mechinterp::view_from_py(tile_total, "tile_total");
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
         py::gil_scoped_release release;
         mechinterp::sae::fused_threshold_gemm(x_view, weight_view, bias_view, bound_view,
                                               records_view, warp_count_view, row_count_view,
-                                              tile_overflow_view, workspace_view, kernel, raster,
-                                              swizzle, row_floor, stream);
+                                              tile_overflow_view, tile_total_view, workspace_view,
+                                              kernel, raster, swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("bound"), py::arg("records"),
-      py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"), py::arg("workspace"),
-      py::arg("kernel"), py::arg("raster"), py::arg("swizzle"), py::arg("row_floor"),
-      py::arg("stream"),
+      py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"),
+      py::arg("tile_total"), py::arg("workspace"), py::arg("kernel"), py::arg("raster"),
+      py::arg("swizzle"), py::arg("row_floor"), py::arg("stream"),
       "sm_90: x [rows, d_in] @ weight [d_in, d_sae] + bias, rounded to x's type (bf16 or fp16, "
       "as are weight, bias and bound); the "
       "entries above bound ([d_sae]) become records [tiles_m, tiles_n, warps, cap] with "
-      "counts per region (warp_count) and per row (row_count) and a flag per tile row whose "
-      "regions overflowed (tile_overflow), all zeroed by the caller; kernel indexes "
+      "counts per region (warp_count), per row (row_count) and per tile row (tile_total) and a "
+      "flag per tile row whose regions overflowed (tile_overflow), all zeroed by the caller; "
+      "kernel indexes "
       "SAE_FUSED_KERNELS, raster SAE_FUSED_RASTERS, and swizzle (1, 2, 4 or 8) is the width of "
       "the bands of tiles walked. With row_floor, bound is [rows] and an entry survives "
       "iff it is at least its row's bound or NaN (weight may then be a block of columns).");
 
   m.def(
-      "fused_tally",
-      [](py::handle row_count, py::handle tile_overflow, py::handle row_ptr, py::handle summary,
-         std::uintptr_t stream) {
-        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
-        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
-        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
-        const auto summary_view = mechinterp::view_from_py(summary, "summary");
-        py::gil_scoped_release release;
-        mechinterp::sae::fused_tally(row_count_view, tile_overflow_view, row_ptr_view,
-                                     summary_view, stream);
-      },
-      py::arg("row_count"), py::arg("tile_overflow"), py::arg("row_ptr"), py::arg("summary"),
-      py::arg("stream"),
-      "After fused_threshold_gemm: row_ptr int64 [rows + 1] with the rows of overflowed tile "
-      "rows empty, summary int64 [3] = (entries, overflowed tile rows, widest row).");
-
-  m.def(
       "fused_encode_pass",
       [](py::handle x, py::handle center, py::handle centered, py::handle weight,
-         py::handle bias, py::handle bound, py::handle records, py::handle warp_count,
-         py::handle row_count, py::handle tile_overflow, py::handle row_ptr,
-         py::handle summary, py::handle workspace, int kernel, int raster, int swizzle,
+         py::handle bias, py::handle bound, py::handle records, py::handle summary,
+         py::handle warp_count, py::handle tile_overflow, py::handle tile_total,
+         py::handle row_count, py::handle workspace, int kernel, int raster, int swizzle,
          bool row_floor, std::uintptr_t stream) {
         const auto x_view = mechinterp::view_from_py(x, "x");
         std::optional<mechinterp::TensorView> center_view, centered_view;
@@ -314,26 +299,26 @@ PYBIND11_MODULE(_C, m) {
         const auto bias_view = mechinterp::view_from_py(bias, "bias");
         const auto bound_view = mechinterp::view_from_py(bound, "bound");
         const auto records_view = mechinterp::view_from_py(records, "records");
-        const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
-        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
-        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
-        const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
         const auto summary_view = mechinterp::view_from_py(summary, "summary");
+        const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
+        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
+        const auto tile_total_view = mechinterp::view_from_py(tile_total, "tile_total");
+        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
         const auto workspace_view = mechinterp::view_from_py(workspace, "workspace");
         py::gil_scoped_release release;
         mechinterp::sae::fused_encode_pass(
             x_view, center_view ? &*center_view : nullptr,
             centered_view ? &*centered_view : nullptr, weight_view, bias_view, bound_view,
-            records_view, warp_count_view, row_count_view, tile_overflow_view, row_ptr_view,
-            summary_view, workspace_view, kernel, raster, swizzle, row_floor, stream);
+            records_view, summary_view, warp_count_view, tile_overflow_view, tile_total_view,
+            row_count_view, workspace_view, kernel, raster, swizzle, row_floor, stream);
       },
       py::arg("x"), py::arg("center"), py::arg("centered"), py::arg("weight"), py::arg("bias"),
-      py::arg("bound"), py::arg("records"), py::arg("warp_count"), py::arg("row_count"),
-      py::arg("tile_overflow"), py::arg("row_ptr"), py::arg("summary"),
+      py::arg("bound"), py::arg("records"), py::arg("summary"), py::arg("warp_count"),
+      py::arg("tile_overflow"), py::arg("tile_total"), py::arg("row_count"),
       py::arg("workspace"), py::arg("kernel"), py::arg("raster"), py::arg("swizzle"),
       py::arg("row_floor"), py::arg("stream"),
-      "Zeroes the counts and queues fused_threshold_gemm and fused_tally; with "
-      "center (else None), x - center is first written to centered and the GEMM reads it.");
+      "Zeroes the summary and the counts and queues fused_threshold_gemm; with center (else "
+      "None), x - center is first written to centered and the GEMM reads it.");
 
   m.def(
       "fused_summary",
@@ -347,7 +332,7 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(host[0], host[1], host[2]);
       },
       py::arg("summary"), py::arg("stream"),
-      "Waits for a fused_tally summary (int64 [3] on the device) on the stream and returns it: "
+      "Waits for a fused_records_to_rows summary (int64 [3] on the device) on the stream and returns it: "
       "(entries, overflowed tile rows, widest row).");
 
   m.def(
@@ -369,30 +354,37 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_records_to_rows",
-      [](py::handle records, py::handle warp_count, py::handle row_ptr, py::handle scratch_index,
-         py::handle scratch_values, py::handle out_index, py::handle out_values, bool order,
-         std::int64_t order_max, std::uintptr_t stream) {
+      [](py::handle records, py::handle warp_count, py::handle row_count,
+         py::handle tile_overflow, py::handle tile_total, py::handle row_ptr, py::handle summary,
+         py::handle scratch_index, py::handle scratch_values, py::handle out_index,
+         py::handle out_values, bool order, std::int64_t order_max, std::uintptr_t stream) {
         const auto records_view = mechinterp::view_from_py(records, "records");
         const auto warp_count_view = mechinterp::view_from_py(warp_count, "warp_count");
+        const auto row_count_view = mechinterp::view_from_py(row_count, "row_count");
+        const auto tile_overflow_view = mechinterp::view_from_py(tile_overflow, "tile_overflow");
+        const auto tile_total_view = mechinterp::view_from_py(tile_total, "tile_total");
         const auto row_ptr_view = mechinterp::view_from_py(row_ptr, "row_ptr");
+        const auto summary_view = mechinterp::view_from_py(summary, "summary");
         const auto scratch_index_view = mechinterp::view_from_py(scratch_index, "scratch_index");
         const auto scratch_values_view = mechinterp::view_from_py(scratch_values, "scratch_values");
         const auto out_index_view = mechinterp::view_from_py(out_index, "out_index");
         const auto out_values_view = mechinterp::view_from_py(out_values, "out_values");
         py::gil_scoped_release release;
-        mechinterp::sae::fused_records_to_rows(records_view, warp_count_view, row_ptr_view,
-                                               scratch_index_view, scratch_values_view,
-                                               out_index_view, out_values_view, order, order_max,
-                                               stream);
+        mechinterp::sae::fused_records_to_rows(
+            records_view, warp_count_view, row_count_view, tile_overflow_view, tile_total_view,
+            row_ptr_view, summary_view, scratch_index_view, scratch_values_view, out_index_view,
+            out_values_view, order, order_max, stream);
       },
-      py::arg("records"), py::arg("warp_count"), py::arg("row_ptr"), py::arg("scratch_index"),
+      py::arg("records"), py::arg("warp_count"), py::arg("row_count"), py::arg("tile_overflow"),
+      py::arg("tile_total"), py::arg("row_ptr"), py::arg("summary"), py::arg("scratch_index"),
       py::arg("scratch_values"), py::arg("out_index"), py::arg("out_values"), py::arg("order"),
       py::arg("order_max"), py::arg("stream"),
-      "fused_threshold_gemm's records as compressed rows in [row_ptr[r], row_ptr[r + 1]) "
-      "(entries past a row's range or past the arrays' nnz are dropped): ordered by column "
-      "into out_index int64 / out_values (the values' bf16 or fp16; rows of more than "
-      "order_max entries, or ending past nnz, are not written), or in arrival order left in "
-      "scratch_index / scratch_values.");
+      "fused_threshold_gemm's records as compressed rows: row_ptr int64 [rows + 1] from the "
+      "counts (the rows of overflowed tile rows empty), summary int64 [3] (zeroed by the "
+      "caller) = (entries, overflowed tile rows, widest row), and the entries (those past the "
+      "arrays' nnz dropped): ordered by column into out_index int64 / out_values (the values' "
+      "bf16 or fp16; rows of more than order_max entries, or ending past nnz, are not "
+      "written), or in arrival order left in scratch_index / scratch_values.");
 
   m.def(
       "topk_candidates",

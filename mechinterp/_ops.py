@@ -1108,6 +1108,7 @@ class FusedRecords(NamedTuple):
     warp_count: torch.Tensor  #: survivors per region ``[tiles_m, tiles_n, warps]``
     tile_overflow: torch.Tensor  #: 1 for each tile row with a region past ``cap`` ``[tiles_m]``
     row_count: torch.Tensor  #: survivors per row ``[rows]``
+    tile_total: torch.Tensor  #: survivors per tile row ``[tiles_m]``
 
 
 class _FusedScratch:
@@ -1115,7 +1116,8 @@ class _FusedScratch:
     regions, passed to _C as views built from the pointer (a torch view per region would cost
     the host more than the GEMM's launch), and as torch views only where asked for."""
 
-    _COUNTS = ("warp_count", "tile_overflow", "row_count")  # back to back, in order
+    # Back to back, in order, so that one launch zeroes them; the summary is the compaction's.
+    _ZEROED = ("summary", "warp_count", "tile_overflow", "tile_total", "row_count")
 
     def __init__(self, prepared: PreparedPass):
         self.index = prepared.index
@@ -1123,30 +1125,35 @@ class _FusedScratch:
         self.schedule, self._regions, size = prepared.layout
         self.buffer = torch.empty(size, dtype=torch.int32, device=prepared.device)
         self._base = self.buffer.data_ptr()
+        self.compacted = False  # whether a compaction (which writes the summary) is queued
 
     def view(self, name: str) -> _View:
-        offset, shape, strides = self._regions[name]
-        return (self._base + 4 * offset, "int32", shape, strides, "cuda", self.index)
+        offset, shape, strides, dtype = self._regions[name]
+        return (self._base + 4 * offset, dtype, shape, strides, "cuda", self.index)
 
     def tensor(self, name: str) -> torch.Tensor:
-        start, shape, _ = self._regions[name]
-        return self.buffer[start:start + math.prod(shape)].view(shape)
+        start, shape, _, dtype = self._regions[name]
+        words = math.prod(shape) * (2 if dtype == "int64" else 1)
+        return self.buffer[start:start + words].view(_VIEW_DTYPES[dtype]).view(shape)
 
     def counts(self) -> torch.Tensor:
-        """The four count regions (with their padding) as one flat tensor."""
-        return self.buffer[self._regions[self._COUNTS[0]][0]:]
+        """The summary and the counts (with their padding) as one flat int32 tensor."""
+        return self.buffer[self._regions[self._ZEROED[0]][0]:]
 
     def centered_view(self) -> _View:
         """The centred inputs' region (``centered=True``) as a ``[rows, d_in]`` view of the
         inputs' type."""
-        offset, (rows, words), _ = self._regions["centered"]  # two 16-bit inputs a word
+        offset, (rows, words), _, _ = self._regions["centered"]  # two 16-bit inputs a word
         return (self._base + 4 * offset, _DTYPE_NAMES[self.dtype], (rows, 2 * words),
                 (2 * words, 1), "cuda", self.index)
 
     def centered(self) -> torch.Tensor:
         """The centred inputs as a ``[rows, d_in]`` tensor of the inputs' type."""
-        start, (rows, words), _ = self._regions["centered"]
+        start, (rows, words), _, _ = self._regions["centered"]
         return self.buffer[start:start + rows * words].view(self.dtype).view(rows, 2 * words)
+
+
+_VIEW_DTYPES = {"int32": torch.int32, "int64": torch.int64}
 
 
 class PreparedPass(NamedTuple):
@@ -1204,20 +1211,22 @@ def _scratch_layout(op: str, rows: int, d_in: int, d_sae: int, cap: int, index: 
                 row_floor)
     tiles = (-(-rows // SAE_FUSED_TILE_M), -(-d_sae // SAE_FUSED_TILE_N), SAE_FUSED_WARPS)
     workspace = _C.fused_threshold_workspace(rows, d_in, d_sae, index, *schedule, float16)
-    # Workspace and records start on 16-byte boundaries (TMA and vector access); the counts
-    # (int32, read and written one by one) come last and back to back, so that one memset
-    # clears them.
-    shapes = {"workspace": (-(-workspace // 4),), "records": (*tiles, cap), "warp_count": tiles,
-              "tile_overflow": (tiles[0],), "row_count": (rows,)}
+    # Workspace and records start on 16-byte boundaries (TMA and vector access); the summary
+    # (int64) and the counts (int32, read and written one by one) come last and back to back,
+    # so that one launch zeroes them.
+    shapes = {"workspace": ((-(-workspace // 4),), "int32"), "records": ((*tiles, cap), "int32"),
+              "summary": ((3,), "int64"), "warp_count": (tiles, "int32"),
+              "tile_overflow": ((tiles[0],), "int32"), "tile_total": ((tiles[0],), "int32"),
+              "row_count": ((rows,), "int32")}
     if centered:  # 16-bit inputs minus the decoder bias (d_in is even: a multiple of 8)
-        shapes = {"centered": (rows, d_in // 2), **shapes}
+        shapes = {"centered": ((rows, d_in // 2), "int32"), **shapes}
     regions, end = {}, 0
-    for name, shape in shapes.items():
-        if name not in _FusedScratch._COUNTS or name == _FusedScratch._COUNTS[0]:
+    for name, (shape, dtype) in shapes.items():
+        if name not in _FusedScratch._ZEROED or name == _FusedScratch._ZEROED[0]:
             end = -(-end // 4) * 4
         strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        regions[name] = (end, shape, strides)
-        end += math.prod(shape)
+        regions[name] = (end, shape, strides, dtype)
+        end += math.prod(shape) * (2 if dtype == "int64" else 1)
     return schedule, regions, -(-end // 4) * 4
 
 
@@ -1254,19 +1263,16 @@ def fused_threshold_gemm(
     _C.fused_threshold_gemm(
         _view(x), prepared.weight, prepared.bias, prepared.bound, scratch.view("records"),
         scratch.view("warp_count"), scratch.view("row_count"), scratch.view("tile_overflow"),
-        scratch.view("workspace"), *scratch.schedule, _stream(x),
+        scratch.view("tile_total"), scratch.view("workspace"), *scratch.schedule, _stream(x),
     )
-    return FusedRecords(*(scratch.tensor(name) for name in
-                          ("records", "warp_count", "tile_overflow", "row_count")))
+    return FusedRecords(*(scratch.tensor(name) for name in FusedRecords._fields))
 
 
 class QueuedPass(NamedTuple):
-    """What :func:`fused_queue_pass` leaves: the GEMM's records and counts, the row pointers,
-    and the summary the host waits for, all on the device."""
+    """What :func:`fused_queue_pass` leaves: the GEMM's records and counts, and the room for
+    the summary a compaction writes, all on the device."""
 
     scratch: _FusedScratch  #: records and counts (``tensor(name)`` gives a torch view)
-    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
-    summary: torch.Tensor  #: int64 ``[3]``: entries, overflowed tile rows, widest row
 
 
 def fused_queue_pass(
@@ -1274,15 +1280,14 @@ def fused_queue_pass(
     kernel: str = "cluster_2x1", raster: str = "heuristic", swizzle: int = 1,
     row_floor: bool = False, center: torch.Tensor | None = None,
 ) -> QueuedPass:
-    """:func:`fused_threshold_gemm` and :func:`fused_tally`, queued from one call into _C.
+    """:func:`fused_threshold_gemm`, queued from one call into _C.
 
-    The counts are zeroed and the GEMM and the tally queued (launches the host would otherwise
-    make one by one while the GPU waits for the GEMM), and the call returns at once, so that
-    the host can queue what follows (:func:`fused_queued_entries`, :func:`fused_queued_rows`)
-    while the GEMM runs, then wait for the summary (:func:`fused_wait_summary`). Arguments as
-    for :func:`fused_threshold_gemm`; with ``center`` (``[d_in]``, x's type), the GEMM reads
-    ``x - center`` (as torch rounds it), written to the scratch first
-    (``scratch.centered()``), so that ``x`` need only be contiguous.
+    The counts are zeroed and the GEMM queued, and the call returns at once, so that the host
+    can queue the compaction (:func:`fused_queued_rows`, :func:`fused_queued_entries`) while
+    the GEMM runs, then wait for its summary (:func:`fused_wait_summary`). Arguments as for
+    :func:`fused_threshold_gemm`; with ``center`` (``[d_in]``, x's type), the GEMM reads
+    ``x - center`` (as torch rounds it), written to the scratch first (``scratch.centered()``),
+    so that ``x`` need only be contiguous.
     """
     prepared = prepare_pass("fused_queue_pass", x, weight, bias, bound, cap, kernel, raster,
                             swizzle, row_floor, centered=center is not None)
@@ -1290,9 +1295,14 @@ def fused_queue_pass(
 
 
 def fused_wait_summary(queued: QueuedPass) -> tuple[int, int, int]:
-    """Waits for a :class:`QueuedPass`'s summary: ``(entries, overflowed tile rows, widest
-    row)``."""
-    return _C.fused_summary(_view(queued.summary), _stream(queued.summary))
+    """Waits for the summary of a :class:`QueuedPass`'s compaction (queued first, by
+    :func:`fused_queued_rows` or :func:`fused_queued_entries`): ``(entries, overflowed tile
+    rows, widest row)``."""
+    if not queued.scratch.compacted:
+        msg = ("fused_wait_summary: the summary is the compaction's; queue one first "
+               "(fused_queued_rows or fused_queued_entries)")
+        raise InputError(msg)
+    return _C.fused_summary(queued.scratch.view("summary"), _stream_on(queued.scratch.index))
 
 
 def queue_prepared(prepared: PreparedPass, x: torch.Tensor,
@@ -1300,36 +1310,35 @@ def queue_prepared(prepared: PreparedPass, x: torch.Tensor,
     """:func:`fused_queue_pass` of ``x`` (shaped as the inputs it was prepared for; the
     compiled call checks it) with a :class:`PreparedPass`."""
     scratch = _FusedScratch(prepared)
-    rows = x.shape[0]
-    pointers = torch.empty(rows + 4, dtype=torch.int64, device=prepared.device)  # then summary
-    base = pointers.data_ptr()
-    row_ptr_view = (base, "int64", (rows + 1,), (1,), "cuda", scratch.index)
-    summary_view = (base + 8 * (rows + 1), "int64", (3,), (1,), "cuda", scratch.index)
     centering = (None, None) if center is None else (_view(center), scratch.centered_view())
+    view = scratch.view
     _C.fused_encode_pass(
-        _view(x), *centering, prepared.weight, prepared.bias, prepared.bound,
-        scratch.view("records"), scratch.view("warp_count"), scratch.view("row_count"),
-        scratch.view("tile_overflow"), row_ptr_view, summary_view, scratch.view("workspace"),
-        *scratch.schedule, _stream_on(prepared.index),
+        _view(x), *centering, prepared.weight, prepared.bias, prepared.bound, view("records"),
+        view("summary"), view("warp_count"), view("tile_overflow"), view("tile_total"),
+        view("row_count"), view("workspace"), *scratch.schedule, _stream_on(prepared.index),
     )
-    return QueuedPass(scratch, pointers[:rows + 1], pointers[rows + 1:])
+    return QueuedPass(scratch)
 
 
-def fused_queued_entries(queued: QueuedPass) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_queued_entries(
+    queued: QueuedPass,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A :class:`QueuedPass`'s records as compressed rows in arrival order, queued without a
-    host sync: ``(index int32, values)`` (the pass's element type), row ``r``'s at
-    ``queued.row_ptr[r]:queued.row_ptr[r + 1]``. The arrays hold as many entries as the records
-    have slots; the entries number ``queued.row_ptr[-1]``, and what lies past them is not
-    written."""
+    host sync: ``(row_ptr int64, index int32, values)`` (the pass's element type), row ``r``'s
+    entries at ``row_ptr[r]:row_ptr[r + 1]``, the rows of overflowed tile rows empty. The arrays
+    hold as many entries as the records have slots; the entries number ``row_ptr[-1]``, and
+    what lies past them is not written."""
     slots = queued.scratch.tensor("records").numel()
-    work, _ = _compact(queued.scratch, queued.row_ptr, slots, False, _ORDER_ALL)
-    return _arrival_views(work, slots, queued.scratch.dtype)
+    work, out = _compact(queued.scratch, slots, False, _ORDER_ALL)
+    return (_row_ptr_view(out, queued.scratch), *_arrival_views(work, slots,
+                                                                 queued.scratch.dtype))
 
 
 class QueuedRows(NamedTuple):
-    """:func:`fused_queued_rows`' arrays, each ``[capacity]``, whose first ``row_ptr[-1]``
-    entries hold the rows when that many fit."""
+    """:func:`fused_queued_rows`' arrays: the row pointers, and the entries, ``[capacity]``
+    each, whose first ``row_ptr[-1]`` hold the rows when that many fit."""
 
+    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
     index: torch.Tensor  #: int64, each row's columns ascending (rows left to a sort unwritten)
     values: torch.Tensor  #: in the same order, the pass's element type
     arrival_index: torch.Tensor  #: int32, each row's entries in arrival order
@@ -1338,16 +1347,17 @@ class QueuedRows(NamedTuple):
 
 def fused_queued_rows(queued: QueuedPass, capacity: int, *, order_max: int) -> QueuedRows:
     """A :class:`QueuedPass`'s records as compressed rows, queued before the number of entries
-    is known, into arrays of ``capacity`` entries.
+    is known, into arrays of ``capacity`` entries (0: the row pointers and the summary alone).
 
-    Once the summary is read: with entries up to ``capacity``, ``index`` / ``values`` hold the
-    ordered rows, but for rows of more than ``order_max`` entries (where the summary's widest
-    row exceeds it, sort the arrival-order arrays instead); with more, entries past
-    ``capacity`` were dropped and the rows must be compacted again.
+    Once the summary is read (:func:`fused_wait_summary`): with entries up to ``capacity``,
+    ``index`` / ``values`` hold the ordered rows, but for rows of more than ``order_max``
+    entries (where the summary's widest row exceeds it, sort the arrival-order arrays instead);
+    with more, entries past ``capacity`` were dropped and the rows must be compacted again.
     """
-    work, out = _compact(queued.scratch, queued.row_ptr, capacity, True, order_max)
+    work, out = _compact(queued.scratch, capacity, True, order_max)
     dtype = queued.scratch.dtype
-    return QueuedRows(*_ordered_views(out, capacity, dtype),
+    row_ptr = _row_ptr_view(out, queued.scratch)
+    return QueuedRows(row_ptr, *_ordered_views(out, row_ptr.shape[0], capacity, dtype),
                       *_arrival_views(work, capacity, dtype))
 
 
@@ -1355,43 +1365,61 @@ def fused_queued_rows(queued: QueuedPass, capacity: int, *, order_max: int) -> Q
 _ORDER_ALL = 2**62
 
 
-def _compact(scratch: _FusedScratch, row_ptr: torch.Tensor, nnz: int, order: bool,
+def _compact(scratch: _FusedScratch, nnz: int, order: bool,
              order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the compaction of a pass's records into arrays of ``nnz`` entries: ``(work,
-    out)``, as :func:`_compact_records`."""
-    return _compact_records(scratch.view("records"), scratch.view("warp_count"), _view(row_ptr),
-                            scratch.dtype, scratch.buffer.device, nnz, order, order_max)
+    out)``, as :func:`_compact_records`; it also writes the pass's summary."""
+    view = scratch.view
+    work_out = _compact_records(
+        tuple(view(name) for name in ("records", "warp_count", "row_count", "tile_overflow",
+                                      "tile_total")),
+        view("summary"), scratch.dtype, scratch.buffer.device, nnz, order, order_max)
+    scratch.compacted = True
+    return work_out
 
 
-def _compact_records(records: _View, warp_count: _View, row_ptr: _View, dtype: torch.dtype, device: torch.device, nnz: int, order: bool,
+def _compact_records(counts: tuple[_View, ...], summary: _View, dtype: torch.dtype,
+                     device: torch.device, nnz: int, order: bool,
                      order_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the compaction of records into arrays of ``nnz`` entries: ``(work, out)``,
     int16 allocations holding the arrival-order arrays (int32 columns, then 16-bit values of
-    ``dtype``) and the ordered ones (int64 columns, then 16-bit values; empty without
-    ``order``). Torch views are cut only of what the caller returns, after the launch, so that
-    the GPU starts it while the host makes them."""
-    kind, index = records[4], records[5]  # the records' device
+    ``dtype``) and the row pointers (int64 ``[rows + 1]``) followed by the ordered arrays (int64
+    columns, then 16-bit values; none without ``order``). ``counts`` are the views of the
+    records, warp_count, row_count, tile_overflow and tile_total. Torch views are cut only of
+    what the caller returns, after the launch, so that the GPU starts it while the host makes
+    them."""
+    kind, index = counts[0][4], counts[0][5]  # the records' device
+    rows = counts[2][2][0]
     dtype_name = _DTYPE_NAMES[dtype]
     work = torch.empty(3 * nnz, dtype=torch.int16, device=device)
     base = work.data_ptr()
     work_index = (base, "int32", (nnz,), (1,), kind, index)
     work_values = (base + 4 * nnz, dtype_name, (nnz,), (1,), kind, index)
     size = nnz if order else 0
-    out = torch.empty(5 * size, dtype=torch.int16, device=device)
+    out = torch.empty(4 * (rows + 1) + 5 * size, dtype=torch.int16, device=device)
     out_base = out.data_ptr()
-    out_index = (out_base, "int64", (size,), (1,), kind, index)
-    out_values = (out_base + 8 * size, dtype_name, (size,), (1,), kind, index)
-    _C.fused_records_to_rows(records, warp_count, row_ptr, work_index, work_values,
-                             out_index, out_values, bool(order), order_max, _stream(work))
+    row_ptr = (out_base, "int64", (rows + 1,), (1,), kind, index)
+    ordered = out_base + 8 * (rows + 1)
+    out_index = (ordered, "int64", (size,), (1,), kind, index)
+    out_values = (ordered + 8 * size, dtype_name, (size,), (1,), kind, index)
+    _C.fused_records_to_rows(*counts, row_ptr, summary, work_index, work_values, out_index,
+                             out_values, bool(order), order_max, _stream(work))
     return work, out
+
+
+def _row_ptr_view(out: torch.Tensor, scratch: _FusedScratch) -> torch.Tensor:
+    rows = scratch._regions["row_count"][1][0]
+    return out[:4 * (rows + 1)].view(torch.int64)
 
 
 def _arrival_views(work: torch.Tensor, nnz: int, dtype: torch.dtype):
     return work[:2 * nnz].view(torch.int32), work[2 * nnz:].view(dtype)
 
 
-def _ordered_views(out: torch.Tensor, nnz: int, dtype: torch.dtype):
-    return out[:4 * nnz].view(torch.int64), out[4 * nnz:].view(dtype)
+def _ordered_views(out: torch.Tensor, pointers: int, nnz: int, dtype: torch.dtype):
+    start = 4 * pointers  # past the row pointers
+    return (out[start:start + 4 * nnz].view(torch.int64),
+            out[start + 4 * nnz:].view(dtype))
 
 
 def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
@@ -1412,45 +1440,42 @@ def fused_gated_magnitudes_(index: torch.Tensor, values: torch.Tensor, scale: to
     return values
 
 
-def fused_tally(
-    row_count: torch.Tensor, tile_overflow: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the host needs after :func:`fused_threshold_gemm`, in one launch.
+class FusedRows(NamedTuple):
+    """:func:`fused_records_to_rows`' compressed rows."""
 
-    Returns ``(row_ptr, summary)``, int64: the running sums of ``row_count`` ``[rows + 1]``
-    with the rows of overflowed tile rows counted as empty, and ``(entries, overflowed tile
-    rows, widest row)`` ``[3]``. Queued on the current stream; nothing is synchronised.
-    """
-    op = "fused_tally"
-    _check_device(row_count, op, "row_count")
-    rows = row_count.shape[0]
-    out = torch.empty(rows + 4, dtype=torch.int64, device=row_count.device)
-    row_ptr, summary = out.split([rows + 1, 3])
-    _C.fused_tally(_view(row_count), _view(tile_overflow), _view(row_ptr), _view(summary),
-                   _stream(row_count))
-    return row_ptr, summary
+    row_ptr: torch.Tensor  #: int64 ``[rows + 1]``, the rows of overflowed tile rows empty
+    index: torch.Tensor  #: int64 ``[nnz]``
+    values: torch.Tensor  #: ``[nnz]``, the records' element type
+    summary: torch.Tensor  #: int64 ``[3]``: entries, overflowed tile rows, widest row
 
 
-def fused_records_to_rows(
-    records: torch.Tensor, warp_count: torch.Tensor, row_ptr: torch.Tensor, nnz: int, *,
-    order: bool = True, dtype: torch.dtype = torch.bfloat16,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fused_threshold_gemm`'s records as compressed rows ``(index int64, values)``, the
-    values of type ``dtype`` (the GEMM's element type: bfloat16 or float16).
+def fused_records_to_rows(found: FusedRecords, nnz: int, *, order: bool = True,
+                          dtype: torch.dtype = torch.bfloat16) -> FusedRows:
+    """:func:`fused_threshold_gemm`'s records as compressed rows, the values of type ``dtype``
+    (the GEMM's element type: bfloat16 or float16). Queued on the current stream; nothing is
+    synchronised.
 
-    Row ``r``'s entries fill ``[row_ptr[r], row_ptr[r + 1])`` (``row_ptr`` int64 ``[rows + 1]``,
-    whose last entry is ``nnz``); entries past a row's range are dropped. With
-    ``order``, each row's columns ascend (the kernel ranks a row's entries in ``O(l0^2 / 32)``;
-    the caller sorts wide rows instead); without it, they are in arrival order.
+    The row pointers count each row's survivors, with the rows of overflowed tile rows empty;
+    the entries fill arrays of ``nnz`` (the summary's entries: with fewer, those past ``nnz``
+    are dropped, and 0 gives the row pointers and summary alone). With ``order``, each row's
+    columns ascend (the kernel ranks a row's entries in ``O(l0^2 / 32)``; the caller sorts wide
+    rows instead); without it, they are in arrival order.
     """
     op = "fused_records_to_rows"
-    _check_device(records, op, "records")
+    _check_device(found.records, op, "records")
     if dtype not in (torch.bfloat16, torch.float16):
         msg = f"{op}: dtype must be torch.bfloat16 or torch.float16, got {dtype}"
         raise InputError(msg)
-    work, out = _compact_records(_view(records), _view(warp_count), _view(row_ptr), dtype,
-                                 records.device, nnz, order, _ORDER_ALL)
+    summary = torch.zeros(3, dtype=torch.int64, device=found.records.device)
+    counts = tuple(_view(t) for t in (found.records, found.warp_count, found.row_count,
+                                      found.tile_overflow, found.tile_total))
+    work, out = _compact_records(counts, _view(summary), dtype, found.records.device, nnz, order,
+                                 _ORDER_ALL)
+    pointers = found.row_count.shape[0] + 1
+    row_ptr = out[:4 * pointers].view(torch.int64)
     if not order:
         index, values = _arrival_views(work, nnz, dtype)
-        return index.to(torch.int64), values
-    return _ordered_views(out, nnz, dtype)
+        return FusedRows(row_ptr, index.to(torch.int64), values, summary)
+    return FusedRows(row_ptr, *_ordered_views(out, pointers, nnz, dtype), summary)
+
+

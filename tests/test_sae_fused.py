@@ -9,6 +9,7 @@ bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import weakref
 
@@ -289,13 +290,19 @@ def test_encode_pass_centring_bad_input_is_named():
         launch(small, _ops._view(shifted))
 
 
+def synthetic_records(rows: int, device: str = "cpu") -> _ops.FusedRecords:
+    """Records of ``rows`` rows without entries (one tile column, cap 1), zero counts."""
+    tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
+    zeros = functools.partial(torch.zeros, dtype=torch.int32, device=device)
+    return _ops.FusedRecords(zeros(tiles_m, 1, _ops.SAE_FUSED_WARPS, 1),
+                             zeros(tiles_m, 1, _ops.SAE_FUSED_WARPS), zeros(tiles_m),
+                             zeros(rows), zeros(tiles_m))
+
+
 def test_records_to_rows_off_cuda_is_named():
-    records = torch.zeros(1, 1, _ops.SAE_FUSED_WARPS, 4, dtype=torch.int32)
-    warp_count = torch.zeros(1, 1, _ops.SAE_FUSED_WARPS, dtype=torch.int32)
-    row_ptr = torch.zeros(11, dtype=torch.int64)
     with pytest.raises(ValueError, match="fused_records_to_rows: (runs on CUDA only|this build "
                                          "has no fused encode)"):
-        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
+        _ops.fused_records_to_rows(synthetic_records(10), 0)
 
 
 def test_record_bytes_per_row_counts_every_tile_region():
@@ -439,20 +446,36 @@ def test_overflowing_tiles_are_encoded_again_exactly(monkeypatch, schedule, dens
     assert features.l0[others].max() == 0
 
 
+def torch_row_pointers(row_count: torch.Tensor, tile_overflow: torch.Tensor):
+    """``(row_ptr, summary)`` of row counts whose overflowed tile rows count as empty."""
+    rows = row_count.shape[0]
+    dropped = tile_overflow.long().repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows]
+    kept = row_count.long() * (1 - dropped)
+    row_ptr = torch.cat([kept.new_zeros(1), torch.cumsum(kept, 0)])
+    return row_ptr, [int(kept.sum()), int(tile_overflow.sum()), int(kept.max())]
+
+
 @pytest.mark.cuda
 @needs_fused
 @pytest.mark.parametrize("rows", [300, 1, 4096, 200_001])
-def test_tally_matches_torch(rows):
-    # 4,096 rows fill one pass of the kernel exactly; 200,001 take many, the last one partial.
-    tiles_m = -(-rows // _ops.SAE_FUSED_TILE_M)
+def test_compaction_row_pointers_match_torch(rows):
+    # Each block sums the tile totals before its own (200,001 rows: 1,563 tile rows, more than
+    # one per thread), scans its rows' counts, and the last one writes the entries.
+    found = synthetic_records(rows, "cuda")
     g = torch.Generator().manual_seed(rows)
-    overflow = torch.zeros(tiles_m, dtype=torch.int32)
+    overflow = torch.zeros_like(found.tile_overflow, device="cpu")
     overflow[1::3] = 1
     row_count = torch.randint(0, 50, (rows,), generator=g, dtype=torch.int32)
-    row_ptr, summary = _ops.fused_tally(row_count.cuda(), overflow.cuda())
-    kept = row_count.long() * (1 - overflow.long().repeat_interleave(_ops.SAE_FUSED_TILE_M)[:rows])
-    assert row_ptr.cpu().tolist() == [0, *torch.cumsum(kept, 0).tolist()]
-    assert summary.cpu().tolist() == [int(kept.sum()), int(overflow.sum()), int(kept.max())]
+    tiles = torch.zeros(overflow.shape[0] * _ops.SAE_FUSED_TILE_M, dtype=torch.int32)
+    tiles[:rows] = row_count
+    found.tile_overflow.copy_(overflow)
+    found.row_count.copy_(row_count)
+    found.tile_total.copy_(tiles.view(-1, _ops.SAE_FUSED_TILE_M).sum(1))
+    compacted = _ops.fused_records_to_rows(found, 0)
+    want_ptr, want_summary = torch_row_pointers(row_count, overflow)
+    assert torch.equal(compacted.row_ptr.cpu(), want_ptr)
+    assert compacted.summary.tolist() == want_summary
+    assert compacted.index.numel() == compacted.values.numel() == 0
 
 
 @pytest.mark.cuda
@@ -491,7 +514,7 @@ def test_compaction_sized_from_the_last_encode_is_exact(monkeypatch):
         return int(want[0][-1]), list(capacities)
 
     n_sparse, calls = encode(sparse)
-    assert calls == [n_sparse]  # the first encode of its size: compacted after the count
+    assert calls == [0, n_sparse]  # the first of its size: the count, then the entries
     room = n_sparse + n_sparse // 8 + 64
     assert encode(sparse) == (n_sparse, [room])
     n_dense, calls = encode(dense)
@@ -511,12 +534,14 @@ def test_encode_pass_centres_as_torch_subtracts(dtype):
     flat = torch.randn(300 * d_in + 1, generator=g, device="cuda").to(dtype)
     for x in (flat[:-1].view(300, d_in), flat[1:].view(300, d_in)):  # 8 a load, then 1
         queued = _ops.fused_queue_pass(x, sae.W_enc, sae.b_enc, bound, cap=128, center=center)
+        rows = _ops.fused_queued_rows(queued, 0, order_max=0)
         summary = _ops.fused_wait_summary(queued)
         want = x - center
         assert torch.equal(queued.scratch.centered().view(torch.int16), want.view(torch.int16))
         plain = _ops.fused_queue_pass(want, sae.W_enc, sae.b_enc, bound, cap=128)
+        plain_rows = _ops.fused_queued_rows(plain, 0, order_max=0)
         assert _ops.fused_wait_summary(plain) == summary
-        assert torch.equal(queued.row_ptr, plain.row_ptr)
+        assert torch.equal(rows.row_ptr, plain_rows.row_ptr)
 
 
 def shifted_inputs(sae: SAE, rows: int, *, misaligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -666,16 +691,18 @@ def test_kernel_bad_input_is_named():
         _C.fused_threshold_workspace(10, 72, 256, 0, 0, 3, 1, False, False)
     with pytest.raises(ValueError, match="swizzle must be 1, 2, 4 or 8, got 16"):
         _C.fused_threshold_workspace(10, 72, 256, 0, 0, 0, 16, False, True)
-    with pytest.raises(ValueError, match=r"tile_overflow must be a contiguous \[3\]"):
-        _ops.fused_tally(torch.zeros(300, dtype=torch.int32, device="cuda"),
-                         torch.zeros(2, dtype=torch.int32, device="cuda"))
-    records, warp_count, *_ = _ops.fused_threshold_gemm(x, w, bias, bound, cap=4)
-    row_ptr = torch.zeros(300, dtype=torch.int64, device="cuda")  # 299 rows: not this tile grid
+    found = _ops.fused_threshold_gemm(x, w, bias, bound, cap=4)
+    short = found._replace(tile_total=found.tile_total.new_zeros(2))
+    with pytest.raises(ValueError, match=r"tile_total must be a contiguous \[1\]"):
+        _ops.fused_records_to_rows(short, 0)
+    wrong = found._replace(row_count=found.row_count.new_zeros(299))  # not this tile grid
     with pytest.raises(ValueError, match="does not fit 299 rows"):
-        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0)
+        _ops.fused_records_to_rows(wrong, 0)
     with pytest.raises(InputError, match="fused_records_to_rows: dtype must be torch.bfloat16 or "
                                          "torch.float16, got torch.float32"):
-        _ops.fused_records_to_rows(records, warp_count, row_ptr, 0, dtype=torch.float32)
+        _ops.fused_records_to_rows(found, 0, dtype=torch.float32)
+    with pytest.raises(InputError, match="fused_wait_summary: the summary is the compaction's"):
+        _ops.fused_wait_summary(_ops.fused_queue_pass(x, w, bias, bound, cap=4))
     with pytest.raises(InputError, match="fused_queue_pass: kernel must be one of"):
         _ops.fused_queue_pass(x, w, bias, bound, cap=4, kernel="fastest")
     with pytest.raises(ShapeError, match="fused_queue_pass: x and weight must be 2-d"):
@@ -685,35 +712,41 @@ def test_kernel_bad_input_is_named():
 @pytest.mark.cuda
 @needs_fused
 @pytest.mark.parametrize("cap", [1, 128])  # every tile row overflows / none does
-def test_encode_pass_equals_the_gemm_then_the_tally(cap):
+def test_encode_pass_equals_the_gemm_then_the_compaction(cap):
     sae = exact_sae(64, 1600, "jumprelu", device="cuda")
     x = exact_inputs(800, 64, device="cuda")
     bias = sae.b_enc
     bound = rounded_bounds(sae.threshold, sae.d_sae, torch.device("cuda"))
     schedule = schedule_for(800, 64, 1600)._asdict()
     found = _ops.fused_threshold_gemm(x, sae.W_enc, bias, bound, cap=cap, **schedule)
-    row_ptr, summary = _ops.fused_tally(found.row_count, found.tile_overflow)
+    tiles = torch.zeros(7 * _ops.SAE_FUSED_TILE_M, dtype=torch.int32, device="cuda")
+    tiles[:800] = found.row_count
+    assert torch.equal(found.tile_total, tiles.view(7, -1).sum(1, dtype=torch.int32))
+    want_ptr, want_summary = torch_row_pointers(found.row_count.cpu(), found.tile_overflow.cpu())
     queued = _ops.fused_queue_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
+    pointers_only = _ops.fused_queued_rows(queued, 0, order_max=0)
     entries, overflowed, widest = _ops.fused_wait_summary(queued)
-    assert [entries, overflowed, widest] == summary.tolist()
+    assert [entries, overflowed, widest] == want_summary
     assert (overflowed == 7) == (cap == 1)
-    assert torch.equal(queued.row_ptr, row_ptr)
-    for name in ("warp_count", "tile_overflow", "row_count"):
+    assert torch.equal(pointers_only.row_ptr.cpu(), want_ptr)
+    for name in ("warp_count", "tile_overflow", "row_count", "tile_total"):
         assert torch.equal(queued.scratch.tensor(name), getattr(found, name)), name
     # The compaction of either gives the same rows; in arrival order, the same entries.
     rows = _ops.fused_queued_rows(queued, entries, order_max=1 << 40)
-    want_i, want_v = _ops.fused_records_to_rows(found.records, found.warp_count, row_ptr,
-                                                entries)
-    assert torch.equal(rows.index, want_i) and torch.equal(rows.values, want_v)
+    want = _ops.fused_records_to_rows(found, entries)
+    assert want.summary.tolist() == want_summary
+    assert torch.equal(rows.row_ptr, want.row_ptr)
+    assert torch.equal(rows.index, want.index) and torch.equal(rows.values, want.values)
     assert rows.arrival_index.dtype == torch.int32 and rows.arrival_values.dtype == torch.bfloat16
-    row = torch.repeat_interleave(torch.arange(800, device="cuda"), row_ptr.diff())
+    row = torch.repeat_interleave(torch.arange(800, device="cuda"), rows.row_ptr.diff())
     order = torch.argsort(row * 1600 + rows.arrival_index)
-    assert torch.equal(rows.arrival_index[order].long(), want_i)
-    assert torch.equal(rows.arrival_values[order].view(torch.int16), want_v.view(torch.int16))
+    assert torch.equal(rows.arrival_index[order].long(), want.index)
+    assert torch.equal(rows.arrival_values[order].view(torch.int16), want.values.view(torch.int16))
     # The TopK path's entries: arrays as long as the records, the same rows at their head.
     again = _ops.fused_queue_pass(x, sae.W_enc, bias, bound, cap=cap, **schedule)
-    queued_i, queued_v = _ops.fused_queued_entries(again)
+    queued_ptr, queued_i, queued_v = _ops.fused_queued_entries(again)
     assert queued_i.numel() == queued_v.numel() == again.scratch.tensor("records").numel()
+    assert torch.equal(queued_ptr, want.row_ptr)
     order = torch.argsort(row * 1600 + queued_i[:entries])
-    assert torch.equal(queued_i[:entries][order].long(), want_i)
-    assert torch.equal(queued_v[:entries][order].view(torch.int16), want_v.view(torch.int16))
+    assert torch.equal(queued_i[:entries][order].long(), want.index)
+    assert torch.equal(queued_v[:entries][order].view(torch.int16), want.values.view(torch.int16))

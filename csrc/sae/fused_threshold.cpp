@@ -185,9 +185,9 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
-                          const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, int raster, int swizzle, bool row_floor,
-                          std::uintptr_t stream) {
+                          const TensorView& tile_overflow, const TensorView& tile_total,
+                          const TensorView& workspace, int kernel, int raster, int swizzle,
+                          bool row_floor, std::uintptr_t stream) {
   MECHINTERP_CHECK(x.dim() == 2 && x.is_contiguous() &&
                        (x.dtype == DType::BFloat16 || x.dtype == DType::Float16),
                    kGemmOp, ": x must be a contiguous bfloat16 or float16 [rows, d_in], got ",
@@ -229,6 +229,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
               "warp_count", "x");
   check_block(row_count, {rows}, DType::Int32, x, kGemmOp, "row_count", "x");
   check_block(tile_overflow, {tiles_m}, DType::Int32, x, kGemmOp, "tile_overflow", "x");
+  check_block(tile_total, {tiles_m}, DType::Int32, x, kGemmOp, "tile_total", "x");
   MECHINTERP_CHECK(workspace.is_contiguous(), kGemmOp, ": workspace must be contiguous");
   check_same_device(workspace, x, kGemmOp, "workspace", "x");
   for (const auto* t : {&x, &weight, &bias, &bound, &workspace}) {
@@ -258,6 +259,7 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
   p.warp_count = warp_count.data_as<std::int32_t>();
   p.row_count = row_count.data_as<std::int32_t>();
   p.tile_overflow = tile_overflow.data_as<std::int32_t>();
+  p.tile_total = tile_total.data_as<std::int32_t>();
   p.workspace_bytes = static_cast<std::size_t>(workspace.numel()) * dtype_itemsize(workspace.dtype);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   const char* refused = gemm_entry(kernel, row_floor, element == DType::Float16)
@@ -272,39 +274,11 @@ void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const T
 #endif
 }
 
-void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
-                 const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream) {
-  constexpr const char* kOp = "fused_tally";
-  MECHINTERP_CHECK(row_count.dim() == 1 && row_count.size(0) >= 1, kOp,
-                   ": row_count must be [rows], got ", row_count.shape_string());
-  const std::int64_t rows = row_count.size(0);
-  const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
-  check_block(row_count, {rows}, DType::Int32, row_count, kOp, "row_count", "row_count");
-  check_block(tile_overflow, {tiles_m}, DType::Int32, row_count, kOp, "tile_overflow",
-              "row_count");
-  check_block(row_ptr, {rows + 1}, DType::Int64, row_count, kOp, "row_ptr", "row_count");
-  check_block(summary, {3}, DType::Int64, row_count, kOp, "summary", "row_count");
-#if defined(MECHINTERP_WITH_SM90_FUSED)
-  MECHINTERP_CHECK(row_count.is_cuda(), kOp, ": runs on CUDA only, got ",
-                   device_name(row_count.device));
-  const CudaDeviceGuard guard(row_count.device.index);
-  FusedTallyParams p{};
-  p.rows = rows;
-  p.tiles_m = tiles_m;
-  launch_fused_tally(row_count.data_as<std::int32_t>(), tile_overflow.data_as<std::int32_t>(),
-                     row_ptr.data_as<std::int64_t>(), summary.data_as<std::int64_t>(), p,
-                     reinterpret_cast<cudaStream_t>(stream));
-#else
-  (void)stream;
-  throw_not_built(kOp);
-#endif
-}
-
 void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
-    const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& row_ptr, const TensorView& summary,
+    const TensorView& records, const TensorView& summary, const TensorView& warp_count,
+    const TensorView& tile_overflow, const TensorView& tile_total, const TensorView& row_count,
     const TensorView& workspace, int kernel, int raster, int swizzle, bool row_floor,
     std::uintptr_t stream) {
   constexpr const char* kOp = "fused_encode_pass";
@@ -326,51 +300,52 @@ void fused_encode_pass(
   const std::int64_t rows = x.size(0);
   const std::int64_t tiles_m = fused_tiles(rows, kFusedTileM);
   const std::int64_t tiles_n = fused_tiles(weight.size(1), kFusedTileN);
+  check_block(summary, {3}, DType::Int64, x, kOp, "summary", "x");
   check_block(warp_count, {tiles_m, tiles_n, kFusedWarps}, DType::Int32, x, kOp, "warp_count",
               "x");
   check_block(tile_overflow, {tiles_m}, DType::Int32, x, kOp, "tile_overflow", "x");
+  check_block(tile_total, {tiles_m}, DType::Int32, x, kOp, "tile_total", "x");
   check_block(row_count, {rows}, DType::Int32, x, kOp, "row_count", "x");
+  // The summary and the counts, laid back to back in that order (as _ops lays them out).
+  const TensorView* zeroed[] = {&summary, &warp_count, &tile_overflow, &tile_total, &row_count};
+  bool back_to_back = true;
+  std::int64_t words = 0;
+  for (const auto* z : zeroed) {
+    back_to_back = back_to_back && static_cast<const char*>(z->data) ==
+                                       static_cast<const char*>(summary.data) + 4 * words;
+    words += z->numel() * static_cast<std::int64_t>(dtype_itemsize(z->dtype)) / 4;
+  }
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   MECHINTERP_CHECK(x.is_cuda(), kOp, ": runs on CUDA only, got ", device_name(x.device));
   const CudaDeviceGuard guard(x.device.index);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  // Counts laid back to back (as _ops lays them out) are cleared by one memset; each launch
-  // costs the host microseconds while the GPU waits for the GEMM.
-  const TensorView* counts[] = {&warp_count, &tile_overflow, &row_count};
-  bool back_to_back = true;
-  for (int i = 1; i < 3; ++i) {
-    back_to_back = back_to_back &&
-                   static_cast<const char*>(counts[i]->data) ==
-                       static_cast<const char*>(counts[i - 1]->data) +
-                           counts[i - 1]->numel() * sizeof(std::int32_t);
-  }
-  if (back_to_back) {
-    const std::int64_t total =
-        warp_count.numel() + tile_overflow.numel() + row_count.numel();
-    MECHINTERP_CUDA_CHECK(
-        cudaMemsetAsync(warp_count.data, 0, total * sizeof(std::int32_t), cuda_stream));
-  } else {
-    for (const auto* c : counts) {
-      MECHINTERP_CUDA_CHECK(
-          cudaMemsetAsync(c->data, 0, c->numel() * sizeof(std::int32_t), cuda_stream));
+  // One launch each: while the host makes them, the GPU waits for the GEMM.
+  const bool centering = center != nullptr && rows > 0 && x.size(1) > 0;
+  if (!back_to_back) {
+    for (const auto* z : zeroed) {
+      MECHINTERP_CUDA_CHECK(cudaMemsetAsync(
+          z->data, 0, static_cast<std::size_t>(z->numel()) * dtype_itemsize(z->dtype),
+          cuda_stream));
     }
+  } else if (!centering) {
+    MECHINTERP_CUDA_CHECK(cudaMemsetAsync(summary.data, 0,
+                                          static_cast<std::size_t>(words) * 4, cuda_stream));
   }
-  if (center != nullptr && rows > 0 && x.size(1) > 0) {
+  if (centering) {  // zeroes what lies back to back as well
     launch_center_rows(x.data_as<std::uint16_t>(), center->data_as<std::uint16_t>(),
                        centered->data_as<std::uint16_t>(), rows, x.size(1),
-                       x.dtype == DType::Float16, aligned16(x.data), sm_count(x.device.index),
-                       cuda_stream);
+                       x.dtype == DType::Float16, aligned16(x.data),
+                       back_to_back ? summary.data_as<std::int32_t>() : nullptr,
+                       back_to_back ? words : 0, sm_count(x.device.index), cuda_stream);
   }
-  fused_threshold_gemm(center != nullptr ? *centered : x, weight, bias, bound, records,
-                       warp_count, row_count, tile_overflow, workspace, kernel, raster, swizzle,
+  fused_threshold_gemm(centering ? *centered : x, weight, bias, bound, records, warp_count,
+                       row_count, tile_overflow, tile_total, workspace, kernel, raster, swizzle,
                        row_floor, stream);
-  fused_tally(row_count, tile_overflow, row_ptr, summary, stream);
 #else
   // Without the fused build the GEMM's own call names the reason.
+  (void)words;
   fused_threshold_gemm(x, weight, bias, bound, records, warp_count, row_count, tile_overflow,
-                       workspace, kernel, raster, swizzle, row_floor, stream);
-  (void)row_ptr;
-  (void)summary;
+                       tile_total, workspace, kernel, raster, swizzle, row_floor, stream);
 #endif
 }
 
@@ -398,7 +373,9 @@ std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintpt
 }
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr, const TensorView& scratch_index,
+                           const TensorView& row_count, const TensorView& tile_overflow,
+                           const TensorView& tile_total, const TensorView& row_ptr,
+                           const TensorView& summary, const TensorView& scratch_index,
                            const TensorView& scratch_values, const TensorView& out_index,
                            const TensorView& out_values, bool order, std::int64_t order_max,
                            std::uintptr_t stream) {
@@ -412,13 +389,18 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
               "records", "records");
   check_block(warp_count, {tiles_m, tiles_n, kFusedWarps}, DType::Int32, records, kRowsOp,
               "warp_count", "records");
-  MECHINTERP_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1, kRowsOp,
-                   ": row_ptr must be [rows + 1], got ", row_ptr.shape_string());
-  const std::int64_t rows = row_ptr.size(0) - 1;
+  MECHINTERP_CHECK(row_count.dim() == 1 && row_count.size(0) >= 1, kRowsOp,
+                   ": row_count must be [rows], rows >= 1, got ", row_count.shape_string());
+  const std::int64_t rows = row_count.size(0);
   MECHINTERP_CHECK(fused_tiles(rows, kFusedTileM) == tiles_m && tiles_m <= 65535, kRowsOp,
                    ": records hold ", tiles_m, " tile rows, which does not fit ", rows,
-                   " rows (row_ptr ", row_ptr.shape_string(), ")");
+                   " rows (row_count ", row_count.shape_string(), ")");
+  check_block(row_count, {rows}, DType::Int32, records, kRowsOp, "row_count", "records");
+  check_block(tile_overflow, {tiles_m}, DType::Int32, records, kRowsOp, "tile_overflow",
+              "records");
+  check_block(tile_total, {tiles_m}, DType::Int32, records, kRowsOp, "tile_total", "records");
   check_block(row_ptr, {rows + 1}, DType::Int64, records, kRowsOp, "row_ptr", "records");
+  check_block(summary, {3}, DType::Int64, records, kRowsOp, "summary", "records");
   MECHINTERP_CHECK(scratch_index.dim() == 1, kRowsOp, ": scratch_index must be [nnz], got ",
                    scratch_index.shape_string());
   const std::int64_t nnz = scratch_index.size(0);
@@ -434,7 +416,6 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
     check_block(out_values, {nnz}, scratch_values.dtype, records, kRowsOp, "out_values",
                 "records");
   }
-  if (rows == 0 || tiles_n == 0) return;
 #if defined(MECHINTERP_WITH_SM90_FUSED)
   MECHINTERP_CHECK(records.is_cuda(), kRowsOp, ": runs on CUDA only, got ",
                    device_name(records.device));
@@ -447,12 +428,14 @@ void fused_records_to_rows(const TensorView& records, const TensorView& warp_cou
   p.nnz = nnz;
   p.order_max = order_max;
   p.order = order;
+  const FusedCounts counts{warp_count.data_as<std::int32_t>(), row_count.data_as<std::int32_t>(),
+                           tile_overflow.data_as<std::int32_t>(),
+                           tile_total.data_as<std::int32_t>()};
   launch_fused_records_to_rows(
-      records.data_as<std::uint32_t>(), warp_count.data_as<std::int32_t>(),
-      row_ptr.data_as<std::int64_t>(), scratch_index.data_as<std::int32_t>(),
-      scratch_values.data_as<std::uint16_t>(),
-      out_index.data_as<std::int64_t>(), out_values.data_as<std::uint16_t>(), p,
-      reinterpret_cast<cudaStream_t>(stream));
+      records.data_as<std::uint32_t>(), counts, row_ptr.data_as<std::int64_t>(),
+      summary.data_as<std::int64_t>(), scratch_index.data_as<std::int32_t>(),
+      scratch_values.data_as<std::uint16_t>(), out_index.data_as<std::int64_t>(),
+      out_values.data_as<std::uint16_t>(), p, reinterpret_cast<cudaStream_t>(stream));
 #else
   (void)order;
   (void)stream;

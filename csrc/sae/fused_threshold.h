@@ -15,38 +15,37 @@
 //   (row in tile << 24 | column in tile << 16 | v's bits) in records int32 [tiles_m, tiles_n,
 //   kFusedWarps, cap], tiles of kFusedTileM x kFusedTileN; warp_count int32 [tiles_m, tiles_n,
 //   kFusedWarps] gets each region's count, which exceeds cap when records were dropped: every
-//   row of that tile row is then incomplete, and tile_overflow int32 [tiles_m] gets 1 for it.
-//   The caller zeroes all the counts and flags. d_in and d_sae must be multiples of 8 (16-byte
-//   rows for TMA). `kernel` picks the GEMM's cluster shape (FusedKernel), `raster` and
-//   `swizzle` the order the persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2, 4
-//   or 8); they differ in speed only.
+//   row of that tile row is then incomplete, and tile_overflow int32 [tiles_m] gets 1 for it;
+//   tile_total int32 [tiles_m] gets the survivors of each tile row (meaningless where it
+//   overflowed). The caller zeroes all the counts and flags. d_in and d_sae must be multiples
+//   of 8 (16-byte rows for TMA). `kernel` picks the GEMM's cluster shape (FusedKernel), `raster`
+//   and `swizzle` the order the persistent kernel walks its tiles in (FusedRaster; swizzle 1, 2,
+//   4 or 8); they differ in speed only.
 //   With row_floor (a TopK encode; the 2 x 1 kernels), bound is a floor per row, E [rows]:
 //   column c of row r survives iff v >= bound[r] or v is NaN. The weight may then be a block of
 //   columns of a wider matrix (unit column stride, a row stride that is a multiple of 8 and at
 //   least d_sae); threshold encodes take it contiguous.
 //
-// fused_tally: what the host needs after the GEMM, in one small launch: row_ptr int64
-//   [rows + 1] gets the running sums of row_count with the rows of overflowed tile rows counted
-//   as empty, summary int64 [3] the entries (row_ptr[rows]), the number of overflowed tile rows
-//   and the widest row.
-//
-// fused_encode_pass: the encode's launches up to its host sync, in one call: zeroes
-//   warp_count, tile_overflow and row_count, and runs fused_threshold_gemm and
-//   fused_tally. Every Python-side launch costs the host about 10 us, and before the GEMM the
-//   GPU has nothing else to do. With center (E [d_in]; null: none), x (contiguous) is centred
-//   first: centered E [rows, d_in] (16-byte aligned) gets E(x - center) as torch's subtraction
-//   rounds it, and the GEMM reads centered.
-// fused_summary: copies a tally's summary int64 [3] to the host once the stream reaches it
+// fused_encode_pass: the encode's launches up to its compaction, in one call: zeroes summary
+//   and the counts (laid back to back: one memset; with center, the centring kernel zeroes
+//   them) and runs fused_threshold_gemm. Every Python-side launch costs the host about 10 us,
+//   and before the GEMM the GPU has nothing else to do. With center (E [d_in]; null: none), x
+//   (contiguous) is centred first: centered E [rows, d_in] (16-byte aligned) gets E(x - center)
+//   as torch's subtraction rounds it, and the GEMM reads centered.
+// fused_summary: copies a compaction's summary int64 [3] to the host once the stream reaches it
 //   (waiting for it) and returns it: (entries, overflowed tile rows, widest row).
 //
-// fused_records_to_rows: the records as compressed rows. row_ptr int64 [rows + 1] (from the
-//   counts), scratch_index int32 / scratch_values E [nnz], out_index int64 / out_values E [nnz]
-//   (the records' element type: their 16 bits are copied as they are). Row r's entries land in
-//   [row_ptr[r], row_ptr[r + 1]); entries that do not fit there are dropped (a caller that empties
-//   the ranges of incomplete rows re-encodes them elsewhere), and so are entries at or past nnz (a
-//   caller that sized the arrays before it knew row_ptr[rows] compacts again when they were too
-//   short). With order, each row's entries come out in ascending column order (one warp ranks a
-//   row's entries, O(l0^2 / 32) per row), but for rows of more than order_max entries and rows that
+// fused_records_to_rows: the records as compressed rows, one block a tile row. Each block
+//   starts from the tile totals of the tile rows before its own (an overflowed tile row counts
+//   as empty, and so do its rows) and the row counts of its own, and writes its rows' running
+//   sums to row_ptr int64 [rows + 1]; summary int64 [3] (zeroed by the caller) gets the
+//   entries, the overflowed tile rows and the widest row. Row r's entries land in scratch_index
+//   int32 / scratch_values E [nnz] and out_index int64 / out_values E [nnz] (the records'
+//   element type: their 16 bits are copied as they are) at [row_ptr[r], row_ptr[r + 1]);
+//   entries at or past nnz are dropped (a caller that sized the arrays before it knew the count
+//   compacts again when they were too short; nnz 0 makes row_ptr and summary alone). With
+//   order, each row's entries come out in ascending column order (one warp ranks a row's
+//   entries, O(l0^2 / 32) per row), but for rows of more than order_max entries and rows that
 //   end past nnz, which are not written (the caller sorts wide rows); without it they stay in
 //   scratch_index / scratch_values in arrival order and out_* are neither checked nor written.
 // fused_gated_magnitudes: a gated SAE's survivors (from the GEMM run without a bias against its
@@ -118,25 +117,24 @@ std::int64_t fused_threshold_workspace(std::int64_t rows, std::int64_t d_in, std
 void fused_threshold_gemm(const TensorView& x, const TensorView& weight, const TensorView& bias,
                           const TensorView& bound, const TensorView& records,
                           const TensorView& warp_count, const TensorView& row_count,
-                          const TensorView& tile_overflow, const TensorView& workspace,
-                          int kernel, int raster, int swizzle, bool row_floor,
-                          std::uintptr_t stream);
-
-void fused_tally(const TensorView& row_count, const TensorView& tile_overflow,
-                 const TensorView& row_ptr, const TensorView& summary, std::uintptr_t stream);
+                          const TensorView& tile_overflow, const TensorView& tile_total,
+                          const TensorView& workspace, int kernel, int raster, int swizzle,
+                          bool row_floor, std::uintptr_t stream);
 
 void fused_encode_pass(
     const TensorView& x, const TensorView* center, const TensorView* centered,
     const TensorView& weight, const TensorView& bias, const TensorView& bound,
-    const TensorView& records, const TensorView& warp_count, const TensorView& row_count,
-    const TensorView& tile_overflow, const TensorView& row_ptr, const TensorView& summary,
+    const TensorView& records, const TensorView& summary, const TensorView& warp_count,
+    const TensorView& tile_overflow, const TensorView& tile_total, const TensorView& row_count,
     const TensorView& workspace, int kernel, int raster, int swizzle, bool row_floor,
     std::uintptr_t stream);
 
 std::array<std::int64_t, 3> fused_summary(const TensorView& summary, std::uintptr_t stream);
 
 void fused_records_to_rows(const TensorView& records, const TensorView& warp_count,
-                           const TensorView& row_ptr, const TensorView& scratch_index,
+                           const TensorView& row_count, const TensorView& tile_overflow,
+                           const TensorView& tile_total, const TensorView& row_ptr,
+                           const TensorView& summary, const TensorView& scratch_index,
                            const TensorView& scratch_values, const TensorView& out_index,
                            const TensorView& out_values, bool order, std::int64_t order_max,
                            std::uintptr_t stream);
@@ -165,13 +163,10 @@ struct FusedGemmParams {
   std::int32_t* warp_count;
   std::int32_t* row_count;
   std::int32_t* tile_overflow;
+  std::int32_t* tile_total;
   std::size_t workspace_bytes;
 };
 
-struct FusedTallyParams {
-  std::int64_t rows;
-  std::int64_t tiles_m;
-};
 
 struct FusedRowsParams {
   std::int64_t rows;
@@ -202,21 +197,28 @@ FusedGemmEntry pingpong_2x1_gemm_f16();
 FusedGemmEntry cluster_2x1_floor_gemm_f16();
 FusedGemmEntry pingpong_2x1_floor_gemm_f16();
 
-void launch_fused_tally(const std::int32_t* row_count, const std::int32_t* tile_overflow,
-                        std::int64_t* row_ptr, std::int64_t* summary,
-                        const FusedTallyParams& params, cudaStream_t stream);
 
-void launch_fused_records_to_rows(const std::uint32_t* records, const std::int32_t* warp_count,
-                                  const std::int64_t* row_ptr,
+// The counts the GEMM left, read by the compaction.
+struct FusedCounts {
+  const std::int32_t* warp_count;
+  const std::int32_t* row_count;
+  const std::int32_t* tile_overflow;
+  const std::int32_t* tile_total;
+};
+void launch_fused_records_to_rows(const std::uint32_t* records, const FusedCounts& counts,
+                                  std::int64_t* row_ptr, std::int64_t* summary,
                                   std::int32_t* scratch_index, std::uint16_t* scratch_values,
                                   std::int64_t* out_index, std::uint16_t* out_values,
                                   const FusedRowsParams& params, cudaStream_t stream);
 
 // E(x - center) of contiguous x E [rows, d_in] into centered (16-byte aligned); x_aligned:
-// x starts on a 16-byte boundary too (then 8 elements a load). E is float16 or bfloat16.
+// x starts on a 16-byte boundary too (then 8 elements a load). E is float16 or bfloat16. The
+// same launch zeroes `zero_words` 32-bit words at `zero` (the pass's counts: a memset of its
+// own would cost the host one more launch before the GEMM's).
 void launch_center_rows(const std::uint16_t* x, const std::uint16_t* center,
                         std::uint16_t* centered, std::int64_t rows, std::int64_t d_in,
-                        bool float16, bool x_aligned, int sm_count, cudaStream_t stream);
+                        bool float16, bool x_aligned, std::int32_t* zero,
+                        std::int64_t zero_words, int sm_count, cudaStream_t stream);
 
 void launch_gated_magnitudes(const std::int64_t* index, std::uint16_t* values, const float* scale,
                              const float* bias, std::int64_t n, bool float16,

@@ -3,7 +3,7 @@
 On a GPU of compute capability 9.0, ReLU, JumpReLU, BatchTopK (at inference) and gated SAEs
 in bfloat16 or float16 encode in one CUTLASS GEMM whose epilogue keeps only the latents that
 pass the threshold (``csrc/sae/fused_threshold.h``): the ``[tokens, d_sae]`` pre-activations
-never reach memory. Two small kernels then turn the survivors into compressed rows. A gated
+never reach memory. One small kernel then turns the survivors into compressed rows. A gated
 SAE's two tests (its gate open, its magnitude positive) both rise with the pre-activation, so
 they make one bound per latent (:func:`gated_bounds`), and its few survivors' magnitudes are
 computed after.
@@ -371,10 +371,11 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     PreparedPass` of ``weight``, ``bias`` and ``bound`` for this problem), the pass launches
     with it, and ``bias`` and ``bound`` are not read.
 
-    One host sync in the usual case, for the number of entries. From the second encode of a
-    problem size on, the compaction is queued before it, into arrays with room for a little
-    more than the last encode's entries (:data:`_last_entries`), so that the GPU runs it right
-    after the GEMM while the host waits; where they turn out too short, it runs again after.
+    One host sync in the usual case, for the number of entries, which the compaction counts:
+    it is queued before the sync, so that the GPU runs it right after the GEMM while the host
+    waits, into arrays with room for a little more than the last encode of the problem size's
+    entries (:data:`_last_entries`; none for the first); where they turn out too short, it runs
+    again after.
     """
     rows, d_sae = xb.shape[0], weight.shape[1]
     if rows == 0:
@@ -391,14 +392,15 @@ def encode_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     queued = _ops.queue_prepared(prepared, xb, center)
     size = (rows, xb.shape[1], d_sae)
     last = _last_entries.get(size)
-    capacity = None if last is None else last + last // 8 + 64
-    compacted = (None if capacity is None
-                 else _ops.fused_queued_rows(queued, capacity, order_max=_KERNEL_ORDER_MAX))
+    # Queued before the host waits, so that the GPU runs it right after the GEMM; it makes the
+    # row pointers and the summary too. The first encode of a size makes just those.
+    capacity = 0 if last is None else last + last // 8 + 64
+    compacted = _ops.fused_queued_rows(queued, capacity, order_max=_KERNEL_ORDER_MAX)
     nnz, overflowed, widest = _ops.fused_wait_summary(queued)
     _remember_entries(size, nnz)
-    if compacted is None or nnz > capacity:
+    if nnz > capacity:
         compacted = _ops.fused_queued_rows(queued, nnz, order_max=_KERNEL_ORDER_MAX)
-    row_ptr = queued.row_ptr
+    row_ptr = compacted.row_ptr
     if widest <= _KERNEL_ORDER_MAX:
         indices, values = compacted.index[:nnz], compacted.values[:nnz]
     else:
@@ -463,8 +465,8 @@ def encode_topk_block(xb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     queued = _ops.fused_queue_pass(xb, rest, rest_bias, floor.to(xb.dtype),
                                    cap=RECORDS_PER_WARP, row_floor=True,
                                    **schedule_for(rows, xb.shape[1], d_sae - sample)._asdict())
-    cand_index, cand_values = _ops.fused_queued_entries(queued)
-    _ops.topk_merge_rows(top_v, top_i, queued.row_ptr, cand_index, cand_values, row_bar,
+    cand_ptr, cand_index, cand_values = _ops.fused_queued_entries(queued)
+    _ops.topk_merge_rows(top_v, top_i, cand_ptr, cand_index, cand_values, row_bar,
                          col_offset=sample)
     return top_v, top_i, _overflow_flags(queued, rows)
 

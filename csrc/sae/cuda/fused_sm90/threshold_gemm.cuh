@@ -58,12 +58,13 @@ struct PairOf<cutlass::half_t> {
 // waiting on a returning atomic held up the whole CTA (it cost more than the GEMM, measured on
 // an H100). Row totals are counted with atomics whose result is unused. end() stores the warp's
 // count, which exceeds cap when records were dropped, and then flags the tile row (the caller
-// encodes its rows again).
+// encodes its rows again); it also adds the count to its tile row's total, from which the
+// compaction's blocks work out where each tile row's entries begin.
 //
 // Records are laid out by record tiles of kFusedTileM x kFusedTileN with kFusedWarps regions
 // each, whatever the GEMM's tile: a kernel whose tiles are TileM = kFusedTileM / 2 rows tall
 // (ping-pong, one warpgroup of 4 warps a tile) fills the upper or lower half of a record tile's
-// regions, so the tally and the compaction read every kernel's records alike.
+// regions, so the compaction reads every kernel's records alike.
 template <int TileM, int WarpsPerTile, bool RowFloor, class Element>
 struct RecordSink {
   using Pair = typename PairOf<Element>::type;
@@ -78,6 +79,7 @@ struct RecordSink {
     std::int32_t* warp_count = nullptr;  // [tiles_m, tiles_n, kFusedWarps]
     std::int32_t* row_count = nullptr;   // [rows], zeroed by the caller
     std::int32_t* tile_overflow = nullptr;  // [tiles_m], zeroed by the caller
+    std::int32_t* tile_total = nullptr;     // [tiles_m], zeroed by the caller
     int cap = 0;
     int tiles_n = 0;
   };
@@ -91,7 +93,7 @@ struct RecordSink {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.records != nullptr && args.warp_count != nullptr && args.row_count != nullptr &&
-           args.tile_overflow != nullptr && args.cap > 0;
+           args.tile_overflow != nullptr && args.tile_total != nullptr && args.cap > 0;
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -120,9 +122,10 @@ struct RecordSink {
   struct Callbacks : cutlass::epilogue::fusion::EmptyConsumerStoreCallbacks {
     CUTLASS_DEVICE Callbacks(CoordTensor coords, Residue residue, int row0, int col0,
                              std::uint32_t* region, std::int32_t* count_at,
-                             std::int32_t* overflow_at, int cap, std::int32_t* tile_row_count)
+                             std::int32_t* overflow_at, std::int32_t* total_at, int cap,
+                             std::int32_t* tile_row_count)
         : coords(coords), residue(residue), row0(row0), col0(col0), region(region),
-          count_at(count_at), overflow_at(overflow_at), cap(cap),
+          count_at(count_at), overflow_at(overflow_at), total_at(total_at), cap(cap),
           tile_row_count(tile_row_count) {}
 
     CoordTensor coords;  // (row, column) of this thread's elements from its first one
@@ -131,6 +134,7 @@ struct RecordSink {
     std::uint32_t* region;  // this warp's records
     std::int32_t* count_at;  // null for a tile wholly outside the problem
     std::int32_t* overflow_at;  // the tile row's flag
+    std::int32_t* total_at;     // the tile row's survivors
     int cap;
     std::int32_t* tile_row_count;  // survivors per row, from the tile's first row
     int filled = 0;                // records this warp produced so far (warp-uniform)
@@ -214,6 +218,8 @@ struct RecordSink {
     CUTLASS_DEVICE void end() {
       if (count_at == nullptr || threadIdx.x % 32 != 0) return;
       *count_at = filled;
+      // The compaction's running sums start from these (an overflowed tile row's is unused).
+      if (filled > 0) atomicAdd(total_at, filled);
       if (filled > cap) *overflow_at = 1;  // racing stores of one value
     }
   };
@@ -239,7 +245,7 @@ struct RecordSink {
     return Callbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(
         args.tCcD, args.residue_tCcD, row0, col0, params.records + slot * params.cap,
         inside ? params.warp_count + slot : nullptr, params.tile_overflow + record_tm,
-        params.cap, params.row_count + std::int64_t(record_tm) * kFusedTileM);
+        params.tile_total + record_tm, params.cap, params.row_count + std::int64_t(record_tm) * kFusedTileM);
   }
 };
 
@@ -325,6 +331,7 @@ struct ThresholdGemm {
     args.epilogue.thread = {{{}, {static_cast<const Element*>(p.bias)}, {}},
                             {static_cast<const Element*>(p.bound)},
                             {p.records, p.warp_count, p.row_count, p.tile_overflow,
+                             p.tile_total,
                              static_cast<int>(p.cap),
                              static_cast<int>(fused_tiles(p.d_sae, kFusedTileN))}};
     return args;
