@@ -1168,6 +1168,10 @@ class PreparedPass(NamedTuple):
     weight: _View
     bias: _View
     bound: _View
+    # The views of its scratch's regions at the address the last pass's scratch had: a caller
+    # that queues passes one after another is handed the same block by torch's allocator call
+    # after call, and building them costs the host microseconds before the GEMM's launch.
+    scratch_views: dict
 
 
 def prepare_pass(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -1188,7 +1192,7 @@ def prepare_pass(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                              raster, swizzle, bool(row_floor), x.dtype == torch.float16,
                              centered)
     return PreparedPass(layout, index, device, x.dtype, _view(weight), _view(bias),
-                        _view(bound))
+                        _view(bound), {})
 
 
 @functools.lru_cache(maxsize=64)
@@ -1310,14 +1314,21 @@ def queue_prepared(prepared: PreparedPass, x: torch.Tensor,
     """:func:`fused_queue_pass` of ``x`` (shaped as the inputs it was prepared for; the
     compiled call checks it) with a :class:`PreparedPass`."""
     scratch = _FusedScratch(prepared)
-    centering = (None, None) if center is None else (_view(center), scratch.centered_view())
-    view = scratch.view
-    _C.fused_encode_pass(
-        _view(x), *centering, prepared.weight, prepared.bias, prepared.bound, view("records"),
-        view("summary"), view("warp_count"), view("tile_overflow"), view("tile_total"),
-        view("row_count"), view("workspace"), *scratch.schedule, _stream_on(prepared.index),
-    )
+    views = prepared.scratch_views.get(scratch._base)
+    if views is None:
+        centered = scratch.centered_view() if "centered" in scratch._regions else None
+        prepared.scratch_views.clear()
+        views = prepared.scratch_views[scratch._base] = (
+            centered, *(scratch.view(name) for name in _PASS_REGIONS))
+    centering = (None, None) if center is None else (_view(center), views[0])
+    _C.fused_encode_pass(_view(x), *centering, prepared.weight, prepared.bias, prepared.bound,
+                         *views[1:], *scratch.schedule, _stream_on(prepared.index))
     return QueuedPass(scratch)
+
+
+# The scratch regions fused_encode_pass takes, in its order.
+_PASS_REGIONS = ("records", "summary", "warp_count", "tile_overflow", "tile_total", "row_count",
+                 "workspace")
 
 
 def fused_queued_entries(

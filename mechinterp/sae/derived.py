@@ -54,7 +54,7 @@ def derived(tag: str, sources: tuple[torch.Tensor, ...], make: Callable[[], T]) 
     same contents (versions). ``tag`` names what ``make`` computes from them; what it returns
     must not hold any of ``sources`` (copy them), or they would outlive their owner."""
     # The version moves with in-place changes; the address with ``t.data = other``.
-    versions = tuple((t._version, t.data_ptr()) for t in sources)
+    versions = tuple([(t._version, t.data_ptr()) for t in sources])
     key = id(sources[0])
     kept = _KEPT.get(key)
     if kept is None:

@@ -179,7 +179,7 @@ def encode_sparse(sae: SAE, x: torch.Tensor, *, chunk_bytes: int | None = None,
         msg = f"x must be on the SAE's device {sae.device}; got {x.device}"
         raise InputError(msg)
     shape = tuple(x.shape[:-1])
-    x_n, _ = sae._normalize(x.reshape(-1, sae.d_in))
+    x_n, _ = sae._normalize(x if x.ndim == 2 else x.reshape(-1, sae.d_in))
     if chunk_bytes is None and (screen is None or screen is False) and \
             (fused is None or fused is True):
         whole = _fused_whole(sae, x_n)
