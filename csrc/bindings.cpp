@@ -332,7 +332,8 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(host[0], host[1], host[2]);
       },
       py::arg("summary"), py::arg("stream"),
-      "Waits for a fused_records_to_rows summary (int64 [3] on the device) on the stream and returns it: "
+      "Waits for a fused_records_to_rows summary (int64 [3] on the device) on the stream and "
+      "returns it: "
       "(entries, overflowed tile rows, widest row).");
 
   m.def(

@@ -245,7 +245,8 @@ struct RecordSink {
     return Callbacks<decltype(args.tCcD), decltype(args.residue_tCcD)>(
         args.tCcD, args.residue_tCcD, row0, col0, params.records + slot * params.cap,
         inside ? params.warp_count + slot : nullptr, params.tile_overflow + record_tm,
-        params.tile_total + record_tm, params.cap, params.row_count + std::int64_t(record_tm) * kFusedTileM);
+        params.tile_total + record_tm, params.cap,
+        params.row_count + std::int64_t(record_tm) * kFusedTileM);
   }
 };
 
